@@ -1,0 +1,87 @@
+//! Errors and the rejection convention.
+//!
+//! A layer that fails a call does it from the call's future, never from
+//! `poll_ready`: tonic's generated stubs turn a `poll_ready` error into
+//! `Unknown: Service was not ready`. The error it returns carries a
+//! [`tonic::Status`] in its source chain (usually as its own `source()`), so
+//! the stub finds it (tonic walks the chain in `Status::from_error`) and the
+//! caller sees the right code: `DEADLINE_EXCEEDED` for a timeout,
+//! `UNAVAILABLE` for an open breaker. Each layer keeps its own error type,
+//! so an outer layer can still tell them apart by downcasting.
+
+use std::error::Error;
+
+use tonic::{Code, Status};
+
+/// A boxed error, as tower middleware returns.
+pub type BoxError = Box<dyn Error + Send + Sync>;
+
+/// The first [`tonic::Status`] in an error's source chain, the error itself
+/// included.
+pub fn find_status<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a Status> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(status) = err.downcast_ref::<Status>() {
+            return Some(status);
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// The first error of type `E` in an error's source chain, the error itself
+/// included.
+pub fn find_error<'a, E: Error + 'static>(err: &'a (dyn Error + 'static)) -> Option<&'a E> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// The gRPC code a failed call's caller sees for this error.
+///
+/// The code of the first [`tonic::Status`] in the chain; an error without
+/// one comes from the transport below the stub (refused connection, reset
+/// stream, broken pipe), which gRPC clients report as `UNAVAILABLE`.
+pub fn error_code(err: &(dyn Error + 'static)) -> Code {
+    find_status(err).map_or(Code::Unavailable, Status::code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fmt;
+
+    #[derive(Debug)]
+    struct Wrapper(Status);
+    impl fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrapper")
+        }
+    }
+    impl Error for Wrapper {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn finds_status_through_the_chain() {
+        let err: BoxError = Box::new(Wrapper(Status::deadline_exceeded("late")));
+        assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+        assert!(find_error::<Wrapper>(&*err).is_some());
+        // tonic finds the same status, so a stub's caller sees this code.
+        assert_eq!(Status::from_error(err).code(), Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn errors_without_status_are_unavailable() {
+        let err: BoxError = Box::new(std::io::Error::other("connection reset"));
+        assert_eq!(error_code(&*err), Code::Unavailable);
+        assert!(find_status(&*err).is_none());
+    }
+}

@@ -1,0 +1,53 @@
+//! The gRPC-over-HTTP/2 facts that every `grpc-resilience` layer shares.
+//!
+//! * [`MethodId`]: the `/package.Service/Method` a request calls, parsed
+//!   once from its path without allocating.
+//! * [`MethodMap`]: values per method, matched as gRPC's service config
+//!   does (method, then service, then default), with allocation-free lookup.
+//! * [`Outcome`] and [`OutcomeBody`]: a call's final status, read from
+//!   Trailers-Only headers or from the trailers at the end of the body,
+//!   reported exactly once, or [`Outcome::Cancelled`] when the caller drops
+//!   the response early.
+//! * [`grpc_timeout`]: the `grpc-timeout` header, encoded and decoded per
+//!   the gRPC HTTP/2 protocol.
+//! * [`error`]: the rejection convention. A layer fails a call from the
+//!   call's future with an error whose source chain holds a
+//!   [`tonic::Status`], so a generated stub's caller sees the right code.
+//!
+//! Time, wherever a layer needs it, is `tokio::time::Instant`, so tests run
+//! on paused time.
+//!
+//! # Example
+//!
+//! A layer reads the method and the caller's deadline from a request built
+//! by a tonic stub for a `Channel`:
+//!
+//! ```
+//! use std::time::Duration;
+//! use grpc_resilience_core::{grpc_timeout, MethodId, MethodMap};
+//!
+//! let mut timeouts = MethodMap::new();
+//! timeouts.insert("*".parse()?, Duration::from_secs(5))?;
+//! timeouts.insert("GetProduct".parse()?, Duration::from_secs(3))?;
+//!
+//! let request = http::Request::builder()
+//!     .uri("http://catalog/catalog.v1.QueryService/GetProduct")
+//!     .header("grpc-timeout", "1S")
+//!     .body(())?;
+//! let method = MethodId::from_request(&request).expect("a gRPC method path");
+//! let configured = timeouts.get(&method).copied();
+//! let caller = grpc_timeout::from_headers(request.headers())?;
+//! assert_eq!(configured.min(caller), Some(Duration::from_secs(1)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod error;
+pub mod grpc_timeout;
+mod method;
+mod outcome;
+mod policy;
+
+pub use error::BoxError;
+pub use method::{InvalidMethodPath, MethodId};
+pub use outcome::{OnOutcome, Outcome, OutcomeBody, classify_head, classify_trailers, data_len};
+pub use policy::{DuplicateSelector, InvalidSelector, MatchedBy, MethodMap, Selector};

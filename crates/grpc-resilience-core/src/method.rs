@@ -1,0 +1,202 @@
+//! Method identity: `/package.Service/Method` parsed from a request path.
+
+use std::fmt;
+
+/// The gRPC method a request calls, borrowed from its `:path`.
+///
+/// A gRPC request path has the form `/package.Service/Method`. Parsing only
+/// finds the separating slash; nothing is allocated or copied.
+///
+/// ```
+/// use grpc_resilience_core::MethodId;
+///
+/// let id = MethodId::from_path("/catalog.v1.QueryService/GetProduct").unwrap();
+/// assert_eq!(id.service(), "catalog.v1.QueryService");
+/// assert_eq!(id.service_name(), "QueryService");
+/// assert_eq!(id.method(), "GetProduct");
+/// assert!(MethodId::from_path("/healthz").is_err());
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MethodId<'a> {
+    path: &'a str,
+    // Index of the slash between service and method.
+    slash: usize,
+}
+
+impl<'a> MethodId<'a> {
+    /// Parses a request path of the form `/package.Service/Method`.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidMethodPath`] when the path is not a gRPC method path: it does
+    /// not start with `/`, has no second `/`, has an empty service or method
+    /// name, or has more than two segments.
+    pub fn from_path(path: &'a str) -> Result<Self, InvalidMethodPath<'a>> {
+        let invalid = |reason| InvalidMethodPath { path, reason };
+        let rest = path
+            .strip_prefix('/')
+            .ok_or(invalid(PathProblem::NoLeadingSlash))?;
+        let slash = rest.find('/').ok_or(invalid(PathProblem::NoMethod))?;
+        let (service, method) = (&rest[..slash], &rest[slash + 1..]);
+        if service.is_empty() {
+            return Err(invalid(PathProblem::EmptyService));
+        }
+        if method.is_empty() {
+            return Err(invalid(PathProblem::NoMethod));
+        }
+        if method.contains('/') {
+            return Err(invalid(PathProblem::TooManySegments));
+        }
+        Ok(MethodId {
+            path,
+            slash: slash + 1,
+        })
+    }
+
+    /// Parses the method from a request's URI path.
+    ///
+    /// # Errors
+    ///
+    /// As [`MethodId::from_path`].
+    pub fn from_request<B>(request: &'a http::Request<B>) -> Result<Self, InvalidMethodPath<'a>> {
+        Self::from_path(request.uri().path())
+    }
+
+    /// The fully qualified service, e.g. `catalog.v1.QueryService`.
+    pub fn service(&self) -> &'a str {
+        &self.path[1..self.slash]
+    }
+
+    /// The service without its package, e.g. `QueryService`.
+    pub fn service_name(&self) -> &'a str {
+        let service = self.service();
+        match service.rfind('.') {
+            Some(dot) => &service[dot + 1..],
+            None => service,
+        }
+    }
+
+    /// The method, e.g. `GetProduct`.
+    pub fn method(&self) -> &'a str {
+        &self.path[self.slash + 1..]
+    }
+
+    /// The whole path, e.g. `/catalog.v1.QueryService/GetProduct`.
+    pub fn path(&self) -> &'a str {
+        self.path
+    }
+}
+
+impl fmt::Debug for MethodId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MethodId")
+            .field("service", &self.service())
+            .field("method", &self.method())
+            .finish()
+    }
+}
+
+impl fmt::Display for MethodId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path[1..])
+    }
+}
+
+/// A request path that is not a gRPC method path.
+///
+/// It borrows the path, so producing it allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidMethodPath<'a> {
+    path: &'a str,
+    reason: PathProblem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PathProblem {
+    NoLeadingSlash,
+    EmptyService,
+    NoMethod,
+    TooManySegments,
+}
+
+impl<'a> InvalidMethodPath<'a> {
+    /// The path that was rejected.
+    pub fn path(&self) -> &'a str {
+        self.path
+    }
+}
+
+impl fmt::Display for InvalidMethodPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let reason = match self.reason {
+            PathProblem::NoLeadingSlash => "it does not start with `/`",
+            PathProblem::EmptyService => "the service name is empty",
+            PathProblem::NoMethod => "the method name is missing",
+            PathProblem::TooManySegments => "it has more than two segments",
+        };
+        write!(
+            f,
+            "`{}` is not a gRPC method path (expected `/package.Service/Method`): {reason}",
+            self.path
+        )
+    }
+}
+
+impl std::error::Error for InvalidMethodPath<'_> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_service_and_method() {
+        let id = MethodId::from_path("/catalog.v1.CommandService/CreateProduct").unwrap();
+        assert_eq!(id.service(), "catalog.v1.CommandService");
+        assert_eq!(id.service_name(), "CommandService");
+        assert_eq!(id.method(), "CreateProduct");
+        assert_eq!(id.path(), "/catalog.v1.CommandService/CreateProduct");
+        assert_eq!(id.to_string(), "catalog.v1.CommandService/CreateProduct");
+    }
+
+    #[test]
+    fn service_without_package() {
+        let id = MethodId::from_path("/Echo/Say").unwrap();
+        assert_eq!(id.service(), "Echo");
+        assert_eq!(id.service_name(), "Echo");
+    }
+
+    #[test]
+    fn rejects_paths_that_are_not_grpc() {
+        for (path, reason) in [
+            ("", "does not start"),
+            ("Svc/M", "does not start"),
+            ("/", "method name is missing"),
+            ("/Svc", "method name is missing"),
+            ("/Svc/", "method name is missing"),
+            ("//M", "service name is empty"),
+            ("/a/b/c", "more than two segments"),
+        ] {
+            let err = MethodId::from_path(path).unwrap_err();
+            assert_eq!(err.path(), path);
+            let text = err.to_string();
+            assert!(text.contains(reason), "{path:?}: {text}");
+            assert!(text.contains(&format!("`{path}`")), "{text}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(service in "[a-zA-Z0-9_.]{1,20}", method in "[a-zA-Z0-9_]{1,20}") {
+            let path = format!("/{service}/{method}");
+            let id = MethodId::from_path(&path).unwrap();
+            prop_assert_eq!(id.service(), service.as_str());
+            prop_assert_eq!(id.method(), method.as_str());
+        }
+
+        #[test]
+        fn never_panics(path in ".{0,40}") {
+            let _ = MethodId::from_path(&path);
+        }
+    }
+}
