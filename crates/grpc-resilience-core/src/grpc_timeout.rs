@@ -173,7 +173,10 @@ mod tests {
         assert_eq!(decode(b"6u").unwrap(), Duration::from_micros(6));
         assert_eq!(decode(b"7n").unwrap(), Duration::from_nanos(7));
         assert_eq!(decode(b"0n").unwrap(), Duration::ZERO);
-        assert_eq!(decode(b"99999999H").unwrap(), Duration::from_secs(99_999_999 * 3600));
+        assert_eq!(
+            decode(b"99999999H").unwrap(),
+            Duration::from_secs(99_999_999 * 3600)
+        );
     }
 
     #[test]

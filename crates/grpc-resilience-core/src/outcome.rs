@@ -268,7 +268,11 @@ mod tests {
 
     #[tokio::test]
     async fn status_in_trailers_after_messages() {
-        for (code, expected) in [("0", Code::Ok), ("14", Code::Unavailable), ("x", Code::Unknown)] {
+        for (code, expected) in [
+            ("0", Code::Ok),
+            ("14", Code::Unavailable),
+            ("x", Code::Unknown),
+        ] {
             let (seen, f) = recorder();
             let body = stream_body(vec![
                 Ok(Frame::data(Bytes::from_static(b"msg"))),
@@ -300,7 +304,7 @@ mod tests {
             ]),
             f,
         );
-        let mut body = std::pin::pin!(body);
+        let mut body = Box::pin(body);
         assert!(body.frame().await.unwrap().is_ok());
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("torn"));
@@ -358,7 +362,10 @@ mod tests {
             (500, Code::Unknown),
         ] {
             let status = StatusCode::from_u16(http).unwrap();
-            assert_eq!(classify_head(status, &HeaderMap::new()), Some(Outcome::Status(code)));
+            assert_eq!(
+                classify_head(status, &HeaderMap::new()),
+                Some(Outcome::Status(code))
+            );
         }
         assert_eq!(classify_head(StatusCode::OK, &HeaderMap::new()), None);
         assert_eq!(

@@ -122,7 +122,11 @@ pub struct InvalidSelector {
 
 impl fmt::Display for InvalidSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid method selector `{}`: {}", self.text, self.reason)
+        write!(
+            f,
+            "invalid method selector `{}`: {}",
+            self.text, self.reason
+        )
     }
 }
 
@@ -377,10 +381,22 @@ mod tests {
     #[test]
     fn most_specific_selector_wins() {
         let map = full_map();
-        assert_eq!(map.get_with_selector(&id("/pkg.A/Get")), Some((MatchedBy::Method, &3)));
-        assert_eq!(map.get_with_selector(&id("/pkg.B/Get")), Some((MatchedBy::MethodName, &2)));
-        assert_eq!(map.get_with_selector(&id("/pkg.A/List")), Some((MatchedBy::Service, &1)));
-        assert_eq!(map.get_with_selector(&id("/pkg.B/List")), Some((MatchedBy::Default, &0)));
+        assert_eq!(
+            map.get_with_selector(&id("/pkg.A/Get")),
+            Some((MatchedBy::Method, &3))
+        );
+        assert_eq!(
+            map.get_with_selector(&id("/pkg.B/Get")),
+            Some((MatchedBy::MethodName, &2))
+        );
+        assert_eq!(
+            map.get_with_selector(&id("/pkg.A/List")),
+            Some((MatchedBy::Service, &1))
+        );
+        assert_eq!(
+            map.get_with_selector(&id("/pkg.B/List")),
+            Some((MatchedBy::Default, &0))
+        );
     }
 
     #[test]
@@ -402,7 +418,11 @@ mod tests {
                 format!("method selector `{text}` is given more than once")
             );
         }
-        assert_eq!(map.get(&id("/pkg.A/Get")), Some(&3), "a failed insert changes nothing");
+        assert_eq!(
+            map.get(&id("/pkg.A/Get")),
+            Some(&3),
+            "a failed insert changes nothing"
+        );
     }
 
     #[test]
@@ -410,10 +430,19 @@ mod tests {
         assert_eq!("*".parse::<Selector>().unwrap(), Selector::Default);
         assert_eq!(
             "/pkg.A/Get".parse::<Selector>().unwrap(),
-            Selector::Method { service: "pkg.A".into(), method: "Get".into() }
+            Selector::Method {
+                service: "pkg.A".into(),
+                method: "Get".into()
+            }
         );
-        assert_eq!("pkg.A/*".parse::<Selector>().unwrap(), Selector::Service("pkg.A".into()));
-        assert_eq!("Get".parse::<Selector>().unwrap(), Selector::MethodName("Get".into()));
+        assert_eq!(
+            "pkg.A/*".parse::<Selector>().unwrap(),
+            Selector::Service("pkg.A".into())
+        );
+        assert_eq!(
+            "Get".parse::<Selector>().unwrap(),
+            Selector::MethodName("Get".into())
+        );
         for bad in ["", "pkg.A", "a b", "pkg.A/", "pkg.A/B/C", "pkg.A/x.y", "é"] {
             let err = bad.parse::<Selector>().unwrap_err();
             assert!(err.to_string().contains(&format!("`{bad}`")), "{err}");
@@ -423,8 +452,11 @@ mod tests {
     #[test]
     fn entries_and_map_values_keep_selectors() {
         let map = full_map().map_values(|v| v * 10);
-        let entries: Vec<(String, u32)> =
-            map.entries().into_iter().map(|(s, v)| (s.to_string(), *v)).collect();
+        let entries: Vec<(String, u32)> = map
+            .entries()
+            .into_iter()
+            .map(|(s, v)| (s.to_string(), *v))
+            .collect();
         assert_eq!(
             entries,
             vec![

@@ -1,0 +1,210 @@
+//! The response future and body of [`Timeout`](crate::Timeout).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use grpc_resilience_core::{BoxError, MethodId};
+use http::uri::PathAndQuery;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, sleep_until};
+
+use crate::Scope;
+use crate::error::Elapsed;
+
+/// The deadline a call runs under.
+#[derive(Clone, Debug)]
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    pub(crate) timeout: Duration,
+    pub(crate) scope: Scope,
+    // For the error message and metric labels; a clone of tonic's static
+    // path, so it costs no allocation.
+    pub(crate) path: Option<PathAndQuery>,
+}
+
+impl Deadline {
+    /// Records the expiry (metric and log) and builds the error.
+    fn expire(&self, during_body: bool) -> BoxError {
+        let path = self.path.as_ref().map_or("", PathAndQuery::path);
+        let (service, method) =
+            MethodId::from_path(path).map_or(("", ""), |m| (m.service(), m.method()));
+        let timeout_ms = self.timeout.as_millis() as u64;
+        let scope = self.scope.as_str();
+        metrics::counter!(
+            "grpc.timeout.count",
+            "service" => service.to_owned(),
+            "method" => method.to_owned(),
+            "scope" => scope,
+        )
+        .increment(1);
+        match self.scope {
+            Scope::Call => tracing::warn!(
+                service,
+                method,
+                timeout_ms,
+                scope,
+                during_body,
+                "gRPC call to {service}/{method} exceeded its deadline of {timeout_ms}ms"
+            ),
+            Scope::Attempt => tracing::debug!(
+                service,
+                method,
+                timeout_ms,
+                scope,
+                during_body,
+                "gRPC attempt to {service}/{method} exceeded its deadline of {timeout_ms}ms"
+            ),
+        }
+        let name = if path.is_empty() {
+            "<unknown method>"
+        } else {
+            path
+        };
+        Box::new(Elapsed::new(self.timeout, self.scope, during_body, name))
+    }
+}
+
+pin_project! {
+    /// The response future of [`Timeout`](crate::Timeout).
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Option<Sleep>,
+        deadline: Option<Deadline>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(inner: F, deadline: Option<Deadline>) -> Self {
+        ResponseFuture {
+            inner,
+            sleep: deadline.as_ref().map(|d| sleep_until(d.at)),
+            deadline,
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<http::Response<TimeoutBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let elapsed = |deadline: &Option<Deadline>| match deadline {
+            Some(d) => Err(d.expire(false)),
+            None => Err("deadline exceeded".into()),
+        };
+        match this.inner.poll(cx) {
+            Poll::Ready(Ok(response)) => {
+                // A response that lands after the timer fired does not win
+                // the race: the caller is told its deadline passed, whatever
+                // the server said (tonic servers answer CANCELLED then).
+                if this
+                    .sleep
+                    .as_ref()
+                    .get_ref()
+                    .as_ref()
+                    .is_some_and(Sleep::is_elapsed)
+                {
+                    return Poll::Ready(elapsed(this.deadline));
+                }
+                let deadline = this.deadline.take();
+                Poll::Ready(Ok(response.map(|body| TimeoutBody::new(body, deadline))))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err.into())),
+            Poll::Pending => match this.sleep.as_mut().as_pin_mut() {
+                Some(sleep) => {
+                    ready!(sleep.poll(cx));
+                    Poll::Ready(elapsed(this.deadline))
+                }
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that ends with `DEADLINE_EXCEEDED` when the call's
+    /// deadline passes before the body's end.
+    ///
+    /// When the deadline passes, the inner body is dropped at once, which
+    /// resets the HTTP/2 stream: the server sees the call cancelled.
+    #[derive(Debug)]
+    pub struct TimeoutBody<B> {
+        #[pin]
+        inner: Option<B>,
+        // Made only once the body has to wait, so a response read without
+        // waiting costs no timer.
+        #[pin]
+        sleep: Option<Sleep>,
+        deadline: Option<Deadline>,
+    }
+}
+
+impl<B> TimeoutBody<B> {
+    fn new(inner: B, deadline: Option<Deadline>) -> Self {
+        TimeoutBody {
+            inner: Some(inner),
+            sleep: None,
+            deadline,
+        }
+    }
+
+    /// The wrapped body; `None` once the deadline has ended it.
+    pub fn get_ref(&self) -> Option<&B> {
+        self.inner.as_ref()
+    }
+}
+
+impl<B> Body for TimeoutBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(frame) = inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let Some(deadline) = this.deadline.as_ref() else {
+            return Poll::Pending;
+        };
+        if this.sleep.is_none() {
+            this.sleep.set(Some(sleep_until(deadline.at)));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            ready!(sleep.poll(cx));
+        }
+        let err = deadline.expire(true);
+        this.inner.set(None);
+        *this.deadline = None;
+        Poll::Ready(Some(Err(err)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
