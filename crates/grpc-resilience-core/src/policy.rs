@@ -38,6 +38,18 @@ pub enum Selector {
 }
 
 impl Selector {
+    /// Whether this selector applies to `id`.
+    pub fn matches(&self, id: &MethodId<'_>) -> bool {
+        match self {
+            Selector::Default => true,
+            Selector::Service(service) => id.service() == service,
+            Selector::Method { service, method } => {
+                id.service() == service && id.method() == method
+            }
+            Selector::MethodName(method) => id.method() == method,
+        }
+    }
+
     /// How specific the selector is; a higher rank wins.
     fn rank(&self) -> u8 {
         match self {
@@ -251,6 +263,45 @@ impl<T> MethodMap<T> {
         Ok(())
     }
 
+    /// Sets the value for `selector`, replacing and returning any value it
+    /// had.
+    pub fn replace(&mut self, selector: Selector, value: T) -> Option<T> {
+        let previous = self.remove(&selector);
+        // Cannot be a duplicate: the selector was just removed.
+        let _ = self.insert(selector, value);
+        previous
+    }
+
+    /// Removes and returns the value for `selector`.
+    pub fn remove(&mut self, selector: &Selector) -> Option<T> {
+        match selector {
+            Selector::Default => self.default.take(),
+            Selector::Service(service) => self.services.get_mut(service.as_str())?.whole.take(),
+            Selector::Method { service, method } => self
+                .services
+                .get_mut(service.as_str())?
+                .methods
+                .remove(method.as_str()),
+            Selector::MethodName(method) => self.by_name.remove(method.as_str()),
+        }
+    }
+
+    /// Like [`MethodMap::get`], mutably.
+    pub fn get_mut(&mut self, id: &MethodId<'_>) -> Option<&mut T> {
+        // Find which entry matches first, then borrow it mutably.
+        let matched = self.get_with_selector(id).map(|(by, _)| by)?;
+        match matched {
+            MatchedBy::Method => self
+                .services
+                .get_mut(id.service())?
+                .methods
+                .get_mut(id.method()),
+            MatchedBy::MethodName => self.by_name.get_mut(id.method()),
+            MatchedBy::Service => self.services.get_mut(id.service())?.whole.as_mut(),
+            MatchedBy::Default => self.default.as_mut(),
+        }
+    }
+
     /// The value for a method: exact method, then method name, then service,
     /// then default.
     pub fn get(&self, id: &MethodId<'_>) -> Option<&T> {
@@ -423,6 +474,37 @@ mod tests {
             Some(&3),
             "a failed insert changes nothing"
         );
+    }
+
+    #[test]
+    fn selectors_match_methods() {
+        let get = id("/pkg.A/Get");
+        assert!(Selector::Default.matches(&get));
+        assert!("pkg.A/*".parse::<Selector>().unwrap().matches(&get));
+        assert!(!"pkg.B/*".parse::<Selector>().unwrap().matches(&get));
+        assert!("Get".parse::<Selector>().unwrap().matches(&get));
+        assert!(!"List".parse::<Selector>().unwrap().matches(&get));
+        assert!("pkg.A/Get".parse::<Selector>().unwrap().matches(&get));
+        assert!(!"pkg.B/Get".parse::<Selector>().unwrap().matches(&get));
+    }
+
+    #[test]
+    fn replace_remove_and_get_mut() {
+        let mut map = full_map();
+        assert_eq!(map.replace("pkg.A/Get".parse().unwrap(), 30), Some(3));
+        assert_eq!(map.get(&id("/pkg.A/Get")), Some(&30));
+        *map.get_mut(&id("/pkg.B/Get")).unwrap() += 100;
+        assert_eq!(map.get(&id("/pkg.C/Get")), Some(&102));
+        *map.get_mut(&id("/pkg.A/List")).unwrap() += 100;
+        assert_eq!(map.get(&id("/pkg.A/List")), Some(&101));
+        assert_eq!(map.remove(&"pkg.A/Get".parse().unwrap()), Some(30));
+        assert_eq!(map.remove(&"Get".parse().unwrap()), Some(102));
+        assert_eq!(map.get(&id("/pkg.A/Get")), Some(&101));
+        assert_eq!(map.remove(&"pkg.A/*".parse().unwrap()), Some(101));
+        assert_eq!(map.remove(&"*".parse().unwrap()), Some(0));
+        assert!(map.is_empty());
+        assert_eq!(map.replace(Selector::Default, 7), None);
+        assert_eq!(map.get_mut(&id("/x.Y/Z")), Some(&mut 7));
     }
 
     #[test]
