@@ -1,17 +1,25 @@
-//! Generated client and server stubs for the product-catalog protocol
-//! (`proto/catalog.proto`): a `QueryService` with a unary and a
-//! server-streaming method and a `CommandService` with a unary and a
-//! client-streaming method.
+//! The product-catalog protocol of the seed's CQRS system
+//! (`proto/catalog.proto`): generated client and server stubs for a
+//! `QueryService` (unary `GetProduct`, server-streaming `ListProducts`) and
+//! a `CommandService` (unary `CreateProduct`, client-streaming
+//! `ImportProducts`), and [`InMemoryCatalog`], a server for both.
 //!
 //! Only the tests, benches and examples of this workspace use it.
 
-#![allow(missing_docs, unreachable_pub, clippy::all)]
+mod server;
 
-/// Version 1 of the catalog protocol.
+/// Version 1 of the catalog protocol (generated code).
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all
+)]
 pub mod v1 {
     tonic::include_proto!("catalog.v1");
 }
 
+pub use server::{CatalogStats, IDEMPOTENCY_KEY, InMemoryCatalog};
 pub use v1::*;
 
 /// Full gRPC method paths, as they appear in the `:path` of a request.

@@ -44,11 +44,19 @@ pub fn find_error<'a, E: Error + 'static>(err: &'a (dyn Error + 'static)) -> Opt
 
 /// The gRPC code a failed call's caller sees for this error.
 ///
-/// The code of the first [`tonic::Status`] in the chain; an error without
-/// one comes from the transport below the stub (refused connection, reset
-/// stream, broken pipe), which gRPC clients report as `UNAVAILABLE`.
+/// The code of the first [`tonic::Status`] in the chain.
+/// [`tonic::TimeoutExpired`] (tonic's own enforcement of `grpc-timeout`)
+/// is `DEADLINE_EXCEEDED`. Any other error comes from the transport below
+/// the stub (refused connection, reset stream, broken pipe), which gRPC
+/// clients report as `UNAVAILABLE`.
 pub fn error_code(err: &(dyn Error + 'static)) -> Code {
-    find_status(err).map_or(Code::Unavailable, Status::code)
+    if let Some(status) = find_status(err) {
+        return status.code();
+    }
+    if find_error::<tonic::TimeoutExpired>(err).is_some() {
+        return Code::DeadlineExceeded;
+    }
+    Code::Unavailable
 }
 
 #[cfg(test)]
@@ -76,6 +84,12 @@ mod tests {
         assert!(find_error::<Wrapper>(&*err).is_some());
         // tonic finds the same status, so a stub's caller sees this code.
         assert_eq!(Status::from_error(err).code(), Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn tonic_timeouts_are_deadline_exceeded() {
+        let err: BoxError = Box::new(tonic::TimeoutExpired(()));
+        assert_eq!(error_code(&*err), Code::DeadlineExceeded);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!   Trailers-Only headers or from the trailers at the end of the body,
 //!   reported exactly once, or [`Outcome::Cancelled`] when the caller drops
 //!   the response early.
-//! * [`grpc_timeout`]: the `grpc-timeout` header, encoded and decoded per
+//! * [`timeout_header`]: the `grpc-timeout` header, encoded and decoded per
 //!   the gRPC HTTP/2 protocol.
 //! * [`error`]: the rejection convention. A layer fails a call from the
 //!   call's future with an error whose source chain holds a
@@ -24,7 +24,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use grpc_resilience_core::{grpc_timeout, MethodId, MethodMap};
+//! use grpc_resilience_core::{timeout_header, MethodId, MethodMap};
 //!
 //! let mut timeouts = MethodMap::new();
 //! timeouts.insert("*".parse()?, Duration::from_secs(5))?;
@@ -36,16 +36,16 @@
 //!     .body(())?;
 //! let method = MethodId::from_request(&request).expect("a gRPC method path");
 //! let configured = timeouts.get(&method).copied();
-//! let caller = grpc_timeout::from_headers(request.headers())?;
+//! let caller = timeout_header::from_headers(request.headers())?;
 //! assert_eq!(configured.min(caller), Some(Duration::from_secs(1)));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod error;
-pub mod grpc_timeout;
 mod method;
 mod outcome;
 mod policy;
+pub mod timeout_header;
 
 pub use error::BoxError;
 pub use method::{InvalidMethodPath, MethodId};

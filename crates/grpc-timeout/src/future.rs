@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use grpc_resilience_core::error::find_error;
 use grpc_resilience_core::{BoxError, MethodId};
 use http::uri::PathAndQuery;
 use http_body::{Body, Frame, SizeHint};
@@ -119,7 +120,23 @@ where
                 let deadline = this.deadline.take();
                 Poll::Ready(Ok(response.map(|body| TimeoutBody::new(body, deadline))))
             }
-            Poll::Ready(Err(err)) => Poll::Ready(Err(err.into())),
+            Poll::Ready(Err(err)) => {
+                let err: BoxError = err.into();
+                // tonic's channel enforces the grpc-timeout this layer sent,
+                // with its own timer, and fails the call as CANCELLED
+                // (`TimeoutExpired`); it may fire a moment before ours.
+                let channel_timed_out = find_error::<tonic::TimeoutExpired>(&*err).is_some();
+                let fired = this
+                    .sleep
+                    .as_ref()
+                    .get_ref()
+                    .as_ref()
+                    .is_some_and(Sleep::is_elapsed);
+                if this.deadline.is_some() && (channel_timed_out || fired) {
+                    return Poll::Ready(elapsed(this.deadline));
+                }
+                Poll::Ready(Err(err))
+            }
             Poll::Pending => match this.sleep.as_mut().as_pin_mut() {
                 Some(sleep) => {
                     ready!(sleep.poll(cx));

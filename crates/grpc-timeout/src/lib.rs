@@ -64,7 +64,7 @@ mod policy;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use grpc_resilience_core::{BoxError, MethodId, grpc_timeout};
+use grpc_resilience_core::{BoxError, MethodId, timeout_header};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -147,7 +147,7 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let method = MethodId::from_request(&request).ok();
         let configured = self.policy.entry(method.as_ref());
-        let caller = match grpc_timeout::from_headers(request.headers()) {
+        let caller = match timeout_header::from_headers(request.headers()) {
             Ok(caller) => caller,
             Err(err) => {
                 tracing::debug!(%err, "ignoring the caller's malformed grpc-timeout");
@@ -161,7 +161,7 @@ where
             (Some(entry), _) => {
                 request
                     .headers_mut()
-                    .insert(grpc_timeout::GRPC_TIMEOUT, entry.header.clone());
+                    .insert(timeout_header::GRPC_TIMEOUT, entry.header.clone());
                 entry.timeout
             }
             (None, Some(caller)) => caller,

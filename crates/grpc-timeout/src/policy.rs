@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use grpc_resilience_core::{MethodId, MethodMap, Selector, grpc_timeout};
+use grpc_resilience_core::{MethodId, MethodMap, Selector, timeout_header};
 use http::HeaderValue;
 
 /// The longest timeout a policy accepts: one year. Anything longer is
@@ -89,7 +89,7 @@ impl TimeoutPolicy {
         }
         let entry = Entry {
             timeout,
-            header: grpc_timeout::encode(timeout),
+            header: timeout_header::encode(timeout),
         };
         self.insert(selector, Some(entry), format!("{timeout:?}"))
     }

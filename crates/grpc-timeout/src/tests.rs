@@ -8,7 +8,7 @@ use tonic::Code;
 use tower_test::mock;
 
 use super::*;
-use grpc_resilience_core::grpc_timeout::{GRPC_TIMEOUT, decode};
+use grpc_resilience_core::timeout_header::{GRPC_TIMEOUT, decode};
 
 const GET: &str = "/catalog.v1.QueryService/GetProduct";
 const LIST: &str = "/catalog.v1.QueryService/ListProducts";
@@ -235,6 +235,34 @@ async fn per_attempt_scope_is_reported() {
             .message()
             .starts_with("attempt")
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_channels_own_grpc_timeout_expiry_reads_as_deadline_exceeded() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    // What tonic's Channel returns when it enforces the header itself.
+    send.send_error(tonic::TimeoutExpired(()));
+    let err = fut.await.unwrap_err();
+    assert!(err.downcast_ref::<Elapsed>().is_some(), "{err}");
+    assert_eq!(code_of(err), Code::DeadlineExceeded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_error_after_the_timer_fired_reads_as_deadline_exceeded() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    let mut fut = tokio_test::task::spawn(fut);
+    assert!(fut.poll().is_pending());
+    advance(Duration::from_secs(3)).await;
+    send.send_error(tonic::Status::cancelled("Timeout expired"));
+    match fut.poll() {
+        Poll::Ready(Err(err)) => assert_eq!(code_of(err), Code::DeadlineExceeded),
+        other => panic!(
+            "expected a deadline error, got {:?}",
+            other.map(|r| r.map(|_| ()))
+        ),
+    }
 }
 
 #[tokio::test(start_paused = true)]

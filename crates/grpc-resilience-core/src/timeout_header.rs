@@ -33,7 +33,7 @@ const UNITS: [(u8, u128); 6] = [
 ///
 /// ```
 /// use std::time::Duration;
-/// use grpc_resilience_core::grpc_timeout::encode;
+/// use grpc_resilience_core::timeout_header::encode;
 ///
 /// assert_eq!(encode(Duration::from_millis(50)), "50000000n");
 /// assert_eq!(encode(Duration::from_secs(3)), "3000000u");
@@ -82,7 +82,7 @@ fn encode_to(timeout: Duration, buf: &mut [u8; 9]) -> usize {
 ///
 /// ```
 /// use std::time::Duration;
-/// use grpc_resilience_core::grpc_timeout::decode;
+/// use grpc_resilience_core::timeout_header::decode;
 ///
 /// assert_eq!(decode(b"250m").unwrap(), Duration::from_millis(250));
 /// assert!(decode(b"123456789S").is_err());
