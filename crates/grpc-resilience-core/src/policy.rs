@@ -1,7 +1,8 @@
 //! Per-method policy maps with gRPC service-config matching.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+
+use rustc_hash::FxHashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -156,27 +157,13 @@ impl fmt::Display for DuplicateSelector {
 
 impl std::error::Error for DuplicateSelector {}
 
-#[derive(Clone, Debug)]
-struct ServiceEntry<T> {
-    whole: Option<T>,
-    methods: HashMap<Box<str>, T>,
-}
-
-impl<T> Default for ServiceEntry<T> {
-    fn default() -> Self {
-        ServiceEntry {
-            whole: None,
-            methods: HashMap::new(),
-        }
-    }
-}
-
 /// Values (policies) per gRPC method, matched as gRPC's service config does.
 ///
 /// A lookup returns the value of the most specific matching [`Selector`]:
 /// the exact method, then a method of that name in any service, then the
-/// whole service, then the default. The map is built once; a lookup is at
-/// most four hash lookups on borrowed `&str` keys and allocates nothing.
+/// whole service, then the default. The map is built once; a lookup hashes
+/// borrowed `&str` keys with a fast hash, skips empty tables, and allocates
+/// nothing.
 ///
 /// ```
 /// use std::time::Duration;
@@ -196,8 +183,10 @@ impl<T> Default for ServiceEntry<T> {
 #[derive(Clone, Debug)]
 pub struct MethodMap<T> {
     default: Option<T>,
-    services: HashMap<Box<str>, ServiceEntry<T>>,
-    by_name: HashMap<Box<str>, T>,
+    // Keyed by the whole path, `/package.Service/Method`.
+    exact: FxHashMap<Box<str>, T>,
+    by_name: FxHashMap<Box<str>, T>,
+    services: FxHashMap<Box<str>, T>,
 }
 
 impl<T> Default for MethodMap<T> {
@@ -206,13 +195,28 @@ impl<T> Default for MethodMap<T> {
     }
 }
 
+fn insert_new<T>(map: &mut FxHashMap<Box<str>, T>, key: String, value: T) -> Result<(), T> {
+    match map.entry(key.into_boxed_str()) {
+        Entry::Occupied(_) => Err(value),
+        Entry::Vacant(v) => {
+            v.insert(value);
+            Ok(())
+        }
+    }
+}
+
+fn get_nonempty<'m, T>(map: &'m FxHashMap<Box<str>, T>, key: &str) -> Option<&'m T> {
+    if map.is_empty() { None } else { map.get(key) }
+}
+
 impl<T> MethodMap<T> {
     /// An empty map: every lookup finds nothing.
     pub fn new() -> Self {
         MethodMap {
             default: None,
-            services: HashMap::new(),
-            by_name: HashMap::new(),
+            exact: FxHashMap::default(),
+            by_name: FxHashMap::default(),
+            services: FxHashMap::default(),
         }
     }
 
@@ -229,38 +233,22 @@ impl<T> MethodMap<T> {
     ///
     /// [`DuplicateSelector`] if the map already has a value for it.
     pub fn insert(&mut self, selector: Selector, value: T) -> Result<(), DuplicateSelector> {
-        let duplicate = |s: Selector| Err(DuplicateSelector(s));
-        match &selector {
+        let inserted = match &selector {
             Selector::Default => {
                 if self.default.is_some() {
-                    return duplicate(selector);
+                    Err(value)
+                } else {
+                    self.default = Some(value);
+                    Ok(())
                 }
-                self.default = Some(value);
             }
-            Selector::Service(service) => {
-                let entry = self.services.entry(service.as_str().into()).or_default();
-                if entry.whole.is_some() {
-                    return duplicate(selector);
-                }
-                entry.whole = Some(value);
-            }
+            Selector::Service(service) => insert_new(&mut self.services, service.clone(), value),
             Selector::Method { service, method } => {
-                let entry = self.services.entry(service.as_str().into()).or_default();
-                match entry.methods.entry(method.as_str().into()) {
-                    Entry::Occupied(_) => return duplicate(selector),
-                    Entry::Vacant(v) => {
-                        v.insert(value);
-                    }
-                }
+                insert_new(&mut self.exact, format!("/{service}/{method}"), value)
             }
-            Selector::MethodName(method) => match self.by_name.entry(method.as_str().into()) {
-                Entry::Occupied(_) => return duplicate(selector),
-                Entry::Vacant(v) => {
-                    v.insert(value);
-                }
-            },
-        }
-        Ok(())
+            Selector::MethodName(method) => insert_new(&mut self.by_name, method.clone(), value),
+        };
+        inserted.map_err(|_| DuplicateSelector(selector))
     }
 
     /// Sets the value for `selector`, replacing and returning any value it
@@ -276,29 +264,11 @@ impl<T> MethodMap<T> {
     pub fn remove(&mut self, selector: &Selector) -> Option<T> {
         match selector {
             Selector::Default => self.default.take(),
-            Selector::Service(service) => self.services.get_mut(service.as_str())?.whole.take(),
-            Selector::Method { service, method } => self
-                .services
-                .get_mut(service.as_str())?
-                .methods
-                .remove(method.as_str()),
+            Selector::Service(service) => self.services.remove(service.as_str()),
+            Selector::Method { service, method } => {
+                self.exact.remove(format!("/{service}/{method}").as_str())
+            }
             Selector::MethodName(method) => self.by_name.remove(method.as_str()),
-        }
-    }
-
-    /// Like [`MethodMap::get`], mutably.
-    pub fn get_mut(&mut self, id: &MethodId<'_>) -> Option<&mut T> {
-        // Find which entry matches first, then borrow it mutably.
-        let matched = self.get_with_selector(id).map(|(by, _)| by)?;
-        match matched {
-            MatchedBy::Method => self
-                .services
-                .get_mut(id.service())?
-                .methods
-                .get_mut(id.method()),
-            MatchedBy::MethodName => self.by_name.get_mut(id.method()),
-            MatchedBy::Service => self.services.get_mut(id.service())?.whole.as_mut(),
-            MatchedBy::Default => self.default.as_mut(),
         }
     }
 
@@ -306,6 +276,17 @@ impl<T> MethodMap<T> {
     /// then default.
     pub fn get(&self, id: &MethodId<'_>) -> Option<&T> {
         self.get_with_selector(id).map(|(_, v)| v)
+    }
+
+    /// Like [`MethodMap::get`], mutably.
+    pub fn get_mut(&mut self, id: &MethodId<'_>) -> Option<&mut T> {
+        // Find which table matches first, then borrow it mutably.
+        match self.get_with_selector(id)?.0 {
+            MatchedBy::Method => self.exact.get_mut(id.path()),
+            MatchedBy::MethodName => self.by_name.get_mut(id.method()),
+            MatchedBy::Service => self.services.get_mut(id.service()),
+            MatchedBy::Default => self.default.as_mut(),
+        }
     }
 
     /// The value for a request path; a path that is not a gRPC method path
@@ -319,14 +300,13 @@ impl<T> MethodMap<T> {
 
     /// Like [`MethodMap::get`], and says which kind of selector matched.
     pub fn get_with_selector(&self, id: &MethodId<'_>) -> Option<(MatchedBy, &T)> {
-        let service = self.services.get(id.service());
-        if let Some(v) = service.and_then(|s| s.methods.get(id.method())) {
+        if let Some(v) = get_nonempty(&self.exact, id.path()) {
             return Some((MatchedBy::Method, v));
         }
-        if let Some(v) = self.by_name.get(id.method()) {
+        if let Some(v) = get_nonempty(&self.by_name, id.method()) {
             return Some((MatchedBy::MethodName, v));
         }
-        if let Some(v) = service.and_then(|s| s.whole.as_ref()) {
+        if let Some(v) = get_nonempty(&self.services, id.service()) {
             return Some((MatchedBy::Service, v));
         }
         self.default.as_ref().map(|v| (MatchedBy::Default, v))
@@ -340,22 +320,21 @@ impl<T> MethodMap<T> {
     /// Every entry with its selector, most specific first.
     pub fn entries(&self) -> Vec<(Selector, &T)> {
         let mut out: Vec<(Selector, &T)> = Vec::new();
-        for (service, entry) in &self.services {
-            for (method, v) in &entry.methods {
-                out.push((
-                    Selector::Method {
-                        service: service.to_string(),
-                        method: method.to_string(),
-                    },
-                    v,
-                ));
-            }
-            if let Some(v) = &entry.whole {
-                out.push((Selector::Service(service.to_string()), v));
-            }
+        for (path, v) in &self.exact {
+            let id = MethodId::from_path(path).expect("exact keys are method paths");
+            out.push((
+                Selector::Method {
+                    service: id.service().to_owned(),
+                    method: id.method().to_owned(),
+                },
+                v,
+            ));
         }
         for (name, v) in &self.by_name {
             out.push((Selector::MethodName(name.to_string()), v));
+        }
+        for (service, v) in &self.services {
+            out.push((Selector::Service(service.to_string()), v));
         }
         if let Some(v) = &self.default {
             out.push((Selector::Default, v));
@@ -370,31 +349,28 @@ impl<T> MethodMap<T> {
 
     /// Applies `f` to every value, keeping the selectors.
     pub fn map_values<U>(self, mut f: impl FnMut(T) -> U) -> MethodMap<U> {
+        let mut map_table = |t: FxHashMap<Box<str>, T>| {
+            t.into_iter()
+                .map(|(k, v)| (k, f(v)))
+                .collect::<FxHashMap<_, _>>()
+        };
+        let exact = map_table(self.exact);
+        let by_name = map_table(self.by_name);
+        let services = map_table(self.services);
         MethodMap {
-            default: self.default.map(&mut f),
-            services: self
-                .services
-                .into_iter()
-                .map(|(k, e)| {
-                    let entry = ServiceEntry {
-                        whole: e.whole.map(&mut f),
-                        methods: e.methods.into_iter().map(|(m, v)| (m, f(v))).collect(),
-                    };
-                    (k, entry)
-                })
-                .collect(),
-            by_name: self.by_name.into_iter().map(|(k, v)| (k, f(v))).collect(),
+            default: self.default.map(f),
+            exact,
+            by_name,
+            services,
         }
     }
 
     /// Whether the map has no value at all.
     pub fn is_empty(&self) -> bool {
         self.default.is_none()
+            && self.exact.is_empty()
             && self.by_name.is_empty()
-            && self
-                .services
-                .values()
-                .all(|e| e.whole.is_none() && e.methods.is_empty())
+            && self.services.is_empty()
     }
 }
 

@@ -159,9 +159,9 @@ pin_project! {
         #[pin]
         inner: Option<B>,
         // Made only once the body has to wait, so a response read without
-        // waiting costs no timer.
-        #[pin]
-        sleep: Option<Sleep>,
+        // waiting costs no timer; boxed so the body stays small while it is
+        // moved through the response path.
+        sleep: Option<Pin<Box<Sleep>>>,
         deadline: Option<Deadline>,
     }
 }
@@ -203,12 +203,10 @@ where
         let Some(deadline) = this.deadline.as_ref() else {
             return Poll::Pending;
         };
-        if this.sleep.is_none() {
-            this.sleep.set(Some(sleep_until(deadline.at)));
-        }
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            ready!(sleep.poll(cx));
-        }
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(sleep_until(deadline.at)));
+        ready!(sleep.as_mut().poll(cx));
         let err = deadline.expire(true);
         this.inner.set(None);
         *this.deadline = None;

@@ -65,6 +65,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use grpc_resilience_core::{BoxError, MethodId, timeout_header};
+use http::header::Entry;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -145,26 +146,38 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let method = MethodId::from_request(&request).ok();
-        let configured = self.policy.entry(method.as_ref());
-        let caller = match timeout_header::from_headers(request.headers()) {
-            Ok(caller) => caller,
-            Err(err) => {
-                tracing::debug!(%err, "ignoring the caller's malformed grpc-timeout");
-                None
-            }
+        let configured = match MethodId::from_request(&request) {
+            Ok(method) => self.policy.entry(Some(&method)),
+            Err(_) => self.policy.entry(None),
         };
-        let timeout = match (configured, caller) {
-            (None, None) => return ResponseFuture::new(self.inner.call(request), None),
-            // The caller's own deadline is shorter: its header already says so.
-            (Some(entry), Some(caller)) if caller < entry.timeout => caller,
-            (Some(entry), _) => {
-                request
-                    .headers_mut()
-                    .insert(timeout_header::GRPC_TIMEOUT, entry.header.clone());
-                entry.timeout
+        // One hash of the header name for both reading the caller's
+        // deadline and writing ours.
+        let timeout = match request.headers_mut().entry(timeout_header::GRPC_TIMEOUT) {
+            Entry::Occupied(mut header) => {
+                match (timeout_header::decode(header.get().as_bytes()), configured) {
+                    // The caller's own deadline is shorter: its header already says so.
+                    (Ok(caller), Some(entry)) if caller < entry.timeout => caller,
+                    (Ok(caller), None) => caller,
+                    (Err(err), None) => {
+                        tracing::debug!(%err, "ignoring the caller's malformed grpc-timeout");
+                        return ResponseFuture::new(self.inner.call(request), None);
+                    }
+                    (caller, Some(entry)) => {
+                        if let Err(err) = caller {
+                            tracing::debug!(%err, "replacing the caller's malformed grpc-timeout");
+                        }
+                        header.insert(entry.header.clone());
+                        entry.timeout
+                    }
+                }
             }
-            (None, Some(caller)) => caller,
+            Entry::Vacant(vacant) => match configured {
+                Some(entry) => {
+                    vacant.insert(entry.header.clone());
+                    entry.timeout
+                }
+                None => return ResponseFuture::new(self.inner.call(request), None),
+            },
         };
         let deadline = Instant::now().checked_add(timeout).map(|at| Deadline {
             at,
