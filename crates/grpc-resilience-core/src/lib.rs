@@ -41,12 +41,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod codes;
 pub mod error;
 mod method;
 mod outcome;
 mod policy;
 pub mod timeout_header;
 
+pub use codes::CodeSet;
 pub use error::BoxError;
 pub use method::{InvalidMethodPath, MethodId};
 pub use outcome::{OnOutcome, Outcome, OutcomeBody, classify_head, classify_trailers, data_len};
