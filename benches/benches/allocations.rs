@@ -5,13 +5,15 @@
 
 use std::time::Duration;
 
-use grpc_resilience_benches::{Bare, RequestFactory, call_once};
+use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
+use grpc_resilience_benches::{Bare, RequestFactory, call_once, drive, runtime};
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::{Service, ServiceBuilder};
 
 const CALLS: u64 = 10_000;
 
 /// Allocations per call through `service`, beyond building the request.
+/// (The bare service's own response allocates; compare rows with `bare`.)
 fn per_call<S, B>(mut service: S) -> f64
 where
     S: Service<http::Request<http_body_util::Empty<bytes::Bytes>>, Response = http::Response<B>>,
@@ -31,6 +33,28 @@ where
         for _ in 0..CALLS {
             assert!(call_once(&mut service, requests.request()));
         }
+    });
+    (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
+}
+
+/// Like [`per_call`], for services whose futures must be awaited.
+fn per_call_driven<S, B>(mut service: S) -> f64
+where
+    S: Service<http::Request<http_body_util::Empty<bytes::Bytes>>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let rt = runtime();
+    let requests = RequestFactory::default();
+    drive(&rt, &mut service, &requests, 100);
+    let baseline = allocation_counter::measure(|| {
+        for _ in 0..CALLS {
+            std::hint::black_box(requests.request());
+        }
+    });
+    let total = allocation_counter::measure(|| {
+        drive(&rt, &mut service, &requests, CALLS);
     });
     (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
 }
@@ -70,9 +94,33 @@ fn main() {
                     .service(Bare),
             ),
         ),
+        (
+            "tower-resilience circuit breaker",
+            per_call_driven(
+                ServiceBuilder::new()
+                    .layer(
+                        tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+                            .build()
+                            .expect("a breaker"),
+                    )
+                    .service(Bare),
+            ),
+        ),
+        (
+            "grpc_circuit_breaker (closed)",
+            per_call(
+                ServiceBuilder::new()
+                    .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                    .service(Bare),
+            ),
+        ),
     ];
-    println!("{:<32} {:>18}", "service", "allocations/call");
+    let bare = rows[0].1;
+    println!(
+        "{:<36} {:>18} {:>12}",
+        "service", "allocations/call", "vs bare"
+    );
     for (name, allocs) in rows {
-        println!("{name:<32} {allocs:>18.2}");
+        println!("{name:<36} {allocs:>18.2} {:>+12.2}", allocs - bare);
     }
 }

@@ -6,16 +6,10 @@
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use grpc_resilience_benches::{Bare, RequestFactory, call_once};
+use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
+use grpc_resilience_benches::{Bare, RequestFactory, call_once, drive, drive_parallel, runtime};
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::ServiceBuilder;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("a runtime")
-}
 
 fn timeout(c: &mut Criterion) {
     let rt = runtime();
@@ -48,11 +42,55 @@ fn timeout(c: &mut Criterion) {
     group.finish();
 }
 
+fn breaker(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let requests = RequestFactory::default();
+    let mut group = c.benchmark_group("breaker");
+
+    let mut bare = Bare;
+    group.bench_function("bare", |b| {
+        b.iter_custom(|n| drive(&rt, &mut bare, &requests, n))
+    });
+
+    let theirs = ServiceBuilder::new()
+        .layer(
+            tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+                .build()
+                .expect("a breaker"),
+        )
+        .service(Bare);
+    let ours = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+        .service(Bare);
+
+    let mut svc = theirs.clone();
+    group.bench_function("tower-resilience", |b| {
+        b.iter_custom(|n| drive(&rt, &mut svc, &requests, n))
+    });
+    let mut svc = ours.clone();
+    group.bench_function("grpc_circuit_breaker", |b| {
+        b.iter_custom(|n| drive(&rt, &mut svc, &requests, n))
+    });
+
+    // Two threads, each with its own clone of one shared breaker.
+    group.bench_function("bare, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel(&Bare, &requests, n, 2))
+    });
+    group.bench_function("tower-resilience, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel(&theirs, &requests, n, 2))
+    });
+    group.bench_function("grpc_circuit_breaker, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel(&ours, &requests, n, 2))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = timeout
+    targets = timeout, breaker
 }
 criterion_main!(benches);

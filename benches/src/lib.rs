@@ -45,13 +45,14 @@ impl RequestFactory {
     }
 }
 
-/// A service that answers every request at once with an empty 200 response
-/// (the floor every benchmark compares against).
+/// A service that answers every request at once with a successful gRPC
+/// response: headers, then trailers holding `grpc-status: 0` (the floor
+/// every benchmark compares against).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Bare;
 
 impl<B> Service<Request<B>> for Bare {
-    type Response = Response<Empty<Bytes>>;
+    type Response = Response<OkBody>;
     type Error = Infallible;
     type Future = Ready<Result<Self::Response, Infallible>>;
 
@@ -60,7 +61,34 @@ impl<B> Service<Request<B>> for Bare {
     }
 
     fn call(&mut self, _: Request<B>) -> Self::Future {
-        ready(Ok(Response::new(Empty::new())))
+        ready(Ok(Response::new(OkBody { sent: false })))
+    }
+}
+
+/// A response body holding only the trailers of a successful call.
+#[derive(Debug)]
+pub struct OkBody {
+    sent: bool,
+}
+
+impl Body for OkBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if std::mem::replace(&mut self.sent, true) {
+            return Poll::Ready(None);
+        }
+        let mut trailers = http::HeaderMap::with_capacity(1);
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent
     }
 }
 
@@ -90,4 +118,79 @@ where
             _ => return false,
         }
     }
+}
+
+/// Runs `iters` calls through `service` on a current-thread runtime,
+/// awaiting each (readiness, response, body); returns the time they took.
+/// For layers whose futures may wait (locks, timers), where
+/// [`call_once`] cannot be used.
+pub fn drive<S, B>(
+    rt: &tokio::runtime::Runtime,
+    service: &mut S,
+    requests: &RequestFactory,
+    iters: u64,
+) -> std::time::Duration
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    rt.block_on(async {
+        let start = tokio::time::Instant::now();
+        for _ in 0..iters {
+            let ready = service.ready().await.expect("ready");
+            let response = ready.call(requests.request()).await.expect("a response");
+            let mut body = pin!(response.into_body());
+            while let Some(frame) = body.frame().await {
+                frame.expect("a frame");
+            }
+        }
+        start.elapsed()
+    })
+}
+
+/// Like [`drive`], on `threads` threads at once, each with its own clone of
+/// `service` and its own runtime; returns the mean time per thread.
+pub fn drive_parallel<S, B>(
+    service: &S,
+    requests: &RequestFactory,
+    iters: u64,
+    threads: usize,
+) -> std::time::Duration
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>> + Clone + Send,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    let barrier = std::sync::Barrier::new(threads);
+    let total: std::time::Duration = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let mut service = service.clone();
+                let requests = requests.clone();
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let rt = runtime();
+                    barrier.wait();
+                    drive(&rt, &mut service, &requests, iters)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a bench thread"))
+            .sum()
+    });
+    total / threads as u32
+}
+
+/// A current-thread runtime with timers.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime")
 }

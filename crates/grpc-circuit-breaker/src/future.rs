@@ -17,7 +17,9 @@ use crate::state::{Admission, Core, Verdict};
 
 /// One of a breaker's reference-counted handles; calls on different threads
 /// use different handles, so they do not bounce one counter between cores.
+/// Aligned so two handles' counters never share a cache line.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct Stripe(pub(crate) Arc<Core>);
 
 // A call cancelled this close to its deadline was ended by the deadline.

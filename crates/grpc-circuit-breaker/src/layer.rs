@@ -49,9 +49,6 @@ impl<S> Layer<S> for CircuitBreakerLayer {
     type Service = CircuitBreaker<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker {
-            inner,
-            shared: self.shared.clone(),
-        }
+        CircuitBreaker::from_shared(inner, self.shared.clone())
     }
 }

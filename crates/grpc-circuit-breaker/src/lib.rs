@@ -160,12 +160,14 @@ const STRIPES: usize = 8;
 /// A breaker with the handles calls take.
 #[derive(Debug)]
 struct Entry {
+    key: Box<str>,
     stripes: [Arc<Stripe>; STRIPES],
 }
 
 impl Entry {
-    fn new(core: Arc<Core>) -> Self {
+    fn new(key: &str, core: Arc<Core>) -> Self {
         Entry {
+            key: key.into(),
             stripes: std::array::from_fn(|_| Arc::new(Stripe(core.clone()))),
         }
     }
@@ -195,7 +197,7 @@ fn stripe_index() -> usize {
 
 /// What every clone of a layer's services shares.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     registry: BreakerRegistry,
     keying: Keying,
     names: FxHashMap<String, String>,
@@ -208,7 +210,7 @@ struct Shared {
 impl Shared {
     fn new(registry: BreakerRegistry, keying: Keying, names: FxHashMap<String, String>) -> Self {
         let single = match &keying {
-            Keying::Single(name) => Some(Entry::new(registry.core(name))),
+            Keying::Single(name) => Some(Entry::new(name, registry.core(name))),
             _ => None,
         };
         Shared {
@@ -220,18 +222,12 @@ impl Shared {
         }
     }
 
-    /// The handle of the breaker for this request, if one applies.
-    #[inline]
-    fn stripe<B>(&self, request: &http::Request<B>) -> Option<Arc<Stripe>> {
-        let key = match &self.keying {
-            Keying::Single(_) => return self.single.as_ref().map(|e| e.stripe().clone()),
-            Keying::PerService => MethodId::from_request(request).ok()?.service(),
-            Keying::Custom(f) => f(request.uri(), request.headers())?,
-        };
-        if let Some(entry) = self.entries.load().get(key) {
-            return Some(entry.stripe().clone());
+    /// The breaker for a key, from the shared map.
+    fn lookup(&self, key: &str) -> Arc<Entry> {
+        match self.entries.load().get(key) {
+            Some(entry) => entry.clone(),
+            None => self.insert(key),
         }
-        Some(self.insert(key).stripe().clone())
     }
 
     #[cold]
@@ -244,7 +240,7 @@ impl Shared {
                 .unwrap_or_else(|| service_breaker_name(key)),
             _ => key.to_owned(),
         };
-        let entry = Arc::new(Entry::new(self.registry.core(&name)));
+        let entry = Arc::new(Entry::new(key, self.registry.core(&name)));
         self.entries.rcu(|map| {
             let mut map = FxHashMap::clone(map);
             map.entry(key.into()).or_insert_with(|| entry.clone());
@@ -254,14 +250,46 @@ impl Shared {
     }
 }
 
+/// How many keys each service clone remembers, so the usual call finds
+/// its breaker without touching shared memory.
+const LOCAL_KEYS: usize = 4;
+
 /// Circuit breakers for gRPC calls; see the [crate docs](crate).
 #[derive(Clone, Debug)]
 pub struct CircuitBreaker<S> {
     inner: S,
     shared: Arc<Shared>,
+    local: [Option<Arc<Entry>>; LOCAL_KEYS],
 }
 
 impl<S> CircuitBreaker<S> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        CircuitBreaker {
+            inner,
+            shared,
+            local: Default::default(),
+        }
+    }
+
+    /// The handle of the breaker for this request, if one applies.
+    #[inline]
+    fn stripe<B>(&mut self, request: &http::Request<B>) -> Option<Arc<Stripe>> {
+        let key = match &self.shared.keying {
+            Keying::Single(_) => return self.shared.single.as_ref().map(|e| e.stripe().clone()),
+            Keying::PerService => MethodId::from_request(request).ok()?.service(),
+            Keying::Custom(f) => f(request.uri(), request.headers())?,
+        };
+        if let Some(entry) = self.local.iter().flatten().find(|e| &*e.key == key) {
+            return Some(entry.stripe().clone());
+        }
+        let entry = self.shared.lookup(key);
+        let stripe = entry.stripe().clone();
+        // Remember it, evicting the oldest.
+        self.local.rotate_right(1);
+        self.local[0] = Some(entry);
+        Some(stripe)
+    }
+
     /// Wraps `inner` with one breaker per gRPC service from `registry`.
     pub fn new(inner: S, registry: BreakerRegistry) -> Self {
         tower_layer::Layer::layer(&CircuitBreakerLayer::new(registry), inner)
@@ -304,7 +332,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(stripe) = self.shared.stripe(&request) else {
+        let Some(stripe) = self.stripe(&request) else {
             return ResponseFuture::called(self.inner.call(request), None);
         };
         let core = &stripe.0;

@@ -43,6 +43,7 @@
 
 pub mod codes;
 pub mod error;
+pub mod headers;
 mod method;
 mod outcome;
 mod policy;

@@ -38,21 +38,17 @@ impl<'a> MethodId<'a> {
         if bytes.first() != Some(&b'/') {
             return invalid(PathProblem::NoLeadingSlash);
         }
-        // One pass over a short path: a plain loop beats memchr here.
-        let mut slash = 0;
-        for (i, &b) in bytes.iter().enumerate().skip(1) {
-            if b == b'/' {
-                if slash != 0 {
-                    return invalid(PathProblem::TooManySegments);
-                }
-                slash = i;
-            }
-        }
+        // Method names are short: find their slash from the end, then check
+        // the service part holds none.
+        let slash = bytes.iter().rposition(|&b| b == b'/').unwrap_or(0);
         if slash == 0 || slash == bytes.len() - 1 {
             return invalid(PathProblem::NoMethod);
         }
         if slash == 1 {
             return invalid(PathProblem::EmptyService);
+        }
+        if bytes[1..slash].contains(&b'/') {
+            return invalid(PathProblem::TooManySegments);
         }
         Ok(MethodId { path, slash })
     }

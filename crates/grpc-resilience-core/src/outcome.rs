@@ -21,6 +21,7 @@ use pin_project_lite::pin_project;
 use tonic::Code;
 
 use crate::error::{BoxError, error_code};
+use crate::headers;
 
 /// How a gRPC call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +60,7 @@ impl Outcome {
 /// in the trailers. Only the code is parsed: nothing is allocated, and a
 /// malformed `grpc-status` reads as `Code::Unknown`.
 pub fn classify_head(status: StatusCode, headers: &HeaderMap) -> Option<Outcome> {
-    if let Some(code) = headers.get(tonic::Status::GRPC_STATUS) {
+    if let Some(code) = headers::get(headers, &tonic::Status::GRPC_STATUS) {
         return Some(Outcome::Status(Code::from_bytes(code.as_bytes())));
     }
     if status == StatusCode::OK {
@@ -82,7 +83,7 @@ pub fn classify_head(status: StatusCode, headers: &HeaderMap) -> Option<Outcome>
 /// Reads the outcome from trailers; trailers without `grpc-status` read as
 /// `Code::Unknown`, as grpc-go and tonic treat them.
 pub fn classify_trailers(trailers: &HeaderMap) -> Outcome {
-    match trailers.get(tonic::Status::GRPC_STATUS) {
+    match headers::get(trailers, &tonic::Status::GRPC_STATUS) {
         Some(code) => Outcome::Status(Code::from_bytes(code.as_bytes())),
         None => Outcome::Status(Code::Unknown),
     }

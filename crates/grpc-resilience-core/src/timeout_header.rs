@@ -125,8 +125,7 @@ pub fn decode(value: &[u8]) -> Result<Duration, InvalidGrpcTimeout> {
 ///
 /// As [`decode`].
 pub fn from_headers(headers: &HeaderMap) -> Result<Option<Duration>, InvalidGrpcTimeout> {
-    headers
-        .get(GRPC_TIMEOUT)
+    crate::headers::get(headers, &GRPC_TIMEOUT)
         .map(|v| decode(v.as_bytes()))
         .transpose()
 }
