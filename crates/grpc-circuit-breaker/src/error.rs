@@ -3,20 +3,21 @@
 use std::fmt;
 use std::sync::Arc;
 
+use grpc_resilience_core::error::LocalRejection;
 use tonic::Status;
 
 use crate::State;
 
 /// A call the breaker rejected without sending it.
 ///
-/// Its `source()` is an `UNAVAILABLE` [`tonic::Status`] naming the breaker,
-/// so a tonic stub's caller sees `Code::Unavailable`. A retry layer above
-/// recognises this type and does not retry it.
+/// Its source chain holds a [`LocalRejection`] and then an `UNAVAILABLE`
+/// [`tonic::Status`] naming the breaker, so a tonic stub's caller sees
+/// `Code::Unavailable` and a retry layer above does not retry it.
 #[derive(Debug)]
 pub struct BreakerOpen {
     breaker: Arc<str>,
     state: State,
-    status: Status,
+    rejection: LocalRejection,
 }
 
 impl BreakerOpen {
@@ -32,7 +33,7 @@ impl BreakerOpen {
         BreakerOpen {
             breaker,
             state,
-            status,
+            rejection: LocalRejection::new(status),
         }
     }
 
@@ -49,7 +50,7 @@ impl BreakerOpen {
 
     /// The status a gRPC caller sees.
     pub fn status(&self) -> &Status {
-        &self.status
+        self.rejection.status()
     }
 }
 
@@ -61,6 +62,6 @@ impl fmt::Display for BreakerOpen {
 
 impl std::error::Error for BreakerOpen {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.status)
+        Some(&self.rejection)
     }
 }

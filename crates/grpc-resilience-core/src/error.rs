@@ -42,6 +42,85 @@ pub fn find_error<'a, E: Error + 'static>(err: &'a (dyn Error + 'static)) -> Opt
     None
 }
 
+/// A layer refused to send a call (an open circuit breaker, a shed load):
+/// the call never left the client, and sending it again at once would be
+/// refused again, so retry layers do not retry it.
+///
+/// Layers put it in their error's source chain, with the status the caller
+/// should see as its own source.
+#[derive(Debug)]
+pub struct LocalRejection {
+    status: Status,
+}
+
+impl LocalRejection {
+    /// A rejection the caller sees as `status`.
+    pub fn new(status: Status) -> Self {
+        LocalRejection { status }
+    }
+
+    /// The status the caller sees.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+}
+
+impl std::fmt::Display for LocalRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the call was rejected before it was sent")
+    }
+}
+
+impl Error for LocalRejection {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.status)
+    }
+}
+
+/// A failure below the gRPC layer (a reset connection, a broken pipe) that
+/// carries no status: callers see it as `UNAVAILABLE`, as gRPC's spec
+/// says of transport failures, with the cause in the message. The cause
+/// itself is kept.
+#[derive(Debug)]
+pub struct TransportError {
+    status: Status,
+    cause: BoxError,
+}
+
+impl TransportError {
+    /// The cause.
+    pub fn cause(&self) -> &(dyn Error + Send + Sync + 'static) {
+        &*self.cause
+    }
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "transport error: {}", self.cause)
+    }
+}
+
+impl Error for TransportError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.status)
+    }
+}
+
+/// Gives an error without a [`tonic::Status`] in its chain the status a
+/// caller should see, `UNAVAILABLE` (see [`TransportError`]); errors that
+/// have one (and tonic's own timeouts and connect errors, which tonic maps)
+/// pass unchanged.
+pub fn with_transport_status(err: BoxError) -> BoxError {
+    if find_status(&*err).is_some()
+        || find_error::<tonic::TimeoutExpired>(&*err).is_some()
+        || find_error::<tonic::ConnectError>(&*err).is_some()
+    {
+        return err;
+    }
+    let status = Status::unavailable(format!("transport error: {err}"));
+    Box::new(TransportError { status, cause: err })
+}
+
 /// The gRPC code a failed call's caller sees for this error.
 ///
 /// The code of the first [`tonic::Status`] in the chain.
@@ -90,6 +169,18 @@ mod tests {
     fn tonic_timeouts_are_deadline_exceeded() {
         let err: BoxError = Box::new(tonic::TimeoutExpired(()));
         assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn transport_errors_get_an_unavailable_status() {
+        let err = with_transport_status(Box::new(std::io::Error::other("connection reset")));
+        let transport = err.downcast_ref::<TransportError>().unwrap();
+        assert_eq!(transport.cause().to_string(), "connection reset");
+        let status = Status::from_error(err);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "transport error: connection reset");
+        let kept = with_transport_status(Box::new(Status::not_found("x")));
+        assert_eq!(Status::from_error(kept).code(), Code::NotFound);
     }
 
     #[test]

@@ -1,0 +1,100 @@
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use crate::replay::Limits;
+use crate::{Retry, RetryConfigError, RetryPolicies, RetryThrottle, Shared};
+
+/// The default per-call replay limit: 256 KiB, as grpc-go and grpc-core.
+pub const DEFAULT_PER_CALL_BUFFER: usize = 256 * 1024;
+/// The default limit of replay data held by all calls of one layer: 16 MiB.
+pub const DEFAULT_TOTAL_BUFFER: usize = 16 * 1024 * 1024;
+
+/// Applies [`Retry`] to a service.
+#[derive(Clone, Debug)]
+pub struct RetryLayer {
+    shared: Arc<Shared>,
+}
+
+impl RetryLayer {
+    /// Retries as `policies` say, without throttling, with the default
+    /// replay limits.
+    pub fn new(policies: RetryPolicies) -> Self {
+        RetryLayer {
+            shared: Arc::new(Shared {
+                policies,
+                throttle: None,
+                limits: Arc::new(Limits::new(DEFAULT_PER_CALL_BUFFER, DEFAULT_TOTAL_BUFFER)),
+            }),
+        }
+    }
+
+    /// Throttles retries with a token bucket shared by every call through
+    /// this layer (the seed's "adaptive retry").
+    pub fn with_throttle(self, throttle: RetryThrottle) -> Self {
+        self.rebuild(|s| s.throttle = Some(Arc::new(throttle)))
+    }
+
+    /// Sets how many request bytes one call (`per_call`) and all calls
+    /// together (`total`) may hold for replay. A call over either limit is
+    /// still sent; it is just not retried.
+    ///
+    /// # Errors
+    ///
+    /// [`RetryConfigError`] if `per_call` is zero or `total` is less than
+    /// `per_call`.
+    pub fn with_buffer_limits(
+        self,
+        per_call: usize,
+        total: usize,
+    ) -> Result<Self, RetryConfigError> {
+        if per_call == 0 {
+            return Err(RetryConfigError::new(
+                "buffer.per_call",
+                "0".into(),
+                "must be at least 1 byte",
+            ));
+        }
+        if total < per_call {
+            return Err(RetryConfigError::new(
+                "buffer.total",
+                total.to_string(),
+                "must be at least the per-call limit",
+            ));
+        }
+        Ok(self.rebuild(|s| s.limits = Arc::new(Limits::new(per_call, total))))
+    }
+
+    fn rebuild(self, f: impl FnOnce(&mut Shared)) -> Self {
+        let mut shared = Shared {
+            policies: self.shared.policies.clone(),
+            throttle: self.shared.throttle.clone(),
+            limits: self.shared.limits.clone(),
+        };
+        f(&mut shared);
+        RetryLayer {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// The throttle, if any, to read its tokens.
+    pub fn throttle(&self) -> Option<&RetryThrottle> {
+        self.shared.throttle.as_deref()
+    }
+
+    /// Request bytes held for replay by this layer's calls now.
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.limits.in_use()
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! Request-body replay: tonic request bodies are not `Clone`, so the body
+//! is recorded as the first attempt sends it and replayed for the next.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::Bytes;
+use grpc_resilience_core::BoxError;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+/// Request body types the retry layer can wrap: it turns a
+/// [`ReplayBody`] of the type back into the type, so the inner service
+/// (a tonic `Channel`) gets the body type it expects.
+pub trait ReplayableBody: Body<Data = Bytes> + Send + Unpin + Sized + 'static {
+    /// Wraps a replaying body as `Self`.
+    fn from_replay(body: ReplayBody<Self>) -> Self;
+}
+
+impl ReplayableBody for tonic::body::Body {
+    fn from_replay(body: ReplayBody<Self>) -> Self {
+        tonic::body::Body::new(body)
+    }
+}
+
+/// How much request data may be held for replay.
+#[derive(Debug)]
+pub(crate) struct Limits {
+    pub(crate) per_call: usize,
+    pub(crate) total: usize,
+    in_use: AtomicUsize,
+}
+
+impl Limits {
+    pub(crate) fn new(per_call: usize, total: usize) -> Self {
+        Limits {
+            per_call,
+            total,
+            in_use: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes held for replay by every call now.
+    pub(crate) fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    fn reserve(&self, n: usize) -> bool {
+        let before = self.in_use.fetch_add(n, Ordering::AcqRel);
+        if before + n > self.total {
+            self.in_use.fetch_sub(n, Ordering::AcqRel);
+            false
+        } else {
+            true
+        }
+    }
+
+    fn release(&self, n: usize) {
+        self.in_use.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+struct State<B> {
+    // Data frames as the original body yielded them (zero-copy `Bytes`).
+    chunks: Vec<Bytes>,
+    buffered: usize,
+    trailers: Option<HeaderMap>,
+    // The original body, when no attempt is reading from it.
+    rest: Option<B>,
+    // The original body has ended.
+    done: bool,
+    // Too large (or broken) to replay; nothing is held any more.
+    capped: bool,
+    // An attempt waiting for the previous one to give the original back.
+    waiter: Option<Waker>,
+}
+
+/// What the attempts of one call share.
+pub(crate) struct Recording<B> {
+    state: Mutex<State<B>>,
+    limits: Arc<Limits>,
+}
+
+impl<B> fmt::Debug for Recording<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Recording")
+            .field("buffered", &state.buffered)
+            .field("done", &state.done)
+            .field("capped", &state.capped)
+            .finish()
+    }
+}
+
+impl<B> Recording<B> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether another attempt can replay the body byte for byte.
+    pub(crate) fn replayable(&self) -> bool {
+        !self.lock().capped
+    }
+
+    /// Bytes recorded so far.
+    #[cfg(test)]
+    pub(crate) fn buffered(&self) -> usize {
+        self.lock().buffered
+    }
+}
+
+impl<B> Drop for Recording<B> {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        self.limits.release(state.buffered);
+    }
+}
+
+/// One attempt's request body: replays what earlier attempts read, then
+/// reads on from the original body, recording as it goes.
+pub struct ReplayBody<B> {
+    shared: Arc<Recording<B>>,
+    // Next recorded chunk to send.
+    pos: usize,
+    // The original body while this attempt reads from it.
+    held: Option<B>,
+    trailers_sent: bool,
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayBody")
+            .field("pos", &self.pos)
+            .field("holds_original", &self.held.is_some())
+            .finish()
+    }
+}
+
+impl<B> ReplayBody<B> {
+    /// The first attempt's body, reading from `original`.
+    pub(crate) fn first(original: B, limits: Arc<Limits>) -> (Self, Arc<Recording<B>>) {
+        let shared = Arc::new(Recording {
+            state: Mutex::new(State {
+                chunks: Vec::new(),
+                buffered: 0,
+                trailers: None,
+                rest: None,
+                done: false,
+                capped: false,
+                waiter: None,
+            }),
+            limits,
+        });
+        let body = ReplayBody {
+            shared: shared.clone(),
+            pos: 0,
+            held: Some(original),
+            trailers_sent: false,
+        };
+        (body, shared)
+    }
+
+    /// A later attempt's body.
+    pub(crate) fn replay(shared: &Arc<Recording<B>>) -> Self {
+        ReplayBody {
+            shared: shared.clone(),
+            pos: 0,
+            held: None,
+            trailers_sent: false,
+        }
+    }
+}
+
+impl<B> Drop for ReplayBody<B> {
+    fn drop(&mut self) {
+        if let Some(original) = self.held.take() {
+            let mut state = self.shared.lock();
+            if !state.done {
+                state.rest = Some(original);
+                if let Some(waker) = state.waiter.take() {
+                    waker.wake();
+                }
+            }
+        }
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            {
+                let mut state = this.shared.lock();
+                if !state.capped && this.pos < state.chunks.len() {
+                    let chunk = state.chunks[this.pos].clone();
+                    this.pos += 1;
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                if state.done {
+                    return Poll::Ready(match &state.trailers {
+                        Some(trailers) if !this.trailers_sent => {
+                            this.trailers_sent = true;
+                            Some(Ok(Frame::trailers(trailers.clone())))
+                        }
+                        _ => None,
+                    });
+                }
+                if this.held.is_none() {
+                    match state.rest.take() {
+                        Some(original) => this.held = Some(original),
+                        None => {
+                            // The previous attempt still holds the original.
+                            state.waiter = Some(cx.waker().clone());
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            }
+            let Some(original) = this.held.as_mut() else {
+                continue;
+            };
+            let frame = ready!(Pin::new(original).poll_frame(cx));
+            let limits = this.shared.limits.clone();
+            let mut state = this.shared.lock();
+            match frame {
+                None => {
+                    state.done = true;
+                    return Poll::Ready(None);
+                }
+                Some(Err(err)) => {
+                    // A broken body cannot be replayed.
+                    state.capped = true;
+                    limits.release(std::mem::take(&mut state.buffered));
+                    state.chunks = Vec::new();
+                    return Poll::Ready(Some(Err(err.into())));
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if !state.capped {
+                            let fits = state.buffered + data.len() <= limits.per_call;
+                            if fits && limits.reserve(data.len()) {
+                                state.buffered += data.len();
+                                state.chunks.push(data.clone());
+                                this.pos += 1;
+                            } else {
+                                // Too large to replay: this attempt goes on,
+                                // the call will not be retried.
+                                state.capped = true;
+                                limits.release(std::mem::take(&mut state.buffered));
+                                state.chunks = Vec::new();
+                            }
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => {
+                            state.done = true;
+                            if !state.capped {
+                                state.trailers = Some(trailers.clone());
+                            }
+                            this.trailers_sent = true;
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        // A frame kind this layer does not know: skip it.
+                        Err(_) => continue,
+                    },
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let state = self.shared.lock();
+        let replayed = state.capped || self.pos >= state.chunks.len();
+        let trailers_left = state.trailers.is_some() && !self.trailers_sent;
+        state.done && replayed && !trailers_left
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let state = self.shared.lock();
+        if state.done && !state.capped {
+            let left: usize = state.chunks.iter().skip(self.pos).map(Bytes::len).sum();
+            return SizeHint::with_exact(left as u64);
+        }
+        match &self.held {
+            Some(original) if self.pos == 0 && state.chunks.is_empty() => original.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::sync::mpsc;
+
+    type Original =
+        StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
+
+    fn original(frames: Vec<Frame<Bytes>>) -> Original {
+        let (tx, rx) = mpsc::channel(frames.len().max(1));
+        for f in frames {
+            tx.try_send(Ok(f)).unwrap();
+        }
+        StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    async fn read_all<B: Body<Data = Bytes> + Unpin>(body: &mut B) -> (Vec<u8>, Option<HeaderMap>)
+    where
+        B::Error: fmt::Debug,
+    {
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            match frame.unwrap().into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        (data, trailers)
+    }
+
+    fn trailers() -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", "abc".parse().unwrap());
+        t
+    }
+
+    #[tokio::test]
+    async fn a_replay_is_byte_identical_with_trailers() {
+        let limits = Arc::new(Limits::new(1024, 4096));
+        let frames = vec![
+            Frame::data(Bytes::from_static(b"hello ")),
+            Frame::data(Bytes::from_static(b"world")),
+            Frame::trailers(trailers()),
+        ];
+        let (mut first, shared) = ReplayBody::first(original(frames), limits.clone());
+        let (data, t) = read_all(&mut first).await;
+        assert_eq!(data, b"hello world");
+        assert_eq!(t, Some(trailers()));
+        assert!(first.is_end_stream());
+        drop(first);
+        assert_eq!(limits.in_use(), 11);
+        for _ in 0..3 {
+            let mut again = ReplayBody::replay(&shared);
+            assert_eq!(again.size_hint().exact(), Some(11));
+            let (data, t) = read_all(&mut again).await;
+            assert_eq!(data, b"hello world");
+            assert_eq!(t, Some(trailers()));
+        }
+        drop(shared);
+        assert_eq!(limits.in_use(), 0, "released with the call");
+    }
+
+    #[tokio::test]
+    async fn a_replay_continues_where_the_first_attempt_stopped() {
+        // The response came before the request body was done: the first
+        // attempt read one frame, then was dropped.
+        let limits = Arc::new(Limits::new(1024, 4096));
+        let (tx, rx) = mpsc::channel(4);
+        let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let (mut first, shared) = ReplayBody::first(body, limits);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"one,"))))
+            .await
+            .unwrap();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
+
+        let mut second = ReplayBody::replay(&shared);
+        // The first attempt still holds the original: the replay of what was
+        // recorded works, then the second waits for the original.
+        let frame = second.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
+        let mut next = tokio_test::task::spawn(second.frame());
+        assert!(next.poll().is_pending());
+        drop(first);
+        assert!(next.is_woken(), "giving the original back wakes the replay");
+        drop(next);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"two"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let (rest, _) = read_all(&mut second).await;
+        assert_eq!(rest, b"two");
+        assert!(shared.replayable());
+        let (all, _) = read_all(&mut ReplayBody::replay(&shared)).await;
+        assert_eq!(all, b"one,two");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_per_call_cap_is_sent_but_not_replayable() {
+        let limits = Arc::new(Limits::new(8, 4096));
+        let frames = vec![
+            Frame::data(Bytes::from_static(b"12345")),
+            Frame::data(Bytes::from_static(b"67890")),
+        ];
+        let (mut first, shared) = ReplayBody::first(original(frames), limits.clone());
+        let (data, _) = read_all(&mut first).await;
+        assert_eq!(data, b"1234567890", "every byte still goes out");
+        assert!(!shared.replayable());
+        assert_eq!(shared.buffered(), 0);
+        assert_eq!(limits.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_layer_total_cap_is_shared_by_calls() {
+        let limits = Arc::new(Limits::new(100, 10));
+        let (mut a, shared_a) = ReplayBody::first(
+            original(vec![Frame::data(Bytes::from_static(b"123456"))]),
+            limits.clone(),
+        );
+        let (mut b, shared_b) = ReplayBody::first(
+            original(vec![Frame::data(Bytes::from_static(b"abcdef"))]),
+            limits.clone(),
+        );
+        read_all(&mut a).await;
+        read_all(&mut b).await;
+        assert!(shared_a.replayable());
+        assert!(!shared_b.replayable(), "6 + 6 is over the total of 10");
+        assert_eq!(limits.in_use(), 6);
+        drop((a, shared_a));
+        assert_eq!(limits.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_broken_body_is_not_replayable() {
+        let limits = Arc::new(Limits::new(100, 1000));
+        let (tx, rx) = mpsc::channel(2);
+        tx.try_send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .unwrap();
+        tx.try_send(Err(std::io::Error::other("client went away")))
+            .unwrap();
+        let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let (mut first, shared) = ReplayBody::first(body, limits.clone());
+        assert!(first.frame().await.unwrap().is_ok());
+        assert!(first.frame().await.unwrap().is_err());
+        assert!(!shared.replayable());
+        assert_eq!(limits.in_use(), 0);
+    }
+}

@@ -1,0 +1,539 @@
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::time::{Instant, advance};
+use tonic::Code;
+use tonic::body::Body;
+use tower_test::mock;
+
+use super::*;
+use crate::decide::PUSHBACK;
+use crate::future::PREVIOUS_ATTEMPTS;
+
+const GET: &str = "/catalog.v1.QueryService/GetProduct";
+const CREATE: &str = "/catalog.v1.CommandService/CreateProduct";
+
+type Req = http::Request<Body>;
+type Res = http::Response<Body>;
+type Svc = mock::Spawn<Retry<mock::Mock<Req, Res>>>;
+type Handle = mock::Handle<Req, Res>;
+
+fn no_jitter() -> RetryPolicy {
+    RetryPolicy::default().with_jitter(Jitter::None)
+}
+
+fn setup(layer: RetryLayer) -> (Svc, Handle) {
+    mock::spawn_layer(layer)
+}
+
+fn layer(policy: RetryPolicy) -> RetryLayer {
+    RetryLayer::new(RetryPolicies::new(policy).unwrap())
+}
+
+fn request(path: &str, body: &'static [u8]) -> Req {
+    http::Request::builder()
+        .uri(format!("http://catalog{path}"))
+        .body(Body::new(Full::new(Bytes::from_static(body))))
+        .unwrap()
+}
+
+fn trailers_only(code: Code) -> Res {
+    let mut response = http::Response::new(Body::empty());
+    response
+        .headers_mut()
+        .insert("grpc-status", (code as i32).to_string().parse().unwrap());
+    response
+}
+
+fn with_pushback(code: Code, values: &[&str]) -> Res {
+    let mut response = trailers_only(code);
+    for v in values {
+        response.headers_mut().append(PUSHBACK, v.parse().unwrap());
+    }
+    response
+}
+
+/// Headers first, then a failure in the trailers: committed.
+fn committed(code: Code) -> Res {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", (code as i32).to_string().parse().unwrap());
+    let frames: Vec<Result<Frame<Bytes>, tonic::Status>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x01x"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    http::Response::new(Body::new(StreamBody::new(tokio_stream::iter(frames))))
+}
+
+/// What the service saw of one attempt.
+#[derive(Debug)]
+struct Seen {
+    headers: http::HeaderMap,
+    body: Bytes,
+    at: Instant,
+}
+
+async fn next(handle: &mut Handle) -> (Seen, mock::SendResponse<Res>) {
+    let (req, send) = handle.next_request().await.expect("an attempt");
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.expect("a body").to_bytes();
+    (
+        Seen {
+            headers: parts.headers,
+            body,
+            at: Instant::now(),
+        },
+        send,
+    )
+}
+
+fn code_of(result: Result<Res, BoxError>) -> Code {
+    match result {
+        Ok(response) => grpc_resilience_core::classify_head(response.status(), response.headers())
+            .map_or(Code::Ok, |o| o.code()),
+        Err(err) => tonic::Status::from_error(err).code(),
+    }
+}
+
+/// Runs one call; the service answers attempt `i` with `answers[i]`.
+async fn run(
+    service: &mut Svc,
+    handle: &mut Handle,
+    req: Req,
+    answers: Vec<Res>,
+) -> (Result<Res, BoxError>, Vec<Seen>) {
+    assert!(service.poll_ready().is_ready());
+    let fut = tokio::spawn(service.call(req));
+    let mut seen = Vec::new();
+    for answer in answers {
+        let (s, send) = next(handle).await;
+        seen.push(s);
+        send.send_response(answer);
+    }
+    (fut.await.unwrap(), seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn unavailable_twice_then_ok_takes_three_attempts_with_identical_bodies() {
+    let (mut service, mut handle) = setup(layer(no_jitter()));
+    let start = Instant::now();
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(GET, b"\0\0\0\0\x04p1p1"),
+        vec![
+            trailers_only(Code::Unavailable),
+            trailers_only(Code::Unavailable),
+            committed(Code::Ok),
+        ],
+    )
+    .await;
+    assert_eq!(code_of(result), Code::Ok);
+    assert_eq!(seen.len(), 3);
+    for s in &seen {
+        assert_eq!(
+            s.body,
+            Bytes::from_static(b"\0\0\0\0\x04p1p1"),
+            "byte-identical replay"
+        );
+    }
+    assert!(seen[0].headers.get(PREVIOUS_ATTEMPTS).is_none());
+    assert_eq!(seen[1].headers[PREVIOUS_ATTEMPTS], "1");
+    assert_eq!(seen[2].headers[PREVIOUS_ATTEMPTS], "2");
+    assert_eq!(seen[1].at - seen[0].at, Duration::from_millis(100));
+    assert_eq!(seen[2].at - seen[1].at, Duration::from_millis(200));
+    assert_eq!(seen[2].at - start, Duration::from_millis(300));
+}
+
+#[tokio::test(start_paused = true)]
+async fn jittered_delays_stay_within_their_bounds() {
+    for jitter in [Jitter::Proportional(0.2), Jitter::Full] {
+        let (mut service, mut handle) = setup(layer(
+            RetryPolicy::default()
+                .with_jitter(jitter)
+                .with_max_attempts(4),
+        ));
+        let (_, seen) = run(
+            &mut service,
+            &mut handle,
+            request(GET, b"x"),
+            vec![
+                trailers_only(Code::Unavailable),
+                trailers_only(Code::Unavailable),
+                trailers_only(Code::Unavailable),
+                committed(Code::Ok),
+            ],
+        )
+        .await;
+        for (i, base) in [100u64, 200, 400].into_iter().enumerate() {
+            let gap = seen[i + 1].at - seen[i].at;
+            let (low, high) = match jitter {
+                Jitter::Full => (0, base),
+                _ => (base * 8 / 10, base * 12 / 10),
+            };
+            assert!(
+                gap >= Duration::from_millis(low) && gap <= Duration::from_millis(high),
+                "{jitter:?} retry {}: {gap:?}",
+                i + 1
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_stop_at_max_attempts_with_the_servers_code() {
+    let (mut service, mut handle) = setup(layer(no_jitter()));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(GET, b"x"),
+        vec![
+            trailers_only(Code::Unavailable),
+            trailers_only(Code::Unavailable),
+            trailers_only(Code::ResourceExhausted),
+        ],
+    )
+    .await;
+    assert_eq!(seen.len(), 3);
+    assert_eq!(code_of(result), Code::ResourceExhausted);
+    advance(Duration::from_secs(60)).await;
+    assert!(handle.poll_request().is_pending(), "no fourth attempt");
+}
+
+#[tokio::test(start_paused = true)]
+async fn committed_failures_and_client_errors_are_not_retried() {
+    for answer in [
+        committed(Code::Unavailable),
+        trailers_only(Code::NotFound),
+        trailers_only(Code::InvalidArgument),
+    ] {
+        let (mut service, mut handle) = setup(layer(no_jitter()));
+        let (result, seen) = run(&mut service, &mut handle, request(GET, b"x"), vec![answer]).await;
+        assert_eq!(seen.len(), 1);
+        let code = code_of(result);
+        advance(Duration::from_secs(10)).await;
+        assert!(
+            handle.poll_request().is_pending(),
+            "{code:?} must not be retried"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn pushback_is_waited_exactly_and_resets_the_backoff() {
+    let (mut service, mut handle) = setup(layer(no_jitter().with_max_attempts(4)));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(GET, b"x"),
+        vec![
+            trailers_only(Code::Unavailable),
+            with_pushback(Code::Unavailable, &["750"]),
+            trailers_only(Code::Unavailable),
+            committed(Code::Ok),
+        ],
+    )
+    .await;
+    assert_eq!(code_of(result), Code::Ok);
+    assert_eq!(seen[1].at - seen[0].at, Duration::from_millis(100));
+    assert_eq!(
+        seen[2].at - seen[1].at,
+        Duration::from_millis(750),
+        "pushback, exactly"
+    );
+    assert_eq!(
+        seen[3].at - seen[2].at,
+        Duration::from_millis(100),
+        "backoff starts over"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_pushback_stops_retrying_and_keeps_the_servers_code() {
+    for values in [&["-1"][..], &["soon"], &["10", "20"]] {
+        let (mut service, mut handle) = setup(layer(no_jitter()));
+        let (result, seen) = run(
+            &mut service,
+            &mut handle,
+            request(GET, b"x"),
+            vec![with_pushback(Code::ResourceExhausted, values)],
+        )
+        .await;
+        assert_eq!(seen.len(), 1, "{values:?}");
+        assert_eq!(code_of(result), Code::ResourceExhausted, "{values:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_pushback_never_sleeps_past_the_deadline() {
+    let (mut service, mut handle) = setup(layer(no_jitter()));
+    let mut req = request(GET, b"x");
+    req.headers_mut()
+        .insert("grpc-timeout", "2S".parse().unwrap());
+    let start = Instant::now();
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![with_pushback(Code::Unavailable, &["99999999999"])],
+    )
+    .await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(code_of(result), Code::Unavailable);
+    assert_eq!(start.elapsed(), Duration::ZERO, "returned at once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_covers_all_attempts() {
+    let (mut service, mut handle) = setup(layer(no_jitter().with_max_attempts(5)));
+    let mut req = request(GET, b"x");
+    req.headers_mut()
+        .insert("grpc-timeout", "250m".parse().unwrap());
+    let start = Instant::now();
+    // Attempt 1 at 0 ms, attempt 2 at 100 ms; the next would be at 300 ms,
+    // past the 250 ms deadline.
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![
+            trailers_only(Code::Unavailable),
+            trailers_only(Code::Unavailable),
+        ],
+    )
+    .await;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(code_of(result), Code::Unavailable);
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    let sent = timeout_header::decode(seen[1].headers["grpc-timeout"].as_bytes()).unwrap();
+    assert_eq!(
+        sent,
+        Duration::from_millis(150),
+        "the time left, not the original 250 ms"
+    );
+    advance(Duration::from_secs(1)).await;
+    assert!(handle.poll_request().is_pending());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_call_during_backoff_stops_everything() {
+    let (mut service, mut handle) = setup(layer(no_jitter()));
+    assert!(service.poll_ready().is_ready());
+    let mut fut = tokio_test::task::spawn(service.call(request(GET, b"x")));
+    assert!(fut.poll().is_pending());
+    let (_, send) = next(&mut handle).await;
+    send.send_response(trailers_only(Code::Unavailable));
+    assert!(fut.poll().is_pending(), "now in backoff");
+    drop(fut);
+    advance(Duration::from_secs(10)).await;
+    assert!(
+        handle.poll_request().is_pending(),
+        "no attempt after the caller left"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_are_retried_only_when_never_processed() {
+    let (mut service, mut handle) = setup(layer(no_jitter().non_idempotent()));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(CREATE, b"w"),
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (1, Code::Unavailable));
+
+    // A refused stream never reached the handler: retried even for a write.
+    assert!(service.poll_ready().is_ready());
+    let fut = tokio::spawn(service.call(request(CREATE, b"w")));
+    let (_, send) = next(&mut handle).await;
+    send.send_error(h2::Error::from(h2::Reason::REFUSED_STREAM));
+    let (second, send) = next(&mut handle).await;
+    assert_eq!(second.body, Bytes::from_static(b"w"));
+    send.send_response(committed(Code::Ok));
+    assert_eq!(code_of(fut.await.unwrap()), Code::Ok);
+
+    // A reset after the server may have started: not retried.
+    assert!(service.poll_ready().is_ready());
+    let fut = tokio::spawn(service.call(request(CREATE, b"w")));
+    let (_, send) = next(&mut handle).await;
+    send.send_error(std::io::Error::other("connection reset"));
+    let err = fut.await.unwrap().unwrap_err();
+    let status = tonic::Status::from_error(err);
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "transport errors surface as UNAVAILABLE"
+    );
+    assert!(status.message().contains("connection reset"), "{status:?}");
+    advance(Duration::from_secs(5)).await;
+    assert!(handle.poll_request().is_pending());
+}
+
+#[tokio::test(start_paused = true)]
+async fn idempotency_keys_make_writes_retryable_with_one_key() {
+    let (mut service, mut handle) =
+        setup(layer(no_jitter().non_idempotent().with_idempotency_keys()));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(CREATE, b"w"),
+        vec![
+            trailers_only(Code::Unavailable),
+            trailers_only(Code::Unavailable),
+            committed(Code::Ok),
+        ],
+    )
+    .await;
+    assert_eq!(code_of(result), Code::Ok);
+    let keys: Vec<_> = seen
+        .iter()
+        .map(|s| s.headers[IDEMPOTENCY_KEY].clone())
+        .collect();
+    assert_eq!(keys[0].len(), 32);
+    assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    // A new logical call gets a new key.
+    let (_, again) = run(
+        &mut service,
+        &mut handle,
+        request(CREATE, b"w"),
+        vec![committed(Code::Ok)],
+    )
+    .await;
+    assert_ne!(again[0].headers[IDEMPOTENCY_KEY], keys[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn local_rejections_are_not_retried() {
+    let (mut service, mut handle) = setup(layer(no_jitter()));
+    assert!(service.poll_ready().is_ready());
+    let fut = tokio::spawn(service.call(request(GET, b"x")));
+    let (_, send) = next(&mut handle).await;
+    send.send_error(grpc_resilience_core::error::LocalRejection::new(
+        tonic::Status::unavailable("breaker open"),
+    ));
+    assert_eq!(code_of(fut.await.unwrap()), Code::Unavailable);
+    advance(Duration::from_secs(5)).await;
+    assert!(handle.poll_request().is_pending());
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodies_over_the_cap_are_sent_whole_and_not_retried() {
+    let layer = layer(no_jitter()).with_buffer_limits(4, 1024).unwrap();
+    let (mut service, mut handle) = setup(layer.clone());
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(GET, b"0123456789"),
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!(seen[0].body, Bytes::from_static(b"0123456789"));
+    assert_eq!(code_of(result), Code::Unavailable);
+    advance(Duration::from_secs(5)).await;
+    assert!(handle.poll_request().is_pending());
+    assert_eq!(layer.buffered_bytes(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn methods_without_a_policy_pass_straight_through() {
+    let policies = RetryPolicies::new(no_jitter())
+        .unwrap()
+        .without_retry("GetProduct")
+        .unwrap();
+    let layer = RetryLayer::new(policies);
+    let (mut service, mut handle) = setup(layer.clone());
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(GET, b"abc"),
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (1, Code::Unavailable));
+    assert_eq!(layer.buffered_bytes(), 0);
+    advance(Duration::from_secs(5)).await;
+    assert!(handle.poll_request().is_pending());
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_stops_retries_when_tokens_run_low() {
+    let throttle = RetryThrottle::new(4.0, 0.5).unwrap();
+    let layer = layer(no_jitter().with_max_attempts(2)).with_throttle(throttle);
+    let (mut service, mut handle) = setup(layer.clone());
+    // Call 1: two failures (4 -> 3 -> 2 tokens); the retry was allowed (3 > 2).
+    let (_, seen) = run(
+        &mut service,
+        &mut handle,
+        request(GET, b"x"),
+        vec![
+            trailers_only(Code::Unavailable),
+            trailers_only(Code::Unavailable),
+        ],
+    )
+    .await;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(layer.throttle().unwrap().tokens(), 2.0);
+    // Call 2: 2 -> 1 token, not above half: no retry.
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(GET, b"x"),
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (1, Code::Unavailable));
+    advance(Duration::from_secs(5)).await;
+    assert!(handle.poll_request().is_pending());
+    // Successes refill the bucket.
+    for _ in 0..4 {
+        let (result, _) = run(
+            &mut service,
+            &mut handle,
+            request(GET, b"x"),
+            vec![committed(Code::Ok)],
+        )
+        .await;
+        assert_eq!(code_of(result), Code::Ok);
+    }
+    assert_eq!(layer.throttle().unwrap().tokens(), 3.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_can_override_its_policy() {
+    let (mut service, mut handle) = setup(layer(no_jitter()));
+    let mut req = request(GET, b"x");
+    req.extensions_mut().insert(RetryOverride::disabled());
+    let (_, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!(seen.len(), 1);
+
+    let mut req = request(GET, b"x");
+    req.extensions_mut().insert(
+        RetryOverride::new()
+            .with_max_attempts(5)
+            .with_initial_delay(Duration::from_millis(200)),
+    );
+    let answers = (0..4)
+        .map(|_| trailers_only(Code::Unavailable))
+        .chain([committed(Code::Ok)])
+        .collect();
+    let (result, seen) = run(&mut service, &mut handle, req, answers).await;
+    assert_eq!((seen.len(), code_of(result)), (5, Code::Ok));
+    assert_eq!(seen[1].at - seen[0].at, Duration::from_millis(200));
+
+    let mut req = request(GET, b"x");
+    req.extensions_mut()
+        .insert(RetryOverride::new().with_max_attempts(0));
+    assert!(service.poll_ready().is_ready());
+    let status = tonic::Status::from_error(service.call(req).await.unwrap_err());
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("max_attempts"), "{status:?}");
+}
