@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience_benches::{Bare, RequestFactory, call_once, drive, runtime};
+use grpc_retry::{RetryLayer, RetryPolicies, RetryPolicy};
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::{Service, ServiceBuilder};
 
@@ -55,6 +56,34 @@ where
     });
     let total = allocation_counter::measure(|| {
         drive(&rt, &mut service, &requests, CALLS);
+    });
+    (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
+}
+
+/// Allocations per call for tonic-shaped requests with a 1 KiB body,
+/// beyond building the request.
+fn per_grpc_call<S, B>(mut service: S, payload: &bytes::Bytes) -> f64
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let rt = runtime();
+    let requests = RequestFactory::default();
+    grpc_resilience_benches::drive_with(&rt, &mut service, || requests.grpc_request(payload), 100);
+    let baseline = allocation_counter::measure(|| {
+        for _ in 0..CALLS {
+            std::hint::black_box(requests.grpc_request(payload));
+        }
+    });
+    let total = allocation_counter::measure(|| {
+        grpc_resilience_benches::drive_with(
+            &rt,
+            &mut service,
+            || requests.grpc_request(payload),
+            CALLS,
+        );
     });
     (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
 }
@@ -116,11 +145,62 @@ fn main() {
         ),
     ];
     let bare = rows[0].1;
+    let payload = grpc_resilience_benches::payload_1k();
+    let retry_rows = [
+        (
+            "bare (reads a 1 KiB body)",
+            per_grpc_call(grpc_resilience_benches::Reading::default(), &payload),
+        ),
+        (
+            "grpc_retry::Retry, success",
+            per_grpc_call(
+                ServiceBuilder::new()
+                    .layer(RetryLayer::new(
+                        RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
+                    ))
+                    .service(grpc_resilience_benches::Reading::default()),
+                &payload,
+            ),
+        ),
+        (
+            "grpc_retry::Retry, method without policy",
+            per_grpc_call(
+                ServiceBuilder::new()
+                    .layer(RetryLayer::new(RetryPolicies::none()))
+                    .service(grpc_resilience_benches::Reading::default()),
+                &payload,
+            ),
+        ),
+        (
+            "Timeout > Retry > CircuitBreaker",
+            per_grpc_call(
+                ServiceBuilder::new()
+                    .layer(TimeoutLayer::new(
+                        TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
+                    ))
+                    .layer(RetryLayer::new(
+                        RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
+                    ))
+                    .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                    .service(grpc_resilience_benches::Reading::default()),
+                &payload,
+            ),
+        ),
+    ];
     println!(
         "{:<36} {:>18} {:>12}",
         "service", "allocations/call", "vs bare"
     );
     for (name, allocs) in rows {
         println!("{name:<36} {allocs:>18.2} {:>+12.2}", allocs - bare);
+    }
+    println!();
+    let bare = retry_rows[0].1;
+    println!(
+        "{:<44} {:>18} {:>12}",
+        "service (1 KiB request body)", "allocations/call", "vs bare"
+    );
+    for (name, allocs) in retry_rows {
+        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
     }
 }

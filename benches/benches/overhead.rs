@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
-use grpc_resilience_benches::{Bare, RequestFactory, call_once, drive, drive_parallel, runtime};
+use grpc_resilience_benches::{
+    Bare, Reading, RequestFactory, call_once, drive, drive_parallel, drive_with, paused_runtime,
+    payload_1k, runtime,
+};
+use grpc_retry::{Jitter, RetryLayer, RetryPolicies, RetryPolicy};
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::ServiceBuilder;
 
@@ -86,11 +90,113 @@ fn breaker(c: &mut Criterion) {
     group.finish();
 }
 
+/// tower's retry needs a cloneable request: this policy clones it (head
+/// and body) for every call, as a tower user must, and never retries a
+/// success.
+#[derive(Clone, Copy)]
+struct CloneEveryCall;
+
+type FullRequest = http::Request<http_body_util::Full<bytes::Bytes>>;
+
+impl<Res, E> tower::retry::Policy<FullRequest, Res, E> for CloneEveryCall {
+    type Future = std::future::Ready<()>;
+
+    fn retry(&mut self, _: &mut FullRequest, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        result.is_err().then(|| std::future::ready(()))
+    }
+
+    fn clone_request(&mut self, req: &FullRequest) -> Option<FullRequest> {
+        let mut clone = http::Request::new(req.body().clone());
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.headers_mut() = req.headers().clone();
+        Some(clone)
+    }
+}
+
+fn seed_retry() -> RetryLayer {
+    let policy = RetryPolicy::default()
+        .with_initial_delay(Duration::from_millis(1))
+        .with_max_delay(Duration::from_millis(1))
+        .with_jitter(Jitter::None);
+    RetryLayer::new(RetryPolicies::new(policy).expect("a valid policy"))
+}
+
+fn retry(c: &mut Criterion) {
+    let rt = runtime();
+    let requests = RequestFactory::default();
+    let payload = payload_1k();
+    let full = || {
+        let (parts, _) = requests.request().into_parts();
+        http::Request::from_parts(parts, http_body_util::Full::new(payload.clone()))
+    };
+    let mut group = c.benchmark_group("retry");
+
+    // Every row: a 1 KiB body that the service reads to its end.
+    let mut bare = Reading::default();
+    group.bench_function("bare", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut bare, || requests.grpc_request(&payload), n))
+    });
+    let mut theirs = tower::retry::Retry::new(CloneEveryCall, Reading::default());
+    group.bench_function("tower::retry::Retry (cloned request)", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut theirs, full, n))
+    });
+    let mut ours = ServiceBuilder::new()
+        .layer(seed_retry())
+        .service(Reading::default());
+    group.bench_function("grpc_retry::Retry (success)", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut ours, || requests.grpc_request(&payload), n))
+    });
+    // The replay cost: every call fails once and is retried, on a paused
+    // clock so the 1 ms backoff costs its bookkeeping, not its wait.
+    let paused = paused_runtime();
+    let mut retried = ServiceBuilder::new()
+        .layer(seed_retry())
+        .service(Reading { fail_first: true });
+    group.bench_function("grpc_retry::Retry (retried once)", |b| {
+        b.iter_custom(|n| drive_with(&paused, &mut retried, || requests.grpc_request(&payload), n))
+    });
+    group.finish();
+}
+
+fn stack(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let requests = RequestFactory::default();
+    let payload = payload_1k();
+    let mut group = c.benchmark_group("stack");
+
+    let mut bare = Bare;
+    group.bench_function("bare", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut bare, || requests.grpc_request(&payload), n))
+    });
+    let mut theirs = ServiceBuilder::new()
+        .layer(
+            tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+                .build()
+                .expect("a breaker"),
+        )
+        .service(Bare);
+    group.bench_function("tower-resilience breaker alone", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut theirs, || requests.grpc_request(&payload), n))
+    });
+    let timeouts = TimeoutPolicy::new(Duration::from_secs(5)).expect("a valid policy");
+    let mut ours = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(timeouts))
+        .layer(seed_retry())
+        .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+        .service(Bare);
+    group.bench_function("Timeout > Retry > CircuitBreaker", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut ours, || requests.grpc_request(&payload), n))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = timeout, breaker
+    targets = timeout, breaker, retry, stack
 }
 criterion_main!(benches);

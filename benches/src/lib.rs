@@ -45,6 +45,67 @@ impl RequestFactory {
     }
 }
 
+/// A 1 KiB gRPC request body: a 5-byte message prefix and a payload.
+pub fn payload_1k() -> Bytes {
+    let mut body = vec![0u8; 1024];
+    body[1..5].copy_from_slice(&(1019u32).to_be_bytes());
+    Bytes::from(body)
+}
+
+impl RequestFactory {
+    /// A request as a tonic stub sends it through a `Channel`: a
+    /// `tonic::body::Body` holding `payload` (a clone of shared `Bytes`).
+    pub fn grpc_request(&self, payload: &Bytes) -> Request<tonic::body::Body> {
+        let (parts, _) = self.request().into_parts();
+        Request::from_parts(
+            parts,
+            tonic::body::Body::new(http_body_util::Full::new(payload.clone())),
+        )
+    }
+}
+
+/// A service that reads the whole request body, as a transport would, and
+/// then answers like [`Bare`]. Attempts that carry
+/// `grpc-previous-rpc-attempts` succeed; with `fail_first` the first
+/// attempt of each call fails with a Trailers-Only `UNAVAILABLE`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reading {
+    /// Fail each call's first attempt.
+    pub fail_first: bool,
+}
+
+impl<B> Service<Request<B>> for Reading
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: std::fmt::Debug,
+{
+    type Response = Response<OkBody>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let fail = self.fail_first && !request.headers().contains_key("grpc-previous-rpc-attempts");
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let _ = request.into_body().collect().await.expect("a request body");
+            if fail {
+                let mut response = Response::new(OkBody { sent: true });
+                response
+                    .headers_mut()
+                    .insert("grpc-status", HeaderValue::from_static("14"));
+                return Ok(response);
+            }
+            Ok(Response::new(OkBody { sent: false }))
+        })
+    }
+}
+
 /// A service that answers every request at once with a successful gRPC
 /// response: headers, then trailers holding `grpc-status: 0` (the floor
 /// every benchmark compares against).
@@ -136,12 +197,30 @@ where
     B: Body,
     B::Error: std::fmt::Debug,
 {
+    drive_with(rt, service, || requests.request(), iters)
+}
+
+/// Like [`drive`], with requests from `make`.
+// Wall-clock time, also under a paused tokio clock.
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
+pub fn drive_with<S, R, B>(
+    rt: &tokio::runtime::Runtime,
+    service: &mut S,
+    mut make: impl FnMut() -> Request<R>,
+    iters: u64,
+) -> std::time::Duration
+where
+    S: Service<Request<R>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
     use http_body_util::BodyExt;
     rt.block_on(async {
-        let start = tokio::time::Instant::now();
+        let start = std::time::Instant::now();
         for _ in 0..iters {
             let ready = service.ready().await.expect("ready");
-            let response = ready.call(requests.request()).await.expect("a response");
+            let response = ready.call(make()).await.expect("a response");
             let mut body = pin!(response.into_body());
             while let Some(frame) = body.frame().await {
                 frame.expect("a frame");
@@ -185,6 +264,16 @@ where
             .sum()
     });
     total / threads as u32
+}
+
+/// A current-thread runtime whose clock is paused: timers fire as soon as
+/// the runtime is idle, so a backoff costs its bookkeeping, not its wait.
+pub fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime")
 }
 
 /// A current-thread runtime with timers.

@@ -47,7 +47,7 @@ impl<'a> MethodId<'a> {
         if slash == 1 {
             return invalid(PathProblem::EmptyService);
         }
-        if bytes[1..slash].contains(&b'/') {
+        if has_slash(&bytes[1..slash]) {
             return invalid(PathProblem::TooManySegments);
         }
         Ok(MethodId { path, slash })
@@ -88,6 +88,25 @@ impl<'a> MethodId<'a> {
     pub fn path(&self) -> &'a str {
         self.path
     }
+}
+
+/// Whether `bytes` holds a `/`, tested eight bytes at a time.
+#[inline]
+fn has_slash(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const SLASHES: u64 = ONES * b'/' as u64;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(word);
+        // A byte equal to '/' becomes zero; the classic zero-byte test.
+        let x = u64::from_ne_bytes(eight) ^ SLASHES;
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            return true;
+        }
+    }
+    words.remainder().contains(&b'/')
 }
 
 impl fmt::Debug for MethodId<'_> {
@@ -190,6 +209,11 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn has_slash_agrees_with_contains(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            prop_assert_eq!(has_slash(&bytes), bytes.contains(&b'/'));
+        }
+
         #[test]
         fn round_trips(service in "[a-zA-Z0-9_.]{1,20}", method in "[a-zA-Z0-9_]{1,20}") {
             let path = format!("/{service}/{method}");

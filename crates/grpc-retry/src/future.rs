@@ -68,8 +68,6 @@ impl<S, B> Ctx<S, B> {
 
     /// The delay before the next attempt, or `None` to return `result`.
     fn next_delay<R>(&mut self, result: &Result<Response<R>, BoxError>) -> Option<Duration> {
-        let now = Instant::now();
-        self.first_ended.get_or_insert(now);
         let throttle = self.shared.throttle.as_ref();
         let (code, pushback, never_processed) = match ended(result) {
             Ended::Committed | Ended::Rejected => {
@@ -84,6 +82,8 @@ impl<S, B> Ctx<S, B> {
                 never_processed,
             } => (code, pushback, never_processed),
         };
+        let now = Instant::now();
+        self.first_ended.get_or_insert(now);
         let retryable = self.policy.retryable_codes.contains(code);
         if let Some(t) = throttle {
             if retryable {
@@ -189,8 +189,18 @@ impl<S, B> Ctx<S, B> {
     }
 
     fn span(&self) -> tracing::Span {
-        let (service, method) = self.labels();
-        tracing::debug_span!("grpc_attempt", attempt = self.attempts, service, method)
+        let span = tracing::debug_span!(
+            "grpc_attempt",
+            attempt = self.attempts,
+            service = tracing::field::Empty,
+            method = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            let (service, method) = self.labels();
+            span.record("service", service);
+            span.record("method", method);
+        }
+        span
     }
 
     fn finish(&self) {

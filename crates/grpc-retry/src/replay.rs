@@ -63,9 +63,46 @@ impl Limits {
     }
 }
 
+/// Recorded data frames; the first is kept inline, as a unary call's
+/// body is one frame.
+#[derive(Default)]
+struct Chunks {
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
+}
+
+impl Chunks {
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn get(&self, i: usize) -> Option<&Bytes> {
+        match i {
+            0 => self.first.as_ref(),
+            _ => self.more.get(i - 1),
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        if self.first.is_none() {
+            self.first = Some(chunk);
+        } else {
+            self.more.push(chunk);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.first.iter().chain(self.more.iter())
+    }
+}
+
 struct State<B> {
     // Data frames as the original body yielded them (zero-copy `Bytes`).
-    chunks: Vec<Bytes>,
+    chunks: Chunks,
     buffered: usize,
     trailers: Option<HeaderMap>,
     // The original body, when no attempt is reading from it.
@@ -144,7 +181,7 @@ impl<B> ReplayBody<B> {
     pub(crate) fn first(original: B, limits: Arc<Limits>) -> (Self, Arc<Recording<B>>) {
         let shared = Arc::new(Recording {
             state: Mutex::new(State {
-                chunks: Vec::new(),
+                chunks: Chunks::default(),
                 buffered: 0,
                 trailers: None,
                 rest: None,
@@ -202,10 +239,13 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         loop {
-            {
+            // The attempt that holds the original has sent everything
+            // recorded (it recorded it): read on without a lock.
+            if this.held.is_none() {
                 let mut state = this.shared.lock();
-                if !state.capped && this.pos < state.chunks.len() {
-                    let chunk = state.chunks[this.pos].clone();
+                if !state.capped
+                    && let Some(chunk) = state.chunks.get(this.pos).cloned()
+                {
                     this.pos += 1;
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
@@ -238,13 +278,15 @@ where
             match frame {
                 None => {
                     state.done = true;
+                    drop(state);
+                    this.held = None;
                     return Poll::Ready(None);
                 }
                 Some(Err(err)) => {
                     // A broken body cannot be replayed.
                     state.capped = true;
                     limits.release(std::mem::take(&mut state.buffered));
-                    state.chunks = Vec::new();
+                    state.chunks = Chunks::default();
                     return Poll::Ready(Some(Err(err.into())));
                 }
                 Some(Ok(frame)) => match frame.into_data() {
@@ -260,7 +302,7 @@ where
                                 // the call will not be retried.
                                 state.capped = true;
                                 limits.release(std::mem::take(&mut state.buffered));
-                                state.chunks = Vec::new();
+                                state.chunks = Chunks::default();
                             }
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -272,6 +314,8 @@ where
                                 state.trailers = Some(trailers.clone());
                             }
                             this.trailers_sent = true;
+                            drop(state);
+                            this.held = None;
                             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                         }
                         // A frame kind this layer does not know: skip it.
