@@ -68,6 +68,11 @@ impl InMemoryCatalog {
         catalog
     }
 
+    /// Adds a product (for a test or a benchmark).
+    pub fn insert(&self, product: Product) {
+        self.products().push(product);
+    }
+
     fn products(&self) -> std::sync::MutexGuard<'_, Vec<Product>> {
         self.state
             .products

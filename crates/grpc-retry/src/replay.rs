@@ -327,6 +327,12 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
+        // The attempt reading the original has sent all it recorded: the
+        // original knows whether more comes (so the last data frame can
+        // carry END_STREAM).
+        if let Some(original) = &self.held {
+            return original.is_end_stream();
+        }
         let state = self.shared.lock();
         let replayed = state.capped || self.pos >= state.chunks.len();
         let trailers_left = state.trailers.is_some() && !self.trailers_sent;
@@ -334,15 +340,15 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(original) = &self.held {
+            return original.size_hint();
+        }
         let state = self.shared.lock();
         if state.done && !state.capped {
             let left: usize = state.chunks.iter().skip(self.pos).map(Bytes::len).sum();
             return SizeHint::with_exact(left as u64);
         }
-        match &self.held {
-            Some(original) if self.pos == 0 && state.chunks.is_empty() => original.size_hint(),
-            _ => SizeHint::default(),
-        }
+        SizeHint::default()
     }
 }
 
