@@ -91,10 +91,6 @@ impl Chunks {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.first.is_none()
-    }
-
     fn iter(&self) -> impl Iterator<Item = &Bytes> {
         self.first.iter().chain(self.more.iter())
     }
