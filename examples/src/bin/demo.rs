@@ -33,7 +33,6 @@ type Stack = Timeout<Retry<CircuitBreaker<Channel>>>;
 struct Demo {
     faults: FaultInjector,
     catalog: InMemoryCatalog,
-    registry: BreakerRegistry,
     queries: QueryServiceClient<Stack>,
     commands: CommandServiceClient<Stack>,
     failures: usize,
@@ -155,7 +154,6 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut demo = Demo {
         faults: faults.clone(),
         catalog: catalog.clone(),
-        registry: registry.clone(),
         queries: QueryServiceClient::new(channel.clone()),
         commands: CommandServiceClient::new(channel),
         failures: 0,
