@@ -336,3 +336,34 @@ async fn an_open_breaker_below_is_not_retried() {
         "the third attempt was rejected, not sent"
     );
 }
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_even_for_a_write_and_reads_unavailable() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    // A port with nothing listening: every attempt's connection is refused.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    // Count the attempts that reach the channel.
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let policies = RetryPolicies::none()
+        .with_operation("CreateProduct", fast().non_idempotent())
+        .unwrap();
+    let channel = ServiceBuilder::new()
+        .layer(RetryLayer::new(policies))
+        .map_request(move |r: http::Request<tonic::body::Body>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            r
+        })
+        .service(channel);
+    let mut client = CommandServiceClient::new(channel);
+    let status = client.create_product(create("lamp")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(attempts.load(Ordering::SeqCst), 3, "never sent, so retried although a write");
+}
