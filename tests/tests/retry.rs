@@ -365,5 +365,9 @@ async fn a_refused_connection_is_retried_even_for_a_write_and_reads_unavailable(
     let mut client = CommandServiceClient::new(channel);
     let status = client.create_product(create("lamp")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert_eq!(attempts.load(Ordering::SeqCst), 3, "never sent, so retried although a write");
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        3,
+        "never sent, so retried although a write"
+    );
 }
