@@ -371,3 +371,39 @@ async fn a_refused_connection_is_retried_even_for_a_write_and_reads_unavailable(
         "never sent, so retried although a write"
     );
 }
+
+#[tokio::test]
+async fn a_per_attempt_timeout_below_the_retry_layer_lets_the_next_attempt_run() {
+    let server = TestServer::start().await;
+    // The first attempt hangs; the second answers at once.
+    server
+        .faults
+        .script(
+            "GetProduct",
+            [Fault::pass().with_delay(Duration::from_secs(30))],
+        )
+        .unwrap();
+    let per_attempt = TimeoutPolicy::new(Duration::from_millis(200)).unwrap();
+    let channel = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(
+            TimeoutPolicy::new(Duration::from_secs(5)).unwrap(),
+        ))
+        .layer(RetryLayer::new(RetryPolicies::new(fast()).unwrap()))
+        .layer(TimeoutLayer::new(per_attempt).per_attempt())
+        .service(server.channel());
+    let mut client = QueryServiceClient::new(channel);
+    let start = tokio::time::Instant::now();
+    let product = client.get_product(get()).await.unwrap().into_inner();
+    assert_eq!(product.id, "p1");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    let calls = server.faults.calls_to("GetProduct").unwrap();
+    assert_eq!(calls.len(), 2);
+    assert!(
+        calls[0].cancelled,
+        "the hung attempt was cancelled at its 200 ms"
+    );
+}
