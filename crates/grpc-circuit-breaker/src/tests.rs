@@ -223,6 +223,48 @@ async fn recovery_half_open_then_closed() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn failures_older_than_reset_timeout_are_forgotten_on_the_tokio_clock() {
+    let registry = registry();
+    let (mut service, mut handle) = setup(&registry);
+    for _ in 0..2 {
+        call(
+            &mut service,
+            &mut handle,
+            GET,
+            trailers_only(Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    }
+    // The default reset_timeout is 60 s; 61 s later the two are forgotten.
+    advance(Duration::from_secs(61)).await;
+    for _ in 0..2 {
+        call(
+            &mut service,
+            &mut handle,
+            GET,
+            trailers_only(Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        registry.state("query"),
+        Some(State::Closed),
+        "2 recent failures, threshold 3"
+    );
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    assert_eq!(registry.state("query"), Some(State::Open));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_dropped_probe_returns_its_slot() {
     let registry = registry();
     let (mut service, mut handle) = setup(&registry);
