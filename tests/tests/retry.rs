@@ -293,16 +293,24 @@ async fn the_call_deadline_covers_every_attempt() {
         Code::Unavailable,
         "the server's last answer: {status:?}"
     );
-    // Attempts at 0, 300 and 600 ms; the next would start past 800 ms.
+    // Attempts at 0, 300 and 600 ms; the next would start past 800 ms. (A
+    // slow machine may delay attempt 2 so much that attempt 3 no longer
+    // fits: then there are two.)
     let calls = server.faults.calls_to("GetProduct").unwrap();
-    assert_eq!(calls.len(), 3);
+    assert!((2..=3).contains(&calls.len()), "{} attempts", calls.len());
     let timeouts: Vec<Duration> = calls
         .iter()
         .map(|c| timeout_header::decode(c.headers["grpc-timeout"].as_bytes()).unwrap())
         .collect();
-    assert!(timeouts[0] <= Duration::from_millis(800));
-    assert!(timeouts[1] <= Duration::from_millis(500), "{timeouts:?}");
-    assert!(timeouts[2] <= Duration::from_millis(200), "{timeouts:?}");
+    for (i, t) in timeouts.iter().enumerate() {
+        // Each attempt gets what is left after the pushbacks before it.
+        let most = Duration::from_millis(800 - 300 * i as u64);
+        assert!(
+            *t <= most,
+            "attempt {}: {t:?} > {most:?} ({timeouts:?})",
+            i + 1
+        );
+    }
 }
 
 #[tokio::test]

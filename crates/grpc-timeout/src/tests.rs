@@ -319,3 +319,20 @@ async fn expiry_is_counted_with_labels() {
     assert!(labels.contains(&("scope".into(), "call".into())));
     assert_eq!(value, &DebugValue::Counter(1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_largest_grpc_timeout_is_handled_without_panic() {
+    // 99,999,999 hours: the largest value the header can carry.
+    let (mut service, mut handle) = setup(TimeoutLayer::new(TimeoutPolicy::empty()));
+    let (req, fut, send) =
+        forwarded(&mut service, &mut handle, request(GET, Some("99999999H"))).await;
+    assert_eq!(req.headers()[GRPC_TIMEOUT], "99999999H");
+    let mut fut = tokio_test::task::spawn(fut);
+    advance(Duration::from_secs(365 * 24 * 3600)).await;
+    assert!(
+        fut.poll().is_pending(),
+        "a year later the call is still allowed to run"
+    );
+    send.send_response(streaming_response().1);
+    assert!(fut.await.is_ok());
+}
