@@ -12,7 +12,13 @@
 //!   the gRPC HTTP/2 protocol.
 //! * [`error`]: the rejection convention. A layer fails a call from the
 //!   call's future with an error whose source chain holds a
-//!   [`tonic::Status`], so a generated stub's caller sees the right code.
+//!   [`tonic::Status`], so a generated stub's caller sees the right code;
+//!   [`error::LocalRejection`] marks calls a layer refused to send (not to
+//!   be retried), [`error::TransportError`] gives transport failures the
+//!   `UNAVAILABLE` status gRPC prescribes.
+//! * [`CodeSet`]: sets of status codes (retryable, failure), parsed from
+//!   names such as `UNAVAILABLE` with typed errors.
+//! * [`headers`]: header lookups tuned for the small maps gRPC calls carry.
 //!
 //! Time, wherever a layer needs it, is `tokio::time::Instant`, so tests run
 //! on paused time.
