@@ -85,6 +85,16 @@ async fn call(
     Ok(())
 }
 
+/// Three Trailers-Only UNAVAILABLE answers: opens a breaker with the test
+/// registry's threshold of 3.
+async fn trip(service: &mut Svc, handle: &mut Handle) {
+    for _ in 0..3 {
+        call(service, handle, GET, trailers_only(Code::Unavailable))
+            .await
+            .unwrap();
+    }
+}
+
 async fn rejected(service: &mut Svc, handle: &mut Handle, path: &str) -> BreakerOpen {
     assert!(
         service.poll_ready().is_ready(),
@@ -102,16 +112,7 @@ async fn rejected(service: &mut Svc, handle: &mut Handle, path: &str) -> Breaker
 async fn trailers_only_failures_open_the_breaker() {
     let registry = registry();
     let (mut service, mut handle) = setup(&registry);
-    for _ in 0..3 {
-        call(
-            &mut service,
-            &mut handle,
-            GET,
-            trailers_only(Code::Unavailable),
-        )
-        .await
-        .unwrap();
-    }
+    trip(&mut service, &mut handle).await;
     assert_eq!(registry.state("query"), Some(State::Open));
     let open = rejected(&mut service, &mut handle, GET).await;
     assert_eq!(open.breaker(), "query");
@@ -177,16 +178,7 @@ async fn transport_errors_count() {
 async fn services_have_independent_breakers() {
     let registry = registry();
     let (mut service, mut handle) = setup(&registry);
-    for _ in 0..3 {
-        call(
-            &mut service,
-            &mut handle,
-            GET,
-            trailers_only(Code::Unavailable),
-        )
-        .await
-        .unwrap();
-    }
+    trip(&mut service, &mut handle).await;
     call(&mut service, &mut handle, CREATE, trailers_only(Code::Ok))
         .await
         .unwrap();
@@ -199,16 +191,7 @@ async fn services_have_independent_breakers() {
 async fn recovery_half_open_then_closed() {
     let registry = registry();
     let (mut service, mut handle) = setup(&registry);
-    for _ in 0..3 {
-        call(
-            &mut service,
-            &mut handle,
-            GET,
-            trailers_only(Code::Unavailable),
-        )
-        .await
-        .unwrap();
-    }
+    trip(&mut service, &mut handle).await;
     advance(Duration::from_secs(9)).await;
     rejected(&mut service, &mut handle, GET).await;
     advance(Duration::from_secs(1)).await;
@@ -268,16 +251,7 @@ async fn failures_older_than_reset_timeout_are_forgotten_on_the_tokio_clock() {
 async fn a_dropped_probe_returns_its_slot() {
     let registry = registry();
     let (mut service, mut handle) = setup(&registry);
-    for _ in 0..3 {
-        call(
-            &mut service,
-            &mut handle,
-            GET,
-            trailers_only(Code::Unavailable),
-        )
-        .await
-        .unwrap();
-    }
+    trip(&mut service, &mut handle).await;
     advance(Duration::from_secs(10)).await;
     // Two probes: one dropped before its response, one whose body is dropped.
     assert!(service.poll_ready().is_ready());
@@ -443,16 +417,7 @@ async fn the_state_gauge_zeroes_the_old_state() {
     let _guard = metrics::set_default_local_recorder(&recorder);
     let registry = registry();
     let (mut service, mut handle) = setup(&registry);
-    for _ in 0..3 {
-        call(
-            &mut service,
-            &mut handle,
-            GET,
-            trailers_only(Code::Unavailable),
-        )
-        .await
-        .unwrap();
-    }
+    trip(&mut service, &mut handle).await;
     rejected(&mut service, &mut handle, GET).await;
 
     let mut gauges = std::collections::BTreeMap::new();
