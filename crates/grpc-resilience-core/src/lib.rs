@@ -58,5 +58,5 @@ pub mod timeout_header;
 pub use codes::CodeSet;
 pub use error::BoxError;
 pub use method::{InvalidMethodPath, MethodId};
-pub use outcome::{OnOutcome, Outcome, OutcomeBody, classify_head, classify_trailers, data_len};
+pub use outcome::{OnOutcome, Outcome, OutcomeBody, classify_head, classify_trailers};
 pub use policy::{DuplicateSelector, InvalidSelector, MatchedBy, MethodMap, Selector};

@@ -14,7 +14,6 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Buf;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -225,11 +224,6 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// The number of bytes in a data frame; a helper for bodies that count.
-pub fn data_len<D: Buf>(frame: &Frame<D>) -> usize {
-    frame.data_ref().map_or(0, Buf::remaining)
 }
 
 #[cfg(test)]
