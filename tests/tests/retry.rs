@@ -415,3 +415,37 @@ async fn a_per_attempt_timeout_below_the_retry_layer_lets_the_next_attempt_run()
         "the hung attempt was cancelled at its 200 ms"
     );
 }
+
+#[tokio::test]
+async fn an_early_answer_to_a_client_stream_still_replays_every_message() {
+    let server = TestServer::start().await;
+    // The first attempt is refused at once, while the client is still
+    // streaming; the retry must replay what was sent and read on.
+    server
+        .faults
+        .script("ImportProducts", [Fault::status(Code::Unavailable)])
+        .unwrap();
+    let mut client =
+        CommandServiceClient::new(retrying(&server, RetryPolicies::new(fast()).unwrap()));
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for i in 0..8 {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            if tx.send(product(&format!("slow{i}"), 1024)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx);
+    let response = tokio::time::timeout(Duration::from_secs(10), client.import_products(stream))
+        .await
+        .expect("no hang")
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (response.imported, response.blob_bytes),
+        (8, 8 * 1024),
+        "nothing lost, nothing doubled"
+    );
+    assert_eq!(server.faults.stats("ImportProducts").unwrap().calls, 2);
+}
