@@ -116,7 +116,8 @@ impl Fault {
     /// Runs the handler to the end (its writes happen), then throws its
     /// response away and answers `UNAVAILABLE`, as when a response is lost
     /// on the way back. A client that retries this call runs the handler
-    /// again.
+    /// again. The handler's whole response is read first, so on a
+    /// streaming method the call lasts as long as the stream.
     pub fn lose_response() -> Self {
         Fault::new(Action::LoseResponse)
     }
