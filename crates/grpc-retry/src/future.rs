@@ -34,6 +34,11 @@ pub(crate) struct Head {
 }
 
 impl Head {
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        Self::of(&http::Request::new(()).into_parts().0)
+    }
+
     pub(crate) fn of(parts: &http::request::Parts) -> Self {
         Head {
             method: parts.method.clone(),
@@ -49,7 +54,8 @@ impl Head {
 #[derive(Debug)]
 pub(crate) struct Ctx<S, B> {
     pub(crate) service: S,
-    pub(crate) head: Head,
+    // The request head lives in the recording, shared with the bodies, so
+    // this context (and the future holding it) stays small.
     pub(crate) recording: Arc<Recording<B>>,
     pub(crate) policy: RetryPolicy,
     pub(crate) shared: Arc<Shared>,
@@ -63,7 +69,7 @@ pub(crate) struct Ctx<S, B> {
 
 impl<S, B> Ctx<S, B> {
     fn labels(&self) -> (&str, &str) {
-        MethodId::from_path(self.head.uri.path()).map_or(("", ""), |m| (m.service(), m.method()))
+        MethodId::from_path(self.recording.head().uri.path()).map_or(("", ""), |m| (m.service(), m.method()))
     }
 
     /// The delay before the next attempt, or `None` to return `result`.
@@ -171,11 +177,12 @@ impl<S, B> Ctx<S, B> {
         B: ReplayableBody,
     {
         let mut request = Request::new(B::from_replay(ReplayBody::replay(&self.recording)));
-        *request.method_mut() = self.head.method.clone();
-        *request.uri_mut() = self.head.uri.clone();
-        *request.version_mut() = self.head.version;
-        *request.headers_mut() = self.head.headers.clone();
-        *request.extensions_mut() = self.head.extensions.clone();
+        let head = self.recording.head();
+        *request.method_mut() = head.method.clone();
+        *request.uri_mut() = head.uri.clone();
+        *request.version_mut() = head.version;
+        *request.headers_mut() = head.headers.clone();
+        *request.extensions_mut() = head.extensions.clone();
         let headers = request.headers_mut();
         headers.insert(PREVIOUS_ATTEMPTS, HeaderValue::from(self.attempts));
         if let Some(deadline) = self.deadline {

@@ -279,7 +279,7 @@ where
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
         }
         let head = Head::of(&parts);
-        let (body, recording) = Replay::first(body, self.shared.limits.clone());
+        let (body, recording) = Replay::first(body, self.shared.limits.clone(), head);
         let request = Request::from_parts(parts, B::from_replay(body));
 
         // Call the service that was made ready; keep a clone for retries.
@@ -288,7 +288,6 @@ where
         let fut = service.call(request);
         let ctx = Ctx {
             service,
-            head,
             recording,
             policy,
             shared: self.shared.clone(),

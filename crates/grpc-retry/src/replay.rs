@@ -12,6 +12,8 @@ use grpc_resilience_core::BoxError;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::future::Head;
+
 /// Request body types the retry layer can wrap: it turns a
 /// [`ReplayBody`] of the type back into the type, so the inner service
 /// (a tonic `Channel`) gets the body type it expects.
@@ -111,8 +113,10 @@ struct State<B> {
     waiter: Option<Waker>,
 }
 
-/// What the attempts of one call share.
+/// What the attempts of one call share: the request head and the body as
+/// recorded.
 pub(crate) struct Recording<B> {
+    head: Head,
     state: Mutex<State<B>>,
     limits: Arc<Limits>,
 }
@@ -131,6 +135,11 @@ impl<B> fmt::Debug for Recording<B> {
 impl<B> Recording<B> {
     fn lock(&self) -> MutexGuard<'_, State<B>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The head of the original request.
+    pub(crate) fn head(&self) -> &Head {
+        &self.head
     }
 
     /// Whether another attempt can replay the body byte for byte.
@@ -174,8 +183,9 @@ impl<B> fmt::Debug for ReplayBody<B> {
 
 impl<B> ReplayBody<B> {
     /// The first attempt's body, reading from `original`.
-    pub(crate) fn first(original: B, limits: Arc<Limits>) -> (Self, Arc<Recording<B>>) {
+    pub(crate) fn first(original: B, limits: Arc<Limits>, head: Head) -> (Self, Arc<Recording<B>>) {
         let shared = Arc::new(Recording {
+            head,
             state: Mutex::new(State {
                 chunks: Chunks::default(),
                 buffered: 0,
@@ -394,7 +404,7 @@ mod tests {
             Frame::data(Bytes::from_static(b"world")),
             Frame::trailers(trailers()),
         ];
-        let (mut first, shared) = ReplayBody::first(original(frames), limits.clone());
+        let (mut first, shared) = ReplayBody::first(original(frames), limits.clone(), Head::empty());
         let (data, t) = read_all(&mut first).await;
         assert_eq!(data, b"hello world");
         assert_eq!(t, Some(trailers()));
@@ -419,7 +429,7 @@ mod tests {
         let limits = Arc::new(Limits::new(1024, 4096));
         let (tx, rx) = mpsc::channel(4);
         let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let (mut first, shared) = ReplayBody::first(body, limits);
+        let (mut first, shared) = ReplayBody::first(body, limits, Head::empty());
         tx.send(Ok(Frame::data(Bytes::from_static(b"one,"))))
             .await
             .unwrap();
@@ -454,7 +464,7 @@ mod tests {
             Frame::data(Bytes::from_static(b"12345")),
             Frame::data(Bytes::from_static(b"67890")),
         ];
-        let (mut first, shared) = ReplayBody::first(original(frames), limits.clone());
+        let (mut first, shared) = ReplayBody::first(original(frames), limits.clone(), Head::empty());
         let (data, _) = read_all(&mut first).await;
         assert_eq!(data, b"1234567890", "every byte still goes out");
         assert!(!shared.replayable());
@@ -468,10 +478,12 @@ mod tests {
         let (mut a, shared_a) = ReplayBody::first(
             original(vec![Frame::data(Bytes::from_static(b"123456"))]),
             limits.clone(),
+            Head::empty(),
         );
         let (mut b, shared_b) = ReplayBody::first(
             original(vec![Frame::data(Bytes::from_static(b"abcdef"))]),
             limits.clone(),
+            Head::empty(),
         );
         read_all(&mut a).await;
         read_all(&mut b).await;
@@ -491,7 +503,7 @@ mod tests {
         tx.try_send(Err(std::io::Error::other("client went away")))
             .unwrap();
         let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let (mut first, shared) = ReplayBody::first(body, limits.clone());
+        let (mut first, shared) = ReplayBody::first(body, limits.clone(), Head::empty());
         assert!(first.frame().await.unwrap().is_ok());
         assert!(first.frame().await.unwrap().is_err());
         assert!(!shared.replayable());
