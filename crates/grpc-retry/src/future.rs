@@ -69,7 +69,8 @@ pub(crate) struct Ctx<S, B> {
 
 impl<S, B> Ctx<S, B> {
     fn labels(&self) -> (&str, &str) {
-        MethodId::from_path(self.recording.head().uri.path()).map_or(("", ""), |m| (m.service(), m.method()))
+        MethodId::from_path(self.recording.head().uri.path())
+            .map_or(("", ""), |m| (m.service(), m.method()))
     }
 
     /// The delay before the next attempt, or `None` to return `result`.

@@ -404,7 +404,8 @@ mod tests {
             Frame::data(Bytes::from_static(b"world")),
             Frame::trailers(trailers()),
         ];
-        let (mut first, shared) = ReplayBody::first(original(frames), limits.clone(), Head::empty());
+        let (mut first, shared) =
+            ReplayBody::first(original(frames), limits.clone(), Head::empty());
         let (data, t) = read_all(&mut first).await;
         assert_eq!(data, b"hello world");
         assert_eq!(t, Some(trailers()));
@@ -464,7 +465,8 @@ mod tests {
             Frame::data(Bytes::from_static(b"12345")),
             Frame::data(Bytes::from_static(b"67890")),
         ];
-        let (mut first, shared) = ReplayBody::first(original(frames), limits.clone(), Head::empty());
+        let (mut first, shared) =
+            ReplayBody::first(original(frames), limits.clone(), Head::empty());
         let (data, _) = read_all(&mut first).await;
         assert_eq!(data, b"1234567890", "every byte still goes out");
         assert!(!shared.replayable());
