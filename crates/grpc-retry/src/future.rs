@@ -77,12 +77,15 @@ impl<S, B> Ctx<S, B> {
     fn next_delay<R>(&mut self, result: &Result<Response<R>, BoxError>) -> Option<Duration> {
         let throttle = self.shared.throttle.as_ref();
         let (code, pushback, never_processed) = match ended(result) {
-            Ended::Committed | Ended::Rejected => {
+            Ended::Committed => {
                 if let Some(t) = throttle {
                     t.on_success();
                 }
                 return None;
             }
+            // Refused below (an open breaker): the call never reached the
+            // server, so it says nothing about it and leaves the bucket alone.
+            Ended::Rejected => return None,
             Ended::Failed {
                 code,
                 pushback,

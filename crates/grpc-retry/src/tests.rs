@@ -420,6 +420,39 @@ async fn local_rejections_are_not_retried() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn local_rejections_leave_the_throttle_alone() {
+    let layer = layer(no_jitter().with_max_attempts(2))
+        .with_throttle(RetryThrottle::new(4.0, 1.0).unwrap());
+    let (mut service, mut handle) = setup(layer.clone());
+    // Two failed attempts: 4 -> 3 -> 2 tokens, below the cap, so a refill
+    // would show.
+    let (_, seen) = run(
+        &mut service,
+        &mut handle,
+        request(GET, b"x"),
+        vec![
+            trailers_only(Code::Unavailable),
+            trailers_only(Code::Unavailable),
+        ],
+    )
+    .await;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(layer.throttle().unwrap().tokens(), 2.0);
+    assert!(service.poll_ready().is_ready());
+    let fut = tokio::spawn(service.call(request(GET, b"x")));
+    let (_, send) = next(&mut handle).await;
+    send.send_error(grpc_resilience_core::error::LocalRejection::new(
+        tonic::Status::unavailable("breaker open"),
+    ));
+    assert!(fut.await.unwrap().is_err());
+    assert_eq!(
+        layer.throttle().unwrap().tokens(),
+        2.0,
+        "a call refused below never reached the server: no token taken or given"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn bodies_over_the_cap_are_sent_whole_and_not_retried() {
     let layer = layer(no_jitter()).with_buffer_limits(4, 1024).unwrap();
     let (mut service, mut handle) = setup(layer.clone());
