@@ -10,6 +10,10 @@
 //!   the response early.
 //! * [`timeout_header`]: the `grpc-timeout` header, encoded and decoded per
 //!   the gRPC HTTP/2 protocol.
+//! * [`CallDeadline`]: a call's absolute deadline, worked out once by the
+//!   outermost layer that knows it and read by every layer below from the
+//!   request's extensions; `grpc-timeout` is written from it when a request
+//!   is sent.
 //! * [`error`]: the rejection convention. A layer fails a call from the
 //!   call's future with an error whose source chain holds a
 //!   [`tonic::Status`], so a generated stub's caller sees the right code;
@@ -48,6 +52,7 @@
 //! ```
 
 pub mod codes;
+mod deadline;
 pub mod error;
 pub mod headers;
 mod method;
@@ -56,6 +61,7 @@ mod policy;
 pub mod timeout_header;
 
 pub use codes::CodeSet;
+pub use deadline::CallDeadline;
 pub use error::BoxError;
 pub use method::{InvalidMethodPath, MethodId};
 pub use outcome::{OnOutcome, Outcome, OutcomeBody, classify_head, classify_trailers};

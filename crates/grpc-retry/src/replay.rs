@@ -12,7 +12,7 @@ use grpc_resilience_core::BoxError;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::future::Head;
+use crate::head::Head;
 
 /// Request body types the retry layer can wrap: it turns a
 /// [`ReplayBody`] of the type back into the type, so the inner service

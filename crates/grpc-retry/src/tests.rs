@@ -11,6 +11,7 @@ use tower_test::mock;
 use super::*;
 use crate::decide::PUSHBACK;
 use crate::future::PREVIOUS_ATTEMPTS;
+use grpc_resilience_core::{BoxError, timeout_header};
 
 const GET: &str = "/catalog.v1.QueryService/GetProduct";
 const CREATE: &str = "/catalog.v1.CommandService/CreateProduct";

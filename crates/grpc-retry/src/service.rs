@@ -1,0 +1,127 @@
+//! The [`Retry`] service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use grpc_resilience_core::{BoxError, MethodId, timeout_header};
+use http::Request;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::future::{Ctx, ResponseFuture};
+use crate::head::Head;
+use crate::layer::RetryLayer;
+use crate::replay::{Limits, ReplayBody as Replay, ReplayableBody};
+use crate::{RetryOverride, RetryPolicies, RetryThrottle};
+
+/// The header that carries the idempotency key.
+pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) policies: RetryPolicies,
+    pub(crate) throttle: Option<Arc<RetryThrottle>>,
+    pub(crate) limits: Arc<Limits>,
+}
+
+/// Retries gRPC calls; see the [crate docs](crate).
+#[derive(Clone, Debug)]
+pub struct Retry<S> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<S> Retry<S> {
+    /// Wraps `inner`, retrying as `policies` say.
+    pub fn new(inner: S, policies: RetryPolicies) -> Self {
+        tower_layer::Layer::layer(&RetryLayer::new(policies), inner)
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn idempotency_key() -> http::HeaderValue {
+    let n: u128 = rand::random();
+    http::HeaderValue::from_str(&format!("{n:032x}")).expect("hex digits are a valid header value")
+}
+
+impl<S, B, R> Service<Request<B>> for Retry<S>
+where
+    S: Service<Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: ReplayableBody,
+    R: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, R>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let configured = match MethodId::from_request(&request) {
+            Ok(method) => self.shared.policies.get(&method).copied(),
+            Err(_) => None,
+        };
+        let policy = match request.extensions().get::<RetryOverride>() {
+            None => configured,
+            Some(o) if o.disabled => None,
+            Some(o) => {
+                let policy = o.apply(configured.unwrap_or_default());
+                if let Err(err) = policy.validate() {
+                    return ResponseFuture::failed(Box::new(tonic::Status::invalid_argument(
+                        format!("invalid RetryOverride: {err}"),
+                    )));
+                }
+                Some(policy)
+            }
+        };
+        let Some(policy) = policy.filter(|p| p.max_attempts > 1) else {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        };
+
+        let deadline = match timeout_header::from_headers(request.headers()) {
+            Ok(Some(timeout)) => Instant::now().checked_add(timeout),
+            _ => None,
+        };
+        let (mut parts, body) = request.into_parts();
+        if policy.idempotency_keys && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
+            parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
+        }
+        let head = Head::of(&parts);
+        let (body, recording) = Replay::first(body, self.shared.limits.clone(), head);
+        let request = Request::from_parts(parts, B::from_replay(body));
+
+        // Call the service that was made ready; keep a clone for retries.
+        let fresh = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, fresh);
+        let fut = service.call(request);
+        let ctx = Ctx {
+            service,
+            recording,
+            policy,
+            shared: self.shared.clone(),
+            attempts: 1,
+            backoff_n: 0,
+            deadline,
+            first_ended: None,
+        };
+        ResponseFuture::first(fut, ctx)
+    }
+}
