@@ -29,10 +29,11 @@ impl RetryLayer {
         }
     }
 
-    /// Throttles retries with a token bucket shared by every call through
-    /// this layer (the seed's "adaptive retry").
+    /// Throttles retries with a token bucket (gRFC A6's retry throttling).
+    /// `throttle` is a handle: give clones of one throttle to every layer
+    /// that calls the same target and they share its bucket.
     pub fn with_throttle(self, throttle: RetryThrottle) -> Self {
-        self.rebuild(|s| s.throttle = Some(Arc::new(throttle)))
+        self.rebuild(|s| s.throttle = Some(throttle))
     }
 
     /// Sets how many request bytes one call (`per_call`) and all calls
@@ -79,7 +80,7 @@ impl RetryLayer {
 
     /// The throttle, if any, to read its tokens.
     pub fn throttle(&self) -> Option<&RetryThrottle> {
-        self.shared.throttle.as_deref()
+        self.shared.throttle.as_ref()
     }
 
     /// Request bytes held for replay by this layer's calls now.

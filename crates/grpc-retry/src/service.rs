@@ -20,7 +20,7 @@ pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("ide
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) policies: RetryPolicies,
-    pub(crate) throttle: Option<Arc<RetryThrottle>>,
+    pub(crate) throttle: Option<RetryThrottle>,
     pub(crate) limits: Arc<Limits>,
 }
 

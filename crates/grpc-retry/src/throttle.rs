@@ -1,19 +1,25 @@
 //! Retry throttling: gRPC's token bucket (gRFC A6).
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::RetryConfigError;
 
 const SCALE: f64 = 1000.0;
 
-/// A token bucket shared by every call through one layer: each failed
+/// A token bucket shared by every call through the layers that hold it: each failed
 /// attempt (a retryable code) takes a token, each other outcome gives back
 /// `token_ratio` of one, and retries stop while the bucket holds half its
 /// `max_tokens` or less. When a service is down, retries dry up by
 /// themselves instead of multiplying its load.
 ///
 /// Tokens are kept in thousandths in one atomic word: no lock.
+///
+/// A `RetryThrottle` is a handle: clones share one bucket, as gRPC keeps one
+/// bucket per target for the whole process. Give the same throttle to every
+/// [`RetryLayer`](crate::RetryLayer) (every channel) that calls one target,
+/// so retries to that target stop together.
 ///
 /// ```
 /// use grpc_retry::RetryThrottle;
@@ -26,7 +32,12 @@ const SCALE: f64 = 1000.0;
 /// assert!(!throttle.allows_retry()); // 5 of 10 left: not above half
 /// # Ok::<(), grpc_retry::RetryConfigError>(())
 /// ```
+#[derive(Clone)]
 pub struct RetryThrottle {
+    bucket: Arc<Bucket>,
+}
+
+struct Bucket {
     max: u64,
     ratio: u64,
     tokens: AtomicU64,
@@ -35,8 +46,8 @@ pub struct RetryThrottle {
 impl fmt::Debug for RetryThrottle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryThrottle")
-            .field("max_tokens", &(self.max as f64 / SCALE))
-            .field("token_ratio", &(self.ratio as f64 / SCALE))
+            .field("max_tokens", &self.max_tokens())
+            .field("token_ratio", &self.token_ratio())
             .field("tokens", &self.tokens())
             .finish()
     }
@@ -67,25 +78,43 @@ impl RetryThrottle {
         }
         let max = (max_tokens * SCALE).round() as u64;
         Ok(RetryThrottle {
-            max,
-            ratio: ((token_ratio * SCALE).round() as u64).max(1),
-            tokens: AtomicU64::new(max),
+            bucket: Arc::new(Bucket {
+                max,
+                ratio: ((token_ratio * SCALE).round() as u64).max(1),
+                tokens: AtomicU64::new(max),
+            }),
         })
+    }
+
+    /// The bucket's size, as configured (to three decimals).
+    pub fn max_tokens(&self) -> f64 {
+        self.bucket.max as f64 / SCALE
+    }
+
+    /// What a success gives back, as configured (to three decimals).
+    pub fn token_ratio(&self) -> f64 {
+        self.bucket.ratio as f64 / SCALE
+    }
+
+    /// Whether `self` and `other` share one bucket.
+    pub fn same_bucket(&self, other: &RetryThrottle) -> bool {
+        Arc::ptr_eq(&self.bucket, &other.bucket)
     }
 
     /// The tokens in the bucket now.
     pub fn tokens(&self) -> f64 {
-        self.tokens.load(Ordering::Relaxed) as f64 / SCALE
+        self.bucket.tokens.load(Ordering::Relaxed) as f64 / SCALE
     }
 
     /// Whether a retry may be sent now.
     pub fn allows_retry(&self) -> bool {
-        self.tokens.load(Ordering::Relaxed) * 2 > self.max
+        self.bucket.tokens.load(Ordering::Relaxed) * 2 > self.bucket.max
     }
 
     /// An attempt failed with a retryable code.
     pub fn on_failure(&self) {
         let _ = self
+            .bucket
             .tokens
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                 Some(t.saturating_sub(1000))
@@ -94,8 +123,9 @@ impl RetryThrottle {
 
     /// An attempt ended any other way.
     pub fn on_success(&self) {
-        let (max, ratio) = (self.max, self.ratio);
+        let (max, ratio) = (self.bucket.max, self.bucket.ratio);
         let _ = self
+            .bucket
             .tokens
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                 (t < max).then(|| (t + ratio).min(max))
@@ -130,6 +160,32 @@ mod tests {
             t.on_failure();
         }
         assert_eq!(t.tokens(), 0.0, "never below zero");
+    }
+
+    #[test]
+    fn clones_share_one_bucket() {
+        let a = RetryThrottle::new(4.0, 1.0).unwrap();
+        let b = a.clone();
+        let other = RetryThrottle::new(4.0, 1.0).unwrap();
+        assert!(a.same_bucket(&b));
+        assert!(!a.same_bucket(&other));
+        a.on_failure();
+        b.on_failure();
+        assert_eq!(a.tokens(), 2.0);
+        assert!(
+            !b.allows_retry(),
+            "failures through either handle drain the one bucket"
+        );
+        assert_eq!(other.tokens(), 4.0);
+        // Two layers given clones of one throttle share it.
+        let layer_a = crate::RetryLayer::new(Default::default()).with_throttle(a.clone());
+        let layer_b = crate::RetryLayer::new(Default::default()).with_throttle(a.clone());
+        assert!(
+            layer_a
+                .throttle()
+                .unwrap()
+                .same_bucket(layer_b.throttle().unwrap())
+        );
     }
 
     #[test]
