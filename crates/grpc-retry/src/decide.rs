@@ -48,8 +48,11 @@ pub(crate) fn pushback(headers: &HeaderMap) -> Pushback {
 /// How an attempt ended, as far as retrying is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Ended {
-    /// Response headers arrived: the call is committed, never retried.
+    /// Response headers arrived: the call is committed, never retried; its
+    /// status comes in the trailers.
     Committed,
+    /// A Trailers-Only response with OK: done, and a success.
+    Succeeded,
     /// A failure before any response header: a Trailers-Only error or a
     /// transport error.
     Failed {
@@ -69,7 +72,7 @@ pub(crate) fn ended<B>(
     match result {
         Ok(response) => match classify_head(response.status(), response.headers()) {
             None => Ended::Committed,
-            Some(outcome) if outcome.is_ok() => Ended::Committed,
+            Some(outcome) if outcome.is_ok() => Ended::Succeeded,
             Some(outcome) => Ended::Failed {
                 code: outcome.code(),
                 pushback: pushback(response.headers()),

@@ -7,14 +7,16 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use grpc_resilience_core::codes::code_name;
-use grpc_resilience_core::error::with_transport_status;
-use grpc_resilience_core::{BoxError, MethodId, timeout_header};
+use grpc_resilience_core::error::{error_code, find_status, with_transport_status};
+use grpc_resilience_core::headers::sanitize_status_details;
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId, classify_head};
 use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::ResponseBody;
 use crate::decide::{Ended, Pushback, ended};
 use crate::replay::{Recording, ReplayBody, ReplayableBody};
 use crate::{RetryPolicy, Shared, backoff};
@@ -35,9 +37,34 @@ pub(crate) struct Ctx<S, B> {
     pub(crate) attempts: u32,
     // Retries since the backoff was last reset (by a pushback).
     pub(crate) backoff_n: u32,
-    pub(crate) deadline: Option<Instant>,
+    // The call's one deadline, from the request's `CallDeadline` (or its
+    // `grpc-timeout`), read once.
+    pub(crate) deadline: Option<CallDeadline>,
     // When the first attempt ended; retried calls report the time since.
     pub(crate) first_ended: Option<Instant>,
+}
+
+/// Milliseconds for logs, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What to do after an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Return the attempt's result as it is.
+    Return,
+    /// Return the committed response; its trailers tell the throttle
+    /// whether the call succeeded.
+    ReturnCounted,
+    /// Retry after this delay.
+    Retry(Duration),
+    /// A retry was due, but the deadline leaves less than its wait.
+    OutOfTime {
+        left: Duration,
+        wait: Duration,
+        pushback: bool,
+    },
 }
 
 impl<S, B> Ctx<S, B> {
@@ -46,19 +73,22 @@ impl<S, B> Ctx<S, B> {
             .map_or(("", ""), |m| (m.service(), m.method()))
     }
 
-    /// The delay before the next attempt, or `None` to return `result`.
-    fn next_delay<R>(&mut self, result: &Result<Response<R>, BoxError>) -> Option<Duration> {
+    /// What to do with an attempt's result.
+    fn next_delay<R>(&mut self, result: &Result<Response<R>, BoxError>) -> Next {
         let throttle = self.shared.throttle.as_ref();
         let (code, pushback, never_processed) = match ended(result) {
-            Ended::Committed => {
+            // The status comes in the trailers: the response body counts it.
+            Ended::Committed if throttle.is_some() => return Next::ReturnCounted,
+            Ended::Committed => return Next::Return,
+            Ended::Succeeded => {
                 if let Some(t) = throttle {
                     t.on_success();
                 }
-                return None;
+                return Next::Return;
             }
             // Refused below (an open breaker): the call never reached the
             // server, so it says nothing about it and leaves the bucket alone.
-            Ended::Rejected => return None,
+            Ended::Rejected => return Next::Return,
             Ended::Failed {
                 code,
                 pushback,
@@ -68,29 +98,40 @@ impl<S, B> Ctx<S, B> {
         let now = Instant::now();
         self.first_ended.get_or_insert(now);
         let retryable = self.policy.retryable_codes.contains(code);
-        if let Some(t) = throttle {
-            if retryable {
-                t.on_failure();
-            } else {
-                t.on_success();
-            }
+        // gRFC A6: a failure with a retryable code or with server pushback
+        // takes a token; any other failure neither takes nor gives.
+        if let Some(t) = throttle
+            && (retryable || pushback != Pushback::None)
+        {
+            t.on_failure();
         }
         let allowed = never_processed || (retryable && self.policy.retries_statuses());
         if !allowed || self.attempts >= self.policy.max_attempts {
-            return None;
+            return Next::Return;
         }
         let delay = match pushback {
             Pushback::DoNotRetry => {
                 let (service, method) = self.labels();
                 tracing::debug!(service, method, "server pushback says do not retry");
-                return None;
+                return Next::Return;
+            }
+            Pushback::After(delay) if delay > self.policy.max_pushback() => {
+                let (service, method) = self.labels();
+                tracing::debug!(
+                    service,
+                    method,
+                    pushback_ms = millis(delay),
+                    max_pushback_ms = millis(self.policy.max_pushback()),
+                    "not retried: the server's pushback is above max_pushback"
+                );
+                return Next::Return;
             }
             Pushback::After(delay) => {
                 self.backoff_n = 0;
                 delay
             }
             Pushback::None => {
-                self.backoff_n += 1;
+                self.backoff_n = self.backoff_n.saturating_add(1);
                 backoff::delay(&self.policy, self.backoff_n)
             }
         };
@@ -99,7 +140,7 @@ impl<S, B> Ctx<S, B> {
             metrics::counter!("grpc.retry.throttled", "service" => service.to_owned(), "method" => method.to_owned())
                 .increment(1);
             tracing::debug!(service, method, "retry throttled: too many recent failures");
-            return None;
+            return Next::Return;
         }
         if !self.recording.replayable() {
             metrics::counter!(
@@ -113,16 +154,30 @@ impl<S, B> Ctx<S, B> {
                 method,
                 "not retried: the request body is over the replay limit"
             );
-            return None;
+            return Next::Return;
         }
-        if self.deadline.is_some_and(|d| now + delay >= d) {
-            tracing::debug!(
-                service,
-                method,
-                delay_ms = delay.as_millis() as u64,
-                "not retried: the deadline comes first"
-            );
-            return None;
+        if let Some(deadline) = self.deadline {
+            let left = deadline.remaining_at(now);
+            if delay >= left {
+                metrics::counter!(
+                    "grpc.retry.deadline_exhausted",
+                    "service" => service.to_owned(),
+                    "method" => method.to_owned(),
+                )
+                .increment(1);
+                tracing::debug!(
+                    service,
+                    method,
+                    left_ms = millis(left),
+                    delay_ms = millis(delay),
+                    "not retried: the deadline leaves no time"
+                );
+                return Next::OutOfTime {
+                    left,
+                    wait: delay,
+                    pushback: matches!(pushback, Pushback::After(_)),
+                };
+            }
         }
         let code_text = code_name(code).to_lowercase();
         metrics::counter!(
@@ -132,7 +187,7 @@ impl<S, B> Ctx<S, B> {
             "code" => code_name(code),
         )
         .increment(1);
-        let delay_ms = delay.as_millis() as u64;
+        let delay_ms = millis(delay);
         tracing::warn!(
             service,
             method,
@@ -145,11 +200,12 @@ impl<S, B> Ctx<S, B> {
             self.attempts,
             self.policy.max_attempts,
         );
-        Some(delay)
+        Next::Retry(delay)
     }
 
-    /// The request for the next attempt, or `None` if the deadline passed.
-    fn next_request(&self) -> Option<Request<B>>
+    /// The request for the next attempt, sent at `now`: its `grpc-timeout`
+    /// is the time left at that moment.
+    fn next_request(&self, now: Instant) -> Request<B>
     where
         B: ReplayableBody,
     {
@@ -163,13 +219,43 @@ impl<S, B> Ctx<S, B> {
         let headers = request.headers_mut();
         headers.insert(PREVIOUS_ATTEMPTS, HeaderValue::from(self.attempts));
         if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            headers.insert(timeout_header::GRPC_TIMEOUT, timeout_header::encode(left));
+            deadline.write_header(headers, now);
+            deadline.insert_into(&mut request);
         }
-        Some(request)
+        request
+    }
+
+    /// The error of a call whose deadline passed before attempt
+    /// `self.attempts + 1` could be sent; it names the last attempt's
+    /// status.
+    fn deadline_passed<R>(&self, last: Result<Response<R>, BoxError>) -> BoxError {
+        let (last, source) = match last {
+            Ok(response) => {
+                let code = classify_head(response.status(), response.headers())
+                    .map_or(tonic::Code::Unknown, |o| o.code());
+                let message = tonic::Status::from_header_map(response.headers())
+                    .map(|s| s.message().to_owned())
+                    .unwrap_or_default();
+                ((code, message), None)
+            }
+            Err(err) => {
+                let err = with_transport_status(err);
+                let code = error_code(&*err);
+                let message =
+                    find_status(&*err).map_or_else(|| err.to_string(), |s| s.message().to_owned());
+                ((code, message), Some(err))
+            }
+        };
+        let mut status = tonic::Status::deadline_exceeded(format!(
+            "deadline exceeded before attempt {} could be sent; the last attempt failed with {}: {}",
+            self.attempts + 1,
+            code_name(last.0),
+            last.1,
+        ));
+        if let Some(err) = source {
+            status.set_source(Arc::from(err));
+        }
+        Box::new(status)
     }
 
     fn span(&self) -> tracing::Span {
@@ -198,13 +284,101 @@ impl<S, B> Ctx<S, B> {
     }
 }
 
+/// Drops a hostile `grpc-status-details-bin` from a response head before
+/// anything (this layer's own status reads, tonic) parses it.
+fn sanitize<R>(result: &mut Result<Response<R>, BoxError>) {
+    if let Ok(response) = result {
+        sanitize_status_details(response.headers_mut());
+    }
+}
+
+/// The status of a retry abandoned because the deadline leaves less than the
+/// wait before the next attempt: the last attempt's code, metadata and
+/// details, with a message that says so. A Trailers-Only response keeps
+/// its form (its `grpc-message` is rewritten, percent-encoded); an error
+/// becomes a [`tonic::Status`] whose source is the original error.
+fn out_of_time<R>(
+    result: Result<Response<R>, BoxError>,
+    left: Duration,
+    wait: Duration,
+    pushback: bool,
+) -> Result<Response<R>, BoxError> {
+    let waited = if pushback {
+        "server pushback"
+    } else {
+        "next backoff"
+    };
+    let note =
+        format!("retrying stopped: the deadline leaves no time ({left:?} left, {waited} {wait:?})");
+    let extend = |message: &str| {
+        if message.is_empty() {
+            note.clone()
+        } else {
+            format!("{message}; {note}")
+        }
+    };
+    match result {
+        Ok(mut response) => {
+            let code = classify_head(response.status(), response.headers())
+                .map_or(tonic::Code::Unknown, |o| o.code());
+            // The head was sanitized, so tonic's parser cannot panic on it.
+            let message = tonic::Status::from_header_map(response.headers())
+                .map(|s| s.message().to_owned())
+                .unwrap_or_default();
+            // Writes `grpc-status` (the same code) and `grpc-message`; every
+            // other header (details, pushback, metadata) stays.
+            let _ = tonic::Status::new(code, extend(&message)).add_header(response.headers_mut());
+            Ok(response)
+        }
+        Err(err) => {
+            let err = with_transport_status(err);
+            let code = error_code(&*err);
+            let mut status = match find_status(&*err) {
+                Some(s) => tonic::Status::with_details_and_metadata(
+                    code,
+                    extend(s.message()),
+                    bytes::Bytes::copy_from_slice(s.details()),
+                    s.metadata().clone(),
+                ),
+                None => tonic::Status::new(code, extend(&err.to_string())),
+            };
+            status.set_source(Arc::from(err));
+            Err(Box::new(status))
+        }
+    }
+}
+
+/// What the caller gets once `next` says the call is done.
+fn deliver<S, B, R>(
+    ctx: &Ctx<S, B>,
+    result: Result<Response<R>, BoxError>,
+    next: Next,
+) -> Result<Response<ResponseBody<R>>, BoxError> {
+    ctx.finish();
+    let result = match next {
+        Next::OutOfTime {
+            left,
+            wait,
+            pushback,
+        } => out_of_time(result, left, wait, pushback),
+        _ => result,
+    };
+    let throttle = match next {
+        Next::ReturnCounted => ctx.shared.throttle.clone(),
+        _ => None,
+    };
+    result
+        .map(|response| response.map(|body| ResponseBody::new(body, throttle)))
+        .map_err(with_transport_status)
+}
+
 type Boxed<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
 
 async fn retry_loop<S, B, R>(
     mut ctx: Ctx<S, B>,
     mut delay: Duration,
     first: Result<Response<R>, BoxError>,
-) -> Result<Response<R>, BoxError>
+) -> Result<Response<ResponseBody<R>>, BoxError>
 where
     S: Service<Request<B>, Response = Response<R>> + Send,
     S::Error: Into<BoxError>,
@@ -214,30 +388,50 @@ where
     let mut last = first;
     loop {
         tokio::time::sleep(delay).await;
-        let Some(request) = ctx.next_request() else {
-            ctx.finish();
-            return last;
+        // Wait for the service, but never past the deadline.
+        let ready = std::future::poll_fn(|cx| ctx.service.poll_ready(cx));
+        let ready = match ctx.deadline {
+            None => ready.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline.instant(), ready).await {
+                Ok(ready) => ready,
+                Err(_) => {
+                    ctx.finish();
+                    return Err(ctx.deadline_passed(last));
+                }
+            },
         };
-        drop(last);
-        ctx.attempts += 1;
-        let span = ctx.span();
-        let result = async {
-            std::future::poll_fn(|cx| ctx.service.poll_ready(cx))
-                .await
-                .map_err(Into::into)?;
-            ctx.service.call(request).await.map_err(Into::into)
-        }
-        .instrument(span)
-        .await;
+        let ready: Result<(), BoxError> = ready.map_err(Into::into);
+        let mut result = match ready {
+            Err(err) => {
+                ctx.attempts += 1;
+                Err(err)
+            }
+            Ok(()) => {
+                // The attempt is sent now: never at or past the deadline, and
+                // with the time left at this moment.
+                let now = Instant::now();
+                if ctx.deadline.is_some_and(|d| d.has_passed_at(now)) {
+                    ctx.finish();
+                    return Err(ctx.deadline_passed(last));
+                }
+                drop(last);
+                let request = ctx.next_request(now);
+                ctx.attempts += 1;
+                let span = ctx.span();
+                ctx.service
+                    .call(request)
+                    .instrument(span)
+                    .await
+                    .map_err(Into::into)
+            }
+        };
+        sanitize(&mut result);
         match ctx.next_delay(&result) {
-            Some(next) => {
+            Next::Retry(next) => {
                 delay = next;
                 last = result;
             }
-            None => {
-                ctx.finish();
-                return result;
-            }
+            next => return deliver(&ctx, result, next),
         }
     }
 }
@@ -264,7 +458,7 @@ pin_project! {
         // The first attempt of a call that may be retried.
         First { #[pin] fut: tracing::instrument::Instrumented<S::Future>, ctx: Option<Ctx<S, B>> },
         // Being retried: boxed, as the rare path.
-        Retrying { fut: Boxed<Response<R>> },
+        Retrying { fut: Boxed<Response<ResponseBody<R>>> },
         // A request the layer refused to send.
         Failed { error: Option<BoxError> },
     }
@@ -311,31 +505,36 @@ where
     B: ReplayableBody,
     R: Send + 'static,
 {
-    type Output = Result<Response<R>, BoxError>;
+    type Output = Result<Response<ResponseBody<R>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut kind = self.project().kind;
         loop {
             match kind.as_mut().project() {
                 KindProj::Passthrough { fut } => {
-                    return fut.poll(cx).map_err(|e| with_transport_status(e.into()));
+                    let mut result = ready!(fut.poll(cx)).map_err(Into::into);
+                    sanitize(&mut result);
+                    return Poll::Ready(
+                        result
+                            .map(|response| response.map(|body| ResponseBody::new(body, None)))
+                            .map_err(with_transport_status),
+                    );
                 }
                 KindProj::First { fut, ctx } => {
-                    let result = ready!(fut.poll(cx)).map_err(Into::into);
+                    let mut result = ready!(fut.poll(cx)).map_err(Into::into);
+                    sanitize(&mut result);
                     let Some(mut ctx) = ctx.take() else {
-                        return Poll::Ready(result.map_err(with_transport_status));
+                        return Poll::Ready(Err("retry future polled after completion".into()));
                     };
                     match ctx.next_delay(&result) {
-                        None => return Poll::Ready(result.map_err(with_transport_status)),
-                        Some(delay) => {
+                        Next::Retry(delay) => {
                             let fut = Box::pin(retry_loop(ctx, delay, result));
                             kind.set(Kind::Retrying { fut });
                         }
+                        next => return Poll::Ready(deliver(&ctx, result, next)),
                     }
                 }
-                KindProj::Retrying { fut } => {
-                    return fut.as_mut().poll(cx).map_err(with_transport_status);
-                }
+                KindProj::Retrying { fut } => return fut.as_mut().poll(cx),
                 KindProj::Failed { error } => {
                     return Poll::Ready(Err(error
                         .take()

@@ -24,18 +24,41 @@
 //!   retried transparently, unless [`RetryPolicy::with_idempotency_keys`]
 //!   sends one random `idempotency-key` per logical call, the same on every
 //!   attempt.
-//! * **Backoff.** `min(initial * multiplier^(n-1), max_delay)` with
-//!   [`Jitter`]; a delay never exceeds `max_delay`. Server pushback
-//!   (`grpc-retry-pushback-ms`) is waited exactly and resets the backoff;
-//!   a negative, malformed or repeated value stops retrying and the caller
-//!   gets the server's status.
-//! * **Deadline.** With a `grpc-timeout` on the request (the caller's or the
-//!   timeout layer's above), no backoff sleeps past it, no attempt starts
-//!   after it, and each attempt's `grpc-timeout` carries the time left.
-//!   Attempts after the first carry `grpc-previous-rpc-attempts`.
-//! * **Throttling.** An optional [`RetryThrottle`] (A6's token bucket).
+//! * **Backoff.** [`Jitter`] applied to `min(initial * multiplier^(n-1),
+//!   max_delay)`; a delay never exceeds `max_delay`, and delays at the cap
+//!   stay spread below it. The arithmetic saturates: every policy that
+//!   validates computes every delay. Server pushback
+//!   (`grpc-retry-pushback-ms`) is waited exactly and resets the backoff,
+//!   up to [`RetryPolicy::max_pushback`] (by default the larger of
+//!   `max_delay` and 10 s); a longer pushback, or a negative, malformed or
+//!   repeated value, stops retrying and the caller gets the server's status.
+//! * **Deadline.** The call has one deadline: the [`CallDeadline`] a layer
+//!   above recorded on the request, or else the one its `grpc-timeout`
+//!   gives, recorded then for the layers below. A call whose deadline has
+//!   passed is not sent: it fails at once with `DEADLINE_EXCEEDED`. No
+//!   backoff sleeps past the deadline, no attempt starts at or after it
+//!   (waiting for the service to be ready included), and each attempt's
+//!   `grpc-timeout` is written when the attempt is sent, from the time
+//!   left then. When the wait before the next attempt does not fit in what
+//!   is left, the call ends at once with the last attempt's code, and its
+//!   message says so: `...; retrying stopped: the deadline leaves no time
+//!   (150ms left, next backoff 200ms)`. Attempts after the first carry
+//!   `grpc-previous-rpc-attempts`.
+//! * **Throttling.** An optional [`RetryThrottle`], counted as gRFC A6
+//!   says: an attempt that fails with a retryable code or with server
+//!   pushback takes a token, a call that ends with OK gives `token_ratio`
+//!   back, and any other outcome (`NOT_FOUND`, a call refused below) leaves
+//!   the bucket alone. A committed call's status is in its trailers, so
+//!   with a throttle its [`ResponseBody`] gives the token back when the
+//!   trailers say OK (not when a call that fails later commits); without
+//!   one, nothing is counted.
+//! * **Hostile headers.** A `grpc-status-details-bin` that is not valid
+//!   base64 (tonic 0.14 panics on one) is dropped from every response head
+//!   and trailers this layer returns.
 //! * **Cost.** Methods without a policy pass straight through: no
 //!   buffering, no allocation. Dropping the call future stops everything.
+//!
+//! [`CallDeadline`]: grpc_resilience_core::CallDeadline
 //!
 //! # Example
 //!
@@ -68,13 +91,16 @@
 //!
 //! `grpc.retry.count` (labels `service`, `method`, `code`) per retry,
 //! `grpc.retry.duration` (seconds a retried call spent after its first
-//! attempt), `grpc.retry.throttled` and `grpc.retry.buffer_exceeded`
-//! (calls not retried for those reasons). Each retry logs a WARN worded as
+//! attempt), `grpc.retry.throttled`, `grpc.retry.buffer_exceeded` and
+//! `grpc.retry.deadline_exhausted` (labels `service`, `method`: calls not
+//! retried for those reasons; the last one counts retries abandoned because
+//! the deadline left less than the backoff or pushback). Each retry logs a WARN worded as
 //! the seed's, `gRPC call failed with unavailable, retrying in 200ms
 //! (attempt 1/3)`, with the fields `service`, `method`, `code`, `attempt`,
 //! `delay_ms`; each attempt runs in a `grpc_attempt` span with its number.
 
 mod backoff;
+mod body;
 mod decide;
 pub mod future;
 mod head;
@@ -86,8 +112,11 @@ mod service;
 mod throttle;
 
 pub use backoff::{Jitter, base_delay, jittered};
+pub use body::ResponseBody;
 pub use layer::{DEFAULT_PER_CALL_BUFFER, DEFAULT_TOTAL_BUFFER, RetryLayer};
-pub use policy::{DEFAULT_RETRYABLE_CODES, RetryConfigError, RetryPolicies, RetryPolicy};
+pub use policy::{
+    DEFAULT_MAX_PUSHBACK, DEFAULT_RETRYABLE_CODES, RetryConfigError, RetryPolicies, RetryPolicy,
+};
 pub use replay::{ReplayBody, ReplayableBody};
 pub use retry_override::RetryOverride;
 pub use service::{IDEMPOTENCY_KEY, Retry};
@@ -97,3 +126,5 @@ pub(crate) use service::Shared;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_deadline;

@@ -17,9 +17,11 @@ pub const DEFAULT_RETRYABLE_CODES: CodeSet = CodeSet::EMPTY
     .with(Code::Aborted)
     .with(Code::Internal);
 
-/// How one method is retried. The defaults are the seed's: 3 attempts,
-/// 100 ms initial delay, 5 s maximum, multiplier 2, ±20 % jitter, the
-/// [`DEFAULT_RETRYABLE_CODES`], and the method treated as idempotent.
+/// How one method is retried. The defaults: 3 attempts, 100 ms initial
+/// delay, 5 s maximum, multiplier 2, ±20 % jitter ([`Jitter`] says why),
+/// the [`DEFAULT_RETRYABLE_CODES`], server pushback waited up to the larger
+/// of `max_delay` and 10 s ([`RetryPolicy::with_max_pushback`]), and the
+/// method treated as idempotent.
 ///
 /// ```
 /// use std::time::Duration;
@@ -43,7 +45,12 @@ pub struct RetryPolicy {
     pub(crate) retryable_codes: CodeSet,
     pub(crate) idempotent: bool,
     pub(crate) idempotency_keys: bool,
+    pub(crate) max_pushback: Option<Duration>,
 }
+
+/// Without [`RetryPolicy::with_max_pushback`], a pushback is waited up to
+/// the larger of `max_delay` and this.
+pub const DEFAULT_MAX_PUSHBACK: Duration = Duration::from_secs(10);
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -56,6 +63,7 @@ impl Default for RetryPolicy {
             retryable_codes: DEFAULT_RETRYABLE_CODES,
             idempotent: true,
             idempotency_keys: false,
+            max_pushback: None,
         }
     }
 }
@@ -112,6 +120,29 @@ impl RetryPolicy {
     pub fn with_idempotency_keys(mut self) -> Self {
         self.idempotency_keys = true;
         self
+    }
+
+    /// The longest server pushback (`grpc-retry-pushback-ms`) that is
+    /// waited; a server asking for a longer pause is not retried and the
+    /// caller gets its status at once. A pushback is also never waited past
+    /// the call's deadline.
+    ///
+    /// The default is the larger of `max_delay` and [`DEFAULT_MAX_PUSHBACK`]
+    /// (10 s): a server may ask for more than the policy's own longest
+    /// backoff, but a server that asks for longer than that is saying "not
+    /// soon", and a caller blocked for it (with no deadline, for as long as
+    /// the server says) is worse off than one holding the status, free to
+    /// decide itself.
+    pub fn with_max_pushback(mut self, limit: Duration) -> Self {
+        self.max_pushback = Some(limit);
+        self
+    }
+
+    /// The longest server pushback that is waited; see
+    /// [`with_max_pushback`](Self::with_max_pushback).
+    pub fn max_pushback(&self) -> Duration {
+        self.max_pushback
+            .unwrap_or_else(|| self.max_delay.max(DEFAULT_MAX_PUSHBACK))
     }
 
     /// Whether a failed attempt with a status may be retried at all.

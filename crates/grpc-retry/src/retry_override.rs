@@ -28,6 +28,7 @@ pub struct RetryOverride {
     multiplier: Option<f64>,
     jitter: Option<Jitter>,
     retryable_codes: Option<CodeSet>,
+    max_pushback: Option<Duration>,
     pub(crate) disabled: bool,
 }
 
@@ -81,6 +82,12 @@ impl RetryOverride {
         self
     }
 
+    /// See [`RetryPolicy::with_max_pushback`].
+    pub fn with_max_pushback(mut self, limit: Duration) -> Self {
+        self.max_pushback = Some(limit);
+        self
+    }
+
     pub(crate) fn apply(&self, base: RetryPolicy) -> RetryPolicy {
         RetryPolicy {
             max_attempts: self.max_attempts.unwrap_or(base.max_attempts),
@@ -89,6 +96,7 @@ impl RetryOverride {
             multiplier: self.multiplier.unwrap_or(base.multiplier),
             jitter: self.jitter.unwrap_or(base.jitter),
             retryable_codes: self.retryable_codes.unwrap_or(base.retryable_codes),
+            max_pushback: self.max_pushback.or(base.max_pushback),
             ..base
         }
     }

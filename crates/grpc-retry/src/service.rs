@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use grpc_resilience_core::{BoxError, MethodId, timeout_header};
+use grpc_resilience_core::error::LocalRejection;
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId};
 use http::Request;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -12,7 +13,7 @@ use crate::future::{Ctx, ResponseFuture};
 use crate::head::Head;
 use crate::layer::RetryLayer;
 use crate::replay::{Limits, ReplayBody as Replay, ReplayableBody};
-use crate::{RetryOverride, RetryPolicies, RetryThrottle};
+use crate::{ResponseBody, RetryOverride, RetryPolicies, RetryThrottle};
 
 /// The header that carries the idempotency key.
 pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -53,6 +54,16 @@ impl<S> Retry<S> {
     }
 }
 
+/// The error of a call whose deadline passed before it was sent: a
+/// [`LocalRejection`] (the call never left the client, so a layer above
+/// neither retries it nor counts it against the server) that the caller
+/// sees as `DEADLINE_EXCEEDED`.
+fn deadline_passed() -> BoxError {
+    Box::new(LocalRejection::new(tonic::Status::deadline_exceeded(
+        "deadline exceeded before the call was sent",
+    )))
+}
+
 fn idempotency_key() -> http::HeaderValue {
     let n: u128 = rand::random();
     http::HeaderValue::from_str(&format!("{n:032x}")).expect("hex digits are a valid header value")
@@ -66,7 +77,7 @@ where
     B: ReplayableBody,
     R: Send + 'static,
 {
-    type Response = http::Response<R>;
+    type Response = http::Response<ResponseBody<R>>;
     type Error = BoxError;
     type Future = ResponseFuture<S, B, R>;
 
@@ -74,7 +85,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let configured = match MethodId::from_request(&request) {
             Ok(method) => self.shared.policies.get(&method).copied(),
             Err(_) => None,
@@ -93,13 +104,25 @@ where
             }
         };
         let Some(policy) = policy.filter(|p| p.max_attempts > 1) else {
+            // Not retried: only an expired deadline is looked at (no
+            // allocation, no header written).
+            if CallDeadline::of_request(&request).is_some_and(|d| d.has_passed_at(Instant::now())) {
+                return ResponseFuture::failed(deadline_passed());
+            }
             return ResponseFuture::passthrough(self.inner.call(request));
         };
 
-        let deadline = match timeout_header::from_headers(request.headers()) {
-            Ok(Some(timeout)) => Instant::now().checked_add(timeout),
-            _ => None,
-        };
+        // The call's one deadline: recorded above, or from the caller's
+        // `grpc-timeout`, and recorded here for the layers below.
+        let deadline = CallDeadline::get_or_insert(&mut request);
+        if let Some(deadline) = deadline {
+            let now = Instant::now();
+            if deadline.has_passed_at(now) {
+                return ResponseFuture::failed(deadline_passed());
+            }
+            // The first attempt is sent now, with the time left now.
+            deadline.write_header(request.headers_mut(), now);
+        }
         let (mut parts, body) = request.into_parts();
         if policy.idempotency_keys && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());

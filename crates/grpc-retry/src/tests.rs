@@ -89,7 +89,7 @@ async fn next(handle: &mut Handle) -> (Seen, mock::SendResponse<Res>) {
     )
 }
 
-fn code_of(result: Result<Res, BoxError>) -> Code {
+fn code_of<B>(result: Result<http::Response<B>, BoxError>) -> Code {
     match result {
         Ok(response) => grpc_resilience_core::classify_head(response.status(), response.headers())
             .map_or(Code::Ok, |o| o.code()),
@@ -103,7 +103,10 @@ async fn run(
     handle: &mut Handle,
     req: Req,
     answers: Vec<Res>,
-) -> (Result<Res, BoxError>, Vec<Seen>) {
+) -> (
+    Result<http::Response<ResponseBody<Body>>, BoxError>,
+    Vec<Seen>,
+) {
     assert!(service.poll_ready().is_ready());
     let fut = tokio::spawn(service.call(req));
     let mut seen = Vec::new();
@@ -521,7 +524,7 @@ async fn throttling_stops_retries_when_tokens_run_low() {
     assert_eq!((seen.len(), code_of(result)), (1, Code::Unavailable));
     advance(Duration::from_secs(5)).await;
     assert!(handle.poll_request().is_pending());
-    // Successes refill the bucket.
+    // Successes refill the bucket: calls that end with OK in their trailers.
     for _ in 0..4 {
         let (result, _) = run(
             &mut service,
@@ -530,7 +533,8 @@ async fn throttling_stops_retries_when_tokens_run_low() {
             vec![committed(Code::Ok)],
         )
         .await;
-        assert_eq!(code_of(result), Code::Ok);
+        let trailers = result.unwrap().into_body().collect().await.unwrap();
+        assert_eq!(trailers.trailers().unwrap()["grpc-status"], "0");
     }
     assert_eq!(layer.throttle().unwrap().tokens(), 3.0);
 }

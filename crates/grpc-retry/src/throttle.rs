@@ -8,10 +8,12 @@ use crate::RetryConfigError;
 
 const SCALE: f64 = 1000.0;
 
-/// A token bucket shared by every call through the layers that hold it: each failed
-/// attempt (a retryable code) takes a token, each other outcome gives back
-/// `token_ratio` of one, and retries stop while the bucket holds half its
-/// `max_tokens` or less. When a service is down, retries dry up by
+/// A token bucket shared by every call through the layers that hold it, as
+/// gRFC A6 counts: each attempt that fails with a retryable code or with
+/// server pushback takes a token, each call that ends with OK gives back
+/// `token_ratio` of one (a committed call when its trailers say OK), any
+/// other outcome leaves the bucket alone, and retries stop while the bucket
+/// holds half its `max_tokens` or less. When a service is down, retries dry up by
 /// themselves instead of multiplying its load.
 ///
 /// Tokens are kept in thousandths in one atomic word: no lock.
@@ -111,7 +113,7 @@ impl RetryThrottle {
         self.bucket.tokens.load(Ordering::Relaxed) * 2 > self.bucket.max
     }
 
-    /// An attempt failed with a retryable code.
+    /// An attempt failed with a retryable code or with server pushback.
     pub fn on_failure(&self) {
         let _ = self
             .bucket
@@ -121,7 +123,7 @@ impl RetryThrottle {
             });
     }
 
-    /// An attempt ended any other way.
+    /// A call ended with OK.
     pub fn on_success(&self) {
         let (max, ratio) = (self.bucket.max, self.bucket.ratio);
         let _ = self
