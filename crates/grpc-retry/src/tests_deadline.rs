@@ -211,7 +211,7 @@ async fn an_expired_deadline_is_not_sent() {
             std::task::Poll::Ready(result) => result,
             std::task::Poll::Pending => panic!("{what}: the call was sent"),
         };
-        let err = result.as_ref().err().expect("an error");
+        let err = result.as_ref().expect_err("an error");
         assert!(
             grpc_resilience_core::error::find_error::<grpc_resilience_core::error::LocalRejection>(
                 &**err
