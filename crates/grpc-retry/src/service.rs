@@ -112,22 +112,35 @@ where
             return ResponseFuture::passthrough(self.inner.call(request));
         };
 
-        // The call's one deadline: recorded above, or from the caller's
-        // `grpc-timeout`, and recorded here for the layers below.
-        let deadline = CallDeadline::get_or_insert(&mut request);
+        // The call's one deadline: the one recorded above, or else the
+        // caller's `grpc-timeout` read now (`CallDeadline::get_or_insert`,
+        // with the recording done below, after the head is kept).
+        let recorded = request.extensions().get::<CallDeadline>().copied();
+        let deadline = recorded.or_else(|| CallDeadline::of_request(&request));
         if let Some(deadline) = deadline {
             let now = Instant::now();
             if deadline.has_passed_at(now) {
                 return ResponseFuture::failed(deadline_passed());
             }
-            // The first attempt is sent now, with the time left now.
-            deadline.write_header(request.headers_mut(), now);
+            // The first attempt is sent now, with the time left now. A
+            // header read just now already says so: no need to rewrite it.
+            if recorded.is_some() {
+                deadline.write_header(request.headers_mut(), now);
+            }
         }
         let (mut parts, body) = request.into_parts();
         if policy.idempotency_keys && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
         }
+        // Retries record the deadline on each attempt themselves, so the kept
+        // head need not hold it.
         let head = Head::of(&parts);
+        if recorded.is_none()
+            && let Some(deadline) = deadline
+        {
+            // For the layers below.
+            parts.extensions.insert(deadline);
+        }
         let (body, recording) = Replay::first(body, self.shared.limits.clone(), head);
         let request = Request::from_parts(parts, B::from_replay(body));
 

@@ -411,6 +411,20 @@ async fn pushback_up_to_the_bound_is_waited_and_above_it_is_not() {
     );
     tokio::time::advance(Duration::from_secs(5)).await;
     assert!(handle.poll_request().is_pending());
+
+    // A call can set its own bound.
+    let mut req = request(GET, None);
+    req.extensions_mut()
+        .insert(RetryOverride::new().with_max_pushback(Duration::from_millis(100)));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![with_pushback(Code::Unavailable, "200")],
+    )
+    .await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(status_of(result).code(), Code::Unavailable);
 }
 
 // Item 12: the throttle counts what gRFC A6 counts.
