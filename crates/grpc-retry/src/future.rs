@@ -16,7 +16,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::decide::{Ended, Pushback, ended};
-use crate::replay::{Recording, ReplayBody, ReplayableBody};
+use crate::replay::{Recording, ReplayableBody};
 use crate::{RetryPolicy, Shared, backoff};
 
 /// The header that tells the server how many attempts came before.
@@ -28,8 +28,9 @@ pub(crate) const PREVIOUS_ATTEMPTS: http::HeaderName =
 pub(crate) struct Ctx<S, B> {
     pub(crate) service: S,
     // The request head lives in the recording, shared with the bodies, so
-    // this context (and the future holding it) stays small.
-    pub(crate) recording: Arc<Recording<B>>,
+    // this context (and the future holding it) stays small. Dropping it
+    // (the call is over) releases what no attempt still needs.
+    pub(crate) recording: Recording<B>,
     pub(crate) policy: RetryPolicy,
     pub(crate) shared: Arc<Shared>,
     pub(crate) attempts: u32,
@@ -153,7 +154,7 @@ impl<S, B> Ctx<S, B> {
     where
         B: ReplayableBody,
     {
-        let mut request = Request::new(B::from_replay(ReplayBody::replay(&self.recording)));
+        let mut request = Request::new(B::from_replay(self.recording.replay()));
         let head = self.recording.head();
         *request.method_mut() = head.method.clone();
         *request.uri_mut() = head.uri.clone();
@@ -214,11 +215,16 @@ where
     let mut last = first;
     loop {
         tokio::time::sleep(delay).await;
+        // The body may have outgrown the replay limit during the backoff:
+        // a replay would lack bytes, so the caller gets the last outcome.
+        if !ctx.recording.replayable() {
+            ctx.finish();
+            return last;
+        }
         let Some(request) = ctx.next_request() else {
             ctx.finish();
             return last;
         };
-        drop(last);
         ctx.attempts += 1;
         let span = ctx.span();
         let result = async {
@@ -229,6 +235,14 @@ where
         }
         .instrument(span)
         .await;
+        // The attempt's body could not be replayed byte for byte (it failed
+        // rather than send a different body): its outcome says nothing about
+        // the call, so the caller gets the previous attempt's.
+        if ctx.recording.latest_refused() {
+            ctx.finish();
+            return last;
+        }
+        drop(last);
         match ctx.next_delay(&result) {
             Some(next) => {
                 delay = next;

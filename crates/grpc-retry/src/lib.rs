@@ -83,12 +83,13 @@ mod policy;
 mod replay;
 mod retry_override;
 mod service;
+mod sync;
 mod throttle;
 
 pub use backoff::{Jitter, base_delay, jittered};
 pub use layer::{DEFAULT_PER_CALL_BUFFER, DEFAULT_TOTAL_BUFFER, RetryLayer};
 pub use policy::{DEFAULT_RETRYABLE_CODES, RetryConfigError, RetryPolicies, RetryPolicy};
-pub use replay::{ReplayBody, ReplayableBody};
+pub use replay::{ReplayBody, ReplayUnavailable, ReplayableBody};
 pub use retry_override::RetryOverride;
 pub use service::{IDEMPOTENCY_KEY, Retry};
 pub use throttle::RetryThrottle;

@@ -42,8 +42,7 @@ async fn a_replay_is_byte_identical_with_trailers() {
         Frame::data(Bytes::from_static(b"world")),
         Frame::trailers(trailers()),
     ];
-    let (mut first, shared) =
-        ReplayBody::first(original(frames), limits.clone(), Head::empty());
+    let (mut first, shared) = ReplayBody::first(original(frames), limits.clone(), Head::empty());
     let (data, t) = read_all(&mut first).await;
     assert_eq!(data, b"hello world");
     assert_eq!(t, Some(trailers()));
@@ -51,7 +50,7 @@ async fn a_replay_is_byte_identical_with_trailers() {
     drop(first);
     assert_eq!(limits.in_use(), 11);
     for _ in 0..3 {
-        let mut again = ReplayBody::replay(&shared);
+        let mut again = shared.replay();
         assert_eq!(again.size_hint().exact(), Some(11));
         let (data, t) = read_all(&mut again).await;
         assert_eq!(data, b"hello world");
@@ -75,7 +74,7 @@ async fn a_replay_continues_where_the_first_attempt_stopped() {
     let frame = first.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
 
-    let mut second = ReplayBody::replay(&shared);
+    let mut second = shared.replay();
     // The first attempt still holds the original: the replay of what was
     // recorded works, then the second waits for the original.
     let frame = second.frame().await.unwrap().unwrap();
@@ -92,7 +91,7 @@ async fn a_replay_continues_where_the_first_attempt_stopped() {
     let (rest, _) = read_all(&mut second).await;
     assert_eq!(rest, b"two");
     assert!(shared.replayable());
-    let (all, _) = read_all(&mut ReplayBody::replay(&shared)).await;
+    let (all, _) = read_all(&mut shared.replay()).await;
     assert_eq!(all, b"one,two");
 }
 
@@ -103,8 +102,7 @@ async fn a_body_over_the_per_call_cap_is_sent_but_not_replayable() {
         Frame::data(Bytes::from_static(b"12345")),
         Frame::data(Bytes::from_static(b"67890")),
     ];
-    let (mut first, shared) =
-        ReplayBody::first(original(frames), limits.clone(), Head::empty());
+    let (mut first, shared) = ReplayBody::first(original(frames), limits.clone(), Head::empty());
     let (data, _) = read_all(&mut first).await;
     assert_eq!(data, b"1234567890", "every byte still goes out");
     assert!(!shared.replayable());
@@ -209,22 +207,34 @@ async fn a_waiting_replay_is_woken_when_the_original_is_read_to_its_end() {
     let (mut first, shared) = ReplayBody::first(body, limits, Head::empty());
     push(&tx, b"one,").await;
     let mut server1 = tokio_test::task::spawn(());
-    assert_eq!(poll_out(&mut server1, &mut first), (b"one,".to_vec(), Stop::Pending));
+    assert_eq!(
+        poll_out(&mut server1, &mut first),
+        (b"one,".to_vec(), Stop::Pending)
+    );
 
-    let mut second = ReplayBody::replay(&shared);
+    let mut second = shared.replay();
     let mut server2 = tokio_test::task::spawn(());
-    assert_eq!(poll_out(&mut server2, &mut second), (b"one,".to_vec(), Stop::Pending));
+    assert_eq!(
+        poll_out(&mut server2, &mut second),
+        (b"one,".to_vec(), Stop::Pending)
+    );
 
     // The first attempt (its server keeps reading) reads the original to its
     // end while the replay waits for it.
     push(&tx, b"two").await;
     drop(tx);
-    assert_eq!(poll_out(&mut server1, &mut first), (b"two".to_vec(), Stop::End));
+    assert_eq!(
+        poll_out(&mut server1, &mut first),
+        (b"two".to_vec(), Stop::End)
+    );
     assert!(
         server2.is_woken(),
         "the original's end (and its new data) must wake the waiting replay"
     );
-    assert_eq!(poll_out(&mut server2, &mut second), (b"two".to_vec(), Stop::End));
+    assert_eq!(
+        poll_out(&mut server2, &mut second),
+        (b"two".to_vec(), Stop::End)
+    );
 }
 
 #[tokio::test]
@@ -235,16 +245,22 @@ async fn a_waiting_replay_is_woken_and_fails_when_the_original_fails() {
     push(&tx, b"one,").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).1, Stop::Pending);
-    let mut second = ReplayBody::replay(&shared);
+    let mut second = shared.replay();
     let mut server2 = tokio_test::task::spawn(());
-    assert_eq!(poll_out(&mut server2, &mut second), (b"one,".to_vec(), Stop::Pending));
+    assert_eq!(
+        poll_out(&mut server2, &mut second),
+        (b"one,".to_vec(), Stop::Pending)
+    );
 
     tx.send(Err(std::io::Error::other("client went away")))
         .await
         .unwrap();
     let (_, stop) = poll_out(&mut server1, &mut first);
     assert!(matches!(stop, Stop::Failed(_)), "{stop:?}");
-    assert!(server2.is_woken(), "the original's failure must wake the replay");
+    assert!(
+        server2.is_woken(),
+        "the original's failure must wake the replay"
+    );
     let (rest, stop) = poll_out(&mut server2, &mut second);
     assert!(rest.is_empty());
     assert!(
@@ -262,22 +278,40 @@ async fn a_replay_in_flight_fails_rather_than_end_early_when_the_original_crosse
     push(&tx, b"1234").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).0, b"1234");
-    let mut second = ReplayBody::replay(&shared);
+    let mut second = shared.replay();
     let mut server2 = tokio_test::task::spawn(());
-    assert_eq!(poll_out(&mut server2, &mut second), (b"1234".to_vec(), Stop::Pending));
+    assert_eq!(
+        poll_out(&mut server2, &mut second),
+        (b"1234".to_vec(), Stop::Pending)
+    );
 
     // The first attempt's server keeps reading: 12 bytes, over the cap of 8.
     push(&tx, b"5678").await;
     push(&tx, b"9abc").await;
     drop(tx);
-    assert_eq!(poll_out(&mut server1, &mut first), (b"56789abc".to_vec(), Stop::End));
+    assert_eq!(
+        poll_out(&mut server1, &mut first),
+        (b"56789abc".to_vec(), Stop::End)
+    );
     let (rest, stop) = poll_out(&mut server2, &mut second);
     assert!(
         matches!(&stop, Stop::Failed(text) if text.contains("buffer limit")),
         "the replay must fail, not send {:?} as the whole body: {stop:?}",
         String::from_utf8_lossy(&[b"1234".as_slice(), &rest].concat()),
     );
+    // The error is typed, for code that looks through a failed attempt.
+    let err = server2
+        .enter(|cx, _| Pin::new(&mut second).poll_frame(cx))
+        .map(|f| f.and_then(Result::err));
+    let Poll::Ready(Some(err)) = err else {
+        panic!("a refused replay keeps failing: {err:?}");
+    };
+    assert_eq!(
+        err.downcast_ref::<ReplayUnavailable>(),
+        Some(&ReplayUnavailable::BufferLimitExceeded)
+    );
     assert!(!shared.replayable());
+    assert_eq!(limits.in_use(), 0, "nothing held once over the cap");
 }
 
 #[tokio::test]
@@ -288,12 +322,19 @@ async fn a_replay_never_reads_on_past_a_gap_when_the_original_is_handed_back() {
     push(&tx, b"1234").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).0, b"1234");
-    let mut second = ReplayBody::replay(&shared);
+    let mut second = shared.replay();
     let mut server2 = tokio_test::task::spawn(());
-    assert_eq!(poll_out(&mut server2, &mut second), (b"1234".to_vec(), Stop::Pending));
+    assert_eq!(
+        poll_out(&mut server2, &mut second),
+        (b"1234".to_vec(), Stop::Pending)
+    );
 
     push(&tx, b"56789").await;
-    assert_eq!(poll_out(&mut server1, &mut first).0, b"56789", "over the cap");
+    assert_eq!(
+        poll_out(&mut server1, &mut first).0,
+        b"56789",
+        "over the cap"
+    );
     // The first attempt's stream is reset now: the original is handed back.
     drop(first);
     push(&tx, b"tail").await;
@@ -485,7 +526,11 @@ mod through_the_service {
         let (req1, send1) = handle.next_request().await.unwrap();
         let mut body1 = req1.into_body();
         assert_eq!(next_frame(&mut body1).await, Bytes::from_static(b"abcd"));
-        assert_eq!(layer.buffered_bytes(), 4, "recorded while it may be retried");
+        assert_eq!(
+            layer.buffered_bytes(),
+            4,
+            "recorded while it may be retried"
+        );
         send1.send_response(headers_only());
         assert_eq!(code_of(call.await.unwrap()), Code::Ok);
         assert_eq!(
@@ -535,7 +580,10 @@ mod through_the_service {
         let Ok(Some((req2, send2))) = second else {
             panic!("the unary call was not retried: the budget is held by committed streams");
         };
-        assert_eq!(read_to_end(req2.into_body()).await, (unary.to_vec(), Stop::End));
+        assert_eq!(
+            read_to_end(req2.into_body()).await,
+            (unary.to_vec(), Stop::End)
+        );
         send2.send_response(headers_only());
         assert_eq!(code_of(call.await.unwrap()), Code::Ok);
         drop(streams);
