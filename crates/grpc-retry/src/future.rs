@@ -188,6 +188,25 @@ impl<S, B> Ctx<S, B> {
         span
     }
 
+    /// The body can no longer be replayed byte for byte (it outgrew the
+    /// replay limit after the retry was decided): retrying stops.
+    fn replay_lost(&self) {
+        let (service, method) = self.labels();
+        metrics::counter!(
+            "grpc.retry.buffer_exceeded",
+            "service" => service.to_owned(),
+            "method" => method.to_owned(),
+        )
+        .increment(1);
+        tracing::debug!(
+            service,
+            method,
+            attempt = self.attempts,
+            "retry abandoned: the request body outgrew the replay limit; returning the previous attempt's outcome"
+        );
+        self.finish();
+    }
+
     fn finish(&self) {
         if self.attempts > 1
             && let Some(first) = self.first_ended
@@ -218,7 +237,7 @@ where
         // The body may have outgrown the replay limit during the backoff:
         // a replay would lack bytes, so the caller gets the last outcome.
         if !ctx.recording.replayable() {
-            ctx.finish();
+            ctx.replay_lost();
             return last;
         }
         let Some(request) = ctx.next_request() else {
@@ -239,7 +258,7 @@ where
         // rather than send a different body): its outcome says nothing about
         // the call, so the caller gets the previous attempt's.
         if ctx.recording.latest_refused() {
-            ctx.finish();
+            ctx.replay_lost();
             return last;
         }
         drop(last);

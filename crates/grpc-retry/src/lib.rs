@@ -10,6 +10,12 @@
 //!   default; a call over either is still sent, just not retried.
 //!   Client-streaming calls are retried while they fit; a retry that starts
 //!   before the first attempt's body is done goes on reading the original.
+//!   A retry never sends a body the first attempt did not send: if the body
+//!   outgrows a limit once the retry has started (a server answered early
+//!   and keeps reading), the retry is not sent, or its body fails with
+//!   [`ReplayUnavailable`] (its stream is reset), and the caller gets the
+//!   previous attempt's outcome. Once a call is committed or answered its
+//!   recording is released, so long-lived streams hold no replay memory.
 //! * **Commit rule.** Once non-Trailers-Only response headers arrive, the
 //!   call is committed and returned; it is never retried after that. A
 //!   Trailers-Only response with a retryable code is retried.
@@ -69,7 +75,7 @@
 //! `grpc.retry.count` (labels `service`, `method`, `code`) per retry,
 //! `grpc.retry.duration` (seconds a retried call spent after its first
 //! attempt), `grpc.retry.throttled` and `grpc.retry.buffer_exceeded`
-//! (calls not retried for those reasons). Each retry logs a WARN worded as
+//! (calls not retried, or whose retry was abandoned, for those reasons). Each retry logs a WARN worded as
 //! the seed's, `gRPC call failed with unavailable, retrying in 200ms
 //! (attempt 1/3)`, with the fields `service`, `method`, `code`, `attempt`,
 //! `delay_ms`; each attempt runs in a `grpc_attempt` span with its number.
