@@ -348,6 +348,54 @@ async fn a_replay_never_reads_on_past_a_gap_when_the_original_is_handed_back() {
     assert_eq!(limits.in_use(), 0);
 }
 
+#[tokio::test]
+async fn a_call_committed_on_a_lagging_replay_keeps_only_what_it_has_not_sent() {
+    let limits = Arc::new(Limits::new(1024, 4096));
+    let (tx, body) = channel_body(4);
+    let (mut first, recording) = ReplayBody::first(body, limits.clone(), Head::empty());
+    push(&tx, b"ab").await;
+    push(&tx, b"cd").await;
+    let mut server1 = tokio_test::task::spawn(());
+    assert_eq!(poll_out(&mut server1, &mut first).0, b"abcd");
+    let mut second = recording.replay();
+    let mut server2 = tokio_test::task::spawn(());
+    assert_eq!(
+        second.frame().await.unwrap().unwrap().into_data().unwrap(),
+        Bytes::from_static(b"ab")
+    );
+    // The second attempt's response headers came: the call is committed
+    // while its body lags behind the first attempt's.
+    drop(recording);
+    assert_eq!(limits.in_use(), 2, "only `cd`, which it has not sent");
+    assert_eq!(
+        poll_out(&mut server2, &mut second),
+        (b"cd".to_vec(), Stop::Pending)
+    );
+    assert_eq!(limits.in_use(), 0, "freed as it is sent");
+    // The first attempt's server reads on: what it reads is kept for the
+    // committed attempt only until that one sends it.
+    push(&tx, b"ef").await;
+    assert_eq!(poll_out(&mut server1, &mut first).0, b"ef");
+    assert_eq!(limits.in_use(), 2);
+    assert!(server2.is_woken());
+    assert_eq!(
+        poll_out(&mut server2, &mut second),
+        (b"ef".to_vec(), Stop::Pending)
+    );
+    assert_eq!(limits.in_use(), 0);
+    // The first attempt is reset: the committed one reads the original
+    // itself, and nothing is recorded any more.
+    drop(first);
+    assert!(server2.is_woken());
+    push(&tx, b"gh").await;
+    drop(tx);
+    assert_eq!(
+        poll_out(&mut server2, &mut second),
+        (b"gh".to_vec(), Stop::End)
+    );
+    assert_eq!(limits.in_use(), 0);
+}
+
 // Through the service, with a mock server.
 
 mod through_the_service {
