@@ -101,7 +101,7 @@ fn drain(body: &mut ReplayBody<Script>) -> (Vec<u8>, Outcome) {
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(3);
+        builder.preemption_bound = Some(4);
     }
     builder.check(f);
 }
