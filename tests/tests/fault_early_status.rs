@@ -31,14 +31,14 @@ fn framed(products: &[Product]) -> Vec<u8> {
     body
 }
 
-/// Streams `products` one at a time, 5 ms apart, so the answer comes first.
+/// Streams `products` one at a time, 20 ms apart, so the answer comes first.
 fn slow_stream(
     products: Vec<Product>,
 ) -> tonic::codegen::tokio_stream::wrappers::ReceiverStream<Product> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         for p in products {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             if tx.send(p).await.is_err() {
                 return;
             }
