@@ -67,6 +67,10 @@ pub(crate) enum Action {
     LoseResponse,
     Reset(ResetReason),
     DropConnection,
+    EarlyStatus {
+        code: Code,
+        message: String,
+    },
 }
 
 impl Fault {
@@ -120,6 +124,24 @@ impl Fault {
     /// streaming method the call lasts as long as the stream.
     pub fn lose_response() -> Self {
         Fault::new(Action::LoseResponse)
+    }
+
+    /// Answers with `code` as a Trailers-Only response at once, then keeps
+    /// reading the request body to its end without resetting the stream;
+    /// the handler does not run. tonic servers reset a client stream they
+    /// answered early; some servers and proxies do not, and a client keeps
+    /// sending. The bytes read count in the call's record
+    /// ([`RecordedCall::bytes_received`](crate::RecordedCall::bytes_received)
+    /// and its digest), so a test can check what such a server got. The
+    /// reading ends with the client's stream (or its connection).
+    pub fn early_status(code: Code) -> Self {
+        Fault::new(Action::EarlyStatus {
+            code,
+            message: format!(
+                "injected fault (answered early, reading on): {}",
+                code.description()
+            ),
+        })
     }
 
     /// Resets the HTTP/2 stream before the handler runs.
@@ -182,7 +204,7 @@ impl Fault {
 
     /// A short name for logs and call records: `pass`, `status`,
     /// `status_after_messages`, `slow_stream`, `lose_response`, `reset`,
-    /// `drop_connection`.
+    /// `drop_connection`, `early_status`.
     pub fn name(&self) -> &'static str {
         match self.action {
             Action::Pass => "pass",
@@ -192,6 +214,7 @@ impl Fault {
             Action::LoseResponse => "lose_response",
             Action::Reset(_) => "reset",
             Action::DropConnection => "drop_connection",
+            Action::EarlyStatus { .. } => "early_status",
         }
     }
 }

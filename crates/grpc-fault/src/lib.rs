@@ -13,6 +13,7 @@
 //! | [`Fault::lose_response`] | `UNAVAILABLE`, though the handler ran to the end (the write happened) | yes |
 //! | [`Fault::reset`] | the HTTP/2 stream reset, e.g. `REFUSED_STREAM` | no |
 //! | [`Fault::drop_connection`] | the whole connection gone | no |
+//! | [`Fault::early_status`] | a Trailers-Only error at once, while the server reads the request body on (no reset) | no |
 //!
 //! Faults follow a script per method (call 1 fails with X, call 2
 //! succeeds, ...) or a seeded probability (reproducible), set and changed
@@ -182,6 +183,16 @@ impl std::error::Error for ResetStream {
     }
 }
 
+/// Reads a request body to its end (or its first error).
+async fn read_to_end<B: Body>(body: B) {
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if frame.is_err() {
+            break;
+        }
+    }
+}
+
 fn trailers_only<B>(
     code: Code,
     message: &str,
@@ -254,6 +265,14 @@ where
                 Action::Reset(reason) => {
                     guard.finish();
                     Err(ResetStream::new(reason).into())
+                }
+                Action::EarlyStatus { code, message } => {
+                    guard.finish();
+                    // Holding the request body keeps the stream open: read it
+                    // to its end, recording what arrives.
+                    let body = RequestBody::new(request.into_body(), call.clone());
+                    tokio::spawn(read_to_end(body));
+                    Ok(trailers_only(code, &message, None))
                 }
                 Action::DropConnection => {
                     guard.finish();

@@ -66,7 +66,8 @@ pub struct RecordedCall {
     pub fault: &'static str,
     /// Whether the handler ran.
     pub handler_ran: bool,
-    /// Request body bytes the handler read so far.
+    /// Request body bytes the handler read so far (for
+    /// [`Fault::early_status`](crate::Fault::early_status), the layer).
     pub bytes_received: u64,
     /// FNV-1a digest of those bytes ([`body_digest`]); equal digests
     /// mean byte-identical bodies.

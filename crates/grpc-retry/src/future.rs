@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::ResponseBody;
 use crate::decide::{Ended, Pushback, ended};
-use crate::replay::{Recording, ReplayBody, ReplayableBody};
+use crate::replay::{Recording, ReplayableBody};
 use crate::{RetryPolicy, Shared, backoff};
 
 /// The header that tells the server how many attempts came before.
@@ -30,8 +30,9 @@ pub(crate) const PREVIOUS_ATTEMPTS: http::HeaderName =
 pub(crate) struct Ctx<S, B> {
     pub(crate) service: S,
     // The request head lives in the recording, shared with the bodies, so
-    // this context (and the future holding it) stays small.
-    pub(crate) recording: Arc<Recording<B>>,
+    // this context (and the future holding it) stays small. Dropping it
+    // (the call is over) releases what no attempt still needs.
+    pub(crate) recording: Recording<B>,
     pub(crate) policy: RetryPolicy,
     pub(crate) shared: Arc<Shared>,
     pub(crate) attempts: u32,
@@ -209,7 +210,7 @@ impl<S, B> Ctx<S, B> {
     where
         B: ReplayableBody,
     {
-        let mut request = Request::new(B::from_replay(ReplayBody::replay(&self.recording)));
+        let mut request = Request::new(B::from_replay(self.recording.replay()));
         let head = self.recording.head();
         *request.method_mut() = head.method.clone();
         *request.uri_mut() = head.uri.clone();
@@ -271,6 +272,25 @@ impl<S, B> Ctx<S, B> {
             span.record("method", method);
         }
         span
+    }
+
+    /// The body can no longer be replayed byte for byte (it outgrew the
+    /// replay limit after the retry was decided): retrying stops.
+    fn replay_lost(&self) {
+        let (service, method) = self.labels();
+        metrics::counter!(
+            "grpc.retry.buffer_exceeded",
+            "service" => service.to_owned(),
+            "method" => method.to_owned(),
+        )
+        .increment(1);
+        tracing::debug!(
+            service,
+            method,
+            attempt = self.attempts,
+            "retry abandoned: the request body outgrew the replay limit; returning the previous attempt's outcome"
+        );
+        self.finish();
     }
 
     fn finish(&self) {
@@ -388,6 +408,12 @@ where
     let mut last = first;
     loop {
         tokio::time::sleep(delay).await;
+        // The body may have outgrown the replay limit during the backoff:
+        // a replay would lack bytes, so the caller gets the last outcome.
+        if !ctx.recording.replayable() {
+            ctx.replay_lost();
+            return deliver(&ctx, last, Next::Return);
+        }
         // Wait for the service, but never past the deadline.
         let ready = std::future::poll_fn(|cx| ctx.service.poll_ready(cx));
         let ready = match ctx.deadline {
@@ -414,7 +440,6 @@ where
                     ctx.finish();
                     return Err(ctx.deadline_passed(last));
                 }
-                drop(last);
                 let request = ctx.next_request(now);
                 ctx.attempts += 1;
                 let span = ctx.span();
@@ -425,6 +450,14 @@ where
                     .map_err(Into::into)
             }
         };
+        // The attempt's body could not be replayed byte for byte (it failed
+        // rather than send a different body): its outcome says nothing about
+        // the call, so the caller gets the previous attempt's.
+        if ctx.recording.latest_refused() {
+            ctx.replay_lost();
+            return deliver(&ctx, last, Next::Return);
+        }
+        drop(last);
         sanitize(&mut result);
         match ctx.next_delay(&result) {
             Next::Retry(next) => {

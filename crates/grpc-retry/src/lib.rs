@@ -10,6 +10,12 @@
 //!   default; a call over either is still sent, just not retried.
 //!   Client-streaming calls are retried while they fit; a retry that starts
 //!   before the first attempt's body is done goes on reading the original.
+//!   A retry never sends a body the first attempt did not send: if the body
+//!   outgrows a limit once the retry has started (a server answered early
+//!   and keeps reading), the retry is not sent, or its body fails with
+//!   [`ReplayUnavailable`] (its stream is reset), and the caller gets the
+//!   previous attempt's outcome. Once a call is committed or answered its
+//!   recording is released, so long-lived streams hold no replay memory.
 //! * **Commit rule.** Once non-Trailers-Only response headers arrive, the
 //!   call is committed and returned; it is never retried after that. A
 //!   Trailers-Only response with a retryable code is retried.
@@ -109,6 +115,7 @@ mod policy;
 mod replay;
 mod retry_override;
 mod service;
+mod sync;
 mod throttle;
 
 pub use backoff::{Jitter, base_delay, jittered};
@@ -117,7 +124,7 @@ pub use layer::{DEFAULT_PER_CALL_BUFFER, DEFAULT_TOTAL_BUFFER, RetryLayer};
 pub use policy::{
     DEFAULT_MAX_PUSHBACK, DEFAULT_RETRYABLE_CODES, RetryConfigError, RetryPolicies, RetryPolicy,
 };
-pub use replay::{ReplayBody, ReplayableBody};
+pub use replay::{ReplayBody, ReplayUnavailable, ReplayableBody};
 pub use retry_override::RetryOverride;
 pub use service::{IDEMPOTENCY_KEY, Retry};
 pub use throttle::RetryThrottle;

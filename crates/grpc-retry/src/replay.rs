@@ -1,10 +1,34 @@
 //! Request-body replay: tonic request bodies are not `Clone`, so the body
-//! is recorded as the first attempt sends it and replayed for the next.
+//! is recorded as the attempts read it and replayed for the next attempt.
+//!
+//! # The state machine
+//!
+//! The attempts of one call share one [`Inner`]: each attempt's body is a
+//! [`ReplayBody`], and the retry future holds the call's [`Recording`].
+//!
+//! * **One reader.** The original body is read by one attempt at a time,
+//!   the reader; its data frames are numbered in the order read (`read`
+//!   counts them). An attempt that is dropped while reading hands the
+//!   original back.
+//! * **No gap, by construction.** Each attempt has sent frames `0..pos`. It
+//!   sends frame `pos` from the recording; once `pos == read` it has sent
+//!   everything read so far, and only then may it read the original itself
+//!   (when handed back) or wait for the reader. A frame that is neither
+//!   recorded nor next from the original fails the attempt with
+//!   [`ReplayUnavailable`]: an attempt never sends a different body.
+//! * **What is kept** ([`Keep`]): every frame while the call may be retried;
+//!   once the call is over (committed, or returned to the caller), only what
+//!   its last attempt still has to send when it lags behind the reader,
+//!   freed as it is sent; nothing after the body crossed a buffer limit or
+//!   failed. Bytes held are counted in the layer's [`Limits`].
+//! * **Wakeups.** Every change a waiting attempt may wait for (a new frame,
+//!   the end, a failure, the original handed back) wakes every waiting
+//!   attempt.
 
+use std::error::Error;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
@@ -13,6 +37,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::head::Head;
+use crate::sync::{AtomicUsize, Mutex, MutexGuard, Ordering, lock};
 
 /// Request body types the retry layer can wrap: it turns a
 /// [`ReplayBody`] of the type back into the type, so the inner service
@@ -27,6 +52,44 @@ impl ReplayableBody for tonic::body::Body {
         tonic::body::Body::new(body)
     }
 }
+
+/// The error a retry attempt's request body fails with when it cannot send
+/// the call's body byte for byte. The attempt's stream is then reset, so
+/// the server never sees a body the first attempt did not send, and the
+/// caller gets the previous attempt's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplayUnavailable {
+    /// The body grew past the replay buffer limit (per call or per layer,
+    /// see [`RetryLayer::with_buffer_limits`](crate::RetryLayer::with_buffer_limits))
+    /// after the retry had started: bytes this attempt still had to send
+    /// were no longer held.
+    BufferLimitExceeded,
+    /// The original request body failed (its error went to the attempt
+    /// that read it).
+    BodyFailed,
+    /// The call is over (another attempt was committed, or the call was
+    /// answered or dropped): its recording was released.
+    CallEnded,
+}
+
+impl fmt::Display for ReplayUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReplayUnavailable::BufferLimitExceeded => {
+                "request body not replayed: it grew past the retry buffer limit after the retry started"
+            }
+            ReplayUnavailable::BodyFailed => {
+                "request body not replayed: the original request body failed"
+            }
+            ReplayUnavailable::CallEnded => {
+                "request body not replayed: the call is over and its recording was released"
+            }
+        })
+    }
+}
+
+impl Error for ReplayUnavailable {}
 
 /// How much request data may be held for replay.
 #[derive(Debug)]
@@ -61,113 +124,297 @@ impl Limits {
     }
 
     fn release(&self, n: usize) {
-        self.in_use.fetch_sub(n, Ordering::AcqRel);
+        if n > 0 {
+            self.in_use.fetch_sub(n, Ordering::AcqRel);
+        }
     }
 }
 
-/// Recorded data frames; the first is kept inline, as a unary call's
-/// body is one frame.
+/// Recorded data frames in order; the first is kept inline, as a unary
+/// call's body is one frame.
 #[derive(Default)]
 struct Chunks {
     first: Option<Bytes>,
-    more: Vec<Bytes>,
+    more: std::collections::VecDeque<Bytes>,
 }
 
 impl Chunks {
-    fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.more.len()
-    }
-
     fn get(&self, i: usize) -> Option<&Bytes> {
-        match i {
-            0 => self.first.as_ref(),
-            _ => self.more.get(i - 1),
+        match &self.first {
+            Some(first) if i == 0 => Some(first),
+            Some(_) => self.more.get(i - 1),
+            None => self.more.get(i),
         }
     }
 
     fn push(&mut self, chunk: Bytes) {
-        if self.first.is_none() {
+        if self.first.is_none() && self.more.is_empty() {
             self.first = Some(chunk);
         } else {
-            self.more.push(chunk);
+            self.more.push_back(chunk);
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Bytes> {
-        self.first.iter().chain(self.more.iter())
+    fn pop_front(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| self.more.pop_front())
     }
 }
 
+/// How the original body ended.
+enum End {
+    Open,
+    /// Ended, with trailers or not.
+    Done(Option<HeaderMap>),
+    Failed,
+}
+
+/// What the recording keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// Every frame: the call may be retried.
+    All,
+    /// The call is over; this attempt lags behind the reader, so frames it
+    /// has not sent yet are kept (and freed as it sends them).
+    For(u32),
+    /// Nothing, and nothing more is recorded.
+    Nothing(ReplayUnavailable),
+}
+
 struct State<B> {
-    // Data frames as the original body yielded them (zero-copy `Bytes`).
+    // Recorded frames from `base` on; unless nothing is kept, that is every
+    // frame from `base` to `read`.
     chunks: Chunks,
+    base: usize,
+    // Bytes of `chunks`, reserved in the layer's limits.
     buffered: usize,
-    trailers: Option<HeaderMap>,
-    // The original body, when no attempt is reading from it.
+    // Data frames read from the original so far.
+    read: usize,
+    end: End,
+    // The original body, when no attempt is reading it.
     rest: Option<B>,
-    // The original body has ended.
-    done: bool,
-    // Too large (or broken) to replay; nothing is held any more.
-    capped: bool,
-    // An attempt waiting for the previous one to give the original back.
-    waiter: Option<Waker>,
+    // The attempt reading the original, if any.
+    reader: Option<u32>,
+    keep: Keep,
+    // The newest attempt, whether its body is alive, how far it has sent,
+    // and whether it failed for want of recorded data.
+    latest: u32,
+    latest_live: bool,
+    latest_pos: usize,
+    latest_refused: bool,
+    // Attempts waiting for the reader, by attempt number.
+    waiters: Vec<(u32, Waker)>,
+}
+
+impl<B> State<B> {
+    /// Frees every recorded frame and stops recording.
+    fn clear(&mut self, limits: &Limits, why: ReplayUnavailable) {
+        limits.release(std::mem::take(&mut self.buffered));
+        self.chunks = Chunks::default();
+        self.base = self.read;
+        if !matches!(self.keep, Keep::Nothing(_)) {
+            self.keep = Keep::Nothing(why);
+        }
+    }
+
+    /// Frees the recorded frames before `pos`.
+    fn free_before(&mut self, pos: usize, limits: &Limits) {
+        while self.base < pos {
+            let Some(chunk) = self.chunks.pop_front() else {
+                self.base = pos;
+                break;
+            };
+            limits.release(chunk.len());
+            self.buffered -= chunk.len();
+            self.base += 1;
+        }
+    }
+
+    /// Recorded frame `i`, if held.
+    fn chunk(&self, i: usize) -> Option<&Bytes> {
+        if matches!(self.keep, Keep::Nothing(_)) {
+            return None;
+        }
+        self.chunks.get(i.checked_sub(self.base)?)
+    }
+
+    /// Records the frame `attempt` (the reader) just read, if another
+    /// attempt may need it.
+    fn record(&mut self, attempt: u32, data: &Bytes, limits: &Limits) {
+        let needed = match self.keep {
+            Keep::All => true,
+            Keep::For(lagging) => lagging != attempt,
+            Keep::Nothing(_) => false,
+        };
+        if !needed {
+            // Kept contiguous: nothing is recorded past a frame not kept.
+            if !matches!(self.keep, Keep::Nothing(_)) {
+                self.clear(limits, ReplayUnavailable::CallEnded);
+            }
+            return;
+        }
+        let fits = self.buffered + data.len() <= limits.per_call;
+        if fits && limits.reserve(data.len()) {
+            self.buffered += data.len();
+            self.chunks.push(data.clone());
+        } else {
+            // This attempt goes on; no later one can replay the body.
+            self.clear(limits, ReplayUnavailable::BufferLimitExceeded);
+        }
+    }
+
+    /// `attempt` sent every frame before `pos`.
+    fn sent(&mut self, attempt: u32, pos: usize, limits: &Limits) {
+        if attempt == self.latest {
+            self.latest_pos = pos;
+        }
+        if self.keep == Keep::For(attempt) {
+            self.free_before(pos, limits);
+        }
+    }
+
+    /// Why `attempt` cannot go on; noted for the retry future.
+    fn refuse(&mut self, attempt: u32) -> ReplayUnavailable {
+        if attempt == self.latest {
+            self.latest_refused = true;
+        }
+        match (self.keep, &self.end) {
+            (Keep::Nothing(why), _) => why,
+            (_, End::Failed) => ReplayUnavailable::BodyFailed,
+            _ => ReplayUnavailable::CallEnded,
+        }
+    }
+
+    fn wait(&mut self, attempt: u32, waker: &Waker) {
+        match self.waiters.iter_mut().find(|(a, _)| *a == attempt) {
+            Some((_, w)) if w.will_wake(waker) => {}
+            Some((_, w)) => w.clone_from(waker),
+            None => self.waiters.push((attempt, waker.clone())),
+        }
+    }
+
+    /// The waiting attempts, to wake once the lock is released.
+    fn wakers(&mut self) -> Vec<(u32, Waker)> {
+        std::mem::take(&mut self.waiters)
+    }
+}
+
+fn wake(waiters: Vec<(u32, Waker)>) {
+    for (_, waker) in waiters {
+        waker.wake();
+    }
 }
 
 /// What the attempts of one call share: the request head and the body as
 /// recorded.
-pub(crate) struct Recording<B> {
+struct Inner<B> {
     head: Head,
     state: Mutex<State<B>>,
     limits: Arc<Limits>,
 }
 
+impl<B> Inner<B> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
+        lock(&self.state)
+    }
+}
+
+impl<B> Drop for Inner<B> {
+    fn drop(&mut self) {
+        let buffered = self.lock().buffered;
+        self.limits.release(buffered);
+    }
+}
+
+/// The retry future's handle on a call's recording. Dropping it (the call
+/// committed, was answered, or was dropped) releases what no attempt still
+/// needs at once.
+pub(crate) struct Recording<B> {
+    inner: Arc<Inner<B>>,
+}
+
 impl<B> fmt::Debug for Recording<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.lock();
+        let state = self.inner.lock();
         f.debug_struct("Recording")
             .field("buffered", &state.buffered)
-            .field("done", &state.done)
-            .field("capped", &state.capped)
-            .finish()
+            .field("read", &state.read)
+            .field("keep", &state.keep)
+            .finish_non_exhaustive()
     }
 }
 
 impl<B> Recording<B> {
-    fn lock(&self) -> MutexGuard<'_, State<B>> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// The head of the original request.
     pub(crate) fn head(&self) -> &Head {
-        &self.head
+        &self.inner.head
     }
 
     /// Whether another attempt can replay the body byte for byte.
     pub(crate) fn replayable(&self) -> bool {
-        !self.lock().capped
+        self.inner.lock().keep == Keep::All
     }
 
-    /// Bytes recorded so far.
+    /// The next attempt's body.
+    pub(crate) fn replay(&self) -> ReplayBody<B> {
+        let mut state = self.inner.lock();
+        state.latest += 1;
+        state.latest_live = true;
+        state.latest_pos = 0;
+        state.latest_refused = false;
+        ReplayBody {
+            inner: self.inner.clone(),
+            attempt: state.latest,
+            pos: 0,
+            held: None,
+            trailers_sent: false,
+        }
+    }
+
+    /// Whether the newest attempt's body failed because the data it had to
+    /// send was not held ([`ReplayUnavailable`]).
+    pub(crate) fn latest_refused(&self) -> bool {
+        self.inner.lock().latest_refused
+    }
+
+    /// Bytes recorded now.
     #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {
-        self.lock().buffered
+        self.inner.lock().buffered
     }
 }
 
 impl<B> Drop for Recording<B> {
     fn drop(&mut self) {
-        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        self.limits.release(state.buffered);
+        let limits = &self.inner.limits;
+        let mut state = self.inner.lock();
+        if state.keep != Keep::All {
+            return;
+        }
+        // Nothing will be retried. The last attempt goes on (its response
+        // may be streaming); while another attempt reads the original, it
+        // may lag behind: keep what it has not sent yet. Else keep nothing.
+        let sent_all = state.latest_pos == state.read && !matches!(state.end, End::Open);
+        let lagging = state.latest_live && state.reader != Some(state.latest) && !sent_all;
+        if lagging {
+            state.keep = Keep::For(state.latest);
+            let pos = state.latest_pos;
+            state.free_before(pos, limits);
+        } else {
+            state.clear(limits, ReplayUnavailable::CallEnded);
+        }
     }
 }
 
 /// One attempt's request body: replays what earlier attempts read, then
-/// reads on from the original body, recording as it goes.
+/// reads on from the original body, recording as it goes. It fails with
+/// [`ReplayUnavailable`] rather than skip a byte.
 pub struct ReplayBody<B> {
-    shared: Arc<Recording<B>>,
-    // Next recorded chunk to send.
+    inner: Arc<Inner<B>>,
+    // 1 for the first attempt.
+    attempt: u32,
+    // Data frames sent so far.
     pos: usize,
-    // The original body while this attempt reads from it.
+    // The original body while this attempt reads it.
     held: Option<B>,
     trailers_sent: bool,
 }
@@ -175,59 +422,129 @@ pub struct ReplayBody<B> {
 impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplayBody")
+            .field("attempt", &self.attempt)
             .field("pos", &self.pos)
-            .field("holds_original", &self.held.is_some())
+            .field("reads_original", &self.held.is_some())
             .finish()
     }
 }
 
 impl<B> ReplayBody<B> {
-    /// The first attempt's body, reading from `original`.
-    pub(crate) fn first(original: B, limits: Arc<Limits>, head: Head) -> (Self, Arc<Recording<B>>) {
-        let shared = Arc::new(Recording {
+    /// The first attempt's body, reading from `original`, and the call's
+    /// recording.
+    pub(crate) fn first(original: B, limits: Arc<Limits>, head: Head) -> (Self, Recording<B>) {
+        let inner = Arc::new(Inner {
             head,
             state: Mutex::new(State {
                 chunks: Chunks::default(),
+                base: 0,
                 buffered: 0,
-                trailers: None,
+                read: 0,
+                end: End::Open,
                 rest: None,
-                done: false,
-                capped: false,
-                waiter: None,
+                reader: Some(1),
+                keep: Keep::All,
+                latest: 1,
+                latest_live: true,
+                latest_pos: 0,
+                latest_refused: false,
+                waiters: Vec::new(),
             }),
             limits,
         });
         let body = ReplayBody {
-            shared: shared.clone(),
+            inner: inner.clone(),
+            attempt: 1,
             pos: 0,
             held: Some(original),
             trailers_sent: false,
         };
-        (body, shared)
-    }
-
-    /// A later attempt's body.
-    pub(crate) fn replay(shared: &Arc<Recording<B>>) -> Self {
-        ReplayBody {
-            shared: shared.clone(),
-            pos: 0,
-            held: None,
-            trailers_sent: false,
-        }
+        (body, Recording { inner })
     }
 }
 
 impl<B> Drop for ReplayBody<B> {
     fn drop(&mut self) {
+        let mut state = self.inner.lock();
         if let Some(original) = self.held.take() {
-            let mut state = self.shared.lock();
-            if !state.done {
+            state.reader = None;
+            if matches!(state.end, End::Open) {
                 state.rest = Some(original);
-                if let Some(waker) = state.waiter.take() {
-                    waker.wake();
-                }
             }
         }
+        if self.attempt == state.latest {
+            state.latest_live = false;
+        }
+        if state.keep == Keep::For(self.attempt) {
+            state.clear(&self.inner.limits, ReplayUnavailable::CallEnded);
+        }
+        let attempt = self.attempt;
+        state.waiters.retain(|(a, _)| *a != attempt);
+        let waiters = state.wakers();
+        drop(state);
+        wake(waiters);
+    }
+}
+
+impl<B> ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Reads the next frame of the original, which this attempt holds:
+    /// `Some` with what to return, or `None` to look again (a frame kind
+    /// this layer does not know is skipped).
+    #[allow(clippy::type_complexity)]
+    fn poll_original(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Option<Result<Frame<Bytes>, BoxError>>>> {
+        let Some(original) = self.held.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(original).poll_frame(cx));
+        let limits = &self.inner.limits;
+        let mut state = self.inner.lock();
+        let out = match frame {
+            None => {
+                state.end = End::Done(None);
+                state.reader = None;
+                self.held = None;
+                None
+            }
+            Some(Err(err)) => {
+                // A broken body cannot be replayed.
+                state.end = End::Failed;
+                state.reader = None;
+                state.clear(limits, ReplayUnavailable::BodyFailed);
+                self.held = None;
+                Some(Err(err.into()))
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    state.read += 1;
+                    self.pos = state.read;
+                    state.record(self.attempt, &data, limits);
+                    state.sent(self.attempt, self.pos, limits);
+                    Some(Ok(Frame::data(data)))
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => {
+                        state.end = End::Done(Some(trailers.clone()));
+                        state.reader = None;
+                        self.held = None;
+                        self.trailers_sent = true;
+                        Some(Ok(Frame::trailers(trailers)))
+                    }
+                    // A frame kind this layer does not know: skip it.
+                    Err(_) => return Poll::Ready(None),
+                },
+            },
+        };
+        let waiters = state.wakers();
+        drop(state);
+        wake(waiters);
+        Poll::Ready(Some(out))
     }
 }
 
@@ -245,18 +562,27 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         loop {
-            // The attempt that holds the original has sent everything
-            // recorded (it recorded it): read on without a lock.
-            if this.held.is_none() {
-                let mut state = this.shared.lock();
-                if !state.capped
-                    && let Some(chunk) = state.chunks.get(this.pos).cloned()
-                {
-                    this.pos += 1;
-                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            if this.held.is_some() {
+                match ready!(this.poll_original(cx)) {
+                    Some(frame) => return Poll::Ready(frame),
+                    None => continue,
                 }
-                if state.done {
-                    return Poll::Ready(match &state.trailers {
+            }
+            let limits = &this.inner.limits;
+            let mut state = this.inner.lock();
+            if this.pos < state.read {
+                let Some(chunk) = state.chunk(this.pos).cloned() else {
+                    let why = state.refuse(this.attempt);
+                    return Poll::Ready(Some(Err(Box::new(why))));
+                };
+                this.pos += 1;
+                state.sent(this.attempt, this.pos, limits);
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            // Everything read so far is sent.
+            match &state.end {
+                End::Done(trailers) => {
+                    return Poll::Ready(match trailers {
                         Some(trailers) if !this.trailers_sent => {
                             this.trailers_sent = true;
                             Some(Ok(Frame::trailers(trailers.clone())))
@@ -264,251 +590,69 @@ where
                         _ => None,
                     });
                 }
-                if this.held.is_none() {
-                    match state.rest.take() {
-                        Some(original) => this.held = Some(original),
-                        None => {
-                            // The previous attempt still holds the original.
-                            state.waiter = Some(cx.waker().clone());
-                            return Poll::Pending;
+                End::Failed => {
+                    let why = state.refuse(this.attempt);
+                    return Poll::Ready(Some(Err(Box::new(why))));
+                }
+                End::Open => match state.rest.take() {
+                    Some(original) => {
+                        state.reader = Some(this.attempt);
+                        if state.keep == Keep::For(this.attempt) {
+                            // Caught up and reading itself: nothing is needed.
+                            state.clear(limits, ReplayUnavailable::CallEnded);
                         }
+                        this.held = Some(original);
                     }
-                }
-            }
-            let Some(original) = this.held.as_mut() else {
-                continue;
-            };
-            let frame = ready!(Pin::new(original).poll_frame(cx));
-            let limits = this.shared.limits.clone();
-            let mut state = this.shared.lock();
-            match frame {
-                None => {
-                    state.done = true;
-                    drop(state);
-                    this.held = None;
-                    return Poll::Ready(None);
-                }
-                Some(Err(err)) => {
-                    // A broken body cannot be replayed.
-                    state.capped = true;
-                    limits.release(std::mem::take(&mut state.buffered));
-                    state.chunks = Chunks::default();
-                    return Poll::Ready(Some(Err(err.into())));
-                }
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        if !state.capped {
-                            let fits = state.buffered + data.len() <= limits.per_call;
-                            if fits && limits.reserve(data.len()) {
-                                state.buffered += data.len();
-                                state.chunks.push(data.clone());
-                                this.pos += 1;
-                            } else {
-                                // Too large to replay: this attempt goes on,
-                                // the call will not be retried.
-                                state.capped = true;
-                                limits.release(std::mem::take(&mut state.buffered));
-                                state.chunks = Chunks::default();
-                            }
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    None => {
+                        // Another attempt reads the original: wait for a
+                        // frame, the end, or the original handed back.
+                        state.wait(this.attempt, cx.waker());
+                        return Poll::Pending;
                     }
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => {
-                            state.done = true;
-                            if !state.capped {
-                                state.trailers = Some(trailers.clone());
-                            }
-                            this.trailers_sent = true;
-                            drop(state);
-                            this.held = None;
-                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                        }
-                        // A frame kind this layer does not know: skip it.
-                        Err(_) => continue,
-                    },
                 },
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        // The attempt reading the original has sent all it recorded: the
+        // The attempt reading the original has sent all that was read: the
         // original knows whether more comes (so the last data frame can
         // carry END_STREAM).
         if let Some(original) = &self.held {
             return original.is_end_stream();
         }
-        let state = self.shared.lock();
-        let replayed = state.capped || self.pos >= state.chunks.len();
-        let trailers_left = state.trailers.is_some() && !self.trailers_sent;
-        state.done && replayed && !trailers_left
+        let state = self.inner.lock();
+        if self.pos < state.read {
+            return false;
+        }
+        match &state.end {
+            End::Done(trailers) => trailers.is_none() || self.trailers_sent,
+            End::Failed => false,
+            End::Open => state.rest.as_ref().is_some_and(Body::is_end_stream),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         if let Some(original) = &self.held {
             return original.size_hint();
         }
-        let state = self.shared.lock();
-        if state.done && !state.capped {
-            let left: usize = state.chunks.iter().skip(self.pos).map(Bytes::len).sum();
-            return SizeHint::with_exact(left as u64);
+        let state = self.inner.lock();
+        if !matches!(state.end, End::Done(_)) {
+            return SizeHint::default();
         }
-        SizeHint::default()
+        let mut left = 0u64;
+        for i in self.pos..state.read {
+            match state.chunk(i) {
+                Some(chunk) => left += chunk.len() as u64,
+                None => return SizeHint::default(),
+            }
+        }
+        SizeHint::with_exact(left)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body_util::{BodyExt, StreamBody};
-    use tokio::sync::mpsc;
+mod tests;
 
-    type Original =
-        StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
-
-    fn original(frames: Vec<Frame<Bytes>>) -> Original {
-        let (tx, rx) = mpsc::channel(frames.len().max(1));
-        for f in frames {
-            tx.try_send(Ok(f)).unwrap();
-        }
-        StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
-    }
-
-    async fn read_all<B: Body<Data = Bytes> + Unpin>(body: &mut B) -> (Vec<u8>, Option<HeaderMap>)
-    where
-        B::Error: fmt::Debug,
-    {
-        let mut data = Vec::new();
-        let mut trailers = None;
-        while let Some(frame) = body.frame().await {
-            match frame.unwrap().into_data() {
-                Ok(d) => data.extend_from_slice(&d),
-                Err(f) => trailers = f.into_trailers().ok(),
-            }
-        }
-        (data, trailers)
-    }
-
-    fn trailers() -> HeaderMap {
-        let mut t = HeaderMap::new();
-        t.insert("x-checksum", "abc".parse().unwrap());
-        t
-    }
-
-    #[tokio::test]
-    async fn a_replay_is_byte_identical_with_trailers() {
-        let limits = Arc::new(Limits::new(1024, 4096));
-        let frames = vec![
-            Frame::data(Bytes::from_static(b"hello ")),
-            Frame::data(Bytes::from_static(b"world")),
-            Frame::trailers(trailers()),
-        ];
-        let (mut first, shared) =
-            ReplayBody::first(original(frames), limits.clone(), Head::empty());
-        let (data, t) = read_all(&mut first).await;
-        assert_eq!(data, b"hello world");
-        assert_eq!(t, Some(trailers()));
-        assert!(first.is_end_stream());
-        drop(first);
-        assert_eq!(limits.in_use(), 11);
-        for _ in 0..3 {
-            let mut again = ReplayBody::replay(&shared);
-            assert_eq!(again.size_hint().exact(), Some(11));
-            let (data, t) = read_all(&mut again).await;
-            assert_eq!(data, b"hello world");
-            assert_eq!(t, Some(trailers()));
-        }
-        drop(shared);
-        assert_eq!(limits.in_use(), 0, "released with the call");
-    }
-
-    #[tokio::test]
-    async fn a_replay_continues_where_the_first_attempt_stopped() {
-        // The response came before the request body was done: the first
-        // attempt read one frame, then was dropped.
-        let limits = Arc::new(Limits::new(1024, 4096));
-        let (tx, rx) = mpsc::channel(4);
-        let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let (mut first, shared) = ReplayBody::first(body, limits, Head::empty());
-        tx.send(Ok(Frame::data(Bytes::from_static(b"one,"))))
-            .await
-            .unwrap();
-        let frame = first.frame().await.unwrap().unwrap();
-        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
-
-        let mut second = ReplayBody::replay(&shared);
-        // The first attempt still holds the original: the replay of what was
-        // recorded works, then the second waits for the original.
-        let frame = second.frame().await.unwrap().unwrap();
-        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
-        let mut next = tokio_test::task::spawn(second.frame());
-        assert!(next.poll().is_pending());
-        drop(first);
-        assert!(next.is_woken(), "giving the original back wakes the replay");
-        drop(next);
-        tx.send(Ok(Frame::data(Bytes::from_static(b"two"))))
-            .await
-            .unwrap();
-        drop(tx);
-        let (rest, _) = read_all(&mut second).await;
-        assert_eq!(rest, b"two");
-        assert!(shared.replayable());
-        let (all, _) = read_all(&mut ReplayBody::replay(&shared)).await;
-        assert_eq!(all, b"one,two");
-    }
-
-    #[tokio::test]
-    async fn a_body_over_the_per_call_cap_is_sent_but_not_replayable() {
-        let limits = Arc::new(Limits::new(8, 4096));
-        let frames = vec![
-            Frame::data(Bytes::from_static(b"12345")),
-            Frame::data(Bytes::from_static(b"67890")),
-        ];
-        let (mut first, shared) =
-            ReplayBody::first(original(frames), limits.clone(), Head::empty());
-        let (data, _) = read_all(&mut first).await;
-        assert_eq!(data, b"1234567890", "every byte still goes out");
-        assert!(!shared.replayable());
-        assert_eq!(shared.buffered(), 0);
-        assert_eq!(limits.in_use(), 0);
-    }
-
-    #[tokio::test]
-    async fn the_layer_total_cap_is_shared_by_calls() {
-        let limits = Arc::new(Limits::new(100, 10));
-        let (mut a, shared_a) = ReplayBody::first(
-            original(vec![Frame::data(Bytes::from_static(b"123456"))]),
-            limits.clone(),
-            Head::empty(),
-        );
-        let (mut b, shared_b) = ReplayBody::first(
-            original(vec![Frame::data(Bytes::from_static(b"abcdef"))]),
-            limits.clone(),
-            Head::empty(),
-        );
-        read_all(&mut a).await;
-        read_all(&mut b).await;
-        assert!(shared_a.replayable());
-        assert!(!shared_b.replayable(), "6 + 6 is over the total of 10");
-        assert_eq!(limits.in_use(), 6);
-        drop((a, shared_a));
-        assert_eq!(limits.in_use(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_broken_body_is_not_replayable() {
-        let limits = Arc::new(Limits::new(100, 1000));
-        let (tx, rx) = mpsc::channel(2);
-        tx.try_send(Ok(Frame::data(Bytes::from_static(b"abc"))))
-            .unwrap();
-        tx.try_send(Err(std::io::Error::other("client went away")))
-            .unwrap();
-        let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let (mut first, shared) = ReplayBody::first(body, limits.clone(), Head::empty());
-        assert!(first.frame().await.unwrap().is_ok());
-        assert!(first.frame().await.unwrap().is_err());
-        assert!(!shared.replayable());
-        assert_eq!(limits.in_use(), 0);
-    }
-}
+#[cfg(all(test, grpc_resilience_loom))]
+mod loom_tests;

@@ -97,6 +97,15 @@ fn code_of<B>(result: Result<http::Response<B>, BoxError>) -> Code {
     }
 }
 
+/// The status in a result's head (`None`: a response with headers only).
+fn code_of_head<B>(result: &Result<http::Response<B>, BoxError>) -> Option<Code> {
+    match result {
+        Ok(response) => grpc_resilience_core::classify_head(response.status(), response.headers())
+            .map(|o| o.code()),
+        Err(err) => panic!("the server answered; the caller got an error: {err}"),
+    }
+}
+
 /// Runs one call; the service answers attempt `i` with `answers[i]`.
 async fn run(
     service: &mut Svc,
@@ -207,15 +216,25 @@ async fn attempts_stop_at_max_attempts_with_the_servers_code() {
 
 #[tokio::test(start_paused = true)]
 async fn committed_failures_and_client_errors_are_not_retried() {
-    for answer in [
-        committed(Code::Unavailable),
-        trailers_only(Code::NotFound),
-        trailers_only(Code::InvalidArgument),
+    for (answer, expected) in [
+        (committed(Code::Unavailable), Code::Unavailable),
+        (trailers_only(Code::NotFound), Code::NotFound),
+        (trailers_only(Code::InvalidArgument), Code::InvalidArgument),
     ] {
         let (mut service, mut handle) = setup(layer(no_jitter()));
         let (result, seen) = run(&mut service, &mut handle, request(GET, b"x"), vec![answer]).await;
         assert_eq!(seen.len(), 1);
-        let code = code_of(result);
+        // The caller gets the server's status unchanged: in the head, or
+        // (committed) in the trailers after the messages.
+        let code = match code_of_head(&result) {
+            Some(code) => code,
+            None => {
+                let body = result.unwrap().into_body().collect().await.unwrap();
+                let trailers = body.trailers().expect("trailers with the status");
+                Code::from_bytes(trailers["grpc-status"].as_bytes())
+            }
+        };
+        assert_eq!(code, expected);
         advance(Duration::from_secs(10)).await;
         assert!(
             handle.poll_request().is_pending(),

@@ -1,0 +1,291 @@
+//! Model tests of the replay state machine under loom: every interleaving
+//! (up to the preemption bound) of the attempt reading the original, the
+//! replaying attempts and the call's end. Run with
+//! `RUSTFLAGS="--cfg grpc_resilience_loom" cargo test -p grpc-retry --release --lib loom`
+//! (in its own target directory).
+//!
+//! Each model checks that a replay sends the whole body or fails with a
+//! typed [`ReplayUnavailable`] (never a shorter or different body), that a
+//! waiting replay is always woken (loom reports a lost wakeup as a
+//! deadlock), and that every byte held is given back to the layer.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+
+use loom::thread;
+
+use super::*;
+
+/// An original body that always has its next frame ready.
+struct Script(VecDeque<Result<Frame<Bytes>, std::io::Error>>);
+
+impl Body for Script {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Poll::Ready(self.0.pop_front())
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+const BODY: &[u8] = b"abcdef";
+
+/// `ab`, `cd`, `ef`, then the end.
+fn script() -> Script {
+    Script(
+        [b"ab", b"cd", b"ef"]
+            .into_iter()
+            .map(|d| Ok(Frame::data(Bytes::from_static(d))))
+            .collect(),
+    )
+}
+
+/// `ab`, then a failure.
+fn failing_script() -> Script {
+    Script(
+        [
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err(std::io::Error::other("client went away")),
+        ]
+        .into(),
+    )
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    End,
+    Refused(ReplayUnavailable),
+    Failed,
+}
+
+fn next<B: Body + Unpin>(body: &mut B) -> Option<Result<Frame<B::Data>, B::Error>> {
+    loom::future::block_on(poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)))
+}
+
+/// Reads up to `frames` data frames (all, with `usize::MAX`): the data and,
+/// if it stopped, how.
+fn read(body: &mut ReplayBody<Script>, frames: usize) -> (Vec<u8>, Option<Outcome>) {
+    let mut data = Vec::new();
+    for _ in 0..frames {
+        match next(body) {
+            None => return (data, Some(Outcome::End)),
+            Some(Ok(frame)) => {
+                if let Ok(d) = frame.into_data() {
+                    data.extend_from_slice(&d);
+                }
+            }
+            Some(Err(err)) => {
+                let outcome = match err.downcast_ref::<ReplayUnavailable>() {
+                    Some(why) => Outcome::Refused(*why),
+                    None => Outcome::Failed,
+                };
+                return (data, Some(outcome));
+            }
+        }
+    }
+    (data, None)
+}
+
+fn drain(body: &mut ReplayBody<Script>) -> (Vec<u8>, Outcome) {
+    let (data, outcome) = read(body, usize::MAX);
+    (data, outcome.expect("read to its end"))
+}
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(4);
+    }
+    builder.check(f);
+}
+
+/// A call whose first attempt has sent its first frame (`ab`).
+fn started(
+    original: Script,
+    per_call: usize,
+) -> (Arc<Limits>, ReplayBody<Script>, Recording<Script>) {
+    let limits = Arc::new(Limits::new(per_call, 1024));
+    let (mut first, recording) = ReplayBody::first(original, limits.clone(), Head::empty());
+    assert_eq!(read(&mut first, 1).0, b"ab");
+    (limits, first, recording)
+}
+
+/// A replay's whole output: the whole body, or a prefix and a refusal for
+/// `allowed` reasons.
+fn assert_never_a_different_body(
+    (data, outcome): (Vec<u8>, Outcome),
+    full: &[u8],
+    allowed: &[ReplayUnavailable],
+) {
+    match outcome {
+        Outcome::End => assert_eq!(data, full, "a replay that ends sent the whole body"),
+        Outcome::Refused(why) => {
+            assert!(allowed.contains(&why), "refused for {why:?}");
+            assert!(full.starts_with(&data), "only a prefix before failing");
+        }
+        Outcome::Failed => panic!("a replay fails with a typed ReplayUnavailable"),
+    }
+}
+
+#[test]
+fn loom_replay_waits_while_the_original_is_read_to_its_end() {
+    model(|| {
+        let (limits, mut first, recording) = started(script(), 1024);
+        let mut replay = recording.replay();
+        // The first attempt's server reads on after its answer: the body
+        // is read to its end, and only dropped after the replay is done
+        // (so no drop can hide a lost wakeup).
+        let reader = thread::spawn(move || {
+            assert_eq!(drain(&mut first), (b"cdef".to_vec(), Outcome::End));
+            first
+        });
+        assert_eq!(drain(&mut replay), (BODY.to_vec(), Outcome::End));
+        drop(reader.join().unwrap());
+        drop((replay, recording));
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_replay_waits_while_the_original_is_handed_back() {
+    model(|| {
+        let (limits, first, recording) = started(script(), 1024);
+        let mut replay = recording.replay();
+        let reset = thread::spawn(move || drop(first));
+        assert_eq!(drain(&mut replay), (BODY.to_vec(), Outcome::End));
+        reset.join().unwrap();
+        drop((replay, recording));
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_replay_waits_while_the_original_fails() {
+    model(|| {
+        let (limits, mut first, recording) = started(failing_script(), 1024);
+        let mut replay = recording.replay();
+        let reader = thread::spawn(move || {
+            assert_eq!(drain(&mut first), (Vec::new(), Outcome::Failed));
+            first
+        });
+        let (data, outcome) = drain(&mut replay);
+        assert_eq!(outcome, Outcome::Refused(ReplayUnavailable::BodyFailed));
+        assert!(b"ab".starts_with(&data));
+        drop(reader.join().unwrap());
+        assert!(!recording.replayable());
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_replay_waits_while_the_original_crosses_the_cap() {
+    model(|| {
+        // 4 bytes per call: `ef` crosses the cap while the replay runs.
+        let (limits, mut first, recording) = started(script(), 4);
+        let mut replay = recording.replay();
+        let reader = thread::spawn(move || {
+            assert_eq!(read(&mut first, 2).0, b"cdef");
+            // Reset after its answer: the original is handed back.
+            drop(first);
+        });
+        assert_never_a_different_body(
+            drain(&mut replay),
+            BODY,
+            &[ReplayUnavailable::BufferLimitExceeded],
+        );
+        reader.join().unwrap();
+        assert!(!recording.replayable());
+        drop((replay, recording));
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_replay_waits_while_the_original_is_read_past_the_cap_to_its_end() {
+    model(|| {
+        let (limits, mut first, recording) = started(script(), 4);
+        let mut replay = recording.replay();
+        let reader = thread::spawn(move || {
+            assert_eq!(drain(&mut first), (b"cdef".to_vec(), Outcome::End));
+            first
+        });
+        assert_never_a_different_body(
+            drain(&mut replay),
+            BODY,
+            &[ReplayUnavailable::BufferLimitExceeded],
+        );
+        drop(reader.join().unwrap());
+        drop((replay, recording));
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_two_replays_in_sequence() {
+    model(|| {
+        let (limits, first, recording) = started(script(), 1024);
+        let mut second = recording.replay();
+        let reset = thread::spawn(move || drop(first));
+        // The second attempt sends two frames (it may take the original
+        // over), then its stream is reset too.
+        let retry = thread::spawn(move || {
+            assert_eq!(read(&mut second, 2), (b"abcd".to_vec(), None));
+        });
+        retry.join().unwrap();
+        let mut third = recording.replay();
+        assert_eq!(drain(&mut third), (BODY.to_vec(), Outcome::End));
+        reset.join().unwrap();
+        assert!(recording.replayable());
+        drop((third, recording));
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_the_call_ending_while_a_replay_lags_keeps_what_it_needs() {
+    model(|| {
+        let (limits, mut first, recording) = started(script(), 1024);
+        let mut replay = recording.replay();
+        let reader = thread::spawn(move || {
+            assert_eq!(drain(&mut first), (b"cdef".to_vec(), Outcome::End));
+            first
+        });
+        // The call commits on the replay (its response headers came) while
+        // it lags behind the reader: it still sends the whole body.
+        let call = thread::spawn(move || drop(recording));
+        assert_eq!(drain(&mut replay), (BODY.to_vec(), Outcome::End));
+        drop(reader.join().unwrap());
+        call.join().unwrap();
+        drop(replay);
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_the_call_dropped_at_any_point_gives_every_byte_back() {
+    model(|| {
+        let (limits, mut first, recording) = started(script(), 1024);
+        let mut replay = recording.replay();
+        let reader = thread::spawn(move || {
+            assert_eq!(read(&mut first, 1).0, b"cd");
+            drop(first);
+        });
+        // The replaying attempt sends a frame and is reset, while the call
+        // is dropped.
+        let retry = thread::spawn(move || {
+            let (data, outcome) = read(&mut replay, 1);
+            assert!(outcome.is_none() && data == b"ab", "{data:?} {outcome:?}");
+        });
+        drop(recording);
+        reader.join().unwrap();
+        retry.join().unwrap();
+        assert_eq!(limits.in_use(), 0);
+    });
+}
