@@ -87,8 +87,8 @@ pub use fault::{Fault, ResetReason};
 pub use injector::{DEFAULT_LOG_CAPACITY, FaultConfigError, FaultInjector};
 pub use stats::{MethodStats, RecordedCall, body_digest};
 
-use body::status_headers;
-use fault::Action;
+use body::{End, status_headers};
+use fault::{Action, HeaderEdit, apply_edits};
 use stats::CallGuard;
 
 /// Applies [`FaultInjection`] to a tonic server.
@@ -157,7 +157,7 @@ pub struct ResetStream {
 }
 
 impl ResetStream {
-    fn new(reason: ResetReason) -> Self {
+    pub(crate) fn new(reason: ResetReason) -> Self {
         ResetStream {
             reason,
             h2: h2::Error::from(reason.to_h2()),
@@ -186,6 +186,7 @@ fn trailers_only<B>(
     code: Code,
     message: &str,
     pushback: Option<&str>,
+    edits: &[HeaderEdit],
 ) -> http::Response<FaultBody<B>> {
     let mut response = http::Response::new(FaultBody::empty());
     let headers = response.headers_mut();
@@ -193,7 +194,7 @@ fn trailers_only<B>(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
-    headers.extend(status_headers(code, message));
+    headers.extend(status_headers(code, message, &[]));
     if let Some(value) = pushback {
         match http::HeaderValue::from_str(value) {
             Ok(value) => {
@@ -205,6 +206,7 @@ fn trailers_only<B>(
             ),
         }
     }
+    apply_edits(edits, headers);
     response
 }
 
@@ -233,6 +235,7 @@ where
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         let (fault, call) = self.injector.begin(&request);
+        let edits = fault.edits;
         Box::pin(async move {
             let mut guard = CallGuard::new(call.clone());
             if !fault.delay.is_zero() {
@@ -249,7 +252,7 @@ where
                     pushback,
                 } => {
                     guard.finish();
-                    Ok(trailers_only(code, &message, pushback.as_deref()))
+                    Ok(trailers_only(code, &message, pushback.as_deref(), &edits))
                 }
                 Action::Reset(reason) => {
                     guard.finish();
@@ -283,8 +286,19 @@ where
                         // The handler failed on its own (Trailers-Only): keep it.
                         return Ok(response.map(|body| FaultBody::pass(body, guard)));
                     }
+                    let trailers = status_headers(code, &message, &edits);
+                    Ok(response.map(|body| {
+                        FaultBody::truncate(body, guard, messages, End::Trailers(trailers))
+                    }))
+                }
+                Action::ResetAfterMessages { messages, reason } => {
+                    let response = run_handler(request).await.map_err(Into::into)?;
+                    if response.headers().contains_key("grpc-status") {
+                        // The handler failed on its own (Trailers-Only): keep it.
+                        return Ok(response.map(|body| FaultBody::pass(body, guard)));
+                    }
                     Ok(response
-                        .map(|body| FaultBody::truncate(body, guard, messages, code, &message)))
+                        .map(|body| FaultBody::truncate(body, guard, messages, End::Reset(reason))))
                 }
                 Action::LoseResponse => {
                     let response = run_handler(request).await.map_err(Into::into)?;
@@ -302,6 +316,7 @@ where
                         Code::Unavailable,
                         "injected fault: the response was lost",
                         None,
+                        &[],
                     ))
                 }
             }
