@@ -78,9 +78,7 @@ fn stack(
     QueryServiceClient::new(channel)
 }
 
-fn timeout_only(
-    server: &TestServer,
-) -> QueryServiceClient<grpc_timeout::Timeout<Channel>> {
+fn timeout_only(server: &TestServer) -> QueryServiceClient<grpc_timeout::Timeout<Channel>> {
     let channel = ServiceBuilder::new()
         .layer(TimeoutLayer::new(
             TimeoutPolicy::new(Duration::from_secs(10)).unwrap(),
@@ -191,10 +189,7 @@ async fn the_timeout_layer_alone_keeps_the_code_of_a_reset() {
             .faults
             .always("GetProduct", Fault::reset(reason))
             .unwrap();
-        let status = timeout_only(&server)
-            .get_product(get())
-            .await
-            .unwrap_err();
+        let status = timeout_only(&server).get_product(get()).await.unwrap_err();
         assert_eq!(status.code(), expected(reason), "{reason:?}: {status:?}");
     }
 }

@@ -64,8 +64,7 @@ mod policy;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use grpc_resilience_core::{BoxError, MethodId, timeout_header};
-use http::header::Entry;
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId, timeout_header};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -150,42 +149,70 @@ where
             Ok(method) => self.policy.entry(Some(&method)),
             Err(_) => self.policy.entry(None),
         };
-        // One hash of the header name for both reading the caller's
-        // deadline and writing ours.
-        let timeout = match request.headers_mut().entry(timeout_header::GRPC_TIMEOUT) {
-            Entry::Occupied(mut header) => {
-                match (timeout_header::decode(header.get().as_bytes()), configured) {
-                    // The caller's own deadline is shorter: its header already says so.
-                    (Ok(caller), Some(entry)) if caller < entry.timeout => caller,
-                    (Ok(caller), None) => caller,
-                    (Err(err), None) => {
-                        tracing::debug!(%err, "ignoring the caller's malformed grpc-timeout");
-                        return ResponseFuture::new(self.inner.call(request), None);
-                    }
-                    (caller, Some(entry)) => {
-                        if let Err(err) = caller {
-                            tracing::debug!(%err, "replacing the caller's malformed grpc-timeout");
-                        }
-                        header.insert(entry.header.clone());
-                        entry.timeout
-                    }
+        // One clock read per call: the deadlines below and the grpc-timeout
+        // written are all from this instant, taken as the inner service is
+        // called.
+        let now = Instant::now();
+        let recorded = request.extensions().get::<CallDeadline>().copied();
+        // The caller's deadline: the recorded instant, else the header.
+        let (caller, from_header) = match recorded {
+            Some(deadline) => (Some(deadline), false),
+            None => match timeout_header::from_headers(request.headers()) {
+                // A timeout too long to represent is no deadline.
+                Ok(Some(timeout)) => (now.checked_add(timeout).map(CallDeadline::at), true),
+                Ok(None) => (None, false),
+                Err(err) => {
+                    tracing::warn!(
+                        %err,
+                        value = ?request.headers().get(timeout_header::GRPC_TIMEOUT),
+                        "dropping the caller's malformed grpc-timeout"
+                    );
+                    request.headers_mut().remove(timeout_header::GRPC_TIMEOUT);
+                    (None, false)
                 }
-            }
-            Entry::Vacant(vacant) => match configured {
-                Some(entry) => {
-                    vacant.insert(entry.header.clone());
-                    entry.timeout
-                }
-                None => return ResponseFuture::new(self.inner.call(request), None),
             },
         };
-        let deadline = Instant::now().checked_add(timeout).map(|at| Deadline {
-            at,
-            timeout,
+        let ours = configured.and_then(|entry| now.checked_add(entry.timeout));
+        let deadline = match (caller, ours) {
+            (Some(caller), Some(at)) if at < caller.instant() => {
+                // The policy is shorter: its pre-encoded header is exact.
+                let entry = configured.expect("`ours` comes from the entry");
+                request
+                    .headers_mut()
+                    .insert(timeout_header::GRPC_TIMEOUT, entry.header.clone());
+                CallDeadline::at(at)
+            }
+            (Some(caller), _) => {
+                // The caller's header was read at `now`, so it already says
+                // exactly the time left; a recorded instant is written out.
+                if !from_header {
+                    caller.write_header(request.headers_mut(), now);
+                }
+                caller
+            }
+            (None, Some(at)) => {
+                let entry = configured.expect("`ours` comes from the entry");
+                request
+                    .headers_mut()
+                    .insert(timeout_header::GRPC_TIMEOUT, entry.header.clone());
+                CallDeadline::at(at)
+            }
+            (None, None) => return ResponseFuture::new(self.inner.call(request), None),
+        };
+        let info = Deadline {
+            at: deadline.instant(),
+            timeout: deadline.remaining_at(now),
             scope: self.scope,
             path: request.uri().path_and_query().cloned(),
-        });
-        ResponseFuture::new(self.inner.call(request), deadline)
+        };
+        if deadline.has_passed_at(now) {
+            // No time left: fail now, without sending anything.
+            return ResponseFuture::expired(info);
+        }
+        if recorded != Some(deadline) {
+            deadline.insert_into(&mut request);
+        }
+        ResponseFuture::new(self.inner.call(request), Some(info))
     }
 }
 
