@@ -1,8 +1,9 @@
-//! Fault injection for tonic servers.
+//! Fault injection for tonic servers: a chaos toolkit.
 //!
 //! [`FaultInjectionLayer`] wraps a tonic server (any
 //! `Service<http::Request<_>>` that answers gRPC) and makes chosen calls
-//! fail the ways real services fail:
+//! fail the ways real services fail, or answer the way a broken or hostile
+//! server would:
 //!
 //! | fault | what the client sees | handler runs |
 //! |---|---|---|
@@ -11,8 +12,20 @@
 //! | [`Fault::with_delay`] | the fault (or the normal answer) after a delay | after the delay |
 //! | [`Fault::slow_stream`] | a delay between response messages | yes |
 //! | [`Fault::lose_response`] | `UNAVAILABLE`, though the handler ran to the end (the write happened) | yes |
-//! | [`Fault::reset`] | the HTTP/2 stream reset, e.g. `REFUSED_STREAM` | no |
+//! | [`Fault::reset`] | the HTTP/2 stream reset with any [`ResetReason`] (`CANCEL`, `REFUSED_STREAM`, `ENHANCE_YOUR_CALM`, ... or any code) | no |
+//! | [`Fault::reset_after_messages`] | headers, some messages, then the stream reset | yes |
 //! | [`Fault::drop_connection`] | the whole connection gone | no |
+//! | [`Fault::raw_status`], [`Fault::raw_status_after_messages`] | a `grpc-status` exactly as given: `abc`, `99999`, empty | no / yes |
+//!
+//! and on any status fault (Trailers-Only or in the trailers):
+//!
+//! | method | what is sent |
+//! |---|---|
+//! | [`Fault::with_message`] | `grpc-message`, percent-encoded as the protocol says; any length (an oversized header) |
+//! | [`Fault::with_raw_message`] | `grpc-message` as given, not encoded (`%zz`, bytes that are not UTF-8) |
+//! | [`Fault::with_raw_details`] | `grpc-status-details-bin` as given, e.g. not base64 |
+//! | [`Fault::with_pushback`], [`Fault::with_raw_pushback`] | `grpc-retry-pushback-ms`, valid or not (`-1`, `ten`) |
+//! | [`Fault::with_header`] | any header, added after the others: repeated `grpc-status` or pushback values |
 //!
 //! Faults follow a script per method (call 1 fails with X, call 2
 //! succeeds, ...) or a seeded probability (reproducible), set and changed
@@ -58,6 +71,45 @@
 //!
 //! Serving through [`incoming`] is needed only for
 //! [`Fault::drop_connection`]; every other fault works with any listener.
+//!
+//! # Playing a hostile server
+//!
+//! A client library should survive whatever a server (or a proxy on the
+//! way) sends. Script the bad answers, then check that the client reports
+//! a status instead of panicking or hanging:
+//!
+//! ```
+//! use grpc_fault::{Fault, FaultInjector, ResetReason};
+//! use tonic::Code;
+//!
+//! let faults = FaultInjector::new();
+//! faults.script(
+//!     "GetProduct",
+//!     [
+//!         // A status code no gRPC version defines, then one that is not a number.
+//!         Fault::raw_status("99999"),
+//!         Fault::raw_status("abc"),
+//!         // Status details that are not base64 (tonic 0.14 panics on these).
+//!         Fault::status(Code::NotFound).with_raw_details("not base64!"),
+//!         // Two grpc-status values that disagree.
+//!         Fault::status(Code::Unavailable).with_header("grpc-status", "0"),
+//!         // A 64 KiB grpc-message.
+//!         Fault::status(Code::Internal).with_message("x".repeat(64 * 1024)),
+//!         // A stream reset the client must read as RESOURCE_EXHAUSTED.
+//!         Fault::reset(ResetReason::EnhanceYourCalm),
+//!     ],
+//! )?;
+//! // On a server stream: two messages, then trailers with undecodable
+//! // details; or two messages and a CANCEL reset.
+//! faults.script(
+//!     "ListProducts",
+//!     [
+//!         Fault::status_after_messages(2, Code::DataLoss).with_raw_details("%%%"),
+//!         Fault::reset_after_messages(2, ResetReason::Cancel),
+//!     ],
+//! )?;
+//! # Ok::<(), grpc_fault::FaultConfigError>(())
+//! ```
 //!
 //! The layer boxes its response future and takes a short lock per call to
 //! pick the fault: fine for test and staging traffic, not meant for the hot

@@ -5,17 +5,31 @@
 //! generated stub method runs under a deadline:
 //!
 //! * the deadline is the method's configured timeout ([`TimeoutPolicy`]: a
-//!   default plus per-operation values), or the caller's own deadline
-//!   (`tonic::Request::set_timeout`, sent as `grpc-timeout`) when that is
-//!   shorter;
-//! * the request carries `grpc-timeout` with the effective deadline, so the
-//!   server knows it too; the value is rounded down, never above the time
-//!   really left;
+//!   default plus per-operation values), or the caller's own deadline when
+//!   that is earlier: a [`CallDeadline`] already on the request (recorded
+//!   by a layer above), else the caller's `grpc-timeout`
+//!   (`tonic::Request::set_timeout`);
+//! * the result is recorded on the request as its [`CallDeadline`]
+//!   extension, one absolute instant that every layer below reads instead
+//!   of re-deriving it from the rounded header;
+//! * the request carries `grpc-timeout` written from that instant when the
+//!   inner service is called, so the server knows the time really left;
+//!   the value is rounded down, never above it;
+//! * a call whose deadline has already passed (a caller's `grpc-timeout`
+//!   of `0n`, a spent budget) fails at once with `DEADLINE_EXCEEDED` and
+//!   is not sent;
 //! * the deadline is enforced locally: no response in time and the stub's
 //!   caller gets `Code::DeadlineExceeded`;
 //! * it also bounds a streaming response: a server stream that runs past
 //!   the deadline ends with `DEADLINE_EXCEEDED`, and the stream is reset so
-//!   the server sees the call cancelled.
+//!   the server sees the call cancelled. The deadline is checked on every
+//!   read of the body (one clock read), so it holds even when the next
+//!   message is always already there;
+//! * a malformed `grpc-timeout` from the caller is dropped, with a WARN,
+//!   rather than forwarded; a transport failure keeps the code of its
+//!   HTTP/2 reason ([`grpc_resilience_core::error::transport_code`]); a
+//!   `grpc-status-details-bin` that is not valid base64 is removed from
+//!   response headers and trailers, since tonic panics on one.
 //!
 //! # Example
 //!
@@ -47,7 +61,10 @@
 //! # Per attempt
 //!
 //! Below a retry layer, [`TimeoutLayer::per_attempt`] bounds each attempt
-//! (as Envoy's per-try timeout) while the outer deadline bounds the call.
+//! (as Envoy's per-try timeout) while the outer deadline bounds the call:
+//! an attempt's deadline is the earlier of the call's [`CallDeadline`] and
+//! now plus the per-try timeout, and it is recorded on the attempt's
+//! request.
 //!
 //! # Telemetry
 //!
@@ -64,7 +81,8 @@ mod policy;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use grpc_resilience_core::{BoxError, CallDeadline, MethodId, timeout_header};
+pub use grpc_resilience_core::CallDeadline;
+use grpc_resilience_core::{BoxError, MethodId, timeout_header};
 use tokio::time::Instant;
 use tower_service::Service;
 

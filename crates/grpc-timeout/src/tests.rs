@@ -21,7 +21,7 @@ type Res = http::Response<
     StreamBody<tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, BoxError>>>,
 >;
 
-fn seed_policy() -> TimeoutPolicy {
+fn catalog_policy() -> TimeoutPolicy {
     TimeoutPolicy::new(Duration::from_secs(5))
         .and_then(|p| p.with_operation("ListProducts", Duration::from_secs(10)))
         .and_then(|p| p.with_operation("GetProduct", Duration::from_secs(3)))
@@ -80,7 +80,7 @@ fn sent_timeout(req: &Req) -> Option<Duration> {
 
 #[tokio::test(start_paused = true)]
 async fn configured_timeout_is_sent_and_enforced() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     assert_eq!(req.headers()[GRPC_TIMEOUT], "3000000u");
@@ -102,7 +102,7 @@ async fn configured_timeout_is_sent_and_enforced() {
 
 #[tokio::test(start_paused = true)]
 async fn response_before_the_deadline_passes_through() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(LIST, None)).await;
     advance(Duration::from_millis(9_999)).await;
     let (tx, response) = streaming_response();
@@ -118,7 +118,7 @@ async fn response_before_the_deadline_passes_through() {
 
 #[tokio::test(start_paused = true)]
 async fn a_shorter_caller_deadline_wins_and_keeps_its_header() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, Some("250m"))).await;
     assert_eq!(req.headers()[GRPC_TIMEOUT], "250m");
@@ -128,7 +128,7 @@ async fn a_shorter_caller_deadline_wins_and_keeps_its_header() {
 
 #[tokio::test(start_paused = true)]
 async fn a_longer_caller_deadline_is_replaced_by_the_configured_one() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, Some("1M"))).await;
     assert_eq!(sent_timeout(&req), Some(Duration::from_secs(3)));
@@ -139,7 +139,7 @@ async fn a_longer_caller_deadline_is_replaced_by_the_configured_one() {
 
 #[tokio::test(start_paused = true)]
 async fn a_malformed_caller_deadline_is_replaced() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (req, _fut, _send) = forwarded(&mut service, &mut handle, request(GET, Some("soon"))).await;
     assert_eq!(sent_timeout(&req), Some(Duration::from_secs(3)));
 }
@@ -168,14 +168,14 @@ async fn only_the_caller_deadline_applies_when_nothing_is_configured() {
 
 #[tokio::test(start_paused = true)]
 async fn non_grpc_paths_get_the_default() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (req, _fut, _send) = forwarded(&mut service, &mut handle, request("/healthz", None)).await;
     assert_eq!(sent_timeout(&req), Some(Duration::from_secs(5)));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_stream_running_past_the_deadline_is_cut() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(LIST, None)).await;
     let (tx, response) = streaming_response();
@@ -205,7 +205,7 @@ async fn a_stream_running_past_the_deadline_is_cut() {
 
 #[tokio::test(start_paused = true)]
 async fn a_response_after_the_timer_fired_does_not_win() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     let mut fut = tokio_test::task::spawn(fut);
     assert!(fut.poll().is_pending());
@@ -223,7 +223,7 @@ async fn a_response_after_the_timer_fired_does_not_win() {
 
 #[tokio::test(start_paused = true)]
 async fn per_attempt_scope_is_reported() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()).per_attempt());
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()).per_attempt());
     let (_req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     let err = fut.await.unwrap_err();
     assert_eq!(
@@ -241,7 +241,7 @@ async fn per_attempt_scope_is_reported() {
 
 #[tokio::test(start_paused = true)]
 async fn the_channels_own_grpc_timeout_expiry_reads_as_deadline_exceeded() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     // What tonic's Channel returns when it enforces the header itself.
     send.send_error(tonic::TimeoutExpired(()));
@@ -252,7 +252,7 @@ async fn the_channels_own_grpc_timeout_expiry_reads_as_deadline_exceeded() {
 
 #[tokio::test(start_paused = true)]
 async fn an_inner_error_after_the_timer_fired_reads_as_deadline_exceeded() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     let mut fut = tokio_test::task::spawn(fut);
     assert!(fut.poll().is_pending());
@@ -269,7 +269,7 @@ async fn an_inner_error_after_the_timer_fired_reads_as_deadline_exceeded() {
 
 #[tokio::test(start_paused = true)]
 async fn inner_errors_pass_through_unchanged() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     send.send_error(tonic::Status::unavailable("down"));
     let err = fut.await.unwrap_err();
@@ -279,7 +279,7 @@ async fn inner_errors_pass_through_unchanged() {
 
 #[tokio::test(start_paused = true)]
 async fn readiness_is_the_inner_services() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     handle.allow(0);
     assert!(service.poll_ready().is_pending());
     handle.allow(1);
@@ -299,7 +299,7 @@ async fn expiry_is_counted_with_labels() {
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
 
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     fut.await.unwrap_err();
 
@@ -352,7 +352,7 @@ fn with_deadline(mut req: Req, at: Instant) -> Req {
 
 #[tokio::test(start_paused = true)]
 async fn the_callers_deadline_extension_is_read_and_recorded() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     // Shorter than the policy's 3 s: it wins, with no grpc-timeout header.
     let at = start + Duration::from_secs(1);
@@ -380,7 +380,7 @@ async fn the_extension_wins_over_the_callers_header() {
 
 #[tokio::test(start_paused = true)]
 async fn a_shorter_policy_replaces_the_recorded_deadline() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let req = with_deadline(request(GET, None), start + Duration::from_secs(60));
     let (req, _fut, _send) = forwarded(&mut service, &mut handle, req).await;
@@ -390,7 +390,7 @@ async fn a_shorter_policy_replaces_the_recorded_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn the_callers_header_is_recorded_as_the_deadline() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (req, _fut, _send) = forwarded(&mut service, &mut handle, request(GET, Some("250m"))).await;
     assert_eq!(extension(&req), Some(start + Duration::from_millis(250)));
@@ -400,7 +400,7 @@ async fn the_callers_header_is_recorded_as_the_deadline() {
 #[tokio::test(start_paused = true)]
 async fn per_attempt_deadline_is_the_earlier_of_the_calls_and_the_per_try() {
     for (call_left, attempt_left) in [(1u64, 1u64), (60, 3)] {
-        let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()).per_attempt());
+        let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()).per_attempt());
         let start = Instant::now();
         let req = with_deadline(request(GET, None), start + Duration::from_secs(call_left));
         let (req, fut, _send) = forwarded(&mut service, &mut handle, req).await;
@@ -437,7 +437,7 @@ fn endless_body() -> http_body_util::StreamBody<
 
 #[tokio::test(start_paused = true)]
 async fn a_body_that_never_waits_is_still_cut_at_the_deadline() {
-    let layer = TimeoutLayer::new(seed_policy());
+    let layer = TimeoutLayer::new(catalog_policy());
     let (service, mut handle) = mock::pair::<Req, http::Response<_>>();
     let mut service = tower_test::mock::Spawn::new(layer.layer(service));
     let start = Instant::now();
@@ -479,7 +479,7 @@ async fn an_expired_deadline_fails_at_once_and_is_not_sent() {
         let policy = if what.contains("no policy") {
             TimeoutPolicy::empty()
         } else {
-            seed_policy()
+            catalog_policy()
         };
         let (mut service, mut handle) = setup(TimeoutLayer::new(policy));
         advance(Duration::from_millis(1)).await;
@@ -518,7 +518,7 @@ const NOT_BASE64: &str = "not base64!";
 #[tokio::test(start_paused = true)]
 async fn invalid_details_are_removed_from_the_head_and_the_trailers() {
     // Trailers-Only head.
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     let (_tx, mut response) = streaming_response();
     response
@@ -573,7 +573,7 @@ impl std::error::Error for Transport {
 
 #[tokio::test(start_paused = true)]
 async fn a_reset_keeps_the_code_of_its_reason() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     send.send_error(Transport(h2::Error::from(h2::Reason::CANCEL)));
     let err = fut.await.unwrap_err();
