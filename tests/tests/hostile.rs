@@ -294,3 +294,42 @@ async fn a_bare_channel_panics_on_invalid_details() {
     let err = joined.expect_err("tonic 0.14 panics on invalid base64 details");
     assert!(err.is_panic());
 }
+
+#[tokio::test]
+async fn hostile_status_headers_read_as_a_status_through_the_stack() {
+    let server = TestServer::start().await;
+    let cases: Vec<(Fault, Option<Code>)> = vec![
+        (Fault::raw_status("abc"), Some(Code::Unknown)),
+        (Fault::raw_status("99999"), Some(Code::Unknown)),
+        (Fault::raw_status(""), Some(Code::Unknown)),
+        // Repeated: the first value counts, in tonic and in the layers.
+        (
+            Fault::status(Code::NotFound).with_header("grpc-status", "0"),
+            Some(Code::NotFound),
+        ),
+        (
+            Fault::status(Code::NotFound).with_raw_message("%zz\u{e9}"),
+            Some(Code::NotFound),
+        ),
+        // 1 MiB of grpc-message: past what the client accepts in a header
+        // block; whatever the transport makes of it, it is a status.
+        (
+            Fault::status(Code::NotFound).with_message("m".repeat(1 << 20)),
+            None,
+        ),
+    ];
+    for (fault, want) in cases {
+        let name = format!("{fault:?}").chars().take(120).collect::<String>();
+        server.faults.always("GetProduct", fault).unwrap();
+        let registry = registry();
+        let mut client = stack(&server, &registry);
+        let call = async move { client.get_product(get()).await };
+        let result = tokio::time::timeout(Duration::from_secs(5), no_panic(call))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the call hung"));
+        let status = result.unwrap_err();
+        if let Some(want) = want {
+            assert_eq!(status.code(), want, "{name}: {status:?}");
+        }
+    }
+}

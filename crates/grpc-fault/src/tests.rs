@@ -383,6 +383,42 @@ async fn headers_can_be_repeated() {
 }
 
 #[tokio::test]
+async fn trailers_can_repeat_headers_and_carry_oversized_messages() {
+    let (faults, finished) = setup();
+    let long = "y".repeat(100_000);
+    faults
+        .always(
+            "*",
+            Fault::status_after_messages(1, Code::Unavailable)
+                .with_message(long.clone())
+                .with_header("grpc-status", "0")
+                .with_raw_message("%zz"),
+        )
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished));
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    let body = collect(response.into_body()).await.unwrap();
+    assert_eq!(body.data.len(), 1);
+    let trailers = body.trailers.unwrap();
+    let statuses: Vec<_> = trailers.get_all("grpc-status").iter().collect();
+    assert_eq!(statuses, ["14", "0"]);
+    // The raw message replaced the encoded one.
+    assert_eq!(trailers["grpc-message"], "%zz");
+
+    let (faults, finished) = setup();
+    faults
+        .always(
+            "*",
+            Fault::status_after_messages(0, Code::Internal).with_message(long.clone()),
+        )
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished));
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    let body = collect(response.into_body()).await.unwrap();
+    assert_eq!(body.trailers.unwrap()["grpc-message"], long.as_str());
+}
+
+#[tokio::test]
 async fn messages_can_be_oversized_or_raw() {
     let (faults, finished) = setup();
     let long = "x".repeat(100_000);
