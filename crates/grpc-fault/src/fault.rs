@@ -100,7 +100,7 @@ impl ResetReason {
     }
 
     /// The reason as the `h2` crate spells it.
-    pub fn to_h2(self) -> h2::Reason {
+    pub(crate) fn to_h2(self) -> h2::Reason {
         h2::Reason::from(self.code())
     }
 }

@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::Scope;
-use crate::error::Elapsed;
+use crate::error::{Elapsed, When};
 
 /// The deadline a call runs under.
 #[derive(Clone, Debug)]
@@ -28,7 +28,7 @@ pub(crate) struct Deadline {
 
 impl Deadline {
     /// Records the expiry (metric and log) and builds the error.
-    fn expire(&self, during_body: bool) -> BoxError {
+    fn expire(&self, when: When) -> BoxError {
         let path = self.path.as_ref().map_or("", PathAndQuery::path);
         let (service, method) =
             MethodId::from_path(path).map_or(("", ""), |m| (m.service(), m.method()));
@@ -47,7 +47,8 @@ impl Deadline {
                 method,
                 timeout_ms,
                 scope,
-                during_body,
+                during_body = when == When::DuringBody,
+                sent = when != When::BeforeSending,
                 "gRPC call to {service}/{method} exceeded its deadline of {timeout_ms}ms"
             ),
             Scope::Attempt => tracing::debug!(
@@ -55,7 +56,8 @@ impl Deadline {
                 method,
                 timeout_ms,
                 scope,
-                during_body,
+                during_body = when == When::DuringBody,
+                sent = when != When::BeforeSending,
                 "gRPC attempt to {service}/{method} exceeded its deadline of {timeout_ms}ms"
             ),
         }
@@ -64,7 +66,7 @@ impl Deadline {
         } else {
             path
         };
-        Box::new(Elapsed::new(self.timeout, self.scope, during_body, name))
+        Box::new(Elapsed::new(self.timeout, self.scope, when, name))
     }
 }
 
@@ -111,11 +113,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let elapsed = |deadline: &mut Option<Deadline>| match deadline.take() {
-            Some(d) => Err(d.expire(false)),
+            Some(d) => Err(d.expire(When::BeforeResponse)),
             None => Err("deadline exceeded".into()),
         };
         let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(elapsed(this.deadline));
+            return Poll::Ready(match this.deadline.take() {
+                Some(d) => Err(d.expire(When::BeforeSending)),
+                None => Err("response future polled after completion".into()),
+            });
         };
         match inner.poll(cx) {
             Poll::Ready(Ok(mut response)) => {
@@ -263,7 +268,7 @@ where
 fn cut<B>(mut inner: Pin<&mut Option<B>>, deadline: &mut Option<Deadline>) -> BoxError {
     inner.set(None);
     match deadline.take() {
-        Some(deadline) => deadline.expire(true),
+        Some(deadline) => deadline.expire(When::DuringBody),
         None => "deadline exceeded".into(),
     }
 }

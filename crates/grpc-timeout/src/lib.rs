@@ -190,11 +190,11 @@ where
                 }
             },
         };
-        let ours = configured.and_then(|entry| now.checked_add(entry.timeout));
+        let ours = configured.and_then(|entry| Some((now.checked_add(entry.timeout)?, entry)));
         let deadline = match (caller, ours) {
-            (Some(caller), Some(at)) if at < caller.instant() => {
-                // The policy is shorter: its pre-encoded header is exact.
-                let entry = configured.expect("`ours` comes from the entry");
+            (_, Some((at, entry))) if caller.is_none_or(|c| at < c.instant()) => {
+                // The policy's deadline is the earlier one: its header,
+                // encoded once, says exactly the time left.
                 request
                     .headers_mut()
                     .insert(timeout_header::GRPC_TIMEOUT, entry.header.clone());
@@ -208,14 +208,7 @@ where
                 }
                 caller
             }
-            (None, Some(at)) => {
-                let entry = configured.expect("`ours` comes from the entry");
-                request
-                    .headers_mut()
-                    .insert(timeout_header::GRPC_TIMEOUT, entry.header.clone());
-                CallDeadline::at(at)
-            }
-            (None, None) => return ResponseFuture::new(self.inner.call(request), None),
+            (None, _) => return ResponseFuture::new(self.inner.call(request), None),
         };
         let info = Deadline {
             at: deadline.instant(),

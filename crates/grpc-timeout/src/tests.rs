@@ -91,6 +91,7 @@ async fn configured_timeout_is_sent_and_enforced() {
     assert_eq!(elapsed.timeout(), Duration::from_secs(3));
     assert_eq!(elapsed.scope(), Scope::Call);
     assert!(!elapsed.during_body());
+    assert!(elapsed.was_sent());
     assert!(
         elapsed
             .status()
@@ -487,6 +488,14 @@ async fn an_expired_deadline_fails_at_once_and_is_not_sent() {
         let mut fut = tokio_test::task::spawn(service.call(req));
         match fut.poll() {
             Poll::Ready(Err(err)) => {
+                let elapsed = err.downcast_ref::<Elapsed>().expect("an Elapsed error");
+                assert!(!elapsed.was_sent(), "{what}");
+                assert!(!elapsed.during_body(), "{what}");
+                assert!(
+                    elapsed.status().message().ends_with("it was not sent"),
+                    "{what}: {}",
+                    elapsed.status().message()
+                );
                 assert_eq!(code_of(err), Code::DeadlineExceeded, "{what}")
             }
             other => panic!(
