@@ -122,6 +122,10 @@ async fn a_reset_before_the_response_keeps_the_code_of_its_reason() {
         let h2 = grpc_resilience_core::error::find_error::<h2::Error>(&status)
             .unwrap_or_else(|| panic!("{reason:?}: no h2::Error in {status:?}"));
         assert_eq!(h2.reason().map(u32::from), Some(reason.code()));
+        assert!(
+            grpc_resilience_core::error::find_error::<tonic::transport::Error>(&status).is_some(),
+            "{reason:?}: the channel's own error is kept too"
+        );
         // Only UNAVAILABLE is retried (a refused stream), never a CANCEL.
         let calls = server.faults.stats("GetProduct").unwrap().calls;
         let attempts = if code == Code::Unavailable { 2 } else { 1 };

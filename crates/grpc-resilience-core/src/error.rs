@@ -163,7 +163,10 @@ pub fn with_transport_status(err: BoxError) -> BoxError {
 ///
 /// This is the table of tonic's `Status::from_error`, which only applies it
 /// when tonic is built with its `server` feature (a client-only build reads
-/// every reset as `UNKNOWN`); here it holds in every build.
+/// every reset as `UNKNOWN`); here it holds in every build. One difference:
+/// hyper's "canceled" error (the connection went away before the request
+/// was sent) reads `CANCELLED` in tonic; here, as in grpc-core, it is a
+/// connection failure, `UNAVAILABLE`, since the caller cancelled nothing.
 pub fn transport_code(err: &(dyn Error + 'static)) -> Code {
     match find_error::<h2::Error>(err) {
         Some(h2) => h2_code(h2),
