@@ -325,6 +325,43 @@ mod tests {
         assert_eq!(error_code(&*err), Code::Unknown);
     }
 
+    /// A stream above the last stream id of the server's graceful GOAWAY
+    /// was never processed: UNAVAILABLE (transparently retryable), not the
+    /// INTERNAL a `NO_ERROR` stream reset reads as.
+    #[tokio::test]
+    async fn a_graceful_goaway_is_unavailable() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (client_io, mut server_io) = tokio::io::duplex(64 * 1024);
+        let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let request = http::Request::builder()
+            .uri("http://catalog/a.B/C")
+            .body(())
+            .unwrap();
+        let (response, _body) = client.send_request(request, true).unwrap();
+        // A server by hand: empty SETTINGS, then GOAWAY(last stream 0,
+        // NO_ERROR), as a server shutting down before it took stream 1.
+        let mut preface = [0u8; 24];
+        server_io.read_exact(&mut preface).await.unwrap();
+        server_io
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        server_io.write_all(&goaway).await.unwrap();
+        let h2 = response.await.unwrap_err();
+        assert!(h2.is_go_away() && h2.is_remote(), "{h2:?}");
+        let err: BoxError = Box::new(Hyperish(h2));
+        assert_eq!(error_code(&*err), Code::Unavailable);
+        let status = Status::from_error(with_transport_status(err));
+        assert_eq!(status.code(), Code::Unavailable);
+        // The same reason on a stream reset is a protocol violation.
+        let reset: BoxError = Box::new(Hyperish(h2::Error::from(h2::Reason::NO_ERROR)));
+        assert_eq!(error_code(&*reset), Code::Internal);
+    }
+
     #[test]
     fn errors_without_status_are_unavailable() {
         let err: BoxError = Box::new(std::io::Error::other("connection reset"));
