@@ -13,6 +13,8 @@ use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep};
 use tonic::{Code, Status};
 
+use crate::ResetStream;
+use crate::fault::{HeaderEdit, ResetReason, apply_edits};
 use crate::stats::{Call, CallGuard};
 
 pin_project! {
@@ -120,7 +122,8 @@ enum Mode {
     Pass,
     Truncate {
         counter: MessageCounter,
-        trailers: Option<HeaderMap>,
+        // What ends the cut stream, taken when sent.
+        end: Option<End>,
     },
     Slow {
         gap: Duration,
@@ -128,10 +131,21 @@ enum Mode {
     },
 }
 
-/// Trailers (or Trailers-Only headers) carrying `code` and `message`.
-pub(crate) fn status_headers(code: Code, message: &str) -> HeaderMap {
+/// How a cut response stream ends.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// With these trailers.
+    Trailers(HeaderMap),
+    /// With a reset of the stream.
+    Reset(ResetReason),
+}
+
+/// Trailers (or Trailers-Only headers) carrying `code` and `message`, with
+/// a fault's raw edits applied.
+pub(crate) fn status_headers(code: Code, message: &str, edits: &[HeaderEdit]) -> HeaderMap {
     let (mut parts, ()) = Status::new(code, message).into_http::<()>().into_parts();
     parts.headers.remove(http::header::CONTENT_TYPE);
+    apply_edits(edits, &mut parts.headers);
     parts.headers
 }
 
@@ -164,13 +178,8 @@ impl<B> FaultBody<B> {
         Self::with_mode(inner, guard, Mode::Pass)
     }
 
-    pub(crate) fn truncate(
-        inner: B,
-        guard: CallGuard,
-        messages: usize,
-        code: Code,
-        message: &str,
-    ) -> Self {
+    /// Lets `messages` response messages through, then ends with `end`.
+    pub(crate) fn truncate(inner: B, guard: CallGuard, messages: usize, end: End) -> Self {
         let counter = MessageCounter {
             left: messages,
             prefix: [0; 5],
@@ -179,7 +188,7 @@ impl<B> FaultBody<B> {
         };
         let mode = Mode::Truncate {
             counter,
-            trailers: Some(status_headers(code, message)),
+            end: Some(end),
         };
         let mut body = Self::with_mode(inner, guard, mode);
         if messages == 0 {
@@ -227,13 +236,18 @@ where
             this.sleep.set(None);
         }
         let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            // The handler's body is done or cut: send the injected trailers,
-            // if any, once.
-            if let Mode::Truncate { trailers, .. } = this.mode
-                && let Some(trailers) = trailers.take()
+            // The handler's body is done or cut: send the injected end, if
+            // any, once.
+            if let Mode::Truncate { end, .. } = this.mode
+                && let Some(end) = end.take()
             {
                 finish(this.guard);
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                return Poll::Ready(Some(match end {
+                    End::Trailers(trailers) => Ok(Frame::trailers(trailers)),
+                    // hyper resets the stream with the h2 reason it finds in
+                    // a body error's source chain.
+                    End::Reset(reason) => Err(ResetStream::new(reason).into()),
+                }));
             }
             finish(this.guard);
             return Poll::Ready(None);
@@ -277,13 +291,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        let trailers_due = matches!(
-            &self.mode,
-            Mode::Truncate {
-                trailers: Some(_),
-                ..
-            }
-        );
+        let trailers_due = matches!(&self.mode, Mode::Truncate { end: Some(_), .. });
         !trailers_due && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 

@@ -300,7 +300,7 @@ impl FaultInjector {
             tracing::debug!(
                 path,
                 fault = fault.name(),
-                delay_ms = fault.delay.as_millis() as u64,
+                delay_ms = u64::try_from(fault.delay.as_millis()).unwrap_or(u64::MAX),
                 "injecting fault"
             );
         }

@@ -1,8 +1,9 @@
-//! Fault injection for tonic servers.
+//! Fault injection for tonic servers: a chaos toolkit.
 //!
 //! [`FaultInjectionLayer`] wraps a tonic server (any
 //! `Service<http::Request<_>>` that answers gRPC) and makes chosen calls
-//! fail the ways real services fail:
+//! fail the ways real services fail, or answer the way a broken or hostile
+//! server would:
 //!
 //! | fault | what the client sees | handler runs |
 //! |---|---|---|
@@ -11,9 +12,21 @@
 //! | [`Fault::with_delay`] | the fault (or the normal answer) after a delay | after the delay |
 //! | [`Fault::slow_stream`] | a delay between response messages | yes |
 //! | [`Fault::lose_response`] | `UNAVAILABLE`, though the handler ran to the end (the write happened) | yes |
-//! | [`Fault::reset`] | the HTTP/2 stream reset, e.g. `REFUSED_STREAM` | no |
+//! | [`Fault::reset`] | the HTTP/2 stream reset with any [`ResetReason`] (`CANCEL`, `REFUSED_STREAM`, `ENHANCE_YOUR_CALM`, ... or any code) | no |
+//! | [`Fault::reset_after_messages`] | headers, some messages, then the stream reset | yes |
 //! | [`Fault::drop_connection`] | the whole connection gone | no |
+//! | [`Fault::raw_status`], [`Fault::raw_status_after_messages`] | a `grpc-status` exactly as given: `abc`, `99999`, empty | no / yes |
 //! | [`Fault::early_status`] | a Trailers-Only error at once, while the server reads the request body on (no reset) | no |
+//!
+//! and on any status fault (Trailers-Only or in the trailers):
+//!
+//! | method | what is sent |
+//! |---|---|
+//! | [`Fault::with_message`] | `grpc-message`, percent-encoded as the protocol says; any length (an oversized header) |
+//! | [`Fault::with_raw_message`] | `grpc-message` as given, not encoded (`%zz`, bytes that are not UTF-8) |
+//! | [`Fault::with_raw_details`] | `grpc-status-details-bin` as given, e.g. not base64 |
+//! | [`Fault::with_pushback`], [`Fault::with_raw_pushback`] | `grpc-retry-pushback-ms`, valid or not (`-1`, `ten`) |
+//! | [`Fault::with_header`] | any header, added after the others: repeated `grpc-status` or pushback values |
 //!
 //! Faults follow a script per method (call 1 fails with X, call 2
 //! succeeds, ...) or a seeded probability (reproducible), set and changed
@@ -60,6 +73,45 @@
 //! Serving through [`incoming`] is needed only for
 //! [`Fault::drop_connection`]; every other fault works with any listener.
 //!
+//! # Playing a hostile server
+//!
+//! A client library should survive whatever a server (or a proxy on the
+//! way) sends. Script the bad answers, then check that the client reports
+//! a status instead of panicking or hanging:
+//!
+//! ```
+//! use grpc_fault::{Fault, FaultInjector, ResetReason};
+//! use tonic::Code;
+//!
+//! let faults = FaultInjector::new();
+//! faults.script(
+//!     "GetProduct",
+//!     [
+//!         // A status code no gRPC version defines, then one that is not a number.
+//!         Fault::raw_status("99999"),
+//!         Fault::raw_status("abc"),
+//!         // Status details that are not base64 (tonic 0.14 panics on these).
+//!         Fault::status(Code::NotFound).with_raw_details("not base64!"),
+//!         // Two grpc-status values that disagree.
+//!         Fault::status(Code::Unavailable).with_header("grpc-status", "0"),
+//!         // A 64 KiB grpc-message.
+//!         Fault::status(Code::Internal).with_message("x".repeat(64 * 1024)),
+//!         // A stream reset the client must read as RESOURCE_EXHAUSTED.
+//!         Fault::reset(ResetReason::EnhanceYourCalm),
+//!     ],
+//! )?;
+//! // On a server stream: two messages, then trailers with undecodable
+//! // details; or two messages and a CANCEL reset.
+//! faults.script(
+//!     "ListProducts",
+//!     [
+//!         Fault::status_after_messages(2, Code::DataLoss).with_raw_details("%%%"),
+//!         Fault::reset_after_messages(2, ResetReason::Cancel),
+//!     ],
+//! )?;
+//! # Ok::<(), grpc_fault::FaultConfigError>(())
+//! ```
+//!
 //! The layer boxes its response future and takes a short lock per call to
 //! pick the fault: fine for test and staging traffic, not meant for the hot
 //! path of a production server.
@@ -88,8 +140,8 @@ pub use fault::{Fault, ResetReason};
 pub use injector::{DEFAULT_LOG_CAPACITY, FaultConfigError, FaultInjector};
 pub use stats::{MethodStats, RecordedCall, body_digest};
 
-use body::status_headers;
-use fault::Action;
+use body::{End, status_headers};
+use fault::{Action, HeaderEdit, apply_edits};
 use stats::CallGuard;
 
 /// Applies [`FaultInjection`] to a tonic server.
@@ -158,7 +210,7 @@ pub struct ResetStream {
 }
 
 impl ResetStream {
-    fn new(reason: ResetReason) -> Self {
+    pub(crate) fn new(reason: ResetReason) -> Self {
         ResetStream {
             reason,
             h2: h2::Error::from(reason.to_h2()),
@@ -197,6 +249,7 @@ fn trailers_only<B>(
     code: Code,
     message: &str,
     pushback: Option<&str>,
+    edits: &[HeaderEdit],
 ) -> http::Response<FaultBody<B>> {
     let mut response = http::Response::new(FaultBody::empty());
     let headers = response.headers_mut();
@@ -204,7 +257,7 @@ fn trailers_only<B>(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
-    headers.extend(status_headers(code, message));
+    headers.extend(status_headers(code, message, &[]));
     if let Some(value) = pushback {
         match http::HeaderValue::from_str(value) {
             Ok(value) => {
@@ -216,6 +269,7 @@ fn trailers_only<B>(
             ),
         }
     }
+    apply_edits(edits, headers);
     response
 }
 
@@ -244,6 +298,7 @@ where
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         let (fault, call) = self.injector.begin(&request);
+        let edits = fault.edits;
         Box::pin(async move {
             let mut guard = CallGuard::new(call.clone());
             if !fault.delay.is_zero() {
@@ -260,7 +315,7 @@ where
                     pushback,
                 } => {
                     guard.finish();
-                    Ok(trailers_only(code, &message, pushback.as_deref()))
+                    Ok(trailers_only(code, &message, pushback.as_deref(), &edits))
                 }
                 Action::Reset(reason) => {
                     guard.finish();
@@ -272,7 +327,7 @@ where
                     // to its end, recording what arrives.
                     let body = RequestBody::new(request.into_body(), call.clone());
                     tokio::spawn(read_to_end(body));
-                    Ok(trailers_only(code, &message, None))
+                    Ok(trailers_only(code, &message, None, &edits))
                 }
                 Action::DropConnection => {
                     guard.finish();
@@ -302,8 +357,19 @@ where
                         // The handler failed on its own (Trailers-Only): keep it.
                         return Ok(response.map(|body| FaultBody::pass(body, guard)));
                     }
+                    let trailers = status_headers(code, &message, &edits);
+                    Ok(response.map(|body| {
+                        FaultBody::truncate(body, guard, messages, End::Trailers(trailers))
+                    }))
+                }
+                Action::ResetAfterMessages { messages, reason } => {
+                    let response = run_handler(request).await.map_err(Into::into)?;
+                    if response.headers().contains_key("grpc-status") {
+                        // The handler failed on its own (Trailers-Only): keep it.
+                        return Ok(response.map(|body| FaultBody::pass(body, guard)));
+                    }
                     Ok(response
-                        .map(|body| FaultBody::truncate(body, guard, messages, code, &message)))
+                        .map(|body| FaultBody::truncate(body, guard, messages, End::Reset(reason))))
                 }
                 Action::LoseResponse => {
                     let response = run_handler(request).await.map_err(Into::into)?;
@@ -321,6 +387,7 @@ where
                         Code::Unavailable,
                         "injected fault: the response was lost",
                         None,
+                        &[],
                     ))
                 }
             }

@@ -297,3 +297,209 @@ async fn a_call_dropped_during_its_delay_counts_as_cancelled() {
     assert_eq!(faults.stats("*").unwrap().cancelled, 1);
     assert_eq!(finished.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn raw_status_values_are_sent_as_written() {
+    for value in ["abc", "99999", "", "14"] {
+        let (faults, finished) = setup();
+        faults.always("*", Fault::raw_status(value)).unwrap();
+        let svc = faults.layer().layer(handler(finished.clone()));
+        let response = svc.oneshot(request(b"x")).await.unwrap();
+        let statuses: Vec<_> = response.headers().get_all("grpc-status").iter().collect();
+        assert_eq!(statuses, [value], "exactly one grpc-status, as written");
+        assert_eq!(response.headers()["content-type"], "application/grpc");
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+    }
+}
+
+#[tokio::test]
+async fn raw_status_in_trailers_after_messages() {
+    let (faults, finished) = setup();
+    faults
+        .always("*", Fault::raw_status_after_messages(1, "abc"))
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished.clone()));
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    assert!(response.headers().get("grpc-status").is_none());
+    let body = collect(response.into_body()).await.unwrap();
+    assert_eq!(body.data, [grpc_message(b"one")]);
+    assert_eq!(body.trailers.unwrap()["grpc-status"], "abc");
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn raw_details_go_with_the_head_or_the_trailers() {
+    let (faults, finished) = setup();
+    faults
+        .script(
+            "*",
+            [
+                Fault::status(Code::Unavailable).with_raw_details("not base64!"),
+                Fault::status_after_messages(2, Code::Internal).with_raw_details("%%%"),
+            ],
+        )
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished));
+    let response = svc.clone().oneshot(request(b"x")).await.unwrap();
+    assert_eq!(response.headers()["grpc-status"], "14");
+    assert_eq!(response.headers()["grpc-status-details-bin"], "not base64!");
+
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    assert!(response.headers().get("grpc-status-details-bin").is_none());
+    let body = collect(response.into_body()).await.unwrap();
+    assert_eq!(body.data.len(), 2);
+    let trailers = body.trailers.unwrap();
+    assert_eq!(trailers["grpc-status"], "13");
+    assert_eq!(trailers["grpc-status-details-bin"], "%%%");
+}
+
+#[tokio::test]
+async fn headers_can_be_repeated() {
+    let (faults, finished) = setup();
+    faults
+        .always(
+            "*",
+            Fault::status(Code::Unavailable)
+                .with_pushback(Duration::from_millis(10))
+                .with_header("grpc-status", "0")
+                .with_header("grpc-retry-pushback-ms", "20")
+                .with_header("x-extra", "a")
+                .with_header("x-extra", "b"),
+        )
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished));
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    let all = |name| -> Vec<String> {
+        response
+            .headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(all("grpc-status"), ["14", "0"]);
+    assert_eq!(all("grpc-retry-pushback-ms"), ["10", "20"]);
+    assert_eq!(all("x-extra"), ["a", "b"]);
+}
+
+#[tokio::test]
+async fn trailers_can_repeat_headers_and_carry_oversized_messages() {
+    let (faults, finished) = setup();
+    let long = "y".repeat(100_000);
+    faults
+        .always(
+            "*",
+            Fault::status_after_messages(1, Code::Unavailable)
+                .with_message(long.clone())
+                .with_header("grpc-status", "0")
+                .with_raw_message("%zz"),
+        )
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished));
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    let body = collect(response.into_body()).await.unwrap();
+    assert_eq!(body.data.len(), 1);
+    let trailers = body.trailers.unwrap();
+    let statuses: Vec<_> = trailers.get_all("grpc-status").iter().collect();
+    assert_eq!(statuses, ["14", "0"]);
+    // The raw message replaced the encoded one.
+    assert_eq!(trailers["grpc-message"], "%zz");
+
+    let (faults, finished) = setup();
+    faults
+        .always(
+            "*",
+            Fault::status_after_messages(0, Code::Internal).with_message(long.clone()),
+        )
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished));
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    let body = collect(response.into_body()).await.unwrap();
+    assert_eq!(body.trailers.unwrap()["grpc-message"], long.as_str());
+}
+
+#[tokio::test]
+async fn messages_can_be_oversized_or_raw() {
+    let (faults, finished) = setup();
+    let long = "x".repeat(100_000);
+    faults
+        .script(
+            "*",
+            [
+                Fault::status(Code::Internal).with_message(long.clone()),
+                Fault::status(Code::Internal).with_raw_message("%zz\u{e9}"),
+            ],
+        )
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished));
+    let response = svc.clone().oneshot(request(b"x")).await.unwrap();
+    assert_eq!(response.headers()["grpc-message"], long.as_str());
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    assert_eq!(
+        response.headers()["grpc-message"].as_bytes(),
+        "%zz\u{e9}".as_bytes()
+    );
+}
+
+#[tokio::test]
+async fn values_no_header_can_carry_are_not_sent() {
+    let (faults, finished) = setup();
+    faults
+        .always(
+            "*",
+            Fault::raw_status("1\r\n4")
+                .with_raw_details("a\0b")
+                .with_header("bad name", "x"),
+        )
+        .unwrap();
+    let svc = faults.layer().layer(handler(finished));
+    let response = svc.oneshot(request(b"x")).await.unwrap();
+    // The status it would have replaced stays.
+    assert_eq!(response.headers()["grpc-status"], "2");
+    assert!(response.headers().get("grpc-status-details-bin").is_none());
+}
+
+#[tokio::test]
+async fn resets_carry_any_http2_reason() {
+    let reasons = ResetReason::ALL
+        .into_iter()
+        .chain([ResetReason::Other(0x99)]);
+    for reason in reasons {
+        let (faults, finished) = setup();
+        faults.always("*", Fault::reset(reason)).unwrap();
+        let svc = faults.layer().layer(handler(finished.clone()));
+        let err = svc.oneshot(request(b"x")).await.unwrap_err();
+        let h2 = grpc_resilience_core::error::find_error::<h2::Error>(&*err).unwrap();
+        assert_eq!(h2.reason(), Some(h2::Reason::from(reason.code())));
+        assert_eq!(ResetReason::from_code(reason.code()), reason);
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+    }
+    assert_eq!(ResetReason::Cancel.to_h2(), h2::Reason::CANCEL);
+    assert_eq!(
+        ResetReason::EnhanceYourCalm.to_h2(),
+        h2::Reason::ENHANCE_YOUR_CALM
+    );
+}
+
+#[tokio::test]
+async fn reset_after_messages_cuts_a_committed_stream() {
+    for n in [0usize, 2] {
+        let (faults, finished) = setup();
+        faults
+            .always("*", Fault::reset_after_messages(n, ResetReason::Cancel))
+            .unwrap();
+        let svc = faults.layer().layer(handler(finished.clone()));
+        let response = svc.oneshot(request(b"x")).await.unwrap();
+        assert!(response.headers().get("grpc-status").is_none());
+        let mut body = Box::pin(response.into_body());
+        for _ in 0..n {
+            assert!(body.frame().await.unwrap().unwrap().is_data());
+        }
+        let err = body.frame().await.unwrap().unwrap_err();
+        let reset = err.downcast_ref::<ResetStream>().unwrap();
+        assert_eq!(reset.reason(), ResetReason::Cancel);
+        assert!(body.frame().await.is_none());
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        assert_eq!(faults.calls()[0].fault, "reset_after_messages");
+    }
+}

@@ -41,7 +41,17 @@ use tokio::time::Instant;
 use crate::timeout_header;
 
 /// The absolute deadline of a call (or of one attempt, below a per-attempt
-/// timeout), kept in the request's extensions; see the [module docs](self).
+/// timeout), kept in the request's extensions.
+///
+/// The outermost layer that knows the call's deadline records it once
+/// ([`CallDeadline::get_or_insert`], [`CallDeadline::insert_into`]); layers
+/// below read that instant ([`CallDeadline::of_request`]) instead of
+/// re-deriving it from the relative, rounded `grpc-timeout` header; a layer
+/// that shortens it (a shorter per-method policy, a per-attempt timeout)
+/// replaces it with the earlier instant; and whichever layer hands the
+/// request on writes `grpc-timeout` from it at that moment
+/// ([`CallDeadline::write_header`]). A request with no extension falls
+/// back to its `grpc-timeout` header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CallDeadline {
     at: Instant,

@@ -8,8 +8,14 @@
 //! caller sees the right code: `DEADLINE_EXCEEDED` for a timeout,
 //! `UNAVAILABLE` for an open breaker. Each layer keeps its own error type,
 //! so an outer layer can still tell them apart by downcasting.
+//!
+//! Failures without a gRPC status (a reset stream, a broken connection)
+//! keep the code gRPC gives them ([`transport_code`]: a stream reset with
+//! `CANCEL` is `CANCELLED`, a refused stream or a lost connection is
+//! `UNAVAILABLE`, ...) and stay reachable through `source()`.
 
 use std::error::Error;
+use std::sync::Arc;
 
 use tonic::{Code, Status};
 
@@ -77,20 +83,30 @@ impl Error for LocalRejection {
     }
 }
 
-/// A failure below the gRPC layer (a reset connection, a broken pipe) that
-/// carries no status: callers see it as `UNAVAILABLE`, as gRPC's spec
-/// says of transport failures, with the cause in the message. The cause
-/// itself is kept.
+/// A failure below the gRPC layer (a reset stream, a broken connection)
+/// that carries no gRPC status, given the status gRPC prescribes for it
+/// (see [`transport_code`]).
+///
+/// Its source chain is: this error, then that [`tonic::Status`] (so a
+/// tonic stub finds the code), then the original error (a tonic transport
+/// error, then hyper's, then `h2::Error`, as the transport built it). A
+/// caller can walk [`Error::source`] from the status its stub returned and
+/// downcast to any of them.
 #[derive(Debug)]
 pub struct TransportError {
     status: Status,
-    cause: BoxError,
+    cause: Arc<dyn Error + Send + Sync + 'static>,
 }
 
 impl TransportError {
-    /// The cause.
+    /// The original error.
     pub fn cause(&self) -> &(dyn Error + Send + Sync + 'static) {
         &*self.cause
+    }
+
+    /// The status a caller sees for it.
+    pub fn status(&self) -> &Status {
+        &self.status
     }
 }
 
@@ -107,9 +123,10 @@ impl Error for TransportError {
 }
 
 /// Gives an error without a [`tonic::Status`] in its chain the status a
-/// caller should see, `UNAVAILABLE` (see [`TransportError`]); errors that
-/// have one (and tonic's own timeouts and connect errors, which tonic maps)
-/// pass unchanged.
+/// caller should see ([`transport_code`]) as a [`TransportError`], which
+/// keeps the original error in its source chain. Errors that have a status,
+/// and tonic's own timeouts and connect errors (which tonic's stubs map
+/// themselves), pass unchanged.
 pub fn with_transport_status(err: BoxError) -> BoxError {
     if find_status(&*err).is_some()
         || find_error::<tonic::TimeoutExpired>(&*err).is_some()
@@ -117,8 +134,69 @@ pub fn with_transport_status(err: BoxError) -> BoxError {
     {
         return err;
     }
-    let status = Status::unavailable(format!("transport error: {err}"));
-    Box::new(TransportError { status, cause: err })
+    let code = transport_code(&*err);
+    let cause: Arc<dyn Error + Send + Sync + 'static> = Arc::from(err);
+    let mut status = Status::new(code, format!("transport error: {cause}"));
+    status.set_source(cause.clone());
+    Box::new(TransportError { status, cause })
+}
+
+/// The gRPC code of a failure that carries no gRPC status, as gRPC's HTTP/2
+/// protocol spec, grpc-core and tonic map it.
+///
+/// A stream reset (`RST_STREAM`, found as an `h2::Error` anywhere in the
+/// source chain) maps by its reason:
+///
+/// | HTTP/2 reason | code |
+/// |---|---|
+/// | `CANCEL` | `CANCELLED` |
+/// | `REFUSED_STREAM` | `UNAVAILABLE` (the server never processed the call) |
+/// | `ENHANCE_YOUR_CALM` | `RESOURCE_EXHAUSTED` |
+/// | `INADEQUATE_SECURITY` | `PERMISSION_DENIED` |
+/// | `NO_ERROR`, `PROTOCOL_ERROR`, `INTERNAL_ERROR`, `FLOW_CONTROL_ERROR`, `SETTINGS_TIMEOUT`, `FRAME_SIZE_ERROR`, `COMPRESSION_ERROR`, `CONNECT_ERROR` | `INTERNAL` |
+/// | `STREAM_CLOSED`, `HTTP_1_1_REQUIRED`, any other | `UNKNOWN` |
+///
+/// A graceful `GOAWAY` from the server (`NO_ERROR`) is `UNAVAILABLE`: the
+/// streams it names were never processed. Every other failure (a refused or
+/// broken connection, an I/O error, an h2 error without a reason) is a
+/// connection failure: `UNAVAILABLE`.
+///
+/// This is the table of tonic's `Status::from_error`, which only applies it
+/// when tonic is built with its `server` feature (a client-only build reads
+/// every reset as `UNKNOWN`); here it holds in every build. One difference:
+/// hyper's "canceled" error (the connection went away before the request
+/// was sent) reads `CANCELLED` in tonic; here, as in grpc-core, it is a
+/// connection failure, `UNAVAILABLE`, since the caller cancelled nothing.
+pub fn transport_code(err: &(dyn Error + 'static)) -> Code {
+    match find_error::<h2::Error>(err) {
+        Some(h2) => h2_code(h2),
+        None => Code::Unavailable,
+    }
+}
+
+fn h2_code(err: &h2::Error) -> Code {
+    use h2::Reason;
+    let Some(reason) = err.reason() else {
+        return Code::Unavailable;
+    };
+    if err.is_go_away() && err.is_remote() && reason == Reason::NO_ERROR {
+        return Code::Unavailable;
+    }
+    match reason {
+        Reason::NO_ERROR
+        | Reason::PROTOCOL_ERROR
+        | Reason::INTERNAL_ERROR
+        | Reason::FLOW_CONTROL_ERROR
+        | Reason::SETTINGS_TIMEOUT
+        | Reason::FRAME_SIZE_ERROR
+        | Reason::COMPRESSION_ERROR
+        | Reason::CONNECT_ERROR => Code::Internal,
+        Reason::REFUSED_STREAM => Code::Unavailable,
+        Reason::CANCEL => Code::Cancelled,
+        Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Unknown,
+    }
 }
 
 /// The gRPC code a failed call's caller sees for this error.
@@ -126,8 +204,9 @@ pub fn with_transport_status(err: BoxError) -> BoxError {
 /// The code of the first [`tonic::Status`] in the chain.
 /// [`tonic::TimeoutExpired`] (tonic's own enforcement of `grpc-timeout`)
 /// is `DEADLINE_EXCEEDED`. Any other error comes from the transport below
-/// the stub (refused connection, reset stream, broken pipe), which gRPC
-/// clients report as `UNAVAILABLE`.
+/// the stub and gets its [`transport_code`]: a stream reset by its HTTP/2
+/// reason (`CANCEL` is `CANCELLED`, ...), a connection failure
+/// `UNAVAILABLE`.
 pub fn error_code(err: &(dyn Error + 'static)) -> Code {
     if let Some(status) = find_status(err) {
         return status.code();
@@ -135,7 +214,7 @@ pub fn error_code(err: &(dyn Error + 'static)) -> Code {
     if find_error::<tonic::TimeoutExpired>(err).is_some() {
         return Code::DeadlineExceeded;
     }
-    Code::Unavailable
+    transport_code(err)
 }
 
 #[cfg(test)]
@@ -176,11 +255,111 @@ mod tests {
         let err = with_transport_status(Box::new(std::io::Error::other("connection reset")));
         let transport = err.downcast_ref::<TransportError>().unwrap();
         assert_eq!(transport.cause().to_string(), "connection reset");
+        assert!(
+            find_error::<std::io::Error>(&*err).is_some(),
+            "the cause is in the chain"
+        );
         let status = Status::from_error(err);
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.message(), "transport error: connection reset");
         let kept = with_transport_status(Box::new(Status::not_found("x")));
         assert_eq!(Status::from_error(kept).code(), Code::NotFound);
+    }
+
+    /// An error holding an `h2::Error` as its source, as hyper's does.
+    #[derive(Debug)]
+    struct Hyperish(h2::Error);
+    impl fmt::Display for Hyperish {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("http2 error")
+        }
+    }
+    impl Error for Hyperish {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    const REASONS: [(h2::Reason, Code); 14] = [
+        (h2::Reason::NO_ERROR, Code::Internal),
+        (h2::Reason::PROTOCOL_ERROR, Code::Internal),
+        (h2::Reason::INTERNAL_ERROR, Code::Internal),
+        (h2::Reason::FLOW_CONTROL_ERROR, Code::Internal),
+        (h2::Reason::SETTINGS_TIMEOUT, Code::Internal),
+        (h2::Reason::STREAM_CLOSED, Code::Unknown),
+        (h2::Reason::FRAME_SIZE_ERROR, Code::Internal),
+        (h2::Reason::REFUSED_STREAM, Code::Unavailable),
+        (h2::Reason::CANCEL, Code::Cancelled),
+        (h2::Reason::COMPRESSION_ERROR, Code::Internal),
+        (h2::Reason::CONNECT_ERROR, Code::Internal),
+        (h2::Reason::ENHANCE_YOUR_CALM, Code::ResourceExhausted),
+        (h2::Reason::INADEQUATE_SECURITY, Code::PermissionDenied),
+        (h2::Reason::HTTP_1_1_REQUIRED, Code::Unknown),
+    ];
+
+    #[test]
+    fn stream_resets_keep_the_code_of_their_reason() {
+        for (reason, code) in REASONS {
+            let err: BoxError = Box::new(Hyperish(h2::Error::from(reason)));
+            assert_eq!(error_code(&*err), code, "{reason:?}");
+            assert_eq!(transport_code(&*err), code, "{reason:?}");
+            let err = with_transport_status(err);
+            assert_eq!(error_code(&*err), code, "{reason:?}");
+            assert_eq!(
+                err.downcast_ref::<TransportError>()
+                    .unwrap()
+                    .status()
+                    .code(),
+                code
+            );
+            // What the stub's caller gets: the code, and the h2 error one
+            // walk down the source chain.
+            let status = Status::from_error(err);
+            assert_eq!(status.code(), code, "{reason:?}");
+            let h2 = find_error::<h2::Error>(&status).expect("the h2 error is kept");
+            assert_eq!(h2.reason(), Some(reason));
+            assert!(find_error::<Hyperish>(&status).is_some());
+        }
+        // Outside a known reason: UNKNOWN, as tonic reads it.
+        let err: BoxError = Box::new(Hyperish(h2::Error::from(h2::Reason::from(0x99))));
+        assert_eq!(error_code(&*err), Code::Unknown);
+    }
+
+    /// A stream above the last stream id of the server's graceful GOAWAY
+    /// was never processed: UNAVAILABLE (transparently retryable), not the
+    /// INTERNAL a `NO_ERROR` stream reset reads as.
+    #[tokio::test]
+    async fn a_graceful_goaway_is_unavailable() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (client_io, mut server_io) = tokio::io::duplex(64 * 1024);
+        let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let request = http::Request::builder()
+            .uri("http://catalog/a.B/C")
+            .body(())
+            .unwrap();
+        let (response, _body) = client.send_request(request, true).unwrap();
+        // A server by hand: empty SETTINGS, then GOAWAY(last stream 0,
+        // NO_ERROR), as a server shutting down before it took stream 1.
+        let mut preface = [0u8; 24];
+        server_io.read_exact(&mut preface).await.unwrap();
+        server_io
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        server_io.write_all(&goaway).await.unwrap();
+        let h2 = response.await.unwrap_err();
+        assert!(h2.is_go_away() && h2.is_remote(), "{h2:?}");
+        let err: BoxError = Box::new(Hyperish(h2));
+        assert_eq!(error_code(&*err), Code::Unavailable);
+        let status = Status::from_error(with_transport_status(err));
+        assert_eq!(status.code(), Code::Unavailable);
+        // The same reason on a stream reset is a protocol violation.
+        let reset: BoxError = Box::new(Hyperish(h2::Error::from(h2::Reason::NO_ERROR)));
+        assert_eq!(error_code(&*reset), Code::Internal);
     }
 
     #[test]

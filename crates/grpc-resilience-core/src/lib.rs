@@ -3,7 +3,9 @@
 //! * [`MethodId`]: the `/package.Service/Method` a request calls, parsed
 //!   once from its path without allocating.
 //! * [`MethodMap`]: values per method, matched as gRPC's service config
-//!   does (method, then service, then default), with allocation-free lookup.
+//!   does (method, then service, then default; a bare method name, this
+//!   library's extension, ranks between service and default), with
+//!   allocation-free lookup.
 //! * [`Outcome`] and [`OutcomeBody`]: a call's final status, read from
 //!   Trailers-Only headers or from the trailers at the end of the body,
 //!   reported exactly once, or [`Outcome::Cancelled`] when the caller drops

@@ -58,6 +58,11 @@ impl Outcome {
 /// gRPC spec's HTTP-to-gRPC table says); `None` when the outcome will come
 /// in the trailers. Only the code is parsed: nothing is allocated, and a
 /// malformed `grpc-status` reads as `Code::Unknown`.
+///
+/// It only reads; a layer that hands these headers on to tonic removes a
+/// hostile `grpc-status-details-bin` first with
+/// [`headers::sanitize_status_details`] ([`OutcomeBody::wrap_response`]
+/// does).
 pub fn classify_head(status: StatusCode, headers: &HeaderMap) -> Option<Outcome> {
     if let Some(code) = headers::get(headers, &tonic::Status::GRPC_STATUS) {
         return Some(Outcome::Status(Code::from_bytes(code.as_bytes())));
@@ -162,7 +167,13 @@ impl<B, F: OnOutcome> OutcomeBody<B, F> {
 
     /// Wraps a response's body; a response whose headers already hold the
     /// outcome (see [`classify_head`]) reports it before this returns.
-    pub fn wrap_response(response: http::Response<B>, on_outcome: F) -> http::Response<Self> {
+    ///
+    /// A `grpc-status-details-bin` that is not valid base64 is removed from
+    /// the head (and, as the body is read, from the trailers), so that tonic,
+    /// which panics on one, never sees it; see
+    /// [`headers::sanitize_status_details`].
+    pub fn wrap_response(mut response: http::Response<B>, on_outcome: F) -> http::Response<Self> {
+        headers::sanitize_status_details(response.headers_mut());
         match classify_head(response.status(), response.headers()) {
             Some(outcome) => {
                 on_outcome.on_outcome(outcome);
@@ -198,8 +209,11 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let (result, outcome) = match ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                let outcome = frame.trailers_ref().map(classify_trailers);
+            Some(Ok(mut frame)) => {
+                let outcome = frame.trailers_mut().map(|trailers| {
+                    headers::sanitize_status_details(trailers);
+                    classify_trailers(trailers)
+                });
                 (Some(Ok(frame)), outcome)
             }
             Some(Err(err)) => {
@@ -323,6 +337,56 @@ mod tests {
         assert!(body.frame().await.unwrap().is_ok());
         drop(body);
         assert_eq!(*seen.lock().unwrap(), vec![Outcome::Cancelled]);
+    }
+
+    const NOT_BASE64: &str = "not base64!";
+
+    #[tokio::test]
+    async fn invalid_details_never_reach_the_caller() {
+        // Trailers-Only head.
+        let (seen, f) = recorder();
+        let response = http::Response::builder()
+            .header("grpc-status", "5")
+            .header("grpc-status-details-bin", NOT_BASE64)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = OutcomeBody::wrap_response(response, f);
+        assert!(response.headers().get("grpc-status-details-bin").is_none());
+        // What tonic does with the head: no panic, the server's code.
+        let status = tonic::Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(*seen.lock().unwrap(), vec![Outcome::Status(Code::NotFound)]);
+
+        // Trailers after a message.
+        let (seen, f) = recorder();
+        let mut bad = trailers("15");
+        bad.insert("grpc-status-details-bin", NOT_BASE64.parse().unwrap());
+        let body = OutcomeBody::new(
+            stream_body(vec![
+                Ok(Frame::data(Bytes::from_static(b"msg"))),
+                Ok(Frame::trailers(bad)),
+            ]),
+            f,
+        );
+        let mut body = std::pin::pin!(body);
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        let frame = body.frame().await.unwrap().unwrap();
+        let sent = frame.trailers_ref().unwrap();
+        assert!(sent.get("grpc-status-details-bin").is_none());
+        let status = tonic::Status::from_header_map(sent).unwrap();
+        assert_eq!(status.code(), Code::DataLoss);
+        assert_eq!(*seen.lock().unwrap(), vec![Outcome::Status(Code::DataLoss)]);
+
+        // Valid details pass untouched.
+        let mut good = trailers("15");
+        good.insert("grpc-status-details-bin", "CAUSBWhlbGxv".parse().unwrap());
+        let body = OutcomeBody::new(stream_body(vec![Ok(Frame::trailers(good))]), |_| {});
+        let mut body = std::pin::pin!(body);
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            frame.trailers_ref().unwrap()["grpc-status-details-bin"],
+            "CAUSBWhlbGxv"
+        );
     }
 
     #[test]

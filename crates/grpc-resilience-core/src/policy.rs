@@ -19,8 +19,32 @@ use crate::MethodId;
 /// | `catalog.v1.QueryService/GetProduct` | [`Selector::Method`] | that one method |
 /// | `GetProduct` | [`Selector::MethodName`] | a method of that name in any service |
 ///
-/// The last form is how the seed's configuration names operations
-/// (`ListProducts: 10_000`).
+/// The first three are gRPC's service-config names (`{}`, `{service}`,
+/// `{service, method}`). The last is this library's extension, for
+/// configurations that name operations without their service
+/// (`ListProducts = 10_000`); gRPC's service config has no such form.
+///
+/// # Which selector wins
+///
+/// When several match a call, the most specific wins, in this order:
+///
+/// 1. [`Selector::Method`]: the exact method;
+/// 2. [`Selector::Service`]: the call's service;
+/// 3. [`Selector::MethodName`]: a method of that name in any service;
+/// 4. [`Selector::Default`].
+///
+/// The first, second and fourth are gRPC's own order. A bare method name
+/// ranks below a service because it says nothing about the service: it is
+/// a default for methods of that name, so an entry written for a specific
+/// service (`catalog.v1.QueryService/*`) is never overridden by one
+/// written for every service, and a configuration in gRPC's own forms
+/// behaves exactly as gRPC's service config does.
+///
+/// A selector is matched against calls as they are made; one that names
+/// no method of any service the channel calls (a typo, a removed method)
+/// never matches and has no effect. Nothing at this level can warn about
+/// it, because a [`MethodMap`] does not know which services a channel
+/// serves.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Selector {
     /// Every call not matched by a more specific selector.
@@ -51,12 +75,13 @@ impl Selector {
         }
     }
 
-    /// How specific the selector is; a higher rank wins.
+    /// How specific the selector is; a higher rank wins (see
+    /// [Which selector wins](Selector#which-selector-wins)).
     fn rank(&self) -> u8 {
         match self {
             Selector::Method { .. } => 3,
-            Selector::MethodName(_) => 2,
-            Selector::Service(_) => 1,
+            Selector::Service(_) => 2,
+            Selector::MethodName(_) => 1,
             Selector::Default => 0,
         }
     }
@@ -160,8 +185,10 @@ impl std::error::Error for DuplicateSelector {}
 /// Values (policies) per gRPC method, matched as gRPC's service config does.
 ///
 /// A lookup returns the value of the most specific matching [`Selector`]:
-/// the exact method, then a method of that name in any service, then the
-/// whole service, then the default. The map is built once; a lookup hashes
+/// the exact method, then the whole service, then a method of that name in
+/// any service, then the default (see
+/// [Which selector wins](Selector#which-selector-wins) for why). A selector
+/// that matches no call the channel makes has no effect. The map is built once; a lookup hashes
 /// borrowed `&str` keys with a fast hash, skips empty tables, and allocates
 /// nothing.
 ///
@@ -272,8 +299,8 @@ impl<T> MethodMap<T> {
         }
     }
 
-    /// The value for a method: exact method, then method name, then service,
-    /// then default.
+    /// The value for a method: exact method, then service, then method
+    /// name, then default.
     pub fn get(&self, id: &MethodId<'_>) -> Option<&T> {
         self.get_with_selector(id).map(|(_, v)| v)
     }
@@ -303,11 +330,11 @@ impl<T> MethodMap<T> {
         if let Some(v) = get_nonempty(&self.exact, id.path()) {
             return Some((MatchedBy::Method, v));
         }
-        if let Some(v) = get_nonempty(&self.by_name, id.method()) {
-            return Some((MatchedBy::MethodName, v));
-        }
         if let Some(v) = get_nonempty(&self.services, id.service()) {
             return Some((MatchedBy::Service, v));
+        }
+        if let Some(v) = get_nonempty(&self.by_name, id.method()) {
+            return Some((MatchedBy::MethodName, v));
         }
         self.default.as_ref().map(|v| (MatchedBy::Default, v))
     }
@@ -427,6 +454,22 @@ mod tests {
     }
 
     #[test]
+    fn a_service_outranks_a_bare_method_name() {
+        let mut map = MethodMap::new();
+        map.insert("pkg.A/*".parse().unwrap(), 1).unwrap();
+        map.insert("Get".parse().unwrap(), 2).unwrap();
+        assert_eq!(
+            map.get_with_selector(&id("/pkg.A/Get")),
+            Some((MatchedBy::Service, &1))
+        );
+        assert_eq!(map.get_mut(&id("/pkg.A/Get")), Some(&mut 1));
+        assert_eq!(
+            map.get_with_selector(&id("/pkg.B/Get")),
+            Some((MatchedBy::MethodName, &2))
+        );
+    }
+
+    #[test]
     fn empty_map_finds_nothing_and_non_grpc_paths_get_default() {
         let empty: MethodMap<u32> = MethodMap::new();
         assert!(empty.is_empty());
@@ -519,8 +562,8 @@ mod tests {
             entries,
             vec![
                 ("pkg.A/Get".to_string(), 30),
-                ("Get".to_string(), 20),
                 ("pkg.A/*".to_string(), 10),
+                ("Get".to_string(), 20),
                 ("*".to_string(), 0),
             ]
         );

@@ -51,8 +51,8 @@ fn encode_to(timeout: Duration, buf: &mut [u8; 9]) -> usize {
     let (value, unit) = UNITS
         .iter()
         .find_map(|&(unit, per)| {
-            let value = nanos / per;
-            (value <= u128::from(MAX_VALUE)).then_some((value as u64, unit))
+            let value = u64::try_from(nanos / per).ok()?;
+            (value <= MAX_VALUE).then_some((value, unit))
         })
         .unwrap_or((MAX_VALUE, b'H'));
     // Render the digits right to left.

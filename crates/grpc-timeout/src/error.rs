@@ -15,29 +15,43 @@ use crate::Scope;
 pub struct Elapsed {
     timeout: Duration,
     scope: Scope,
-    during_body: bool,
+    when: When,
     status: Status,
 }
 
+/// When a deadline passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum When {
+    /// Before the call was sent: it was not sent.
+    BeforeSending,
+    /// While waiting for the response headers.
+    BeforeResponse,
+    /// While the response body was being read.
+    DuringBody,
+}
+
 impl Elapsed {
-    pub(crate) fn new(timeout: Duration, scope: Scope, during_body: bool, method: &str) -> Self {
+    pub(crate) fn new(timeout: Duration, scope: Scope, when: When, method: &str) -> Self {
         let what = match scope {
             Scope::Call => "call",
             Scope::Attempt => "attempt",
         };
-        let when = if during_body {
-            "before the response stream ended"
-        } else {
-            "before a response arrived"
+        let message = match when {
+            When::BeforeSending => {
+                format!("{what} to {method} had no time left before its deadline; it was not sent")
+            }
+            When::BeforeResponse => format!(
+                "{what} to {method} ran past its deadline of {timeout:?} before a response arrived"
+            ),
+            When::DuringBody => format!(
+                "{what} to {method} ran past its deadline of {timeout:?} before the response stream ended"
+            ),
         };
-        let status = Status::deadline_exceeded(format!(
-            "{what} to {method} ran past its deadline of {timeout:?} {when}"
-        ));
         Elapsed {
             timeout,
             scope,
-            during_body,
-            status,
+            when,
+            status: Status::deadline_exceeded(message),
         }
     }
 
@@ -54,7 +68,14 @@ impl Elapsed {
     /// Whether the deadline passed while a response stream was being read
     /// (the response headers had arrived in time).
     pub fn during_body(&self) -> bool {
-        self.during_body
+        self.when == When::DuringBody
+    }
+
+    /// Whether the call (or attempt) was sent: `false` when its deadline
+    /// had already passed when it reached this layer, so that it failed
+    /// at once without reaching the network.
+    pub fn was_sent(&self) -> bool {
+        self.when != When::BeforeSending
     }
 
     /// The status a gRPC caller sees.

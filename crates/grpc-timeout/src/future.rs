@@ -5,15 +5,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use grpc_resilience_core::error::find_error;
-use grpc_resilience_core::{BoxError, MethodId};
+use grpc_resilience_core::error::{find_error, with_transport_status};
+use grpc_resilience_core::{BoxError, MethodId, headers};
 use http::uri::PathAndQuery;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::Scope;
-use crate::error::Elapsed;
+use crate::error::{Elapsed, When};
 
 /// The deadline a call runs under.
 #[derive(Clone, Debug)]
@@ -28,11 +28,11 @@ pub(crate) struct Deadline {
 
 impl Deadline {
     /// Records the expiry (metric and log) and builds the error.
-    fn expire(&self, during_body: bool) -> BoxError {
+    fn expire(&self, when: When) -> BoxError {
         let path = self.path.as_ref().map_or("", PathAndQuery::path);
         let (service, method) =
             MethodId::from_path(path).map_or(("", ""), |m| (m.service(), m.method()));
-        let timeout_ms = self.timeout.as_millis() as u64;
+        let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         let scope = self.scope.as_str();
         metrics::counter!(
             "grpc.timeout.count",
@@ -47,7 +47,8 @@ impl Deadline {
                 method,
                 timeout_ms,
                 scope,
-                during_body,
+                during_body = when == When::DuringBody,
+                sent = when != When::BeforeSending,
                 "gRPC call to {service}/{method} exceeded its deadline of {timeout_ms}ms"
             ),
             Scope::Attempt => tracing::debug!(
@@ -55,7 +56,8 @@ impl Deadline {
                 method,
                 timeout_ms,
                 scope,
-                during_body,
+                during_body = when == When::DuringBody,
+                sent = when != When::BeforeSending,
                 "gRPC attempt to {service}/{method} exceeded its deadline of {timeout_ms}ms"
             ),
         }
@@ -64,7 +66,7 @@ impl Deadline {
         } else {
             path
         };
-        Box::new(Elapsed::new(self.timeout, self.scope, during_body, name))
+        Box::new(Elapsed::new(self.timeout, self.scope, when, name))
     }
 }
 
@@ -72,8 +74,9 @@ pin_project! {
     /// The response future of [`Timeout`](crate::Timeout).
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
+        // `None` for a call whose deadline had passed before it was sent.
         #[pin]
-        inner: F,
+        inner: Option<F>,
         #[pin]
         sleep: Option<Sleep>,
         deadline: Option<Deadline>,
@@ -83,9 +86,19 @@ pin_project! {
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(inner: F, deadline: Option<Deadline>) -> Self {
         ResponseFuture {
-            inner,
+            inner: Some(inner),
             sleep: deadline.as_ref().map(|d| sleep_until(d.at)),
             deadline,
+        }
+    }
+
+    /// A call that fails with `DEADLINE_EXCEEDED` when first polled, never
+    /// sent.
+    pub(crate) fn expired(deadline: Deadline) -> Self {
+        ResponseFuture {
+            inner: None,
+            sleep: None,
+            deadline: Some(deadline),
         }
     }
 }
@@ -99,12 +112,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let elapsed = |deadline: &Option<Deadline>| match deadline {
-            Some(d) => Err(d.expire(false)),
+        let elapsed = |deadline: &mut Option<Deadline>| match deadline.take() {
+            Some(d) => Err(d.expire(When::BeforeResponse)),
             None => Err("deadline exceeded".into()),
         };
-        match this.inner.poll(cx) {
-            Poll::Ready(Ok(response)) => {
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(match this.deadline.take() {
+                Some(d) => Err(d.expire(When::BeforeSending)),
+                None => Err("response future polled after completion".into()),
+            });
+        };
+        match inner.poll(cx) {
+            Poll::Ready(Ok(mut response)) => {
                 // A response that lands after the timer fired does not win
                 // the race: the caller is told its deadline passed, whatever
                 // the server said (tonic servers answer CANCELLED then).
@@ -117,6 +136,8 @@ where
                 {
                     return Poll::Ready(elapsed(this.deadline));
                 }
+                // tonic panics on undecodable status details.
+                headers::sanitize_status_details(response.headers_mut());
                 let deadline = this.deadline.take();
                 Poll::Ready(Ok(response.map(|body| TimeoutBody::new(body, deadline))))
             }
@@ -135,7 +156,7 @@ where
                 if this.deadline.is_some() && (channel_timed_out || fired) {
                     return Poll::Ready(elapsed(this.deadline));
                 }
-                Poll::Ready(Err(err))
+                Poll::Ready(Err(with_transport_status(err)))
             }
             Poll::Pending => match this.sleep.as_mut().as_pin_mut() {
                 Some(sleep) => {
@@ -152,8 +173,14 @@ pin_project! {
     /// A response body that ends with `DEADLINE_EXCEEDED` when the call's
     /// deadline passes before the body's end.
     ///
-    /// When the deadline passes, the inner body is dropped at once, which
-    /// resets the HTTP/2 stream: the server sees the call cancelled.
+    /// The deadline is checked on every poll, so it also cuts a body whose
+    /// next frame is always ready (a consumer slower than the server), and
+    /// a timer wakes a reader waiting for data. When the deadline passes,
+    /// the inner body is dropped at once, which resets the HTTP/2 stream:
+    /// the server sees the call cancelled.
+    ///
+    /// A `grpc-status-details-bin` trailer that is not valid base64 is
+    /// removed, since tonic panics on one.
     #[derive(Debug)]
     pub struct TimeoutBody<B> {
         #[pin]
@@ -197,8 +224,23 @@ where
         let Some(inner) = this.inner.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
+        // One clock read per poll: a frame that is ready does not outrun
+        // the deadline.
+        if let Some(deadline) = this.deadline.as_ref()
+            && Instant::now() >= deadline.at
+        {
+            return Poll::Ready(Some(Err(cut(this.inner, this.deadline))));
+        }
         if let Poll::Ready(frame) = inner.poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            return Poll::Ready(frame.map(|frame| match frame {
+                Ok(mut frame) => {
+                    if let Some(trailers) = frame.trailers_mut() {
+                        headers::sanitize_status_details(trailers);
+                    }
+                    Ok(frame)
+                }
+                Err(err) => Err(with_transport_status(err.into())),
+            }));
         }
         let Some(deadline) = this.deadline.as_ref() else {
             return Poll::Pending;
@@ -207,10 +249,7 @@ where
             .sleep
             .get_or_insert_with(|| Box::pin(sleep_until(deadline.at)));
         ready!(sleep.as_mut().poll(cx));
-        let err = deadline.expire(true);
-        this.inner.set(None);
-        *this.deadline = None;
-        Poll::Ready(Some(Err(err)))
+        Poll::Ready(Some(Err(cut(this.inner, this.deadline))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -221,5 +260,15 @@ where
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// Ends a body at its deadline: drops the inner body (resetting the
+/// stream) and builds the error.
+fn cut<B>(mut inner: Pin<&mut Option<B>>, deadline: &mut Option<Deadline>) -> BoxError {
+    inner.set(None);
+    match deadline.take() {
+        Some(deadline) => deadline.expire(When::DuringBody),
+        None => "deadline exceeded".into(),
     }
 }

@@ -22,8 +22,10 @@ impl TimeoutLayer {
 
     /// Enforces the policy per attempt instead of per call: for use below
     /// a retry layer, as Envoy's per-try timeout. Each attempt's deadline is
-    /// the shorter of its configured timeout and the time the call has left
-    /// (the `grpc-timeout` the retry layer sends).
+    /// the earlier of now plus its configured timeout and the call's
+    /// deadline (the [`CallDeadline`](crate::CallDeadline) on the attempt's
+    /// request, else its `grpc-timeout`), and is recorded on the attempt's
+    /// request.
     pub fn per_attempt(mut self) -> Self {
         self.scope = Scope::Attempt;
         self

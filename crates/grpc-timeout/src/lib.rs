@@ -5,17 +5,31 @@
 //! generated stub method runs under a deadline:
 //!
 //! * the deadline is the method's configured timeout ([`TimeoutPolicy`]: a
-//!   default plus per-operation values), or the caller's own deadline
-//!   (`tonic::Request::set_timeout`, sent as `grpc-timeout`) when that is
-//!   shorter;
-//! * the request carries `grpc-timeout` with the effective deadline, so the
-//!   server knows it too; the value is rounded down, never above the time
-//!   really left;
+//!   default plus per-operation values), or the caller's own deadline when
+//!   that is earlier: a [`CallDeadline`] already on the request (recorded
+//!   by a layer above), else the caller's `grpc-timeout`
+//!   (`tonic::Request::set_timeout`);
+//! * the result is recorded on the request as its [`CallDeadline`]
+//!   extension, one absolute instant that every layer below reads instead
+//!   of re-deriving it from the rounded header;
+//! * the request carries `grpc-timeout` written from that instant when the
+//!   inner service is called, so the server knows the time really left;
+//!   the value is rounded down, never above it;
+//! * a call whose deadline has already passed (a caller's `grpc-timeout`
+//!   of `0n`, a spent budget) fails at once with `DEADLINE_EXCEEDED` and
+//!   is not sent;
 //! * the deadline is enforced locally: no response in time and the stub's
 //!   caller gets `Code::DeadlineExceeded`;
 //! * it also bounds a streaming response: a server stream that runs past
 //!   the deadline ends with `DEADLINE_EXCEEDED`, and the stream is reset so
-//!   the server sees the call cancelled.
+//!   the server sees the call cancelled. The deadline is checked on every
+//!   read of the body (one clock read), so it holds even when the next
+//!   message is always already there;
+//! * a malformed `grpc-timeout` from the caller is dropped, with a WARN,
+//!   rather than forwarded; a transport failure keeps the code of its
+//!   HTTP/2 reason ([`grpc_resilience_core::error::transport_code`]); a
+//!   `grpc-status-details-bin` that is not valid base64 is removed from
+//!   response headers and trailers, since tonic panics on one.
 //!
 //! # Example
 //!
@@ -47,7 +61,10 @@
 //! # Per attempt
 //!
 //! Below a retry layer, [`TimeoutLayer::per_attempt`] bounds each attempt
-//! (as Envoy's per-try timeout) while the outer deadline bounds the call.
+//! (as Envoy's per-try timeout) while the outer deadline bounds the call:
+//! an attempt's deadline is the earlier of the call's [`CallDeadline`] and
+//! now plus the per-try timeout, and it is recorded on the attempt's
+//! request.
 //!
 //! # Telemetry
 //!
@@ -64,8 +81,8 @@ mod policy;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+pub use grpc_resilience_core::CallDeadline;
 use grpc_resilience_core::{BoxError, MethodId, timeout_header};
-use http::header::Entry;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -150,42 +167,63 @@ where
             Ok(method) => self.policy.entry(Some(&method)),
             Err(_) => self.policy.entry(None),
         };
-        // One hash of the header name for both reading the caller's
-        // deadline and writing ours.
-        let timeout = match request.headers_mut().entry(timeout_header::GRPC_TIMEOUT) {
-            Entry::Occupied(mut header) => {
-                match (timeout_header::decode(header.get().as_bytes()), configured) {
-                    // The caller's own deadline is shorter: its header already says so.
-                    (Ok(caller), Some(entry)) if caller < entry.timeout => caller,
-                    (Ok(caller), None) => caller,
-                    (Err(err), None) => {
-                        tracing::debug!(%err, "ignoring the caller's malformed grpc-timeout");
-                        return ResponseFuture::new(self.inner.call(request), None);
-                    }
-                    (caller, Some(entry)) => {
-                        if let Err(err) = caller {
-                            tracing::debug!(%err, "replacing the caller's malformed grpc-timeout");
-                        }
-                        header.insert(entry.header.clone());
-                        entry.timeout
-                    }
+        // One clock read per call: the deadlines below and the grpc-timeout
+        // written are all from this instant, taken as the inner service is
+        // called.
+        let now = Instant::now();
+        let recorded = request.extensions().get::<CallDeadline>().copied();
+        // The caller's deadline: the recorded instant, else the header.
+        let (caller, from_header) = match recorded {
+            Some(deadline) => (Some(deadline), false),
+            None => match timeout_header::from_headers(request.headers()) {
+                // A timeout too long to represent is no deadline.
+                Ok(Some(timeout)) => (now.checked_add(timeout).map(CallDeadline::at), true),
+                Ok(None) => (None, false),
+                Err(err) => {
+                    tracing::warn!(
+                        %err,
+                        value = ?request.headers().get(timeout_header::GRPC_TIMEOUT),
+                        "dropping the caller's malformed grpc-timeout"
+                    );
+                    request.headers_mut().remove(timeout_header::GRPC_TIMEOUT);
+                    (None, false)
                 }
-            }
-            Entry::Vacant(vacant) => match configured {
-                Some(entry) => {
-                    vacant.insert(entry.header.clone());
-                    entry.timeout
-                }
-                None => return ResponseFuture::new(self.inner.call(request), None),
             },
         };
-        let deadline = Instant::now().checked_add(timeout).map(|at| Deadline {
-            at,
-            timeout,
+        let ours = configured.and_then(|entry| Some((now.checked_add(entry.timeout)?, entry)));
+        let deadline = match (caller, ours) {
+            (_, Some((at, entry))) if caller.is_none_or(|c| at < c.instant()) => {
+                // The policy's deadline is the earlier one: its header,
+                // encoded once, says exactly the time left.
+                request
+                    .headers_mut()
+                    .insert(timeout_header::GRPC_TIMEOUT, entry.header.clone());
+                CallDeadline::at(at)
+            }
+            (Some(caller), _) => {
+                // The caller's header was read at `now`, so it already says
+                // exactly the time left; a recorded instant is written out.
+                if !from_header {
+                    caller.write_header(request.headers_mut(), now);
+                }
+                caller
+            }
+            (None, _) => return ResponseFuture::new(self.inner.call(request), None),
+        };
+        let info = Deadline {
+            at: deadline.instant(),
+            timeout: deadline.remaining_at(now),
             scope: self.scope,
             path: request.uri().path_and_query().cloned(),
-        });
-        ResponseFuture::new(self.inner.call(request), deadline)
+        };
+        if deadline.has_passed_at(now) {
+            // No time left: fail now, without sending anything.
+            return ResponseFuture::expired(info);
+        }
+        if recorded != Some(deadline) {
+            deadline.insert_into(&mut request);
+        }
+        ResponseFuture::new(self.inner.call(request), Some(info))
     }
 }
 

@@ -29,7 +29,8 @@ pub(crate) struct Entry {
 /// use std::time::Duration;
 /// use grpc_timeout::TimeoutPolicy;
 ///
-/// // The seed's timeouts.
+/// // A catalog service: 5 s by default, longer for listing, shorter for
+/// // single reads.
 /// let policy = TimeoutPolicy::new(Duration::from_secs(5))?
 ///     .with_operation("ListProducts", Duration::from_secs(10))?
 ///     .with_operation("GetProduct", Duration::from_secs(3))?
@@ -178,7 +179,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seed_policy() {
+    fn catalog_policy() {
         let policy = TimeoutPolicy::new(Duration::from_secs(5))
             .and_then(|p| p.with_operation("ListProducts", Duration::from_secs(10)))
             .and_then(|p| p.with_operation("GetProduct", Duration::from_secs(3)))

@@ -8,7 +8,9 @@ use tonic::Code;
 use tower_test::mock;
 
 use super::*;
+use grpc_resilience_core::CallDeadline;
 use grpc_resilience_core::timeout_header::{GRPC_TIMEOUT, decode};
+use tower_layer::Layer;
 
 const GET: &str = "/catalog.v1.QueryService/GetProduct";
 const LIST: &str = "/catalog.v1.QueryService/ListProducts";
@@ -19,7 +21,7 @@ type Res = http::Response<
     StreamBody<tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, BoxError>>>,
 >;
 
-fn seed_policy() -> TimeoutPolicy {
+fn catalog_policy() -> TimeoutPolicy {
     TimeoutPolicy::new(Duration::from_secs(5))
         .and_then(|p| p.with_operation("ListProducts", Duration::from_secs(10)))
         .and_then(|p| p.with_operation("GetProduct", Duration::from_secs(3)))
@@ -78,7 +80,7 @@ fn sent_timeout(req: &Req) -> Option<Duration> {
 
 #[tokio::test(start_paused = true)]
 async fn configured_timeout_is_sent_and_enforced() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     assert_eq!(req.headers()[GRPC_TIMEOUT], "3000000u");
@@ -89,6 +91,7 @@ async fn configured_timeout_is_sent_and_enforced() {
     assert_eq!(elapsed.timeout(), Duration::from_secs(3));
     assert_eq!(elapsed.scope(), Scope::Call);
     assert!(!elapsed.during_body());
+    assert!(elapsed.was_sent());
     assert!(
         elapsed
             .status()
@@ -100,7 +103,7 @@ async fn configured_timeout_is_sent_and_enforced() {
 
 #[tokio::test(start_paused = true)]
 async fn response_before_the_deadline_passes_through() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(LIST, None)).await;
     advance(Duration::from_millis(9_999)).await;
     let (tx, response) = streaming_response();
@@ -116,7 +119,7 @@ async fn response_before_the_deadline_passes_through() {
 
 #[tokio::test(start_paused = true)]
 async fn a_shorter_caller_deadline_wins_and_keeps_its_header() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, Some("250m"))).await;
     assert_eq!(req.headers()[GRPC_TIMEOUT], "250m");
@@ -126,7 +129,7 @@ async fn a_shorter_caller_deadline_wins_and_keeps_its_header() {
 
 #[tokio::test(start_paused = true)]
 async fn a_longer_caller_deadline_is_replaced_by_the_configured_one() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, Some("1M"))).await;
     assert_eq!(sent_timeout(&req), Some(Duration::from_secs(3)));
@@ -137,7 +140,7 @@ async fn a_longer_caller_deadline_is_replaced_by_the_configured_one() {
 
 #[tokio::test(start_paused = true)]
 async fn a_malformed_caller_deadline_is_replaced() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (req, _fut, _send) = forwarded(&mut service, &mut handle, request(GET, Some("soon"))).await;
     assert_eq!(sent_timeout(&req), Some(Duration::from_secs(3)));
 }
@@ -166,14 +169,14 @@ async fn only_the_caller_deadline_applies_when_nothing_is_configured() {
 
 #[tokio::test(start_paused = true)]
 async fn non_grpc_paths_get_the_default() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (req, _fut, _send) = forwarded(&mut service, &mut handle, request("/healthz", None)).await;
     assert_eq!(sent_timeout(&req), Some(Duration::from_secs(5)));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_stream_running_past_the_deadline_is_cut() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let start = Instant::now();
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(LIST, None)).await;
     let (tx, response) = streaming_response();
@@ -203,7 +206,7 @@ async fn a_stream_running_past_the_deadline_is_cut() {
 
 #[tokio::test(start_paused = true)]
 async fn a_response_after_the_timer_fired_does_not_win() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     let mut fut = tokio_test::task::spawn(fut);
     assert!(fut.poll().is_pending());
@@ -221,7 +224,7 @@ async fn a_response_after_the_timer_fired_does_not_win() {
 
 #[tokio::test(start_paused = true)]
 async fn per_attempt_scope_is_reported() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()).per_attempt());
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()).per_attempt());
     let (_req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     let err = fut.await.unwrap_err();
     assert_eq!(
@@ -239,7 +242,7 @@ async fn per_attempt_scope_is_reported() {
 
 #[tokio::test(start_paused = true)]
 async fn the_channels_own_grpc_timeout_expiry_reads_as_deadline_exceeded() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     // What tonic's Channel returns when it enforces the header itself.
     send.send_error(tonic::TimeoutExpired(()));
@@ -250,7 +253,7 @@ async fn the_channels_own_grpc_timeout_expiry_reads_as_deadline_exceeded() {
 
 #[tokio::test(start_paused = true)]
 async fn an_inner_error_after_the_timer_fired_reads_as_deadline_exceeded() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     let mut fut = tokio_test::task::spawn(fut);
     assert!(fut.poll().is_pending());
@@ -267,7 +270,7 @@ async fn an_inner_error_after_the_timer_fired_reads_as_deadline_exceeded() {
 
 #[tokio::test(start_paused = true)]
 async fn inner_errors_pass_through_unchanged() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     send.send_error(tonic::Status::unavailable("down"));
     let err = fut.await.unwrap_err();
@@ -277,7 +280,7 @@ async fn inner_errors_pass_through_unchanged() {
 
 #[tokio::test(start_paused = true)]
 async fn readiness_is_the_inner_services() {
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     handle.allow(0);
     assert!(service.poll_ready().is_pending());
     handle.allow(1);
@@ -297,7 +300,7 @@ async fn expiry_is_counted_with_labels() {
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
 
-    let (mut service, mut handle) = setup(TimeoutLayer::new(seed_policy()));
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, _send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
     fut.await.unwrap_err();
 
@@ -335,4 +338,255 @@ async fn the_largest_grpc_timeout_is_handled_without_panic() {
     );
     send.send_response(streaming_response().1);
     assert!(fut.await.is_ok());
+}
+
+fn extension(req: &Req) -> Option<Instant> {
+    req.extensions()
+        .get::<CallDeadline>()
+        .map(CallDeadline::instant)
+}
+
+fn with_deadline(mut req: Req, at: Instant) -> Req {
+    CallDeadline::at(at).insert_into(&mut req);
+    req
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_callers_deadline_extension_is_read_and_recorded() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    let start = Instant::now();
+    // Shorter than the policy's 3 s: it wins, with no grpc-timeout header.
+    let at = start + Duration::from_secs(1);
+    let req = with_deadline(request(GET, None), at);
+    let (req, fut, _send) = forwarded(&mut service, &mut handle, req).await;
+    assert_eq!(extension(&req), Some(at));
+    assert_eq!(sent_timeout(&req), Some(Duration::from_secs(1)));
+    assert_eq!(code_of(fut.await.unwrap_err()), Code::DeadlineExceeded);
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_extension_wins_over_the_callers_header() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(TimeoutPolicy::empty()));
+    let start = Instant::now();
+    let at = start + Duration::from_millis(700);
+    // A stale header from above says 5 s; the recorded instant is the truth.
+    let req = with_deadline(request(GET, Some("5S")), at);
+    let (req, fut, _send) = forwarded(&mut service, &mut handle, req).await;
+    assert_eq!(extension(&req), Some(at));
+    assert_eq!(sent_timeout(&req), Some(Duration::from_millis(700)));
+    fut.await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_millis(700));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shorter_policy_replaces_the_recorded_deadline() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    let start = Instant::now();
+    let req = with_deadline(request(GET, None), start + Duration::from_secs(60));
+    let (req, _fut, _send) = forwarded(&mut service, &mut handle, req).await;
+    assert_eq!(extension(&req), Some(start + Duration::from_secs(3)));
+    assert_eq!(req.headers()[GRPC_TIMEOUT], "3000000u");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_callers_header_is_recorded_as_the_deadline() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    let start = Instant::now();
+    let (req, _fut, _send) = forwarded(&mut service, &mut handle, request(GET, Some("250m"))).await;
+    assert_eq!(extension(&req), Some(start + Duration::from_millis(250)));
+    assert_eq!(sent_timeout(&req), Some(Duration::from_millis(250)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_attempt_deadline_is_the_earlier_of_the_calls_and_the_per_try() {
+    for (call_left, attempt_left) in [(1u64, 1u64), (60, 3)] {
+        let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()).per_attempt());
+        let start = Instant::now();
+        let req = with_deadline(request(GET, None), start + Duration::from_secs(call_left));
+        let (req, fut, _send) = forwarded(&mut service, &mut handle, req).await;
+        let attempt = start + Duration::from_secs(attempt_left);
+        assert_eq!(extension(&req), Some(attempt));
+        assert_eq!(sent_timeout(&req), Some(Duration::from_secs(attempt_left)));
+        let err = fut.await.unwrap_err();
+        assert_eq!(Instant::now(), attempt);
+        assert_eq!(
+            err.downcast_ref::<Elapsed>().unwrap().scope(),
+            Scope::Attempt
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_header_is_written_when_the_inner_service_is_called() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(TimeoutPolicy::empty()));
+    let start = Instant::now();
+    let req = with_deadline(request(GET, None), start + Duration::from_secs(2));
+    // Readiness took 500 ms: the server is told the 1.5 s really left.
+    advance(Duration::from_millis(500)).await;
+    let (req, _fut, _send) = forwarded(&mut service, &mut handle, req).await;
+    assert_eq!(sent_timeout(&req), Some(Duration::from_millis(1500)));
+}
+
+/// A response body whose next frame is always ready.
+fn endless_body() -> http_body_util::StreamBody<
+    impl tokio_stream::Stream<Item = Result<http_body::Frame<Bytes>, BoxError>>,
+> {
+    let frames = std::iter::repeat_with(|| Ok(http_body::Frame::data(Bytes::from_static(b"x"))));
+    StreamBody::new(tokio_stream::iter(frames))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_waits_is_still_cut_at_the_deadline() {
+    let layer = TimeoutLayer::new(catalog_policy());
+    let (service, mut handle) = mock::pair::<Req, http::Response<_>>();
+    let mut service = tower_test::mock::Spawn::new(layer.layer(service));
+    let start = Instant::now();
+    assert!(service.poll_ready().is_ready());
+    let fut = service.call(request(GET, None));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(http::Response::new(endless_body()));
+    let response = fut.await.unwrap();
+    let mut body = std::pin::pin!(response.into_body());
+    // A slow consumer: a second between frames, the producer always ahead.
+    let mut frames = 0;
+    let err = loop {
+        match body.frame().await.expect("an endless body") {
+            Ok(_) => frames += 1,
+            Err(err) => break err,
+        }
+        assert!(frames < 10, "the 3 s deadline never cut the body");
+        advance(Duration::from_secs(1)).await;
+    };
+    assert_eq!(frames, 3, "frames at 0, 1 and 2 s");
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert!(err.downcast_ref::<Elapsed>().unwrap().during_body());
+    assert_eq!(code_of(err), Code::DeadlineExceeded);
+    assert!(body.frame().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_deadline_fails_at_once_and_is_not_sent() {
+    let past = |req: Req| {
+        let at = Instant::now();
+        with_deadline(req, at)
+    };
+    let cases: [(&str, Req); 3] = [
+        ("grpc-timeout 0n", request(GET, Some("0n"))),
+        ("grpc-timeout 0S with no policy", request(GET, Some("0S"))),
+        ("a CallDeadline that has passed", past(request(GET, None))),
+    ];
+    for (what, req) in cases {
+        let policy = if what.contains("no policy") {
+            TimeoutPolicy::empty()
+        } else {
+            catalog_policy()
+        };
+        let (mut service, mut handle) = setup(TimeoutLayer::new(policy));
+        advance(Duration::from_millis(1)).await;
+        assert!(service.poll_ready().is_ready());
+        let mut fut = tokio_test::task::spawn(service.call(req));
+        match fut.poll() {
+            Poll::Ready(Err(err)) => {
+                let elapsed = err.downcast_ref::<Elapsed>().expect("an Elapsed error");
+                assert!(!elapsed.was_sent(), "{what}");
+                assert!(!elapsed.during_body(), "{what}");
+                assert!(
+                    elapsed.status().message().ends_with("it was not sent"),
+                    "{what}: {}",
+                    elapsed.status().message()
+                );
+                assert_eq!(code_of(err), Code::DeadlineExceeded, "{what}")
+            }
+            other => panic!(
+                "{what}: expected DEADLINE_EXCEEDED at once, got {:?}",
+                other.map(|r| r.map(|_| ()))
+            ),
+        }
+        let mut next = tokio_test::task::spawn(handle.next_request());
+        assert!(next.poll().is_pending(), "{what}: the call was sent");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_caller_deadline_is_dropped_when_no_policy_applies() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(TimeoutPolicy::empty()));
+    let (req, fut, send) = forwarded(&mut service, &mut handle, request(GET, Some("soon"))).await;
+    assert!(
+        req.headers().get(GRPC_TIMEOUT).is_none(),
+        "{:?}",
+        req.headers()
+    );
+    assert!(extension(&req).is_none());
+    send.send_response(streaming_response().1);
+    assert!(fut.await.is_ok());
+}
+
+const NOT_BASE64: &str = "not base64!";
+
+#[tokio::test(start_paused = true)]
+async fn invalid_details_are_removed_from_the_head_and_the_trailers() {
+    // Trailers-Only head.
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    let (_tx, mut response) = streaming_response();
+    response
+        .headers_mut()
+        .insert("grpc-status", "5".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("grpc-status-details-bin", NOT_BASE64.parse().unwrap());
+    send.send_response(response);
+    let response = fut.await.unwrap();
+    assert!(response.headers().get("grpc-status-details-bin").is_none());
+    let status = tonic::Status::from_header_map(response.headers()).unwrap();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // Trailers after a message.
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    let (tx, response) = streaming_response();
+    send.send_response(response);
+    let response = fut.await.unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "15".parse().unwrap());
+    trailers.insert("grpc-status-details-bin", NOT_BASE64.parse().unwrap());
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"m"))))
+        .await
+        .unwrap();
+    tx.send(Ok(http_body::Frame::trailers(trailers)))
+        .await
+        .unwrap();
+    drop(tx);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().unwrap();
+    assert!(trailers.get("grpc-status-details-bin").is_none());
+    assert_eq!(
+        tonic::Status::from_header_map(trailers).unwrap().code(),
+        Code::DataLoss
+    );
+}
+
+/// A transport error without a status, as hyper's (an h2 error inside).
+#[derive(Debug)]
+struct Transport(h2::Error);
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("http2 error")
+    }
+}
+impl std::error::Error for Transport {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reset_keeps_the_code_of_its_reason() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    send.send_error(Transport(h2::Error::from(h2::Reason::CANCEL)));
+    let err = fut.await.unwrap_err();
+    let status = tonic::Status::from_error(err);
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    assert!(grpc_resilience_core::error::find_error::<h2::Error>(&status).is_some());
 }
