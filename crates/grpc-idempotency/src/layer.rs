@@ -59,7 +59,8 @@ impl IdempotencyLayer<MemoryStore> {
     /// # Errors
     ///
     /// [`ConfigError`] naming a selector that does not parse or is given
-    /// twice.
+    /// twice, or when no selector is given (write `*` to cover every
+    /// method).
     pub fn new<I>(selectors: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator,
@@ -69,6 +70,13 @@ impl IdempotencyLayer<MemoryStore> {
         for text in selectors {
             let selector: Selector = text.as_ref().parse()?;
             methods.insert(selector, ())?;
+        }
+        if methods.is_empty() {
+            return Err(ConfigError::value(
+                "method selectors",
+                "[]",
+                "name at least one method (or `*` for every method)",
+            ));
         }
         Ok(IdempotencyLayer {
             shared: Arc::new(Shared {

@@ -316,6 +316,19 @@ mod tests {
         assert!(Record::decode(&huge).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = Record::decode(&bytes);
+        }
+
+        #[test]
+        fn records_round_trip(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), bits in proptest::prelude::any::<u128>()) {
+            let record = Record::new(Fingerprint::from_u128(bits), StatusCode::OK, HeaderMap::new(), Bytes::from(body), None);
+            proptest::prop_assert_eq!(Record::decode(&record.encode()).unwrap(), record);
+        }
+    }
+
     #[test]
     fn fingerprints_separate_paths_and_bodies() {
         let a = Fingerprint::of("/a", b"bc");

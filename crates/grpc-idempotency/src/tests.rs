@@ -624,6 +624,7 @@ fn options_with_bad_values_are_typed_errors() {
     let err = |r: Result<IdempotencyLayer, ConfigError>| r.unwrap_err().to_string();
     assert!(err(IdempotencyLayer::new(["a/b/c"])).contains("a/b/c"));
     assert!(err(IdempotencyLayer::new(["Create", "Create"])).contains("more than once"));
+    assert!(err(IdempotencyLayer::new(Vec::<String>::new())).contains("at least one"));
     assert!(err(layer().with_key_header("Bad Header")).contains("Bad Header"));
     assert!(err(layer().with_key_header("Upper")).contains("lowercase"));
     assert!(err(layer().with_key_header("grpc-key")).contains("reserved"));
