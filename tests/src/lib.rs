@@ -217,6 +217,26 @@ impl RedisServer {
         }
     }
 
+    /// Freezes it (`SIGSTOP`): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws it after [`RedisServer::pause`] (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("a running redis-server");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {}", child.id());
+    }
+
     /// Starts it again on the same port, empty.
     pub async fn restart(&mut self) {
         self.stop();
@@ -235,6 +255,10 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // Thawed first, in case a test froze it and panicked.
+        if self.child.is_some() {
+            self.resume();
+        }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

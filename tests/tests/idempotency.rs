@@ -293,6 +293,53 @@ async fn redis_down_mid_run_runs_unprotected_when_configured() {
     assert!(stats.store_errors >= 1);
 }
 
+#[tokio::test]
+async fn a_frozen_redis_times_out_and_fails_closed() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let layer = redis_layer(&redis).await;
+    let server = TestServer::start_with(&layer).await;
+    let mut commands = CommandServiceClient::new(server.channel());
+    let keyed = |id: &str, key: &str| {
+        let mut request = tonic::Request::new(create(id));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+        request
+    };
+    commands.create_product(keyed("a", "k1")).await.unwrap();
+    redis.pause();
+    let started = tokio::time::Instant::now();
+    let status = commands.create_product(keyed("b", "k2")).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "bounded by the store timeout: {took:?}"
+    );
+    assert_eq!(server.catalog.stats().writes, 1);
+    redis.resume();
+    let mut recovered = false;
+    for attempt in 0..50 {
+        if commands
+            .create_product(keyed("c", &format!("k3-{attempt}")))
+            .await
+            .is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the store answers again once Redis thaws");
+    // The claim of k2 that timed out reached Redis after the thaw; it must
+    // not hold k2 until its lease ends: the caller's retry runs now.
+    let retried = commands.create_product(keyed("b", "k2")).await;
+    assert!(retried.is_ok(), "{retried:?}");
+    assert_eq!(server.catalog.stats().writes, 3);
+}
+
 fn record(fingerprint: Fingerprint) -> Record {
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));

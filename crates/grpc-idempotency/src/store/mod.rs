@@ -85,6 +85,11 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Claims `key` for a request with `fingerprint`, for at most `lease`
     /// (then the claim expires, as if released). Atomic: of concurrent
     /// claims of one free key, exactly one gets [`Claim::Claimed`].
+    ///
+    /// The layer drops this future when the store timeout passes. A store
+    /// whose claim may still take effect after that (a request already on
+    /// the wire) should then release it, as `RedisStore` does, or the key
+    /// stays held, unanswered, until its lease ends.
     fn claim(
         &self,
         key: &str,

@@ -165,6 +165,32 @@ fn parse(value: &[u8]) -> Result<Entry, StoreError> {
     }
 }
 
+/// Releases a claim whose answer never came back.
+struct Undo<'a> {
+    store: Option<RedisStore>,
+    key: &'a str,
+    token: ClaimToken,
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let key = self.key.to_owned();
+        let token = self.token;
+        runtime.spawn(async move {
+            let released = tokio::time::timeout(Duration::from_secs(5), store.release(&key, token)).await;
+            if !matches!(released, Ok(Ok(()))) {
+                tracing::warn!(key = %key, "could not undo an unanswered claim in Redis; the key stays locked until its lease ends");
+            }
+        });
+    }
+}
+
 impl Store for RedisStore {
     async fn claim(
         &self,
@@ -173,6 +199,16 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let token = ClaimToken::from_u128(rand::random());
+        // If this call is given up (the layer's timeout) or fails after the
+        // script was sent, Redis may still run it and hold the key for a
+        // whole lease with nobody to complete it: release it then. The
+        // release goes on the same connection, after the claim, so Redis
+        // runs it after the claim.
+        let mut undo = Undo {
+            store: Some(self.clone()),
+            key,
+            token,
+        };
         let mut connection = self.connection.clone();
         let held: Option<Vec<u8>> = self
             .scripts
@@ -183,6 +219,7 @@ impl Store for RedisStore {
             .invoke_async(&mut connection)
             .await
             .map_err(failed("claim"))?;
+        undo.store = None;
         match held {
             None => Ok(Claim::Claimed(token)),
             Some(value) => parse(&value).map(Claim::Existing),
