@@ -132,6 +132,54 @@ async fn a_key_reused_for_another_product_is_failed_precondition_end_to_end() {
     assert_eq!(server.catalog.stats().writes, 1);
 }
 
+#[tokio::test]
+async fn the_layer_wraps_a_whole_router_with_server_builder_layer() {
+    let catalog = catalog_proto::InMemoryCatalog::with_products(5);
+    let layer = IdempotencyLayer::new(["CreateProduct"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .layer(layer.clone())
+        .add_service(catalog.query_service())
+        .add_service(catalog.command_service_without_idempotency())
+        .serve_with_incoming(tokio_stream_incoming(listener));
+    let served = tokio::spawn(server);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let mut commands = CommandServiceClient::new(channel.clone());
+    for _ in 0..3 {
+        let mut request = tonic::Request::new(create("lamp"));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", "k".parse().unwrap());
+        let created = commands.create_product(request).await.unwrap();
+        assert_eq!(created.into_inner().product.unwrap().id, "lamp");
+    }
+    let mut queries = QueryServiceClient::new(channel);
+    for _ in 0..2 {
+        let mut request = tonic::Request::new(GetProductRequest { id: "p1".into() });
+        request
+            .metadata_mut()
+            .insert("idempotency-key", "k".parse().unwrap());
+        queries.get_product(request).await.unwrap();
+    }
+    assert_eq!(catalog.stats().writes, 1);
+    let stats = layer.stats();
+    assert_eq!(
+        (stats.misses, stats.hits, stats.conflicts),
+        (1, 2, 0),
+        "reads untouched"
+    );
+    served.abort();
+}
+
+fn tokio_stream_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}
+
 /// Sends call n to replica n mod 2: a retry lands on the other replica.
 #[derive(Clone)]
 struct Alternate {

@@ -646,3 +646,53 @@ async fn a_shared_store_serves_two_layers_like_two_replicas() {
     assert!(seen.replayed);
     assert_eq!(handler.runs(), 1);
 }
+
+/// A response body that sends some bytes, then fails.
+struct Broken {
+    sent: bool,
+}
+
+impl http_body::Body for Broken {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if std::mem::replace(&mut self.sent, true) {
+            return std::task::Poll::Ready(Some(Err(std::io::Error::other("handler broke"))));
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            b"part",
+        )))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_body_that_breaks_releases_the_key_and_reaches_the_caller() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let handler = tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Broken { sent: false })) }
+    });
+    let layer = layer();
+    let mut service = layer.layer(handler);
+    for _ in 0..2 {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request(CREATE, Some("k"), "a"))
+            .await
+            .unwrap();
+        let mut body = std::pin::pin!(response.into_body());
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "part");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "handler broke");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "released: the repeat ran");
+    assert_eq!(layer.stats().released, 2);
+}
