@@ -88,6 +88,42 @@ where
     (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
 }
 
+/// Allocations per call for tonic-shaped requests with a 1 KiB body and an
+/// `idempotency-key` (a fresh one per call, or always the same), beyond
+/// building the request.
+fn per_keyed_call<S, B>(mut service: S, payload: &bytes::Bytes, fresh: bool) -> f64
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let rt = runtime();
+    let requests = RequestFactory::default();
+    let mut n = 0u64;
+    let mut keyed = || {
+        if fresh {
+            n += 1;
+        }
+        let mut request = requests.grpc_request(payload);
+        request.headers_mut().insert(
+            "idempotency-key",
+            http::HeaderValue::from_str(&format!("{n:032x}")).expect("hex"),
+        );
+        request
+    };
+    grpc_resilience_benches::drive_with(&rt, &mut service, &mut keyed, 100);
+    let baseline = allocation_counter::measure(|| {
+        for _ in 0..CALLS {
+            std::hint::black_box(keyed());
+        }
+    });
+    let total = allocation_counter::measure(|| {
+        grpc_resilience_benches::drive_with(&rt, &mut service, &mut keyed, CALLS);
+    });
+    (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; this binary takes no other options.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -187,6 +223,47 @@ fn main() {
             ),
         ),
     ];
+    let covering = |selector: &str| {
+        grpc_idempotency::IdempotencyLayer::new([selector]).expect("a valid selector")
+    };
+    let reading = grpc_resilience_benches::Reading::default;
+    let idempotency_rows = [
+        (
+            "bare (reads a 1 KiB body), keyed requests",
+            per_keyed_call(reading(), &payload, true),
+        ),
+        (
+            "IdempotencyLayer, method not covered",
+            per_keyed_call(
+                tower::Layer::layer(&covering("ListProducts"), reading()),
+                &payload,
+                true,
+            ),
+        ),
+        (
+            "IdempotencyLayer, covered, no key",
+            per_grpc_call(
+                tower::Layer::layer(&covering("GetProduct"), reading()),
+                &payload,
+            ),
+        ),
+        (
+            "IdempotencyLayer (memory), miss",
+            per_keyed_call(
+                tower::Layer::layer(&covering("GetProduct"), reading()),
+                &payload,
+                true,
+            ),
+        ),
+        (
+            "IdempotencyLayer (memory), hit",
+            per_keyed_call(
+                tower::Layer::layer(&covering("GetProduct"), reading()),
+                &payload,
+                false,
+            ),
+        ),
+    ];
     println!(
         "{:<36} {:>18} {:>12}",
         "service", "allocations/call", "vs bare"
@@ -201,6 +278,15 @@ fn main() {
         "service (1 KiB request body)", "allocations/call", "vs bare"
     );
     for (name, allocs) in retry_rows {
+        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
+    }
+    println!();
+    let bare = idempotency_rows[0].1;
+    println!(
+        "{:<44} {:>18} {:>12}",
+        "server side, 1 KiB request", "allocations/call", "vs bare"
+    );
+    for (name, allocs) in idempotency_rows {
         println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
     }
 }

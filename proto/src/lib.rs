@@ -19,7 +19,7 @@ pub mod v1 {
     tonic::include_proto!("catalog.v1");
 }
 
-pub use server::{CatalogStats, IDEMPOTENCY_KEY, InMemoryCatalog};
+pub use server::{CatalogStats, IDEMPOTENCY_KEY, IdempotentCommandService, InMemoryCatalog};
 pub use v1::*;
 
 /// Full gRPC method paths, as they appear in the `:path` of a request.

@@ -1,11 +1,12 @@
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use grpc_idempotency::{Idempotency, IdempotencyLayer, MemoryStore, Store};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tower_layer::Layer;
 
 use crate::v1::command_service_server::{CommandService, CommandServiceServer};
 use crate::v1::query_service_server::{QueryService, QueryServiceServer};
@@ -16,15 +17,19 @@ use crate::v1::{
 
 /// The metadata key a client sets to make a write idempotent: a second
 /// `CreateProduct` with a key already seen returns the first result without
-/// writing again.
+/// writing again (the Command service is served behind
+/// `grpc_idempotency::IdempotencyLayer`).
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The Command service as [`InMemoryCatalog::command_service`] serves it:
+/// the generated server behind the idempotency layer.
+pub type IdempotentCommandService<St = MemoryStore> =
+    Idempotency<CommandServiceServer<InMemoryCatalog>, St>;
 
 #[derive(Debug, Default)]
 struct State {
     products: Mutex<Vec<Product>>,
-    by_key: Mutex<HashMap<String, Product>>,
     writes: AtomicU64,
-    deduplicated: AtomicU64,
     streams_cancelled: AtomicU64,
     imported_bytes: AtomicU64,
 }
@@ -35,7 +40,8 @@ pub struct CatalogStats {
     /// `CreateProduct` calls that wrote a product.
     pub writes: u64,
     /// `CreateProduct` calls answered from an earlier call with the same
-    /// idempotency key, without writing.
+    /// idempotency key, without writing (replays by the idempotency layer
+    /// of [`InMemoryCatalog::command_service`]).
     pub deduplicated: u64,
     /// `ListProducts` streams the client went away from before their end.
     pub streams_cancelled: u64,
@@ -45,9 +51,20 @@ pub struct CatalogStats {
 
 /// An in-memory product catalog serving both the Query and the Command
 /// service. Clones share the same products.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct InMemoryCatalog {
     state: Arc<State>,
+    idempotency: IdempotencyLayer,
+}
+
+impl Default for InMemoryCatalog {
+    fn default() -> Self {
+        InMemoryCatalog {
+            state: Arc::default(),
+            idempotency: IdempotencyLayer::new(["catalog.v1.CommandService/CreateProduct"])
+                .expect("a valid selector"),
+        }
+    }
 }
 
 impl InMemoryCatalog {
@@ -84,7 +101,7 @@ impl InMemoryCatalog {
     pub fn stats(&self) -> CatalogStats {
         CatalogStats {
             writes: self.state.writes.load(Ordering::SeqCst),
-            deduplicated: self.state.deduplicated.load(Ordering::SeqCst),
+            deduplicated: self.idempotency.stats().hits,
             streams_cancelled: self.state.streams_cancelled.load(Ordering::SeqCst),
             imported_bytes: self.state.imported_bytes.load(Ordering::SeqCst),
         }
@@ -105,8 +122,26 @@ impl InMemoryCatalog {
         QueryServiceServer::new(self.clone())
     }
 
-    /// The Command service, for `Server::add_service`.
-    pub fn command_service(&self) -> CommandServiceServer<Self> {
+    /// The Command service, for `Server::add_service`: `CreateProduct`
+    /// runs once per idempotency key (an in-memory store, this catalog's
+    /// own), through `grpc_idempotency::IdempotencyLayer`.
+    pub fn command_service(&self) -> IdempotentCommandService {
+        self.idempotency
+            .layer(CommandServiceServer::new(self.clone()))
+    }
+
+    /// The Command service behind an idempotency layer of your own (a
+    /// Redis store shared by replicas, other options). Its replays are in
+    /// `layer.stats()`, not in [`CatalogStats::deduplicated`].
+    pub fn command_service_with<St: Store>(
+        &self,
+        layer: &IdempotencyLayer<St>,
+    ) -> IdempotentCommandService<St> {
+        layer.layer(CommandServiceServer::new(self.clone()))
+    }
+
+    /// The bare Command service, deduplicating nothing.
+    pub fn command_service_without_idempotency(&self) -> CommandServiceServer<Self> {
         CommandServiceServer::new(self.clone())
     }
 }
@@ -161,30 +196,12 @@ impl CommandService for InMemoryCatalog {
         &self,
         request: Request<CreateProductRequest>,
     ) -> Result<Response<CreateProductResponse>, Status> {
-        let key = request
-            .metadata()
-            .get(IDEMPOTENCY_KEY)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
         let product = request
             .into_inner()
             .product
             .ok_or_else(|| Status::invalid_argument("`product` is required"))?;
         if product.id.is_empty() {
             return Err(Status::invalid_argument("`product.id` must not be empty"));
-        }
-        if let Some(key) = &key {
-            let by_key = self
-                .state
-                .by_key
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(earlier) = by_key.get(key) {
-                self.state.deduplicated.fetch_add(1, Ordering::SeqCst);
-                return Ok(Response::new(CreateProductResponse {
-                    product: Some(earlier.clone()),
-                }));
-            }
         }
         {
             let mut products = self.products();
@@ -197,13 +214,6 @@ impl CommandService for InMemoryCatalog {
             products.push(product.clone());
         }
         self.state.writes.fetch_add(1, Ordering::SeqCst);
-        if let Some(key) = key {
-            self.state
-                .by_key
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(key, product.clone());
-        }
         Ok(Response::new(CreateProductResponse {
             product: Some(product),
         }))

@@ -279,7 +279,46 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     );
 
     println!(
-        "\n7. The Query service goes down: its breaker opens, the Command service's stays closed"
+        "\n7. The same write with an idempotency key: retried, and the server's idempotency layer runs it once"
+    );
+    // A client whose CreateProduct policy sends one key per logical write;
+    // the server's Command service is behind grpc-idempotency's layer.
+    let keyed = RetryPolicies::new(quick)?.with_operation(
+        "CreateProduct",
+        quick.non_idempotent().with_idempotency_keys(),
+    )?;
+    let mut keyed_commands = CommandServiceClient::new(
+        ServiceBuilder::new()
+            .layer(RetryLayer::new(keyed))
+            .service(Channel::from_shared(format!("http://{addr}"))?.connect_lazy()),
+    );
+    faults.reset_stats();
+    faults.script("CreateProduct", [Fault::lose_response()])?;
+    let writes_before = demo.catalog.stats().writes;
+    let replays_before = demo.catalog.stats().deduplicated;
+    let start = Instant::now();
+    let result = keyed_commands
+        .create_product(lamp("lamp-keyed"))
+        .await
+        .map(|r| r.into_inner().product.map(|p| p.id));
+    println!("    {}", describe(&result, start.elapsed()));
+    let stats = demo.catalog.stats();
+    let (writes, replays) = (
+        stats.writes - writes_before,
+        stats.deduplicated - replays_before,
+    );
+    println!(
+        "    {} attempt(s) reached the server; it wrote {writes} product(s) and replayed {replays} recorded response(s)",
+        demo.attempts("CreateProduct")
+    );
+    demo.check(result.is_ok(), "the caller gets OK");
+    demo.check(
+        writes == 1 && replays == 1 && demo.attempts("CreateProduct") == 2,
+        "two attempts, one write: the retry got the recorded response",
+    );
+
+    println!(
+        "\n8. The Query service goes down: its breaker opens, the Command service's stays closed"
     );
     faults.reset_stats();
     faults.always("GetProduct", Fault::status(Code::Unavailable))?;
@@ -313,7 +352,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     );
 
     println!(
-        "\n8. The Query service comes back: after 1 s the breaker lets probes through and closes"
+        "\n9. The Query service comes back: after 1 s the breaker lets probes through and closes"
     );
     faults.clear_all();
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -330,7 +369,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     let stats = faults.stats("*")?;
     println!(
-        "\nsince scenario 7 the server saw {} calls and ran its handlers {} times",
+        "\nsince scenario 8 the server saw {} calls and ran its handlers {} times",
         stats.calls, stats.handler_runs
     );
     if demo.failures == 0 {
