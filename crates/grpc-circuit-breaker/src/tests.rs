@@ -832,3 +832,134 @@ fn configured_breakers_are_listed_from_the_start() {
         ]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_shows_counts_and_the_time_to_the_next_probe() {
+    let registry = registry();
+    registry
+        .configure(
+            "command",
+            BreakerConfig::default().with_failure_rate(FailureRate {
+                window: 10,
+                minimum_calls: 5,
+                ..FailureRate::default()
+            }),
+        )
+        .unwrap();
+    let (mut service, mut handle) = setup(&registry);
+    for code in [Code::Ok, Code::Unavailable, Code::Ok] {
+        call(&mut service, &mut handle, CREATE, trailers_only(code))
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        call(
+            &mut service,
+            &mut handle,
+            GET,
+            trailers_only(Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    }
+    let snapshot = registry.snapshot();
+    let query = snapshot["query"];
+    assert_eq!(query.state(), State::Closed);
+    assert_eq!(query.failures(), 2);
+    assert_eq!(
+        query.calls_in_window(),
+        None,
+        "count mode counts failures only"
+    );
+    assert_eq!(query.time_to_next_probe(), None);
+    let command = snapshot["command"];
+    assert_eq!(
+        (
+            command.state(),
+            command.failures(),
+            command.calls_in_window()
+        ),
+        (State::Closed, 1, Some(3))
+    );
+
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    advance(Duration::from_secs(4)).await;
+    let query = registry.snapshot()["query"];
+    assert_eq!(query.state(), State::Open);
+    assert_eq!(query.failures(), 3, "the failures that opened it");
+    assert_eq!(query.time_to_next_probe(), Some(Duration::from_secs(6)));
+    assert_eq!(registry.status()["query"], State::Open);
+
+    registry.reset("query").unwrap();
+    let query = registry.snapshot()["query"];
+    assert_eq!((query.state(), query.failures()), (State::Closed, 0));
+}
+
+#[test]
+fn a_bad_config_for_an_existing_breaker_changes_nothing() {
+    let registry = registry();
+    registry.get_or_create("query");
+    let before = registry.config("query").unwrap();
+    let err = registry
+        .configure("query", BreakerConfig::default().with_failure_threshold(0))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid circuit breaker setting `query.failure_threshold` = 0: must be at least 1"
+    );
+    assert_eq!(registry.config("query"), Some(before));
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconfiguring_keeps_the_counts_when_the_window_keeps_its_shape() {
+    let registry = registry();
+    let (mut service, mut handle) = setup(&registry);
+    for _ in 0..2 {
+        call(
+            &mut service,
+            &mut handle,
+            GET,
+            trailers_only(Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    }
+    // Same window, lower threshold: the two failures count towards it.
+    let config = registry.config("query").unwrap().with_failure_threshold(2);
+    registry.configure("query", config).unwrap();
+    assert_eq!(registry.snapshot()["query"].failures(), 2);
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    assert_eq!(registry.state("query"), Some(State::Open));
+
+    // Another mode: counts start afresh.
+    registry.reset("query").unwrap();
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    let rate = registry
+        .config("query")
+        .unwrap()
+        .with_failure_rate(FailureRate::default());
+    registry.configure("query", rate).unwrap();
+    let query = registry.snapshot()["query"];
+    assert_eq!((query.failures(), query.calls_in_window()), (0, Some(0)));
+}
