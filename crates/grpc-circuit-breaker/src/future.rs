@@ -7,13 +7,13 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use grpc_resilience_core::error::error_code;
-use grpc_resilience_core::{BoxError, CallDeadline, CodeSet, OnOutcome, Outcome, OutcomeBody};
+use grpc_resilience_core::{BoxError, CallDeadline, OnOutcome, Outcome, OutcomeBody};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tonic::Code;
 
 use crate::error::BreakerOpen;
-use crate::state::{Admission, Core, Verdict};
+use crate::state::{Admission, Core, Hot, Verdict};
 
 /// One of a breaker's reference-counted handles; calls on different threads
 /// use different handles, so they do not bounce one counter between cores.
@@ -27,7 +27,7 @@ pub(crate) struct Stripe(pub(crate) Arc<Core>);
 /// only then).
 pub(crate) fn verdict(
     outcome: Outcome,
-    failures: CodeSet,
+    failures: Hot,
     deadline: Option<CallDeadline>,
     now: impl Fn() -> Instant,
 ) -> Verdict {
@@ -40,13 +40,13 @@ pub(crate) fn verdict(
         // went away because the call's deadline passed: then the service was
         // too slow.
         let timed_out = deadline.is_some_and(|d| d.has_passed_at(now()));
-        return if timed_out && failures.contains(Code::DeadlineExceeded) {
+        return if timed_out && failures.is_failure(Code::DeadlineExceeded) {
             Verdict::Failure
         } else {
             Verdict::Ignored
         };
     }
-    if failures.contains(code) {
+    if failures.is_failure(code) {
         Verdict::Failure
     } else {
         Verdict::Success
@@ -92,18 +92,13 @@ impl Permit {
             return;
         }
         let core = &self.stripe.0;
-        let settings = core.settings();
-        let verdict = verdict(
-            outcome,
-            settings.config.failure_codes,
-            self.deadline,
-            Instant::now,
-        );
+        let hot = core.hot();
+        let verdict = verdict(outcome, hot, self.deadline, Instant::now);
         // Without headers (an error, a cancellation), the time until then.
         let latency = self
             .latency
             .unwrap_or_else(|| Instant::now().saturating_duration_since(self.start));
-        core.record(&settings, self.admission, verdict, latency, Instant::now);
+        core.record(hot, self.admission, verdict, latency, Instant::now);
     }
 }
 

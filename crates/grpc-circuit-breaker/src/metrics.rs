@@ -1,11 +1,12 @@
 //! The metric handles of one breaker.
 //!
 //! Handles are registered with the recorder that is current when they are
-//! first needed and re-registered when the recorder changes (installed
-//! after the breaker was made, or a thread-local one in a test), so a
-//! breaker made before the recorder still shows up. Checking costs a
-//! thread-local read and an atomic load per call; registering happens once
-//! per recorder, off the usual path.
+//! first needed and again for each new recorder (installed after the
+//! breaker was made, or a thread-local one in a test), so a breaker made
+//! before the recorder still shows up. Checking costs a thread-local read
+//! and two atomic loads per call, no lock and no reference count;
+//! registering happens once per recorder, off the usual path. The state
+//! gauge is kept on every recorder a breaker has seen.
 
 use std::sync::Arc;
 
@@ -13,12 +14,12 @@ use crate::state::{STATES, State, Verdict};
 
 #[cfg(not(loom))]
 mod imp {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Mutex, OnceLock, PoisonError};
 
     use metrics::{Counter, Gauge, Histogram};
 
     use super::*;
-    use crate::sync::{AtomicArc, Loaded};
 
     /// The recorder calls go to now, by address.
     fn current_recorder() -> usize {
@@ -65,40 +66,85 @@ mod imp {
         }
     }
 
+    /// How many recorders a breaker keeps handles for (usually two: none,
+    /// then the one installed). Beyond that, calls count with the handles
+    /// of the last recorder registered.
+    const SLOTS: usize = 4;
+
     /// One breaker's metrics.
     #[derive(Debug)]
     pub(crate) struct Metrics {
         name: Arc<str>,
-        handles: AtomicArc<Handles>,
-        // The gauge of a newly registered set of handles is still to be set.
+        // Handles per recorder, filled once each; never emptied, so calls
+        // read them without a lock or a reference count.
+        slots: [OnceLock<Handles>; SLOTS],
+        // The slot calls used last: checked first.
+        current: AtomicUsize,
+        registering: Mutex<()>,
+        // A newly registered set of handles still needs its gauge set.
         gauge_unset: AtomicBool,
     }
 
     impl Metrics {
         pub(crate) fn new(name: Arc<str>) -> Self {
-            Metrics {
-                handles: AtomicArc::new(Arc::new(Handles::register(&name))),
+            let metrics = Metrics {
                 name,
+                slots: Default::default(),
+                current: AtomicUsize::new(0),
+                registering: Mutex::new(()),
                 gauge_unset: AtomicBool::new(true),
-            }
+            };
+            metrics.handles();
+            metrics
         }
 
         /// The handles for the current recorder; true when they were just
         /// registered (the caller then has the gauge set).
         #[inline]
-        fn handles(&self) -> (Loaded<Handles>, bool) {
-            let handles = self.handles.load();
-            if handles.recorder == current_recorder() {
-                return (handles, false);
+        fn handles(&self) -> (&Handles, bool) {
+            let recorder = current_recorder();
+            let i = self.current.load(Ordering::Relaxed);
+            if let Some(h) = self.slots[i].get()
+                && h.recorder == recorder
+            {
+                return (h, false);
             }
-            self.refresh();
-            (self.handles.load(), true)
+            self.find_or_register(recorder)
         }
 
         #[cold]
-        fn refresh(&self) {
-            self.handles.store(Arc::new(Handles::register(&self.name)));
+        fn find_or_register(&self, recorder: usize) -> (&Handles, bool) {
+            if let Some(i) = self.find(recorder) {
+                self.current.store(i, Ordering::Relaxed);
+                return (self.slots[i].get().expect("a filled slot"), false);
+            }
+            let _guard = self
+                .registering
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(i) = self.find(recorder) {
+                return (self.slots[i].get().expect("a filled slot"), false);
+            }
+            let Some(i) = self.slots.iter().position(|s| s.get().is_none()) else {
+                // Every slot is taken: count with the last ones.
+                let last = &self.slots[SLOTS - 1];
+                return (last.get().expect("a filled slot"), false);
+            };
+            let handles = self.slots[i].get_or_init(|| Handles::register(&self.name));
+            self.current.store(i, Ordering::Relaxed);
             self.gauge_unset.store(true, Ordering::Release);
+            (handles, true)
+        }
+
+        fn find(&self, recorder: usize) -> Option<usize> {
+            self.slots
+                .iter()
+                .position(|s| s.get().is_some_and(|h| h.recorder == recorder))
+        }
+
+        /// Every set of handles registered so far.
+        fn all(&self) -> impl Iterator<Item = &Handles> {
+            self.slots.iter().filter_map(OnceLock::get)
         }
 
         /// Whether the recorder changed since the handles were registered;
@@ -110,7 +156,7 @@ mod imp {
         /// Counts an admitted call; true when the gauge needs setting.
         #[inline]
         pub(crate) fn call(&self, admitted_in: State, verdict: Verdict, latency_s: f64) -> bool {
-            let (h, refreshed) = self.handles();
+            let (h, registered) = self.handles();
             let row = match admitted_in {
                 State::Closed => 0,
                 State::HalfOpen => 1,
@@ -118,29 +164,30 @@ mod imp {
             };
             h.calls[row][verdict as usize].increment(1);
             h.latency.record(latency_s);
-            refreshed
+            registered
         }
 
         /// Counts a rejected call; true when the gauge needs setting.
         pub(crate) fn rejected(&self, state: State) -> bool {
-            let (h, refreshed) = self.handles();
+            let (h, registered) = self.handles();
             let i = match state {
                 State::Open => 0,
                 State::HalfOpen => 1,
                 _ => 2,
             };
             h.rejected[i].increment(1);
-            refreshed
+            registered
         }
 
-        /// Sets the gauge to `state` if new handles still need it. Only
-        /// the breaker's publisher calls this.
+        /// Sets the gauge (of every recorder) to `state` if new handles
+        /// still need it. Only the breaker's publisher calls this.
         pub(crate) fn set_gauge_if_unset(&self, state: impl FnOnce() -> State) {
             if self.gauge_unset.swap(false, Ordering::AcqRel) {
                 let state = state();
-                let (h, _) = self.handles();
-                for s in STATES {
-                    h.gauge[s as usize].set(if s == state { 1.0 } else { 0.0 });
+                for h in self.all() {
+                    for s in STATES {
+                        h.gauge[s as usize].set(if s == state { 1.0 } else { 0.0 });
+                    }
                 }
             }
         }
@@ -150,12 +197,13 @@ mod imp {
             self.gauge_unset.load(Ordering::Acquire)
         }
 
-        /// Moves the gauge. Only the breaker's publisher calls this, in
-        /// transition order.
+        /// Moves the gauge of every recorder. Only the breaker's publisher
+        /// calls this, in transition order.
         pub(crate) fn transition(&self, from: State, to: State) {
-            let (h, _) = self.handles();
-            h.gauge[from as usize].set(0.0);
-            h.gauge[to as usize].set(1.0);
+            for h in self.all() {
+                h.gauge[from as usize].set(0.0);
+                h.gauge[to as usize].set(1.0);
+            }
             metrics::counter!(
                 "circuit_breaker.transitions.count",
                 "breaker" => self.name.to_string(),

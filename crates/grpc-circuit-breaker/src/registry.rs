@@ -133,8 +133,10 @@ impl BreakerRegistry {
     /// once, for calls from now on: a new `timeout` applies to an open
     /// breaker from the moment it opened, new thresholds to the next
     /// result. Its counts go on when the window keeps its shape (same mode,
-    /// same `window` or `reset_timeout`) and start afresh otherwise. Every
-    /// call reads either the old settings or the new ones, never a mix.
+    /// same `window` or `reset_timeout`) and start afresh otherwise. The
+    /// settings are swapped whole: a call counts under the old settings
+    /// or the new ones, never a mix of the two (a call that finishes at the
+    /// very moment of the swap may be judged by the old failure codes).
     ///
     /// # Errors
     ///

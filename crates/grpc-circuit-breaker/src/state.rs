@@ -160,6 +160,39 @@ pub(crate) struct Settings {
     counts: Arc<Counts>,
 }
 
+/// The failure codes of the current settings as a bit mask, and whether
+/// the breaker counts by rate: all a successful CLOSED call needs, in one
+/// atomic word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Hot(u64);
+
+const RATE_MODE: u64 = 1 << 32;
+
+impl Hot {
+    fn of(config: &BreakerConfig) -> Self {
+        let mask = config
+            .failure_codes
+            .iter()
+            .fold(0u64, |m, code| m | 1 << (code as i32 as u32 & 31));
+        let rate = if config.failure_rate.is_some() {
+            RATE_MODE
+        } else {
+            0
+        };
+        Hot(mask | rate)
+    }
+
+    /// Whether `code` counts as a failure.
+    #[inline]
+    pub(crate) fn is_failure(self, code: tonic::Code) -> bool {
+        self.0 & (1 << (code as i32 as u32 & 31)) != 0
+    }
+
+    fn rate_mode(self) -> bool {
+        self.0 & RATE_MODE != 0
+    }
+}
+
 /// What the registry reports about a breaker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Observed {
@@ -176,6 +209,8 @@ pub(crate) struct Core {
     base: Instant,
     word: Padded<AtomicU64>,
     settings: AtomicArc<Settings>,
+    // From `settings`, for the path of a successful call.
+    hot: AtomicU64,
     opened_at_ms: AtomicU64,
     probes: AtomicU64,
     probe_results: AtomicU64,
@@ -192,6 +227,7 @@ impl Core {
     pub(crate) fn new(name: Arc<str>, config: BreakerConfig, hub: Arc<Hub>) -> Self {
         let core = Core {
             metrics: Metrics::new(name.clone()),
+            hot: AtomicU64::new(Hot::of(&config).0),
             settings: AtomicArc::new(Arc::new(Settings {
                 counts: Arc::new(Counts::new(&config)),
                 config,
@@ -214,6 +250,12 @@ impl Core {
 
     pub(crate) fn name(&self) -> &Arc<str> {
         &self.name
+    }
+
+    /// The failure codes and mode of the current settings.
+    #[inline]
+    pub(crate) fn hot(&self) -> Hot {
+        Hot(self.hot.load(Ordering::Acquire))
     }
 
     /// The current settings; lock-free.
@@ -337,13 +379,14 @@ impl Core {
         state
     }
 
-    /// Records how an admitted call went; `latency` is its time to the
-    /// response headers. `now` is read only when needed. Results from an
-    /// earlier generation change nothing.
+    /// Records how an admitted call went (judged with `hot`); `latency` is
+    /// its time to the response headers. `now` is read only when needed.
+    /// Results from an earlier generation change nothing. A success in
+    /// count mode reads nothing more: no settings, no clock.
     #[inline]
     pub(crate) fn record(
         &self,
-        settings: &Settings,
+        hot: Hot,
         admission: Admission,
         verdict: Verdict,
         latency: Duration,
@@ -360,9 +403,18 @@ impl Core {
         if generation != admission.generation {
             return;
         }
+        let counted = match verdict {
+            Verdict::Ignored => admission.state == State::HalfOpen,
+            Verdict::Success => admission.state == State::HalfOpen || hot.rate_mode(),
+            Verdict::Failure => true,
+        };
+        if !counted {
+            return;
+        }
+        let settings = self.settings();
         match admission.state {
-            State::Closed => self.record_closed(settings, word, admission, verdict, latency, now),
-            State::HalfOpen => self.record_probe(settings, word, admission, verdict, latency, now),
+            State::Closed => self.record_closed(&settings, word, admission, verdict, latency, now),
+            State::HalfOpen => self.record_probe(&settings, word, admission, verdict, latency, now),
             _ => {}
         }
     }
@@ -584,6 +636,7 @@ impl Core {
         } else {
             Arc::new(Counts::new(&config))
         };
+        self.hot.store(Hot::of(&config).0, Ordering::Release);
         self.settings.store(Arc::new(Settings {
             config,
             generation: current.generation,
