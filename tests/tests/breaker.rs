@@ -168,3 +168,50 @@ async fn two_services_on_one_channel_have_independent_breakers() {
     assert_eq!(status["query"], State::Open);
     assert_eq!(status["command"], State::Closed);
 }
+
+/// Slow means slow to answer: a server stream that answers at once and
+/// then streams for a while is not a slow call; a late answer is.
+#[tokio::test]
+async fn a_long_server_stream_is_not_a_slow_call() {
+    let server = TestServer::start().await;
+    let config = BreakerConfig::default().with_failure_rate(grpc_circuit_breaker::FailureRate {
+        window: 3,
+        minimum_calls: 3,
+        failure_rate: 100.0,
+        slow_call_duration: Some(Duration::from_millis(150)),
+        slow_call_rate: 100.0,
+    });
+    let registry = BreakerRegistry::with_default_config(config).unwrap();
+    let mut client = QueryServiceClient::new(breaker_channel(&server, &registry));
+    let list = || ListProductsRequest {
+        limit: 5,
+        interval_ms: 60,
+    };
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut stream = client.list_products(list()).await.unwrap().into_inner();
+        let mut received = 0;
+        while stream.message().await.unwrap().is_some() {
+            received += 1;
+        }
+        assert_eq!(received, 5);
+        assert!(
+            start.elapsed() >= Duration::from_millis(200),
+            "a long stream"
+        );
+    }
+    assert_eq!(registry.state("query"), Some(State::Closed));
+
+    server
+        .faults
+        .always(
+            "ListProducts",
+            Fault::pass().with_delay(Duration::from_millis(200)),
+        )
+        .unwrap();
+    for _ in 0..3 {
+        let mut stream = client.list_products(list()).await.unwrap().into_inner();
+        while stream.message().await.unwrap().is_some() {}
+    }
+    assert_eq!(registry.state("query"), Some(State::Open));
+}

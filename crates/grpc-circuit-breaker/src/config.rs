@@ -6,6 +6,15 @@ use std::time::Duration;
 use grpc_resilience_core::CodeSet;
 use tonic::Code;
 
+use crate::events::Trigger;
+
+/// The most probes HALF_OPEN can admit (`half_open_max_calls`, or
+/// `success_threshold` when that is not set).
+pub const MAX_PROBES: u32 = 10_000;
+
+/// The largest `failure_threshold` and failure-rate `window`.
+pub const MAX_WINDOW: u32 = 1_000_000;
+
 /// The codes that count as failures by default: the server is in trouble,
 /// not the request. Client errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
 /// `ALREADY_EXISTS`, `PERMISSION_DENIED`, `UNAUTHENTICATED`,
@@ -23,6 +32,17 @@ pub const DEFAULT_FAILURE_CODES: CodeSet = CodeSet::EMPTY
 /// the last `window` calls, the breaker opens when at least
 /// `minimum_calls` were seen and the failure rate, or the slow-call rate,
 /// reaches its threshold.
+///
+/// In this mode HALF_OPEN judges a sample: it admits
+/// `half_open_max_calls` probes (by default `success_threshold` of them)
+/// and, once they have all finished, closes when their failure rate and
+/// slow-call rate are below the thresholds and opens again otherwise. It
+/// opens as soon as the failures alone reach the failure rate of the whole
+/// sample. A cancelled probe gives its place to another.
+///
+/// A call is slow when its response headers (the first byte of the answer)
+/// take at least `slow_call_duration`: a long server stream that answered
+/// at once is not slow, however long it then streams.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FailureRate {
     /// How many of the most recent calls the window holds.
@@ -31,11 +51,35 @@ pub struct FailureRate {
     pub minimum_calls: u32,
     /// Failure rate in percent, within (0, 100], that opens the breaker.
     pub failure_rate: f64,
-    /// A call that takes at least this long is slow. `None`: no slow-call
-    /// detection.
+    /// A call whose response headers take at least this long is slow.
+    /// `None`: no slow-call detection.
     pub slow_call_duration: Option<Duration>,
     /// Slow-call rate in percent, within (0, 100], that opens the breaker.
     pub slow_call_rate: f64,
+}
+
+impl FailureRate {
+    /// Why `calls` calls with these failures and slow calls open the
+    /// breaker, if they do.
+    pub(crate) fn trips(&self, calls: u32, failures: u32, slow: u32) -> Option<Trigger> {
+        let percent = |n: u32| f64::from(n) * 100.0 / f64::from(calls.max(1));
+        if failures > 0 && percent(failures) >= self.failure_rate {
+            Some(Trigger::FailureRate {
+                percent: percent(failures),
+                calls,
+            })
+        } else if self.slow_call_duration.is_some()
+            && slow > 0
+            && percent(slow) >= self.slow_call_rate
+        {
+            Some(Trigger::SlowCallRate {
+                percent: percent(slow),
+                calls,
+            })
+        } else {
+            None
+        }
+    }
 }
 
 impl Default for FailureRate {
@@ -50,9 +94,15 @@ impl Default for FailureRate {
     }
 }
 
-/// The settings of one breaker. The defaults are the seed's:
-/// `failure_threshold` 5, `success_threshold` 2, `timeout` 30 s,
-/// `reset_timeout` 60 s, failures counted by number (not rate).
+/// The settings of one breaker. The defaults: `failure_threshold` 5,
+/// `success_threshold` 2, `timeout` 30 s, `reset_timeout` 60 s, failures
+/// counted by number (not rate), and HALF_OPEN admits `success_threshold`
+/// probes: the two successes in a row that close it, and any failure
+/// reopens it (count mode). In the failure-rate mode HALF_OPEN judges its
+/// probes as a sample instead (see [`FailureRate`]).
+///
+/// Durations are exact up to `u64::MAX` milliseconds; a longer `timeout`
+/// means the breaker never half-opens on its own.
 ///
 /// ```
 /// use std::time::Duration;
@@ -96,7 +146,8 @@ impl BreakerConfig {
         self
     }
 
-    /// HALF_OPEN closes after this many successful probes.
+    /// In count mode, HALF_OPEN closes after this many successful probes.
+    /// In the failure-rate mode it is the default number of probes.
     pub fn with_success_threshold(mut self, n: u32) -> Self {
         self.success_threshold = n;
         self
@@ -115,8 +166,10 @@ impl BreakerConfig {
         self
     }
 
-    /// How many probes HALF_OPEN admits (default: `success_threshold`).
-    /// A probe that is cancelled gives its place back.
+    /// How many probes HALF_OPEN admits (default: `success_threshold`; at
+    /// most [`MAX_PROBES`]). A probe that is cancelled gives its place back.
+    /// In count mode it must be at least `success_threshold`; in the
+    /// failure-rate mode it is the size of the sample HALF_OPEN judges.
     pub fn with_half_open_max_calls(mut self, n: u32) -> Self {
         self.half_open_max_calls = Some(n);
         self
@@ -152,6 +205,13 @@ impl BreakerConfig {
         if self.failure_threshold == 0 {
             return err("failure_threshold", "0".into(), "must be at least 1");
         }
+        if self.failure_threshold > MAX_WINDOW {
+            return err(
+                "failure_threshold",
+                self.failure_threshold.to_string(),
+                "must be at most 1000000",
+            );
+        }
         if self.success_threshold == 0 {
             return err("success_threshold", "0".into(), "must be at least 1");
         }
@@ -164,6 +224,13 @@ impl BreakerConfig {
         let max = self.half_open_max();
         if max == 0 {
             return err("half_open_max_calls", "0".into(), "must be at least 1");
+        }
+        if max > MAX_PROBES {
+            let field = match self.half_open_max_calls {
+                Some(_) => "half_open_max_calls",
+                None => "success_threshold",
+            };
+            return err(field, max.to_string(), "must be at most 10000");
         }
         if self.failure_rate.is_none() && max < self.success_threshold {
             return err(
@@ -187,6 +254,13 @@ impl BreakerConfig {
             if rate.window == 0 {
                 return err("failure_rate.window", "0".into(), "must be at least 1");
             }
+            if rate.window > MAX_WINDOW {
+                return err(
+                    "failure_rate.window",
+                    rate.window.to_string(),
+                    "must be at most 1000000",
+                );
+            }
             if rate.minimum_calls == 0 || rate.minimum_calls > rate.window {
                 return err(
                     "failure_rate.minimum_calls",
@@ -194,6 +268,7 @@ impl BreakerConfig {
                     "must be within 1 and the window size",
                 );
             }
+            // NaN fails these comparisons too.
             if !percent(rate.failure_rate) {
                 return err(
                     "failure_rate.failure_rate",
@@ -239,15 +314,6 @@ impl BreakerConfigError {
         }
     }
 
-    pub(crate) fn exists(name: &str) -> Self {
-        BreakerConfigError {
-            breaker: Some(name.to_owned()),
-            field: "config",
-            value: "(new settings)".into(),
-            reason: "the breaker already exists; configure breakers before their first call",
-        }
-    }
-
     pub(crate) fn for_breaker(mut self, name: &str) -> Self {
         self.breaker = Some(name.to_owned());
         self
@@ -281,7 +347,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_the_seeds_and_valid() {
+    fn defaults_are_the_designs_and_valid() {
         let c = BreakerConfig::default();
         assert_eq!((c.failure_threshold, c.success_threshold), (5, 2));
         assert_eq!(
@@ -320,6 +386,38 @@ mod tests {
             (
                 BreakerConfig::default().with_half_open_max_calls(1),
                 "`half_open_max_calls` = 1: must be at least success_threshold",
+            ),
+            (
+                BreakerConfig::default().with_half_open_max_calls(10_001),
+                "`half_open_max_calls` = 10001: must be at most 10000",
+            ),
+            (
+                BreakerConfig::default()
+                    .with_success_threshold(20_000)
+                    .with_half_open_max_calls(20_000),
+                "`half_open_max_calls` = 20000",
+            ),
+            (
+                BreakerConfig::default().with_success_threshold(20_000),
+                "`success_threshold` = 20000: must be at most 10000",
+            ),
+            (
+                BreakerConfig::default().with_failure_threshold(2_000_000),
+                "`failure_threshold` = 2000000: must be at most 1000000",
+            ),
+            (
+                BreakerConfig::default().with_failure_rate(FailureRate {
+                    window: 2_000_000,
+                    ..FailureRate::default()
+                }),
+                "`failure_rate.window` = 2000000",
+            ),
+            (
+                BreakerConfig::default().with_failure_rate(FailureRate {
+                    failure_rate: f64::NAN,
+                    ..FailureRate::default()
+                }),
+                "`failure_rate.failure_rate` = NaN",
             ),
             (
                 BreakerConfig::default().with_failure_codes(CodeSet::EMPTY),

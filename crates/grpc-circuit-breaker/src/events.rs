@@ -49,7 +49,9 @@ pub struct StateChange {
     pub from: State,
     /// The state it entered.
     pub to: State,
-    /// The generation it entered; later changes have higher generations.
+    /// The generation it entered; later changes of the breaker have higher
+    /// generations (an operator reset of a closed breaker also moves the
+    /// generation on, without a change).
     pub generation: u32,
     /// Why.
     pub trigger: Trigger,

@@ -7,13 +7,13 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use grpc_resilience_core::error::error_code;
-use grpc_resilience_core::{BoxError, CodeSet, OnOutcome, Outcome, OutcomeBody};
+use grpc_resilience_core::{BoxError, CallDeadline, OnOutcome, Outcome, OutcomeBody};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tonic::Code;
 
 use crate::error::BreakerOpen;
-use crate::state::{Admission, Core, Verdict};
+use crate::state::{Admission, Core, Hot, Verdict};
 
 /// One of a breaker's reference-counted handles; calls on different threads
 /// use different handles, so they do not bounce one counter between cores.
@@ -22,14 +22,14 @@ use crate::state::{Admission, Core, Verdict};
 #[repr(align(128))]
 pub(crate) struct Stripe(pub(crate) Arc<Core>);
 
-// A call cancelled this close to its deadline was ended by the deadline.
-const DEADLINE_SLACK: Duration = Duration::from_millis(1);
-
+/// How a call that ended with `outcome` counts. A cancelled call counts
+/// as `DEADLINE_EXCEEDED` when its deadline had passed (`now()` is read
+/// only then).
 pub(crate) fn verdict(
     outcome: Outcome,
-    failures: CodeSet,
-    deadline: Option<Instant>,
-    now: Instant,
+    failures: Hot,
+    deadline: Option<CallDeadline>,
+    now: impl Fn() -> Instant,
 ) -> Verdict {
     let code = match outcome {
         Outcome::Status(code) | Outcome::Error(code) => code,
@@ -39,14 +39,14 @@ pub(crate) fn verdict(
         // A caller that went away says nothing about the service, unless it
         // went away because the call's deadline passed: then the service was
         // too slow.
-        let timed_out = deadline.is_some_and(|d| now + DEADLINE_SLACK >= d);
-        return if timed_out && failures.contains(Code::DeadlineExceeded) {
+        let timed_out = deadline.is_some_and(|d| d.has_passed_at(now()));
+        return if timed_out && failures.is_failure(Code::DeadlineExceeded) {
             Verdict::Failure
         } else {
             Verdict::Ignored
         };
     }
-    if failures.contains(code) {
+    if failures.is_failure(code) {
         Verdict::Failure
     } else {
         Verdict::Success
@@ -59,7 +59,9 @@ pub struct Permit {
     stripe: Arc<Stripe>,
     admission: Admission,
     start: Instant,
-    deadline: Option<Instant>,
+    // The time to the response headers, once they came.
+    latency: Option<Duration>,
+    deadline: Option<CallDeadline>,
     done: bool,
 }
 
@@ -68,15 +70,21 @@ impl Permit {
         stripe: Arc<Stripe>,
         admission: Admission,
         start: Instant,
-        deadline: Option<Instant>,
+        deadline: Option<CallDeadline>,
     ) -> Self {
         Permit {
             stripe,
             admission,
             start,
+            latency: None,
             deadline,
             done: false,
         }
+    }
+
+    /// The response headers came: the call's latency is known.
+    fn answered(&mut self) {
+        self.latency = Some(Instant::now().saturating_duration_since(self.start));
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -84,14 +92,13 @@ impl Permit {
             return;
         }
         let core = &self.stripe.0;
-        let now = Instant::now();
-        let verdict = verdict(outcome, core.config().failure_codes, self.deadline, now);
-        core.record(
-            self.admission,
-            verdict,
-            now,
-            now.saturating_duration_since(self.start),
-        );
+        let hot = core.hot();
+        let verdict = verdict(outcome, hot, self.deadline, Instant::now);
+        // Without headers (an error, a cancellation), the time until then.
+        let latency = self
+            .latency
+            .unwrap_or_else(|| Instant::now().saturating_duration_since(self.start));
+        core.record(hot, self.admission, verdict, latency, Instant::now);
     }
 }
 
@@ -161,7 +168,10 @@ where
         match self.project().kind.project() {
             KindProj::Called { inner, permit } => match ready!(inner.poll(cx)) {
                 Ok(response) => Poll::Ready(Ok(match permit.take() {
-                    Some(permit) => OutcomeBody::wrap_response(response, permit),
+                    Some(mut permit) => {
+                        permit.answered();
+                        OutcomeBody::wrap_response(response, permit)
+                    }
                     None => response.map(OutcomeBody::reported),
                 })),
                 Err(err) => {

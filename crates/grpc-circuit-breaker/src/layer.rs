@@ -1,8 +1,12 @@
+//! The [`CircuitBreakerLayer`].
+
 use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use crate::{BreakerRegistry, CircuitBreaker, Keying, Shared};
+use crate::keying::{Keying, Shared};
+use crate::registry::BreakerRegistry;
+use crate::service::CircuitBreaker;
 
 /// Applies [`CircuitBreaker`] to a service.
 #[derive(Clone, Debug)]

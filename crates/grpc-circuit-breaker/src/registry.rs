@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
@@ -15,16 +15,54 @@ use crate::state::{Core, State};
 #[derive(Debug)]
 struct Inner {
     default_config: BreakerConfig,
-    configs: Mutex<FxHashMap<String, BreakerConfig>>,
     breakers: Mutex<BTreeMap<Arc<str>, Arc<Core>>>,
     hub: Arc<Hub>,
+}
+
+/// One breaker at one moment, from [`BreakerRegistry::snapshot`].
+///
+/// The counts are those of the breaker's current CLOSED period: they stay
+/// as they were while the breaker is open or half-open (they show what
+/// opened it) and start afresh when it closes or is reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerSnapshot {
+    state: State,
+    failures: u32,
+    calls: Option<u32>,
+    next_probe_in: Option<Duration>,
+}
+
+impl BreakerSnapshot {
+    /// The state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Failures in the current window: within `reset_timeout` in count
+    /// mode, among the last `window` calls in the failure-rate mode.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Calls in the current window, in the failure-rate mode. `None` in
+    /// count mode, which counts only failures (so that a successful call
+    /// writes no memory shared between threads).
+    pub fn calls_in_window(&self) -> Option<u32> {
+        self.calls
+    }
+
+    /// For an OPEN breaker, the time until it lets probes through
+    /// (HALF_OPEN); `None` in any other state.
+    pub fn time_to_next_probe(&self) -> Option<Duration> {
+        self.next_probe_in
+    }
 }
 
 /// Every breaker of an application, by name. Cheap to clone; clones share
 /// the breakers.
 ///
-/// Breakers are made on first use with the config given for their name
-/// ([`BreakerRegistry::configure`]) or the registry's default.
+/// A breaker is made when it is configured ([`BreakerRegistry::configure`])
+/// or else on its first call, with the registry's default config.
 ///
 /// ```
 /// use grpc_circuit_breaker::{BreakerConfig, BreakerRegistry, State};
@@ -32,15 +70,16 @@ struct Inner {
 /// let registry = BreakerRegistry::new();
 /// registry.configure("query", BreakerConfig::default().with_failure_threshold(3))?;
 /// registry.get_or_create("command");
-/// registry.get_or_create("query");
 ///
-/// // The seed's get_circuit_breaker_status():
+/// // Every breaker, configured or used, by name.
 /// let status = registry.status();
 /// assert_eq!(status["command"], State::Closed);
+/// assert_eq!(status["query"], State::Closed);
+/// let query = registry.snapshot()["query"];
+/// assert_eq!((query.failures(), query.time_to_next_probe()), (0, None));
 ///
 /// registry.force_open("query")?;
 /// assert_eq!(registry.state("query"), Some(State::ForcedOpen));
-/// // The seed's reset_circuit_breakers():
 /// registry.reset_all();
 /// assert_eq!(registry.state("query"), Some(State::Closed));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -61,7 +100,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl BreakerRegistry {
-    /// A registry whose breakers default to the seed's settings.
+    /// A registry whose breakers default to [`BreakerConfig::default`].
     pub fn new() -> Self {
         Self::build(BreakerConfig::default())
     }
@@ -80,26 +119,40 @@ impl BreakerRegistry {
         BreakerRegistry {
             inner: Arc::new(Inner {
                 default_config,
-                configs: Mutex::default(),
                 breakers: Mutex::default(),
                 hub: Arc::new(Hub::new()),
             }),
         }
     }
 
-    /// Sets the config of the breaker called `name`. Takes effect when the
-    /// breaker is made; configure breakers before their first call.
+    /// Sets the config of the breaker called `name`, making the breaker
+    /// now if it does not exist (it is listed by [`status`](Self::status)
+    /// from then on).
+    ///
+    /// A breaker that exists keeps its state and takes the new settings at
+    /// once, for calls from now on: a new `timeout` applies to an open
+    /// breaker from the moment it opened, new thresholds to the next
+    /// result. Its counts go on when the window keeps its shape (same mode,
+    /// same `window` or `reset_timeout`) and start afresh otherwise. The
+    /// settings are swapped whole: a call counts under the old settings
+    /// or the new ones, never a mix of the two (a call that finishes at the
+    /// very moment of the swap may be judged by the old failure codes).
     ///
     /// # Errors
     ///
-    /// [`BreakerConfigError`] naming the breaker and the bad field, or if
-    /// the breaker already exists.
+    /// [`BreakerConfigError`] naming the breaker and the bad field; the
+    /// breaker then keeps the settings it had.
     pub fn configure(&self, name: &str, config: BreakerConfig) -> Result<(), BreakerConfigError> {
         config.validate().map_err(|e| e.for_breaker(name))?;
-        if lock(&self.inner.breakers).contains_key(name) {
-            return Err(BreakerConfigError::exists(name));
+        let mut breakers = lock(&self.inner.breakers);
+        match breakers.get(name) {
+            Some(core) => core.reconfigure(config),
+            None => {
+                let name: Arc<str> = name.into();
+                let core = Arc::new(Core::new(name.clone(), config, self.inner.hub.clone()));
+                breakers.insert(name, core);
+            }
         }
-        lock(&self.inner.configs).insert(name.to_owned(), config);
         Ok(())
     }
 
@@ -109,18 +162,16 @@ impl BreakerRegistry {
         if let Some(core) = breakers.get(name) {
             return core.clone();
         }
-        let config = lock(&self.inner.configs)
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| self.inner.default_config.clone());
         let name: Arc<str> = name.into();
+        let config = self.inner.default_config.clone();
         let core = Arc::new(Core::new(name.clone(), config, self.inner.hub.clone()));
         breakers.insert(name, core.clone());
         core
     }
 
-    /// Makes the breaker called `name` if it does not exist yet (so it
-    /// shows in [`BreakerRegistry::status`] before its first call).
+    /// Makes the breaker called `name`, with the registry's default
+    /// config, if it does not exist yet (so it shows in
+    /// [`BreakerRegistry::status`] before its first call).
     pub fn get_or_create(&self, name: &str) {
         self.core(name);
     }
@@ -145,6 +196,24 @@ impl BreakerRegistry {
             .collect()
     }
 
+    /// Every breaker's state and counts, by name.
+    pub fn snapshot(&self) -> BTreeMap<String, BreakerSnapshot> {
+        let now = Instant::now();
+        self.all()
+            .into_iter()
+            .map(|core| {
+                let seen = core.observe(now);
+                let snapshot = BreakerSnapshot {
+                    state: seen.state,
+                    failures: seen.failures,
+                    calls: seen.calls,
+                    next_probe_in: seen.next_probe_in,
+                };
+                (core.name().to_string(), snapshot)
+            })
+            .collect()
+    }
+
     /// The state of the breaker called `name`.
     pub fn state(&self, name: &str) -> Option<State> {
         self.existing(name)
@@ -162,11 +231,14 @@ impl BreakerRegistry {
 
     /// The config the breaker called `name` runs with.
     pub fn config(&self, name: &str) -> Option<BreakerConfig> {
-        self.existing(name).ok().map(|core| core.config().clone())
+        self.existing(name)
+            .ok()
+            .map(|core| core.settings().config.clone())
     }
 
-    /// Closes the breaker called `name` and forgets its failures (also ends
-    /// a forced-open or disabled state).
+    /// Closes the breaker called `name` and forgets its counts (also ends
+    /// a forced-open or disabled state). Resetting a closed breaker only
+    /// clears its counts: no state change is published.
     ///
     /// # Errors
     ///
@@ -207,8 +279,10 @@ impl BreakerRegistry {
         Ok(())
     }
 
-    /// Calls `f` on every state change of every breaker, on the thread that
-    /// caused it. Keep it short; for slow work use [`BreakerRegistry::watch`].
+    /// Calls `f` on every state change of every breaker, in the order of
+    /// the changes, on the thread that caused the change (or on one that
+    /// was publishing an earlier change of the same breaker at the time).
+    /// Keep it short; for slow work use [`BreakerRegistry::watch`].
     pub fn subscribe(&self, f: impl Fn(&StateChange) + Send + Sync + 'static) {
         self.inner.hub.subscribe_fn(Arc::new(f));
     }

@@ -1,17 +1,18 @@
 //! The state machine of one breaker: lock-free admission and recording,
-//! transitions under a lock.
+//! transitions under a lock, state changes published in transition order.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram};
 use tokio::time::Instant;
 
 use crate::config::BreakerConfig;
 use crate::events::{Hub, StateChange, Trigger};
-
+use crate::metrics::Metrics;
+use crate::sync::{AtomicArc, AtomicU64, Loaded, Mutex, Ordering, lock, try_lock};
+use crate::window::{Counts, saturating_ms};
 /// The state of a breaker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum State {
@@ -27,7 +28,7 @@ pub enum State {
     Disabled,
 }
 
-const STATES: [State; 5] = [
+pub(crate) const STATES: [State; 5] = [
     State::Closed,
     State::Open,
     State::HalfOpen,
@@ -73,11 +74,8 @@ pub(crate) enum Verdict {
 }
 
 impl Verdict {
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    fn as_str(self) -> &'static str {
+    #[cfg_attr(grpc_resilience_loom, allow(dead_code))]
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Verdict::Success => "success",
             Verdict::Failure => "failure",
@@ -94,7 +92,7 @@ pub(crate) struct Admission {
 }
 
 /// Keeps hot atomics on their own cache line.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[repr(align(128))]
 struct Padded<T>(T);
 
@@ -114,205 +112,179 @@ fn unpack_count(word: u64) -> (u32, u32) {
     ((word >> 32) as u32, word as u32)
 }
 
-const BUCKETS: usize = 16;
-
-/// Failures in CLOSED, in time buckets covering `reset_timeout`.
-#[derive(Debug)]
-struct FailureWindow {
-    // Each: epoch (40 bits) and count (24 bits).
-    buckets: [AtomicU64; BUCKETS],
-    bucket_ms: u64,
+/// Results of HALF_OPEN probes: the low 16 bits of the generation, then
+/// successes, failures and slow calls, 16 bits each (probes are at most
+/// [`MAX_PROBES`](crate::config::MAX_PROBES)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProbeResults {
+    generation: u16,
+    successes: u16,
+    failures: u16,
+    slow: u16,
 }
 
-impl FailureWindow {
-    fn new(reset_timeout: Duration) -> Self {
-        FailureWindow {
-            buckets: Default::default(),
-            bucket_ms: (reset_timeout.as_millis() as u64 / BUCKETS as u64).max(1),
+impl ProbeResults {
+    fn new(generation: u32) -> Self {
+        ProbeResults {
+            generation: generation as u16,
+            successes: 0,
+            failures: 0,
+            slow: 0,
         }
     }
 
-    /// Adds a failure at `now_ms`; returns the failures within the window.
-    fn add(&self, now_ms: u64) -> u32 {
-        let epoch = now_ms / self.bucket_ms;
-        let slot = &self.buckets[(epoch % BUCKETS as u64) as usize];
-        let mut current = slot.load(Ordering::Acquire);
-        loop {
-            let (e, count) = (current >> 24, current & 0xff_ffff);
-            let next = if e == epoch {
-                (e << 24) | (count + 1).min(0xff_ffff)
-            } else {
-                (epoch << 24) | 1
-            };
-            match slot.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(seen) => current = seen,
-            }
-        }
-        self.count(epoch)
+    fn pack(self) -> u64 {
+        (u64::from(self.generation) << 48)
+            | (u64::from(self.successes) << 32)
+            | (u64::from(self.failures) << 16)
+            | u64::from(self.slow)
     }
 
-    fn count(&self, epoch: u64) -> u32 {
-        let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
-        self.buckets
+    fn unpack(word: u64) -> Self {
+        ProbeResults {
+            generation: (word >> 48) as u16,
+            successes: (word >> 32) as u16,
+            failures: (word >> 16) as u16,
+            slow: word as u16,
+        }
+    }
+}
+
+/// A breaker's config with the counts of its current (or last) CLOSED
+/// period; replaced whole, so a call reads one consistent set.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) config: BreakerConfig,
+    /// The generation of the CLOSED period `counts` belongs to.
+    generation: u32,
+    counts: Arc<Counts>,
+}
+
+/// The failure codes of the current settings as a bit mask, and whether
+/// the breaker counts by rate: all a successful CLOSED call needs, in one
+/// atomic word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Hot(u64);
+
+const RATE_MODE: u64 = 1 << 32;
+
+impl Hot {
+    fn of(config: &BreakerConfig) -> Self {
+        let mask = config
+            .failure_codes
             .iter()
-            .map(|b| b.load(Ordering::Acquire))
-            .filter(|w| {
-                let e = w >> 24;
-                e >= oldest && e <= epoch
-            })
-            .map(|w| (w & 0xff_ffff) as u32)
-            .sum()
-    }
-
-    fn clear(&self) {
-        for b in &self.buckets {
-            b.store(0, Ordering::Release);
-        }
-    }
-}
-
-/// The last `window` calls, for the failure-rate mode.
-#[derive(Debug)]
-struct Ring {
-    // Bit 0: failure, bit 1: slow.
-    slots: Box<[AtomicU8]>,
-    cursor: AtomicU64,
-    failures: AtomicU32,
-    slow: AtomicU32,
-}
-
-impl Ring {
-    fn new(window: u32) -> Self {
-        Ring {
-            slots: (0..window).map(|_| AtomicU8::new(0)).collect(),
-            cursor: AtomicU64::new(0),
-            failures: AtomicU32::new(0),
-            slow: AtomicU32::new(0),
-        }
-    }
-
-    /// Records a call; returns (calls, failures, slow) in the window.
-    fn push(&self, failure: bool, slow: bool) -> (u32, u32, u32) {
-        let bits = u8::from(failure) | (u8::from(slow) << 1);
-        let n = self.cursor.fetch_add(1, Ordering::AcqRel);
-        let len = self.slots.len() as u64;
-        let old = self.slots[(n % len) as usize].swap(bits, Ordering::AcqRel);
-        let adjust = |counter: &AtomicU32, was: bool, is: bool| match (was, is) {
-            (false, true) => counter.fetch_add(1, Ordering::AcqRel) + 1,
-            (true, false) => counter.fetch_sub(1, Ordering::AcqRel).saturating_sub(1),
-            _ => counter.load(Ordering::Acquire),
+            .fold(0u64, |m, code| m | 1 << (code as i32 as u32 & 31));
+        let rate = if config.failure_rate.is_some() {
+            RATE_MODE
+        } else {
+            0
         };
-        let failures = adjust(&self.failures, old & 1 != 0, failure);
-        let slow_calls = adjust(&self.slow, old & 2 != 0, slow);
-        ((n + 1).min(len) as u32, failures, slow_calls)
+        Hot(mask | rate)
     }
 
-    fn clear(&self) {
-        for s in self.slots.iter() {
-            s.store(0, Ordering::Release);
-        }
-        self.failures.store(0, Ordering::Release);
-        self.slow.store(0, Ordering::Release);
-        self.cursor.store(0, Ordering::Release);
+    /// Whether `code` counts as a failure.
+    #[inline]
+    pub(crate) fn is_failure(self, code: tonic::Code) -> bool {
+        self.0 & (1 << (code as i32 as u32 & 31)) != 0
+    }
+
+    fn rate_mode(self) -> bool {
+        self.0 & RATE_MODE != 0
     }
 }
 
-/// Metric handles, registered once per breaker.
-#[derive(Debug)]
-struct Metrics {
-    // [admitting state: closed, half_open, disabled][verdict]
-    calls: [[Counter; 3]; 3],
-    latency: Histogram,
-    // [open, half_open, forced_open]
-    rejected: [Counter; 3],
-    gauge: [Gauge; 5],
-}
-
-impl Metrics {
-    fn new(name: &Arc<str>) -> Self {
-        let breaker = name.to_string();
-        let calls = [State::Closed, State::HalfOpen, State::Disabled].map(|state| {
-            [Verdict::Success, Verdict::Failure, Verdict::Ignored].map(|verdict| {
-                metrics::counter!(
-                    "circuit_breaker.call.count",
-                    "breaker" => breaker.clone(),
-                    "state" => state.as_str(),
-                    "outcome" => verdict.as_str(),
-                )
-            })
-        });
-        let rejected = [State::Open, State::HalfOpen, State::ForcedOpen].map(|state| {
-            metrics::counter!("circuit_breaker.rejected.count", "breaker" => breaker.clone(), "state" => state.as_str())
-        });
-        let gauge = STATES.map(|state| {
-            metrics::gauge!("circuit_breaker.state", "breaker" => breaker.clone(), "state" => state.as_str())
-        });
-        gauge[State::Closed.index()].set(1.0);
-        Metrics {
-            calls,
-            latency: metrics::histogram!("circuit_breaker.call.latency", "breaker" => breaker),
-            rejected,
-            gauge,
-        }
-    }
+/// What the registry reports about a breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Observed {
+    pub(crate) state: State,
+    pub(crate) failures: u32,
+    pub(crate) calls: Option<u32>,
+    pub(crate) next_probe_in: Option<Duration>,
 }
 
 /// One breaker.
 #[derive(Debug)]
 pub(crate) struct Core {
     name: Arc<str>,
-    config: BreakerConfig,
     base: Instant,
     word: Padded<AtomicU64>,
+    settings: AtomicArc<Settings>,
+    // From `settings`, for the path of a successful call.
+    hot: AtomicU64,
     opened_at_ms: AtomicU64,
     probes: AtomicU64,
-    probe_successes: AtomicU64,
-    failures: FailureWindow,
-    ring: Option<Ring>,
+    probe_results: AtomicU64,
     transition: Mutex<()>,
+    // Changes waiting to be published, in transition order, and the turn
+    // to publish them.
+    pending: Mutex<VecDeque<StateChange>>,
+    publishing: Mutex<()>,
     metrics: Metrics,
     hub: Arc<Hub>,
 }
 
 impl Core {
     pub(crate) fn new(name: Arc<str>, config: BreakerConfig, hub: Arc<Hub>) -> Self {
-        Core {
-            metrics: Metrics::new(&name),
-            failures: FailureWindow::new(config.reset_timeout),
-            ring: config.failure_rate.as_ref().map(|r| Ring::new(r.window)),
+        let core = Core {
+            metrics: Metrics::new(name.clone()),
+            hot: AtomicU64::new(Hot::of(&config).0),
+            settings: AtomicArc::new(Arc::new(Settings {
+                counts: Arc::new(Counts::new(&config)),
+                config,
+                generation: 0,
+            })),
             name,
-            config,
             base: Instant::now(),
             word: Padded(AtomicU64::new(pack(0, State::Closed))),
             opened_at_ms: AtomicU64::new(0),
             probes: AtomicU64::new(0),
-            probe_successes: AtomicU64::new(0),
+            probe_results: AtomicU64::new(0),
             transition: Mutex::new(()),
+            pending: Mutex::new(VecDeque::new()),
+            publishing: Mutex::new(()),
             hub,
-        }
+        };
+        core.publish();
+        core
     }
 
     pub(crate) fn name(&self) -> &Arc<str> {
         &self.name
     }
 
-    pub(crate) fn config(&self) -> &BreakerConfig {
-        &self.config
+    /// The failure codes and mode of the current settings.
+    #[inline]
+    pub(crate) fn hot(&self) -> Hot {
+        Hot(self.hot.load(Ordering::Acquire))
+    }
+
+    /// The current settings; lock-free.
+    #[inline]
+    pub(crate) fn settings(&self) -> Loaded<Settings> {
+        self.settings.load()
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.base).as_millis() as u64
+        saturating_ms(now.saturating_duration_since(self.base))
+    }
+
+    /// When the breaker, OPEN since `opened_at_ms`, may let probes through.
+    fn probe_at_ms(&self, config: &BreakerConfig) -> u64 {
+        self.opened_at_ms
+            .load(Ordering::Acquire)
+            .saturating_add(saturating_ms(config.timeout))
     }
 
     fn open_elapsed(&self, now: Instant) -> bool {
-        let opened = self.opened_at_ms.load(Ordering::Acquire);
-        self.ms(now) >= opened.saturating_add(self.config.timeout.as_millis() as u64)
+        self.ms(now) >= self.probe_at_ms(&self.settings().config)
     }
 
     /// The current state; an OPEN breaker whose timeout has passed moves to
     /// HALF_OPEN here.
     pub(crate) fn state(&self, now: Instant) -> State {
+        if self.metrics.check_recorder() {
+            self.publish();
+        }
         loop {
             let word = self.word.0.load(Ordering::Acquire);
             let (_, state) = unpack(word);
@@ -324,8 +296,33 @@ impl Core {
         }
     }
 
-    /// The current generation (bumped on every transition).
-    #[cfg(test)]
+    /// The state and counts, for the registry's snapshot.
+    pub(crate) fn observe(&self, now: Instant) -> Observed {
+        let state = self.state(now);
+        let settings = self.settings();
+        let (failures, calls) = match &*settings.counts {
+            Counts::Failures(window) => (window.count(self.ms(now)), None),
+            Counts::Rate(ring) => {
+                let counts = ring.counts();
+                (counts.failures, Some(counts.calls))
+            }
+        };
+        let next_probe_in = (state == State::Open).then(|| {
+            Duration::from_millis(
+                self.probe_at_ms(&settings.config)
+                    .saturating_sub(self.ms(now)),
+            )
+        });
+        Observed {
+            state,
+            failures,
+            calls,
+            next_probe_in,
+        }
+    }
+
+    /// The current generation (bumped on every transition and reset).
+    #[cfg(all(test, not(grpc_resilience_loom)))]
     pub(crate) fn generation(&self) -> u32 {
         unpack(self.word.0.load(Ordering::Acquire)).0
     }
@@ -349,7 +346,7 @@ impl Core {
                     return Err(self.reject(state));
                 }
                 State::HalfOpen => {
-                    let max = self.config.half_open_max();
+                    let max = self.settings().config.half_open_max();
                     let mut current = self.probes.load(Ordering::Acquire);
                     loop {
                         let (g, n) = unpack_count(current);
@@ -376,107 +373,155 @@ impl Core {
     }
 
     fn reject(&self, state: State) -> State {
-        let i = match state {
-            State::Open => 0,
-            State::HalfOpen => 1,
-            _ => 2,
-        };
-        self.metrics.rejected[i].increment(1);
+        if self.metrics.rejected(state) {
+            self.publish();
+        }
         state
     }
 
-    /// Records how an admitted call went. Results from an earlier
-    /// generation change nothing.
+    /// Records how an admitted call went (judged with `hot`); `latency` is
+    /// its time to the response headers. `now` is read only when needed.
+    /// Results from an earlier generation change nothing. A success in
+    /// count mode reads nothing more: no settings, no clock.
+    #[inline]
     pub(crate) fn record(
         &self,
+        hot: Hot,
         admission: Admission,
         verdict: Verdict,
-        now: Instant,
         latency: Duration,
+        now: impl Fn() -> Instant,
     ) {
-        let row = match admission.state {
-            State::Closed => 0,
-            State::HalfOpen => 1,
-            _ => 2,
-        };
-        self.metrics.calls[row][verdict.index()].increment(1);
-        self.metrics.latency.record(latency.as_secs_f64());
-
+        if self
+            .metrics
+            .call(admission.state, verdict, latency.as_secs_f64())
+        {
+            self.publish();
+        }
         let word = self.word.0.load(Ordering::Acquire);
         let (generation, _) = unpack(word);
         if generation != admission.generation {
             return;
         }
+        let counted = match verdict {
+            Verdict::Ignored => admission.state == State::HalfOpen,
+            Verdict::Success => admission.state == State::HalfOpen || hot.rate_mode(),
+            Verdict::Failure => true,
+        };
+        if !counted {
+            return;
+        }
+        let settings = self.settings();
         match admission.state {
-            State::Closed => self.record_closed(word, verdict, now, latency),
-            State::HalfOpen => self.record_probe(word, admission.generation, verdict, now),
+            State::Closed => self.record_closed(&settings, word, admission, verdict, latency, now),
+            State::HalfOpen => self.record_probe(&settings, word, admission, verdict, latency, now),
             _ => {}
         }
     }
 
-    fn record_closed(&self, word: u64, verdict: Verdict, now: Instant, latency: Duration) {
-        if verdict == Verdict::Ignored {
+    fn record_closed(
+        &self,
+        settings: &Settings,
+        word: u64,
+        admission: Admission,
+        verdict: Verdict,
+        latency: Duration,
+        now: impl Fn() -> Instant,
+    ) {
+        // Counts of another CLOSED period (a reset came between): not ours.
+        if verdict == Verdict::Ignored || settings.generation != admission.generation {
             return;
         }
         let failure = verdict == Verdict::Failure;
-        if let (Some(ring), Some(rate)) = (&self.ring, &self.config.failure_rate) {
-            let slow = rate.slow_call_duration.is_some_and(|d| latency >= d);
-            let (calls, failures, slow_calls) = ring.push(failure, slow);
-            if calls < rate.minimum_calls {
-                return;
+        match (&*settings.counts, &settings.config.failure_rate) {
+            (Counts::Rate(ring), Some(rate)) => {
+                let slow = rate.slow_call_duration.is_some_and(|d| latency >= d);
+                let counts = ring.push(failure, slow);
+                if counts.calls < rate.minimum_calls {
+                    return;
+                }
+                if let Some(trigger) = rate.trips(counts.calls, counts.failures, counts.slow) {
+                    self.transition(word, State::Open, now(), trigger);
+                }
             }
-            let percent = |n: u32| f64::from(n) * 100.0 / f64::from(calls);
-            if failures > 0 && percent(failures) >= rate.failure_rate {
-                let trigger = Trigger::FailureRate {
-                    percent: percent(failures),
-                    calls,
-                };
-                self.transition(word, State::Open, now, trigger);
-            } else if rate.slow_call_duration.is_some()
-                && slow_calls > 0
-                && percent(slow_calls) >= rate.slow_call_rate
-            {
-                let trigger = Trigger::SlowCallRate {
-                    percent: percent(slow_calls),
-                    calls,
-                };
-                self.transition(word, State::Open, now, trigger);
+            (Counts::Failures(window), _) if failure => {
+                let now = now();
+                let failures = window.add(self.ms(now));
+                if failures >= settings.config.failure_threshold {
+                    self.transition(word, State::Open, now, Trigger::Failures(failures));
+                }
             }
-        } else if failure {
-            let failures = self.failures.add(self.ms(now));
-            if failures >= self.config.failure_threshold {
-                self.transition(word, State::Open, now, Trigger::Failures(failures));
-            }
+            _ => {}
         }
     }
 
-    fn record_probe(&self, word: u64, generation: u32, verdict: Verdict, now: Instant) {
-        match verdict {
-            Verdict::Failure => {
-                self.transition(word, State::Open, now, Trigger::ProbeFailed);
+    fn record_probe(
+        &self,
+        settings: &Settings,
+        word: u64,
+        admission: Admission,
+        verdict: Verdict,
+        latency: Duration,
+        now: impl Fn() -> Instant,
+    ) {
+        let config = &settings.config;
+        if verdict == Verdict::Ignored {
+            return self.release_probe(admission.generation);
+        }
+        let rate = config.failure_rate.as_ref();
+        if rate.is_none() && verdict == Verdict::Failure {
+            // Count mode: any failure reopens.
+            self.transition(word, State::Open, now(), Trigger::ProbeFailed);
+            return;
+        }
+        let slow = rate
+            .and_then(|r| r.slow_call_duration)
+            .is_some_and(|d| latency >= d);
+        let mut current = self.probe_results.load(Ordering::Acquire);
+        let results = loop {
+            let mut results = ProbeResults::unpack(current);
+            if results.generation != admission.generation as u16 {
+                return;
             }
-            Verdict::Ignored => self.release_probe(generation),
-            Verdict::Success => {
-                let mut current = self.probe_successes.load(Ordering::Acquire);
-                let successes = loop {
-                    let (g, n) = unpack_count(current);
-                    if g != generation {
-                        return;
-                    }
-                    match self.probe_successes.compare_exchange_weak(
-                        current,
-                        pack_count(g, n + 1),
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    ) {
-                        Ok(_) => break n + 1,
-                        Err(seen) => current = seen,
-                    }
-                };
-                if successes >= self.config.success_threshold {
-                    self.transition(word, State::Closed, now, Trigger::Probes(successes));
-                }
+            match verdict {
+                Verdict::Failure => results.failures = results.failures.saturating_add(1),
+                _ => results.successes = results.successes.saturating_add(1),
             }
+            results.slow = results.slow.saturating_add(u16::from(slow));
+            match self.probe_results.compare_exchange_weak(
+                current,
+                results.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break results,
+                Err(seen) => current = seen,
+            }
+        };
+        let successes = u32::from(results.successes);
+        let Some(rate) = rate else {
+            if successes >= config.success_threshold {
+                self.transition(word, State::Closed, now(), Trigger::Probes(successes));
+            }
+            return;
+        };
+        // Failure-rate mode: the probes are a sample, judged once complete
+        // (or as soon as its failures alone decide it).
+        let sample = config.half_open_max();
+        let failures = u32::from(results.failures);
+        let done = successes + failures;
+        if f64::from(failures) * 100.0 >= rate.failure_rate * f64::from(sample) {
+            let percent = f64::from(failures) * 100.0 / f64::from(done);
+            let trigger = Trigger::FailureRate {
+                percent,
+                calls: done,
+            };
+            self.transition(word, State::Open, now(), trigger);
+        } else if done >= sample {
+            match rate.trips(done, failures, u32::from(results.slow)) {
+                Some(trigger) => self.transition(word, State::Open, now(), trigger),
+                None => self.transition(word, State::Closed, now(), Trigger::Probes(successes)),
+            };
         }
     }
 
@@ -500,71 +545,132 @@ impl Core {
         }
     }
 
+    /// Fresh counts for the CLOSED period of `generation`. Under the
+    /// transition lock.
+    fn fresh_counts(&self, generation: u32) {
+        let current = self.settings();
+        self.settings.store(Arc::new(Settings {
+            config: current.config.clone(),
+            generation,
+            counts: Arc::new(Counts::new(&current.config)),
+        }));
+    }
+
     /// Moves from the state in `expected` to `to`; false if another
     /// transition got there first.
     fn transition(&self, expected: u64, to: State, now: Instant, trigger: Trigger) -> bool {
-        let guard = self
-            .transition
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        {
+            let _guard = lock(&self.transition);
+            let word = self.word.0.load(Ordering::Acquire);
+            if word != expected {
+                return false;
+            }
+            let (generation, from) = unpack(word);
+            let next = generation.wrapping_add(1);
+            match to {
+                State::Open => self.opened_at_ms.store(self.ms(now), Ordering::Release),
+                State::HalfOpen => {
+                    self.probes.store(pack_count(next, 0), Ordering::Release);
+                    self.probe_results
+                        .store(ProbeResults::new(next).pack(), Ordering::Release);
+                }
+                State::Closed => self.fresh_counts(next),
+                State::ForcedOpen | State::Disabled => {}
+            }
+            self.word.0.store(pack(next, to), Ordering::Release);
+            // Queued under the transition lock: the queue is in transition
+            // order.
+            lock(&self.pending).push_back(StateChange {
+                breaker: self.name.clone(),
+                from,
+                to,
+                generation: next,
+                trigger,
+            });
+        }
+        self.publish();
+        true
+    }
+
+    /// Forgets a CLOSED breaker's counts (and the results of calls still
+    /// in flight), without a state change; false if the state moved on.
+    fn clear_closed(&self, expected: u64) -> bool {
+        let _guard = lock(&self.transition);
         let word = self.word.0.load(Ordering::Acquire);
         if word != expected {
             return false;
         }
-        let (generation, from) = unpack(word);
-        let next = generation.wrapping_add(1);
-        match to {
-            State::Open => self.opened_at_ms.store(self.ms(now), Ordering::Release),
-            State::HalfOpen => {
-                self.probes.store(pack_count(next, 0), Ordering::Release);
-                self.probe_successes
-                    .store(pack_count(next, 0), Ordering::Release);
-            }
-            State::Closed => {
-                self.failures.clear();
-                if let Some(ring) = &self.ring {
-                    ring.clear();
-                }
-            }
-            State::ForcedOpen | State::Disabled => {}
-        }
-        self.word.0.store(pack(next, to), Ordering::Release);
-        drop(guard);
-        self.announce(StateChange {
-            breaker: self.name.clone(),
-            from,
-            to,
-            generation: next,
-            trigger,
-        });
+        let next = unpack(word).0.wrapping_add(1);
+        self.fresh_counts(next);
+        self.word
+            .0
+            .store(pack(next, State::Closed), Ordering::Release);
         true
     }
 
     /// Moves to `to` from whatever state the breaker is in (operator
-    /// actions: reset, force open, disable).
+    /// actions: reset, force open, disable). Resetting a CLOSED breaker
+    /// clears its counts silently.
     pub(crate) fn force(&self, to: State, trigger: Trigger) {
         let now = Instant::now();
         loop {
             let word = self.word.0.load(Ordering::Acquire);
-            if unpack(word).1 == to && to != State::Closed {
-                return;
-            }
-            if self.transition(word, to, now, trigger.clone()) {
+            let done = if unpack(word).1 == to {
+                to != State::Closed || self.clear_closed(word)
+            } else {
+                self.transition(word, to, now, trigger.clone())
+            };
+            if done {
                 return;
             }
         }
     }
 
-    fn announce(&self, change: StateChange) {
-        self.metrics.gauge[change.from.index()].set(0.0);
-        self.metrics.gauge[change.to.index()].set(1.0);
-        metrics::counter!(
-            "circuit_breaker.transitions.count",
-            "breaker" => self.name.to_string(),
-            "from" => change.from.as_str(),
-            "to" => change.to.as_str(),
-        )
-        .increment(1);
+    /// Applies new settings for calls from now on; the state stays. Counts
+    /// go on when the window has the same shape, else start afresh.
+    pub(crate) fn reconfigure(&self, config: BreakerConfig) {
+        let _guard = lock(&self.transition);
+        let current = self.settings();
+        let counts = if Counts::same_shape(&current.config, &config) {
+            current.counts.clone()
+        } else {
+            Arc::new(Counts::new(&config))
+        };
+        self.hot.store(Hot::of(&config).0, Ordering::Release);
+        self.settings.store(Arc::new(Settings {
+            config,
+            generation: current.generation,
+            counts,
+        }));
+    }
+
+    /// Publishes queued state changes, one thread at a time, in transition
+    /// order: metrics, logs, callbacks, the broadcast channel. A thread
+    /// that finds another publishing leaves its change to that one.
+    fn publish(&self) {
+        loop {
+            let Some(turn) = try_lock(&self.publishing) else {
+                return;
+            };
+            self.metrics
+                .set_gauge_if_unset(|| unpack(self.word.0.load(Ordering::Acquire)).1);
+            loop {
+                let next = lock(&self.pending).pop_front();
+                let Some(change) = next else { break };
+                self.announce(&change);
+            }
+            drop(turn);
+            // A change queued (or new metric handles made) after the
+            // last look, while this thread held the turn, is published by
+            // going round again.
+            if lock(&self.pending).is_empty() && !self.metrics.gauge_unset() {
+                return;
+            }
+        }
+    }
+
+    fn announce(&self, change: &StateChange) {
+        self.metrics.transition(change.from, change.to);
         let breaker = &*self.name;
         match (&change.trigger, change.to) {
             (Trigger::Failures(n), State::Open) => tracing::warn!(
@@ -577,12 +683,14 @@ impl Core {
                 breaker,
                 failure_rate = percent,
                 calls,
+                from = change.from.as_str(),
                 "Circuit breaker opening: failure rate {percent:.0}% over the last {calls} calls"
             ),
             (Trigger::SlowCallRate { percent, calls }, State::Open) => tracing::warn!(
                 breaker,
                 slow_call_rate = percent,
                 calls,
+                from = change.from.as_str(),
                 "Circuit breaker opening: slow-call rate {percent:.0}% over the last {calls} calls"
             ),
             (Trigger::ProbeFailed, State::Open) => {
@@ -593,7 +701,7 @@ impl Core {
             }
             (_, State::HalfOpen) => tracing::info!(
                 breaker,
-                timeout_ms = self.config.timeout.as_millis() as u64,
+                timeout_ms = saturating_ms(self.settings().config.timeout),
                 "Circuit breaker half-open: letting probes through"
             ),
             (Trigger::Probes(n), State::Closed) => {
@@ -610,9 +718,11 @@ impl Core {
                 "Circuit breaker {to} by an operator"
             ),
         }
-        self.hub.publish(&change);
+        self.hub.publish(change);
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, grpc_resilience_loom))]
+mod loom_tests;
+#[cfg(all(test, not(grpc_resilience_loom)))]
 mod tests;

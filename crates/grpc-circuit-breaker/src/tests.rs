@@ -2,9 +2,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use grpc_resilience_core::BoxError;
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio::time::advance;
 use tonic::Code;
 use tower_test::mock;
@@ -414,7 +416,7 @@ async fn the_state_gauge_zeroes_the_old_state() {
 
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    let _guard = metrics::set_default_local_recorder(&recorder);
+    let _guard = ::metrics::set_default_local_recorder(&recorder);
     let registry = registry();
     let (mut service, mut handle) = setup(&registry);
     trip(&mut service, &mut handle).await;
@@ -459,4 +461,505 @@ async fn the_state_gauge_zeroes_the_old_state() {
         counters["circuit_breaker.transitions.count{breaker=query,from=closed,to=open}"],
         1
     );
+}
+
+/// Reads every metric of a debugging recorder into `name{labels}` keys.
+fn metric_values(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> (
+    std::collections::BTreeMap<String, f64>,
+    std::collections::BTreeMap<String, u64>,
+) {
+    use metrics_util::debugging::DebugValue;
+    let mut gauges = std::collections::BTreeMap::new();
+    let mut counters = std::collections::BTreeMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let labels: Vec<String> = key
+            .key()
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = format!("{}{{{}}}", key.key().name(), labels.join(","));
+        match value {
+            DebugValue::Gauge(g) => {
+                gauges.insert(name, g.into_inner());
+            }
+            DebugValue::Counter(c) => {
+                counters.insert(name, c);
+            }
+            DebugValue::Histogram(_) => {}
+        }
+    }
+    (gauges, counters)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_releases_the_buffer_slot_it_reserved() {
+    let registry = registry();
+    registry.get_or_create("query");
+    registry.force_open("query").unwrap();
+    let (inner, _handle) = mock::pair::<Req, Res>();
+    // One slot: whoever holds the reservation blocks every other clone.
+    let buffer = tower::buffer::Buffer::new(inner, 1);
+    let mut breaker = mock::Spawn::new(tower_layer::Layer::layer(
+        &CircuitBreakerLayer::new(registry.clone()),
+        buffer.clone(),
+    ));
+    assert!(breaker.poll_ready().is_ready());
+    let err = breaker.call(request(GET)).await.unwrap_err();
+    assert!(err.is::<BreakerOpen>(), "{err}");
+    let mut other = mock::Spawn::new(buffer.clone());
+    assert!(
+        other.poll_ready().is_ready(),
+        "the rejected call still pins the buffer's only slot"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_cancelled_at_its_recorded_deadline_counts_as_a_failure() {
+    use grpc_resilience_core::CallDeadline;
+    let registry = registry();
+    let (mut service, mut handle) = setup(&registry);
+    for _ in 0..3 {
+        assert!(service.poll_ready().is_ready());
+        // An upper layer recorded the deadline; no grpc-timeout header.
+        let mut req = request(GET);
+        CallDeadline::at(Instant::now() + Duration::from_millis(100)).insert_into(&mut req);
+        let fut = service.call(req);
+        let _pending = handle.next_request().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(100), fut).await;
+    }
+    assert_eq!(registry.state("query"), Some(State::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_cancelled_just_before_its_recorded_deadline_counts_as_nothing() {
+    use grpc_resilience_core::CallDeadline;
+    let registry = registry();
+    registry.get_or_create("query");
+    let (mut service, mut handle) = setup(&registry);
+    for _ in 0..5 {
+        assert_eq!(registry.state("query"), Some(State::Closed));
+        assert!(service.poll_ready().is_ready());
+        let mut req = request(GET);
+        req.headers_mut()
+            .insert("grpc-timeout", "100m".parse().unwrap());
+        CallDeadline::at(Instant::now() + Duration::from_millis(100)).insert_into(&mut req);
+        let fut = service.call(req);
+        let _pending = handle.next_request().await.unwrap();
+        // The caller leaves 1 ms before the deadline: its own choice.
+        let _ = tokio::time::timeout(Duration::from_millis(99), fut).await;
+    }
+    assert_eq!(registry.state("query"), Some(State::Closed));
+}
+
+/// A response whose headers arrive at once and whose body ends with OK
+/// after `body_for`.
+async fn long_stream(
+    service: &mut Svc,
+    handle: &mut Handle,
+    headers_after: Duration,
+    body_for: Duration,
+) {
+    assert!(service.poll_ready().is_ready());
+    let fut = service.call(request(GET));
+    let (_, send) = handle.next_request().await.unwrap();
+    let (tx, rx) = mpsc::channel(2);
+    tokio::time::advance(headers_after).await;
+    send.send_response(http::Response::new(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )));
+    let response = fut.await.unwrap();
+    tokio::time::advance(body_for).await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    tx.try_send(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x01x"))))
+        .unwrap();
+    tx.try_send(Ok(Frame::trailers(trailers))).unwrap();
+    drop(tx);
+    response.into_body().collect().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_are_slow_to_answer_not_long_streams() {
+    let slow = BreakerConfig::default().with_failure_rate(FailureRate {
+        window: 4,
+        minimum_calls: 4,
+        failure_rate: 100.0,
+        slow_call_duration: Some(Duration::from_secs(1)),
+        slow_call_rate: 100.0,
+    });
+    let registry = BreakerRegistry::with_default_config(slow).unwrap();
+    let (mut service, mut handle) = setup(&registry);
+    // Answers at once, then streams for 2 s: not slow.
+    for _ in 0..4 {
+        long_stream(
+            &mut service,
+            &mut handle,
+            Duration::ZERO,
+            Duration::from_secs(2),
+        )
+        .await;
+    }
+    assert_eq!(registry.state("query"), Some(State::Closed));
+    // Headers after 2 s: slow.
+    for _ in 0..4 {
+        long_stream(
+            &mut service,
+            &mut handle,
+            Duration::from_secs(2),
+            Duration::ZERO,
+        )
+        .await;
+    }
+    assert_eq!(registry.state("query"), Some(State::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_appear_when_the_recorder_comes_after_the_breaker() {
+    use metrics_util::debugging::DebuggingRecorder;
+
+    let registry = registry();
+    let (mut service, mut handle) = setup(&registry);
+    // Both breakers exist and have served calls before any recorder.
+    call(&mut service, &mut handle, CREATE, trailers_only(Code::Ok))
+        .await
+        .unwrap();
+    call(&mut service, &mut handle, GET, trailers_only(Code::Ok))
+        .await
+        .unwrap();
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = ::metrics::set_default_local_recorder(&recorder);
+    call(&mut service, &mut handle, CREATE, trailers_only(Code::Ok))
+        .await
+        .unwrap();
+    trip(&mut service, &mut handle).await;
+    rejected(&mut service, &mut handle, GET).await;
+
+    let (gauges, counters) = metric_values(&snapshotter);
+    assert_eq!(
+        counters.get("circuit_breaker.call.count{breaker=query,state=closed,outcome=failure}"),
+        Some(&3),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("circuit_breaker.call.count{breaker=command,state=closed,outcome=success}"),
+        Some(&1),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("circuit_breaker.rejected.count{breaker=query,state=open}"),
+        Some(&1)
+    );
+    assert_eq!(
+        gauges.get("circuit_breaker.state{breaker=query,state=open}"),
+        Some(&1.0),
+        "{gauges:?}"
+    );
+    assert_eq!(
+        gauges.get("circuit_breaker.state{breaker=command,state=closed}"),
+        Some(&1.0),
+        "{gauges:?}"
+    );
+}
+
+#[test]
+fn the_state_gauge_ends_on_the_current_state_under_concurrent_transitions() {
+    use metrics_util::debugging::DebuggingRecorder;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let registry = ::metrics::with_local_recorder(&recorder, || {
+        let registry = BreakerRegistry::new();
+        registry.get_or_create("query");
+        registry
+    });
+    // Every change as subscribers see it: (generation, to).
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let seen = changes.clone();
+    registry.subscribe(move |c| seen.lock().unwrap().push((c.generation, c.to)));
+    let actions: [fn(&BreakerRegistry); 3] = [
+        |r| r.force_open("query").unwrap(),
+        |r| r.disable("query").unwrap(),
+        |r| r.reset("query").unwrap(),
+    ];
+    for round in 0..200 {
+        std::thread::scope(|s| {
+            for t in 0..3 {
+                let registry = &registry;
+                let recorder = &recorder;
+                s.spawn(move || {
+                    ::metrics::with_local_recorder(recorder, || {
+                        for i in 0..20 {
+                            actions[(t + i) % 3](registry);
+                        }
+                    })
+                });
+            }
+        });
+        let state = registry.state("query").unwrap();
+        let changes = std::mem::take(&mut *changes.lock().unwrap());
+        assert!(
+            changes.windows(2).all(|w| w[0].0 < w[1].0),
+            "round {round}: changes published out of order: {changes:?}"
+        );
+        assert_eq!(changes.last().map(|c| c.1), Some(state), "round {round}");
+        let (gauges, _) = metric_values(&snapshotter);
+        for other in [State::Closed, State::ForcedOpen, State::Disabled] {
+            let value = gauges
+                .get(&format!(
+                    "circuit_breaker.state{{breaker=query,state={other}}}"
+                ))
+                .copied();
+            let expected = if other == state { 1.0 } else { 0.0 };
+            assert_eq!(
+                value.unwrap_or(0.0),
+                expected,
+                "round {round}: the breaker is {state}, the gauge says {gauges:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn resetting_a_closed_breaker_forgets_its_failures_silently() {
+    use metrics_util::debugging::DebuggingRecorder;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = ::metrics::set_default_local_recorder(&recorder);
+    let registry = registry();
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let seen = changes.clone();
+    registry.subscribe(move |c| seen.lock().unwrap().push((c.from, c.to)));
+    let (mut service, mut handle) = setup(&registry);
+    for _ in 0..2 {
+        call(
+            &mut service,
+            &mut handle,
+            GET,
+            trailers_only(Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    }
+    registry.reset("query").unwrap();
+    assert_eq!(
+        *changes.lock().unwrap(),
+        vec![],
+        "a closed breaker stays closed"
+    );
+    let (_, counters) = metric_values(&snapshotter);
+    assert!(
+        !counters
+            .keys()
+            .any(|k| k.starts_with("circuit_breaker.transitions.count")),
+        "{counters:?}"
+    );
+    // The two failures were forgotten: two more do not open it.
+    for _ in 0..2 {
+        call(
+            &mut service,
+            &mut handle,
+            GET,
+            trailers_only(Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(registry.state("query"), Some(State::Closed));
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    assert_eq!(registry.state("query"), Some(State::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn configuring_an_existing_breaker_keeps_its_state_and_applies_the_new_settings() {
+    let registry = registry();
+    let (mut service, mut handle) = setup(&registry);
+    trip(&mut service, &mut handle).await;
+    assert_eq!(registry.state("query"), Some(State::Open));
+    let new = BreakerConfig::default()
+        .with_failure_threshold(1)
+        .with_success_threshold(1)
+        .with_timeout(Duration::from_secs(20));
+    registry.configure("query", new.clone()).unwrap();
+    assert_eq!(registry.state("query"), Some(State::Open), "still open");
+    assert_eq!(registry.config("query"), Some(new));
+    // The new timeout (20 s, not 10 s) counts from when it opened.
+    advance(Duration::from_secs(10)).await;
+    rejected(&mut service, &mut handle, GET).await;
+    advance(Duration::from_secs(10)).await;
+    // One probe closes it now, one failure opens it.
+    call(&mut service, &mut handle, GET, trailers_only(Code::Ok))
+        .await
+        .unwrap();
+    assert_eq!(registry.state("query"), Some(State::Closed));
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    assert_eq!(registry.state("query"), Some(State::Open));
+}
+
+#[test]
+fn configured_breakers_are_listed_from_the_start() {
+    let registry = BreakerRegistry::new();
+    registry
+        .configure("command", BreakerConfig::default())
+        .unwrap();
+    registry
+        .configure("query", BreakerConfig::default().with_failure_threshold(2))
+        .unwrap();
+    let status = registry.status();
+    assert_eq!(
+        status.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("command".to_string(), State::Closed),
+            ("query".to_string(), State::Closed)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_shows_counts_and_the_time_to_the_next_probe() {
+    let registry = registry();
+    registry
+        .configure(
+            "command",
+            BreakerConfig::default().with_failure_rate(FailureRate {
+                window: 10,
+                minimum_calls: 5,
+                ..FailureRate::default()
+            }),
+        )
+        .unwrap();
+    let (mut service, mut handle) = setup(&registry);
+    for code in [Code::Ok, Code::Unavailable, Code::Ok] {
+        call(&mut service, &mut handle, CREATE, trailers_only(code))
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        call(
+            &mut service,
+            &mut handle,
+            GET,
+            trailers_only(Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    }
+    let snapshot = registry.snapshot();
+    let query = snapshot["query"];
+    assert_eq!(query.state(), State::Closed);
+    assert_eq!(query.failures(), 2);
+    assert_eq!(
+        query.calls_in_window(),
+        None,
+        "count mode counts failures only"
+    );
+    assert_eq!(query.time_to_next_probe(), None);
+    let command = snapshot["command"];
+    assert_eq!(
+        (
+            command.state(),
+            command.failures(),
+            command.calls_in_window()
+        ),
+        (State::Closed, 1, Some(3))
+    );
+
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    advance(Duration::from_secs(4)).await;
+    let query = registry.snapshot()["query"];
+    assert_eq!(query.state(), State::Open);
+    assert_eq!(query.failures(), 3, "the failures that opened it");
+    assert_eq!(query.time_to_next_probe(), Some(Duration::from_secs(6)));
+    assert_eq!(registry.status()["query"], State::Open);
+
+    registry.reset("query").unwrap();
+    let query = registry.snapshot()["query"];
+    assert_eq!((query.state(), query.failures()), (State::Closed, 0));
+}
+
+#[test]
+fn a_bad_config_for_an_existing_breaker_changes_nothing() {
+    let registry = registry();
+    registry.get_or_create("query");
+    let before = registry.config("query").unwrap();
+    let err = registry
+        .configure("query", BreakerConfig::default().with_failure_threshold(0))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid circuit breaker setting `query.failure_threshold` = 0: must be at least 1"
+    );
+    assert_eq!(registry.config("query"), Some(before));
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconfiguring_keeps_the_counts_when_the_window_keeps_its_shape() {
+    let registry = registry();
+    let (mut service, mut handle) = setup(&registry);
+    for _ in 0..2 {
+        call(
+            &mut service,
+            &mut handle,
+            GET,
+            trailers_only(Code::Unavailable),
+        )
+        .await
+        .unwrap();
+    }
+    // Same window, lower threshold: the two failures count towards it.
+    let config = registry.config("query").unwrap().with_failure_threshold(2);
+    registry.configure("query", config).unwrap();
+    assert_eq!(registry.snapshot()["query"].failures(), 2);
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    assert_eq!(registry.state("query"), Some(State::Open));
+
+    // Another mode: counts start afresh.
+    registry.reset("query").unwrap();
+    call(
+        &mut service,
+        &mut handle,
+        GET,
+        trailers_only(Code::Unavailable),
+    )
+    .await
+    .unwrap();
+    let rate = registry
+        .config("query")
+        .unwrap()
+        .with_failure_rate(FailureRate::default());
+    registry.configure("query", rate).unwrap();
+    let query = registry.snapshot()["query"];
+    assert_eq!((query.failures(), query.calls_in_window()), (0, Some(0)));
 }

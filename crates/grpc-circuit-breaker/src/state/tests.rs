@@ -20,6 +20,11 @@ fn core(config: BreakerConfig) -> Core {
     Core::new("test".into(), config, Arc::new(Hub::new()))
 }
 
+/// Records a result the way a finished call does.
+fn rec(core: &Core, admission: Admission, verdict: Verdict, now: Instant, latency: Duration) {
+    core.record(core.hot(), admission, verdict, latency, || now);
+}
+
 /// A clock the tests move by hand.
 struct Clock(Instant);
 
@@ -31,7 +36,7 @@ impl Clock {
 
 fn fail(core: &Core, clock: &Clock, ms: u64) {
     let a = core.admit(|| clock.at(ms)).expect("admitted");
-    core.record(a, Verdict::Failure, clock.at(ms), Duration::ZERO);
+    rec(core, a, Verdict::Failure, clock.at(ms), Duration::ZERO);
 }
 
 #[test]
@@ -52,7 +57,7 @@ fn successes_do_not_reset_the_failure_count() {
     let clock = Clock(core.base);
     fail(&core, &clock, 0);
     let a = core.admit(|| clock.at(1)).unwrap();
-    core.record(a, Verdict::Success, clock.at(1), Duration::ZERO);
+    rec(&core, a, Verdict::Success, clock.at(1), Duration::ZERO);
     fail(&core, &clock, 2);
     fail(&core, &clock, 3);
     assert_eq!(core.state(clock.at(3)), State::Open);
@@ -88,9 +93,9 @@ fn open_turns_half_open_after_timeout_and_probes_close_it() {
         Err(State::HalfOpen),
         "only 2 probes"
     );
-    core.record(p1, Verdict::Success, clock.at(1003), Duration::ZERO);
+    rec(&core, p1, Verdict::Success, clock.at(1003), Duration::ZERO);
     assert_eq!(core.state(clock.at(1003)), State::HalfOpen);
-    core.record(p2, Verdict::Success, clock.at(1004), Duration::ZERO);
+    rec(&core, p2, Verdict::Success, clock.at(1004), Duration::ZERO);
     assert_eq!(core.state(clock.at(1004)), State::Closed);
     // Closing forgot the old failures.
     fail(&core, &clock, 1005);
@@ -106,7 +111,13 @@ fn a_failed_probe_reopens_and_restarts_the_timeout() {
         fail(&core, &clock, ms);
     }
     let probe = core.admit(|| clock.at(1010)).unwrap();
-    core.record(probe, Verdict::Failure, clock.at(1500), Duration::ZERO);
+    rec(
+        &core,
+        probe,
+        Verdict::Failure,
+        clock.at(1500),
+        Duration::ZERO,
+    );
     assert_eq!(core.state(clock.at(1500)), State::Open);
     assert_eq!(core.admit(|| clock.at(2400)), Err(State::Open));
     assert!(core.admit(|| clock.at(2500)).is_ok());
@@ -122,7 +133,7 @@ fn a_cancelled_probe_gives_its_slot_back() {
     let p1 = core.admit(|| clock.at(1010)).unwrap();
     let _p2 = core.admit(|| clock.at(1010)).unwrap();
     assert!(core.admit(|| clock.at(1010)).is_err());
-    core.record(p1, Verdict::Ignored, clock.at(1011), Duration::ZERO);
+    rec(&core, p1, Verdict::Ignored, clock.at(1011), Duration::ZERO);
     assert!(core.admit(|| clock.at(1011)).is_ok(), "the slot came back");
     assert!(core.admit(|| clock.at(1011)).is_err());
 }
@@ -137,13 +148,19 @@ fn late_results_from_an_earlier_generation_change_nothing() {
     }
     let p1 = core.admit(|| clock.at(1010)).unwrap();
     let p2 = core.admit(|| clock.at(1010)).unwrap();
-    core.record(p1, Verdict::Success, clock.at(1011), Duration::ZERO);
-    core.record(p2, Verdict::Success, clock.at(1011), Duration::ZERO);
+    rec(&core, p1, Verdict::Success, clock.at(1011), Duration::ZERO);
+    rec(&core, p2, Verdict::Success, clock.at(1011), Duration::ZERO);
     assert_eq!(core.state(clock.at(1011)), State::Closed);
     let generation = core.generation();
     // The call admitted before the breaker opened fails only now.
-    core.record(early, Verdict::Failure, clock.at(1012), Duration::ZERO);
-    core.record(p1, Verdict::Failure, clock.at(1012), Duration::ZERO);
+    rec(
+        &core,
+        early,
+        Verdict::Failure,
+        clock.at(1012),
+        Duration::ZERO,
+    );
+    rec(&core, p1, Verdict::Failure, clock.at(1012), Duration::ZERO);
     assert_eq!(core.generation(), generation);
     fail(&core, &clock, 1004);
     fail(&core, &clock, 1005);
@@ -166,7 +183,7 @@ fn failure_rate_mode_opens_on_the_rate_over_a_sliding_window() {
     let clock = Clock(core.base);
     let call = |verdict| {
         let a = core.admit(|| clock.at(0)).unwrap();
-        core.record(a, verdict, clock.at(0), Duration::ZERO);
+        rec(&core, a, verdict, clock.at(0), Duration::ZERO);
     };
     // 4 failures out of 4: below minimum_calls.
     for _ in 0..4 {
@@ -200,7 +217,8 @@ fn slow_call_rate_opens() {
     let clock = Clock(core.base);
     for latency in [600, 10, 700, 800] {
         let a = core.admit(|| clock.at(0)).unwrap();
-        core.record(
+        rec(
+            &core,
             a,
             Verdict::Success,
             clock.at(0),
@@ -268,12 +286,12 @@ fn concurrent_callers_get_exactly_the_probe_slots() {
         assert_eq!(admitted.len(), 7, "round {round}: 1,000 callers, 7 slots");
         // Every probe is cancelled: all slots come back for the next round.
         for a in admitted {
-            core.record(a, Verdict::Ignored, when, Duration::ZERO);
+            rec(&core, a, Verdict::Ignored, when, Duration::ZERO);
         }
     }
 }
 
-/// A plain reference model of the seed's breaker.
+/// A plain reference model of the count-mode breaker.
 #[derive(Debug)]
 struct Model {
     state: State,
@@ -398,7 +416,7 @@ proptest! {
                 Op::Finish(i, v) if !calls.is_empty() => {
                     let (r, m) = calls.remove(i % calls.len());
                     let verdict = [Verdict::Success, Verdict::Failure, Verdict::Ignored][v as usize];
-                    core.record(r, verdict, clock.at(now), Duration::ZERO);
+                    rec(&core, r, verdict, clock.at(now), Duration::ZERO);
                     model.record(m, verdict, now);
                 }
                 Op::Finish(..) => {}
@@ -412,5 +430,170 @@ proptest! {
             let (_, state) = unpack(core.word.0.load(Ordering::Acquire));
             prop_assert_eq!(state, model.state, "after {} ms", now);
         }
+    }
+}
+
+fn trip(core: &Core, clock: &Clock, ms: u64) {
+    for _ in 0..100 {
+        if core.state(clock.at(ms)) == State::Open {
+            return;
+        }
+        fail(core, clock, ms);
+    }
+    panic!("the breaker did not open");
+}
+
+#[test]
+fn a_timeout_of_centuries_never_half_opens() {
+    // 18_446_744_073_709_552 s is 384 ms more than u64::MAX ms.
+    let core = core(config().with_timeout(Duration::from_secs(18_446_744_073_709_552)));
+    let clock = Clock(core.base);
+    trip(&core, &clock, 0);
+    assert_eq!(core.admit(|| clock.at(384)), Err(State::Open));
+    assert_eq!(core.admit(|| clock.at(1_000_000_000)), Err(State::Open));
+}
+
+#[test]
+fn a_reset_timeout_of_centuries_forgets_nothing() {
+    let core = core(config().with_reset_timeout(Duration::from_secs(18_446_744_073_709_552)));
+    let clock = Clock(core.base);
+    fail(&core, &clock, 0);
+    fail(&core, &clock, 1);
+    fail(&core, &clock, 10_000);
+    assert_eq!(core.state(clock.at(10_000)), State::Open);
+}
+
+fn rate(window: u32, minimum_calls: u32, failure_rate: f64) -> FailureRate {
+    FailureRate {
+        window,
+        minimum_calls,
+        failure_rate,
+        ..FailureRate::default()
+    }
+}
+
+#[test]
+fn rate_mode_with_one_probe_closes_when_it_succeeds() {
+    let config = config()
+        .with_failure_rate(rate(2, 2, 50.0))
+        .with_half_open_max_calls(1);
+    config.validate().unwrap();
+    let core = core(config);
+    let clock = Clock(core.base);
+    trip(&core, &clock, 0);
+    let probe = core.admit(|| clock.at(1000)).unwrap();
+    rec(
+        &core,
+        probe,
+        Verdict::Success,
+        clock.at(1001),
+        Duration::ZERO,
+    );
+    assert_eq!(core.state(clock.at(1001)), State::Closed);
+}
+
+#[test]
+fn rate_mode_half_open_judges_its_probes_as_a_sample() {
+    for (verdicts, expected) in [
+        ("FSSSS", State::Closed),
+        ("SSSSF", State::Closed),
+        ("SFSFS", State::Closed),
+        ("FFSFS", State::Open),
+        ("SSFFF", State::Open),
+    ] {
+        let core = core(
+            config()
+                .with_failure_rate(rate(4, 4, 50.0))
+                .with_half_open_max_calls(5),
+        );
+        let clock = Clock(core.base);
+        trip(&core, &clock, 0);
+        let probes: Vec<_> = (0..5)
+            .map(|_| core.admit(|| clock.at(1000)).unwrap())
+            .collect();
+        assert_eq!(core.admit(|| clock.at(1000)), Err(State::HalfOpen));
+        for (probe, v) in probes.into_iter().zip(verdicts.chars()) {
+            assert_eq!(core.state(clock.at(1001)), State::HalfOpen, "{verdicts}");
+            let verdict = if v == 'F' {
+                Verdict::Failure
+            } else {
+                Verdict::Success
+            };
+            rec(&core, probe, verdict, clock.at(1001), Duration::ZERO);
+            if core.state(clock.at(1001)) != State::HalfOpen {
+                break;
+            }
+        }
+        assert_eq!(core.state(clock.at(1001)), expected, "{verdicts}");
+    }
+}
+
+#[test]
+fn count_mode_half_open_keeps_any_failure_reopens() {
+    let core = core(
+        config()
+            .with_half_open_max_calls(5)
+            .with_success_threshold(3),
+    );
+    let clock = Clock(core.base);
+    trip(&core, &clock, 0);
+    let a = core.admit(|| clock.at(1000)).unwrap();
+    let b = core.admit(|| clock.at(1000)).unwrap();
+    rec(&core, a, Verdict::Success, clock.at(1000), Duration::ZERO);
+    rec(&core, b, Verdict::Failure, clock.at(1000), Duration::ZERO);
+    assert_eq!(core.state(clock.at(1000)), State::Open);
+}
+
+fn any_config() -> impl Strategy<Value = BreakerConfig> {
+    (
+        1u32..6,
+        1u32..6,
+        proptest::option::of(1u32..8),
+        proptest::option::of((1u32..10, 1u32..10, 1u32..=100, any::<bool>())),
+    )
+        .prop_map(|(failures, successes, max, rate)| {
+            let mut config = config()
+                .with_failure_threshold(failures)
+                .with_success_threshold(successes);
+            if let Some(max) = max {
+                config = config.with_half_open_max_calls(max);
+            }
+            if let Some((window, minimum, percent, slow)) = rate {
+                config = config.with_failure_rate(FailureRate {
+                    window,
+                    minimum_calls: minimum.min(window),
+                    failure_rate: f64::from(percent),
+                    slow_call_duration: slow.then_some(Duration::from_millis(50)),
+                    slow_call_rate: 100.0,
+                });
+            }
+            config
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Whatever valid config: once the service answers well again, probes
+    /// close the breaker.
+    #[test]
+    fn every_valid_config_recovers_from_half_open(config in any_config()) {
+        prop_assume!(config.validate().is_ok());
+        let core = core(config);
+        let clock = Clock(core.base);
+        trip(&core, &clock, 0);
+        let mut now = 0;
+        let mut closed = false;
+        for _ in 0..100 {
+            now += 1000;
+            if let Ok(a) = core.admit(|| clock.at(now)) {
+                rec(&core, a, Verdict::Success, clock.at(now), Duration::ZERO);
+            }
+            if core.state(clock.at(now)) == State::Closed {
+                closed = true;
+                break;
+            }
+        }
+        prop_assert!(closed, "stuck in {:?}", core.state(clock.at(now)));
     }
 }

@@ -1,0 +1,122 @@
+//! The [`CircuitBreaker`] service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::error::BreakerOpen;
+use crate::future::{Permit, ResponseBody, ResponseFuture, Stripe};
+use crate::keying::{Entry, Keying, Shared};
+use crate::layer::CircuitBreakerLayer;
+use crate::registry::BreakerRegistry;
+
+/// How many keys each service clone remembers, so the usual call finds
+/// its breaker without touching shared memory.
+const LOCAL_KEYS: usize = 4;
+
+/// Circuit breakers for gRPC calls; see the [crate docs](crate).
+#[derive(Clone, Debug)]
+pub struct CircuitBreaker<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    local: [Option<Arc<Entry>>; LOCAL_KEYS],
+}
+
+impl<S> CircuitBreaker<S> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        CircuitBreaker {
+            inner,
+            shared,
+            local: Default::default(),
+        }
+    }
+
+    /// The handle of the breaker for this request, if one applies.
+    #[inline]
+    fn stripe<B>(&mut self, request: &http::Request<B>) -> Option<Arc<Stripe>> {
+        let key = match &self.shared.keying {
+            Keying::Single(_) => return self.shared.single.as_ref().map(|e| e.stripe().clone()),
+            Keying::PerService => MethodId::from_request(request).ok()?.service(),
+            Keying::Custom(f) => f(request.uri(), request.headers())?,
+        };
+        if let Some(entry) = self.local.iter().flatten().find(|e| &*e.key == key) {
+            return Some(entry.stripe().clone());
+        }
+        let entry = self.shared.lookup(key);
+        let stripe = entry.stripe().clone();
+        // Remember it, evicting the oldest.
+        self.local.rotate_right(1);
+        self.local[0] = Some(entry);
+        Some(stripe)
+    }
+
+    /// Wraps `inner` with one breaker per gRPC service from `registry`.
+    pub fn new(inner: S, registry: BreakerRegistry) -> Self {
+        tower_layer::Layer::layer(&CircuitBreakerLayer::new(registry), inner)
+    }
+
+    /// The registry of this service's breakers.
+    pub fn registry(&self) -> &BreakerRegistry {
+        &self.shared.registry
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// `S: Clone` so that a rejected call can give back what the inner
+/// service's `poll_ready` reserved (a `Buffer` slot, a concurrency permit):
+/// the ready service is dropped and a fresh clone takes its place.
+impl<S, B, ResBody> Service<http::Request<B>> for CircuitBreaker<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<ResponseBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Never rejects here: tonic stubs would report UNKNOWN. Rejections
+        // come from the call's future.
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let Some(stripe) = self.stripe(&request) else {
+            return ResponseFuture::called(self.inner.call(request), None);
+        };
+        let core = &stripe.0;
+        match core.admit(Instant::now) {
+            Err(state) => {
+                // Release the reservation the ready inner service holds.
+                let fresh = self.inner.clone();
+                drop(std::mem::replace(&mut self.inner, fresh));
+                ResponseFuture::rejected(BreakerOpen::new(core.name().clone(), state))
+            }
+            Ok(admission) => {
+                let start = Instant::now();
+                // The deadline an upper layer recorded, or the caller's
+                // grpc-timeout from now.
+                let deadline = CallDeadline::of_request(&request);
+                let permit = Permit::new(stripe, admission, start, deadline);
+                ResponseFuture::called(self.inner.call(request), Some(permit))
+            }
+        }
+    }
+}
