@@ -625,7 +625,6 @@ impl ChannelSettings {
 }
 
 /// A config turned into the layers' own policies, every value checked.
-#[allow(dead_code)] // read by the stack
 #[derive(Clone, Debug)]
 pub(crate) struct Compiled {
     pub(crate) timeouts: TimeoutPolicy,
@@ -636,6 +635,8 @@ pub(crate) struct Compiled {
     pub(crate) breakers: BTreeMap<String, BreakerConfig>,
     /// Channel name to its breaker's name.
     pub(crate) channel_breakers: BTreeMap<String, String>,
+    /// Channel name to the services it serves.
+    pub(crate) channel_services: BTreeMap<String, Vec<String>>,
 }
 
 /// Maps a layer error's `Display` (`... \`field\` = value: reason`) to its
@@ -1070,6 +1071,11 @@ impl ResilienceConfig {
             throttle: self.retry.throttle,
             breakers,
             channel_breakers,
+            channel_services: self
+                .channels
+                .iter()
+                .map(|(name, c)| (name.clone(), c.services.clone()))
+                .collect(),
         })
     }
 
