@@ -27,7 +27,7 @@
 //! Every method of the generated client now has its deadline, its retry
 //! policy and its breaker; the stub is unchanged. For one channel per
 //! downstream service, as the file's `[channels]` describe, see
-//! `ResilientChannels`; for a `ServiceBuilder`, [`ResilienceLayer`].
+//! [`ResilientChannels`]; for a `ServiceBuilder`, [`ResilienceLayer`].
 //!
 //! # The order of the layers, and why
 //!
@@ -56,7 +56,7 @@
 //!    and an open breaker would not stop the retries already under way.
 //! 4. **Circuit breaker** ([`grpc_circuit_breaker::CircuitBreakerLayer`]):
 //!    per attempt, one breaker per gRPC service (or per channel, for
-//!    `ResilientChannels`), judged by the gRPC status in headers or
+//!    [`ResilientChannels`]), judged by the gRPC status in headers or
 //!    trailers.
 //! 5. **Per-attempt timeout** (`[timeouts] per_attempt`, Envoy's per-try
 //!    timeout): below the breaker so that a hung attempt counts as a
@@ -82,17 +82,19 @@
 //!
 //! # Live reload
 //!
-//! [`ResilientChannel::reload`] (and `ResilientChannels::reload`) checks
+//! [`ResilientChannel::reload`] (and [`ResilientChannels::reload`]) checks
 //! a new config whole and swaps the timeouts, retry policies and throttle
 //! of every clone atomically for new calls; calls under way finish under
 //! the policies they started with; breakers keep their state. An invalid
 //! config is rejected with the reason and the old one stays.
 
+mod channels;
 pub mod config;
 mod error;
 mod stack;
 pub mod telemetry;
 
+pub use channels::{ResilientChannels, ResilientChannelsBuilder, UnknownChannel};
 pub use config::{
     BreakerSettings, ChannelSettings, FailureRateSettings, ImportWarning, ResilienceConfig,
     RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,

@@ -35,7 +35,6 @@ pub(crate) enum BreakerChoice {
     /// `[channels]` entry going to that channel's breaker.
     PerService,
     /// The breaker of the named channel: every call through it.
-    #[allow(dead_code)] // used by the named channels (next commit)
     Channel(String),
 }
 
@@ -86,6 +85,13 @@ pub struct ReloadReport {
 }
 
 impl ReloadReport {
+    pub(crate) fn new(generation: u64, breakers_not_reconfigured: Vec<String>) -> Self {
+        ReloadReport {
+            generation,
+            breakers_not_reconfigured,
+        }
+    }
+
     /// The config generation now in force (the first config is 0).
     pub fn generation(&self) -> u64 {
         self.generation
@@ -463,6 +469,10 @@ impl<S> ResilientChannel<S> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
         &self.base
+    }
+
+    pub(crate) fn shared(&self) -> &StackShared {
+        &self.shared
     }
 }
 
