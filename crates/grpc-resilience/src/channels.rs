@@ -299,6 +299,38 @@ impl ResilientChannels {
         self.registry.disable(name)
     }
 
+    /// Reads the config file at `path` and applies it as
+    /// [`ResilientChannels::reload`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, line, key and why; the old config
+    /// stays.
+    pub fn reload_file(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<ReloadReport, ConfigError> {
+        let current = self
+            .channels
+            .values()
+            .next()
+            .map(|c| c.config())
+            .unwrap_or_default();
+        crate::reload::reload_file(&current, path.as_ref(), |c| self.reload(c))
+    }
+
+    /// Reloads the config file at `path` whenever it changes; see
+    /// [`ConfigWatcher`](crate::ConfigWatcher).
+    #[cfg(feature = "watch")]
+    pub fn watch_file(
+        self: &Arc<Self>,
+        path: impl Into<std::path::PathBuf>,
+        interval: std::time::Duration,
+    ) -> crate::ConfigWatcher {
+        let channels = self.clone();
+        crate::ConfigWatcher::spawn(path, interval, move |p| channels.reload_file(p))
+    }
+
     /// Applies `config` to new calls of every channel; see
     /// [`ResilientChannel::reload`]. The set of channels and their
     /// endpoints cannot change this way.

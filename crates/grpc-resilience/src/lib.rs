@@ -91,8 +91,11 @@
 mod channels;
 pub mod config;
 mod error;
+mod reload;
 mod stack;
 pub mod telemetry;
+#[cfg(test)]
+mod tests;
 
 pub use channels::{ResilientChannels, ResilientChannelsBuilder, UnknownChannel};
 pub use config::{
@@ -100,6 +103,8 @@ pub use config::{
     RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,
 };
 pub use error::ConfigError;
+#[cfg(feature = "watch")]
+pub use reload::ConfigWatcher;
 pub use stack::{ReloadReport, ResilienceLayer, ResilientBody, ResilientChannel, ResponseFuture};
 
 // What a user needs, so that this crate is the one dependency.

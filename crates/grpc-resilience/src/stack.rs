@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
@@ -256,6 +257,10 @@ impl StackShared {
         })
     }
 
+    pub(crate) fn reload_file(&self, path: &Path) -> Result<ReloadReport, ConfigError> {
+        crate::reload::reload_file(&self.config.load(), path, |c| self.reload(c))
+    }
+
     pub(crate) fn registry(&self) -> &BreakerRegistry {
         &self.registry
     }
@@ -348,6 +353,29 @@ impl ResilienceLayer {
     /// The config in force.
     pub fn config(&self) -> Arc<ResilienceConfig> {
         self.shared.config.load_full()
+    }
+
+    /// Reads the config file at `path` and applies it as
+    /// [`ResilienceLayer::reload`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, line, key and why; the old config
+    /// stays.
+    pub fn reload_file(&self, path: impl AsRef<Path>) -> Result<ReloadReport, ConfigError> {
+        self.shared.reload_file(path.as_ref())
+    }
+
+    /// Reloads the config file at `path` whenever it changes; see
+    /// [`ConfigWatcher`](crate::ConfigWatcher).
+    #[cfg(feature = "watch")]
+    pub fn watch_file(
+        &self,
+        path: impl Into<std::path::PathBuf>,
+        interval: std::time::Duration,
+    ) -> crate::ConfigWatcher {
+        let shared = self.shared.clone();
+        crate::ConfigWatcher::spawn(path, interval, move |p| shared.reload_file(p))
     }
 
     /// The breaker registry.
@@ -448,6 +476,29 @@ impl<S> ResilientChannel<S> {
     /// The config in force.
     pub fn config(&self) -> Arc<ResilienceConfig> {
         self.shared.config.load_full()
+    }
+
+    /// Reads the config file at `path` and applies it as
+    /// [`ResilientChannel::reload`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, line, key and why; the old config
+    /// stays.
+    pub fn reload_file(&self, path: impl AsRef<Path>) -> Result<ReloadReport, ConfigError> {
+        self.shared.reload_file(path.as_ref())
+    }
+
+    /// Reloads the config file at `path` whenever it changes; see
+    /// [`ConfigWatcher`](crate::ConfigWatcher).
+    #[cfg(feature = "watch")]
+    pub fn watch_file(
+        &self,
+        path: impl Into<std::path::PathBuf>,
+        interval: std::time::Duration,
+    ) -> crate::ConfigWatcher {
+        let shared = self.shared.clone();
+        crate::ConfigWatcher::spawn(path, interval, move |p| shared.reload_file(p))
     }
 
     /// The layer that made this channel (to wrap another channel with the

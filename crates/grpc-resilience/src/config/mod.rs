@@ -805,6 +805,11 @@ impl ResilienceConfig {
         Ok(self)
     }
 
+    /// The method paths given to check selectors against, if any.
+    pub fn known_methods(&self) -> Vec<String> {
+        self.known.paths().collect()
+    }
+
     /// Sets `[retry.default]`.
     pub fn with_retry_default(mut self, settings: RetrySettings) -> Self {
         self.retry.default = Some(settings);
