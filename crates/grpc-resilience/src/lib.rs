@@ -80,6 +80,22 @@
 //! unavailable, retrying in 200ms (attempt 1/3)`, `Circuit breaker opening
 //! after 5 failures`).
 //!
+//! # Per-call control
+//!
+//! A call can change its retry policy, mark itself idempotent or not, and
+//! carry its own idempotency key, through its request ([`CallOptions`]):
+//!
+//! ```
+//! use grpc_resilience::{CallOptions, RetryOverride};
+//! # let request = catalog_proto::CreateProductRequest { product: None };
+//! let mut request = tonic::Request::new(request);
+//! // The caller's key: the server can deduplicate, so this write may be retried.
+//! request.idempotency_key("order-42-create")?;
+//! // And at most two attempts for this call.
+//! request.retry(RetryOverride::new().with_max_attempts(2));
+//! # Ok::<(), tonic::metadata::errors::InvalidMetadataValue>(())
+//! ```
+//!
 //! # Live reload
 //!
 //! [`ResilientChannel::reload`] (and [`ResilientChannels::reload`]) checks
@@ -91,6 +107,7 @@
 mod channels;
 pub mod config;
 mod error;
+mod per_call;
 mod reload;
 mod stack;
 pub mod telemetry;
@@ -103,6 +120,7 @@ pub use config::{
     RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,
 };
 pub use error::ConfigError;
+pub use per_call::{CallOptions, Idempotent};
 #[cfg(feature = "watch")]
 pub use reload::ConfigWatcher;
 pub use stack::{ReloadReport, ResilienceLayer, ResilientBody, ResilientChannel, ResponseFuture};

@@ -14,7 +14,7 @@ use grpc_circuit_breaker::{
 };
 use grpc_resilience_core::error::error_code;
 use grpc_resilience_core::{BoxError, MethodId, Outcome, OutcomeBody};
-use grpc_retry::{ReplayableBody, Retry, RetryLayer, RetryThrottle};
+use grpc_retry::{ReplayableBody, RetryLayer, RetryThrottle};
 use grpc_timeout::future::TimeoutBody;
 use grpc_timeout::{Timeout, TimeoutLayer, TimeoutPolicy};
 use http_body::{Body, Frame, SizeHint};
@@ -23,11 +23,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::config::{Compiled, ThrottleSettings};
+use crate::per_call::PerCall;
 use crate::telemetry::{CallRecorder, MetricsCache, call_span};
 use crate::{ConfigError, ResilienceConfig};
 
 /// The layers below telemetry, as built for one config generation.
-type Inner<S> = Timeout<Retry<CircuitBreaker<Timeout<S>>>>;
+type Inner<S> = Timeout<PerCall<CircuitBreaker<Timeout<S>>>>;
 
 /// Which breaker a stack's calls go through.
 #[derive(Clone, Debug)]
@@ -45,15 +46,21 @@ pub(crate) struct Layers {
     generation: u64,
     deadline: TimeoutLayer,
     retry: RetryLayer,
+    retry_keyed: RetryLayer,
+    retry_strict: RetryLayer,
     breaker: CircuitBreakerLayer,
     attempt: TimeoutLayer,
 }
 
 impl Layers {
-    fn build<S>(&self, service: S) -> Inner<S> {
+    fn build<S: Clone>(&self, service: S) -> Inner<S> {
         let service = self.attempt.layer(service);
         let service = self.breaker.layer(service);
-        let service = self.retry.layer(service);
+        let service = PerCall {
+            normal: self.retry.layer(service.clone()),
+            keyed: self.retry_keyed.layer(service.clone()),
+            strict: self.retry_strict.layer(service),
+        };
         self.deadline.layer(service)
     }
 }
@@ -186,10 +193,16 @@ impl StackShared {
         throttle: Option<RetryThrottle>,
         generation: u64,
     ) -> Layers {
-        let mut retry = RetryLayer::new(compiled.retry.clone());
-        if let Some(t) = throttle {
-            retry = retry.with_throttle(t);
-        }
+        let retry_layer = |policies: &grpc_retry::RetryPolicies| {
+            let layer = RetryLayer::new(policies.clone());
+            match &throttle {
+                Some(t) => layer.with_throttle(t.clone()),
+                None => layer,
+            }
+        };
+        let retry = retry_layer(&compiled.retry.normal);
+        let retry_keyed = retry_layer(&compiled.retry.keyed);
+        let retry_strict = retry_layer(&compiled.retry.strict);
         let breaker = match choice {
             BreakerChoice::PerService => {
                 let mut layer = CircuitBreakerLayer::new(registry.clone());
@@ -218,6 +231,8 @@ impl StackShared {
             generation,
             deadline: TimeoutLayer::new(compiled.timeouts.clone()),
             retry,
+            retry_keyed,
+            retry_strict,
             breaker,
             attempt: TimeoutLayer::new(attempt).per_attempt(),
         }
@@ -538,7 +553,15 @@ where
 {
     type Response = http::Response<ResilientBody<R>>;
     type Error = BoxError;
-    type Future = ResponseFuture<<Inner<S> as Service<http::Request<B>>>::Future>;
+    type Future = ResponseFuture<
+        grpc_timeout::future::ResponseFuture<
+            grpc_retry::future::ResponseFuture<
+                CircuitBreaker<Timeout<S>>,
+                B,
+                grpc_circuit_breaker::future::ResponseBody<TimeoutBody<R>>,
+            >,
+        >,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let layers = self.shared.layers.load();

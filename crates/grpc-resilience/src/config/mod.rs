@@ -629,7 +629,7 @@ impl ChannelSettings {
 pub(crate) struct Compiled {
     pub(crate) timeouts: TimeoutPolicy,
     pub(crate) per_attempt: Option<TimeoutPolicy>,
-    pub(crate) retry: RetryPolicies,
+    pub(crate) retry: RetryVariants,
     pub(crate) throttle: Option<ThrottleSettings>,
     /// Every breaker a channel uses or the file names, with its config.
     pub(crate) breakers: BTreeMap<String, BreakerConfig>,
@@ -637,6 +637,64 @@ pub(crate) struct Compiled {
     pub(crate) channel_breakers: BTreeMap<String, String>,
     /// Channel name to the services it serves.
     pub(crate) channel_services: BTreeMap<String, Vec<String>>,
+}
+
+/// The retry policies of a config, and two per-call variants: `keyed`
+/// for calls that carry their own idempotency key or are marked idempotent
+/// (a write may be retried: the key lets the server deduplicate), `strict`
+/// for calls marked non-idempotent (retried only when provably
+/// unprocessed).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RetryVariants {
+    pub(crate) normal: RetryPolicies,
+    pub(crate) keyed: RetryPolicies,
+    pub(crate) strict: RetryPolicies,
+}
+
+impl RetryVariants {
+    fn insert(
+        &mut self,
+        selector: &str,
+        settings: Option<&RetrySettings>,
+    ) -> Result<(), RetryConfigError> {
+        fn add(
+            map: &mut RetryPolicies,
+            selector: &str,
+            policy: Option<RetryPolicy>,
+        ) -> Result<(), RetryConfigError> {
+            let current = std::mem::take(map);
+            *map = match policy {
+                Some(p) => current.with_operation(selector, p)?,
+                None => current.without_retry(selector)?,
+            };
+            Ok(())
+        }
+        let keyed = settings.map(|s| RetrySettings {
+            idempotency_keys: Some(true),
+            ..s.clone()
+        });
+        let strict = settings.map(|s| RetrySettings {
+            idempotent: Some(false),
+            idempotency_keys: Some(false),
+            ..s.clone()
+        });
+        add(
+            &mut self.normal,
+            selector,
+            settings.map(RetrySettings::to_policy),
+        )?;
+        add(
+            &mut self.keyed,
+            selector,
+            keyed.as_ref().map(RetrySettings::to_policy),
+        )?;
+        add(
+            &mut self.strict,
+            selector,
+            strict.as_ref().map(RetrySettings::to_policy),
+        )?;
+        Ok(())
+    }
 }
 
 /// Maps a layer error's `Display` (`... \`field\` = value: reason`) to its
@@ -912,7 +970,7 @@ impl ResilienceConfig {
     ///
     /// As [`ResilienceConfig::validate`].
     pub fn retry_policies(&self) -> Result<RetryPolicies, ConfigError> {
-        self.compile().map(|c| c.retry)
+        self.compile().map(|c| c.retry.normal)
     }
 
     /// The timeout layer's policy (per call) this config describes.
@@ -937,14 +995,15 @@ impl ResilienceConfig {
     pub(crate) fn compile(&self) -> Result<Compiled, ConfigError> {
         // Retry.
         let retry_default = self.retry.default.clone();
-        let mut retry = RetryPolicies::none();
+        let mut retry = RetryVariants::default();
         if let Some(settings) = &retry_default {
-            let policy = settings.to_policy();
-            policy
+            settings
+                .to_policy()
                 .validate()
                 .map_err(|e| retry_error(&["retry", "default"], &e))?;
             if settings.enabled != Some(false) {
-                retry = RetryPolicies::new(policy)
+                retry
+                    .insert("*", Some(settings))
                     .map_err(|e| retry_error(&["retry", "default"], &e))?;
             }
         }
@@ -961,14 +1020,14 @@ impl ResilienceConfig {
                 ));
             }
             let merged = settings.over(&inherited);
-            retry = if merged.enabled == Some(false) {
-                retry.without_retry(&resolved)
-            } else {
-                let policy = merged.to_policy();
-                policy.validate().map_err(|e| retry_error(&path, &e))?;
-                retry.with_operation(&resolved, policy)
+            if merged.enabled != Some(false) {
+                merged
+                    .to_policy()
+                    .validate()
+                    .map_err(|e| retry_error(&path, &e))?;
             }
-            .map_err(|e| {
+            let enabled = (merged.enabled != Some(false)).then_some(&merged);
+            retry.insert(&resolved, enabled).map_err(|e| {
                 ConfigError::new(
                     key_path(path),
                     None,

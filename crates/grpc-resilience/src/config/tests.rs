@@ -70,12 +70,14 @@ fn the_shipped_file_holds_the_designs_values() {
     assert_eq!(
         compiled
             .retry
+            .normal
             .policy_for("/catalog.v1.QueryService/GetProduct"),
         Some(&expected)
     );
     assert_eq!(
         compiled
             .retry
+            .normal
             .policy_for("/catalog.v1.CommandService/CreateProduct"),
         Some(&expected.non_idempotent())
     );
@@ -420,6 +422,7 @@ fn grpc_service_config_maps_to_the_same_policies() {
     assert_eq!(
         compiled
             .retry
+            .normal
             .policy_for("/catalog.v1.QueryService/GetProduct"),
         Some(
             &RetryPolicy::default()
@@ -432,7 +435,7 @@ fn grpc_service_config_maps_to_the_same_policies() {
         )
     );
     assert_eq!(
-        compiled.retry.policy_for("/other.Svc/Call"),
+        compiled.retry.normal.policy_for("/other.Svc/Call"),
         Some(
             &RetryPolicy::default()
                 .with_max_attempts(5)
