@@ -16,19 +16,20 @@ use grpc_resilience_core::error::error_code;
 use grpc_resilience_core::{BoxError, MethodId, Outcome, OutcomeBody};
 use grpc_retry::{ReplayableBody, RetryLayer, RetryThrottle};
 use grpc_timeout::future::TimeoutBody;
-use grpc_timeout::{Timeout, TimeoutLayer, TimeoutPolicy};
+use grpc_timeout::{Timeout, TimeoutLayer};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::attempt::{Attempt, AttemptBody};
 use crate::config::{Compiled, ThrottleSettings};
 use crate::per_call::PerCall;
-use crate::telemetry::{CallRecorder, MetricsCache, call_span};
+use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, call_span};
 use crate::{ConfigError, ResilienceConfig};
 
 /// The layers below telemetry, as built for one config generation.
-type Inner<S> = Timeout<PerCall<CircuitBreaker<Timeout<S>>>>;
+type Inner<S> = Timeout<PerCall<CircuitBreaker<Attempt<S>>>>;
 
 /// Which breaker a stack's calls go through.
 #[derive(Clone, Debug)]
@@ -49,12 +50,15 @@ pub(crate) struct Layers {
     retry_keyed: RetryLayer,
     retry_strict: RetryLayer,
     breaker: CircuitBreakerLayer,
-    attempt: TimeoutLayer,
+    attempt: Option<TimeoutLayer>,
 }
 
 impl Layers {
     fn build<S: Clone>(&self, service: S) -> Inner<S> {
-        let service = self.attempt.layer(service);
+        let service = match &self.attempt {
+            Some(layer) => Attempt::On(layer.layer(service)),
+            None => Attempt::Off(service),
+        };
         let service = self.breaker.layer(service);
         let service = PerCall {
             normal: self.retry.layer(service.clone()),
@@ -223,10 +227,6 @@ impl StackShared {
                 CircuitBreakerLayer::with_keying(registry.clone(), Keying::Single(name))
             }
         };
-        let attempt = compiled
-            .per_attempt
-            .clone()
-            .unwrap_or_else(TimeoutPolicy::empty);
         Layers {
             generation,
             deadline: TimeoutLayer::new(compiled.timeouts.clone()),
@@ -234,7 +234,10 @@ impl StackShared {
             retry_keyed,
             retry_strict,
             breaker,
-            attempt: TimeoutLayer::new(attempt).per_attempt(),
+            attempt: compiled
+                .per_attempt
+                .clone()
+                .map(|p| TimeoutLayer::new(p).per_attempt()),
         }
     }
 
@@ -430,6 +433,9 @@ pub struct ResilientChannel<S> {
     shared: Arc<StackShared>,
     local: Inner<S>,
     generation: u64,
+    // The metric handles of the method last called through this clone, so
+    // the usual call finds them without touching shared memory.
+    last_method: Option<Arc<MethodMetrics>>,
 }
 
 impl<S: Clone> Clone for ResilientChannel<S> {
@@ -439,6 +445,7 @@ impl<S: Clone> Clone for ResilientChannel<S> {
             shared: self.shared.clone(),
             local: self.local.clone(),
             generation: self.generation,
+            last_method: self.last_method.clone(),
         }
     }
 }
@@ -470,6 +477,7 @@ impl<S: Clone> ResilientChannel<S> {
             generation: layers.generation,
             base,
             shared,
+            last_method: None,
         }
     }
 }
@@ -556,9 +564,9 @@ where
     type Future = ResponseFuture<
         grpc_timeout::future::ResponseFuture<
             grpc_retry::future::ResponseFuture<
-                CircuitBreaker<Timeout<S>>,
+                CircuitBreaker<Attempt<S>>,
                 B,
-                grpc_circuit_breaker::future::ResponseBody<TimeoutBody<R>>,
+                grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>,
             >,
         >,
     >;
@@ -574,10 +582,17 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let recorder = match MethodId::from_request(&request) {
-            Ok(id) => Some(CallRecorder::new(
-                self.shared.metrics.get(&id),
-                call_span(&id),
-            )),
+            Ok(id) => {
+                let metrics = match &self.last_method {
+                    Some(m) if m.path() == id.path() => m.clone(),
+                    _ => {
+                        let m = self.shared.metrics.get(&id);
+                        self.last_method = Some(m.clone());
+                        m
+                    }
+                };
+                Some(CallRecorder::new(metrics, call_span(&id)))
+            }
             Err(_) => None,
         };
         let inner = match &recorder {
@@ -589,7 +604,7 @@ where
 }
 
 /// The response body type of inner body `R` after the stack.
-type StackBody<R> = TimeoutBody<grpc_circuit_breaker::future::ResponseBody<TimeoutBody<R>>>;
+type StackBody<R> = TimeoutBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>;
 
 pin_project! {
     /// The response body of a [`ResilientChannel`] call: the channel's body

@@ -176,3 +176,33 @@ async fn the_layer_form_composes_with_service_builder() {
     assert_eq!(server.faults.stats("GetProduct").unwrap().calls, 2);
     assert_eq!(layer.circuit_breaker_status().len(), 2);
 }
+
+#[tokio::test]
+async fn a_per_attempt_timeout_cuts_a_hung_attempt_and_the_retry_succeeds() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .script(
+            "GetProduct",
+            [Fault::pass().with_delay(Duration::from_secs(5))],
+        )
+        .unwrap();
+    let config = ResilienceConfig::from_toml(
+        &CONFIG.replace("default = 5000\n", "default = 5000\nper_attempt = 150\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        config.timeouts().per_attempt(),
+        Some(Duration::from_millis(150))
+    );
+    let channel = ResilientChannel::new(server.channel(), &config).unwrap();
+    let mut client = QueryServiceClient::new(channel);
+    let start = Instant::now();
+    client.get_product(get()).await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(server.faults.stats("GetProduct").unwrap().calls, 2);
+}
