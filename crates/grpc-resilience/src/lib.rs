@@ -104,9 +104,11 @@
 //! the policies they started with; breakers keep their state. An invalid
 //! config is rejected with the reason and the old one stays.
 
+mod attempt;
 mod channels;
 pub mod config;
 mod error;
+pub mod future;
 mod per_call;
 mod reload;
 mod stack;
@@ -123,7 +125,7 @@ pub use error::ConfigError;
 pub use per_call::{CallOptions, Idempotent};
 #[cfg(feature = "watch")]
 pub use reload::ConfigWatcher;
-pub use stack::{ReloadReport, ResilienceLayer, ResilientBody, ResilientChannel, ResponseFuture};
+pub use stack::{ReloadReport, ResilienceLayer, ResilientChannel};
 
 // What a user needs, so that this crate is the one dependency.
 pub use grpc_circuit_breaker::{
@@ -136,6 +138,11 @@ pub use grpc_retry::{
 };
 pub use grpc_timeout::{Elapsed, TimeoutConfigError, TimeoutPolicy};
 pub use tonic::Code;
+
+/// The README's Rust blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
 
 /// The layer crates, for what the re-exports above do not cover.
 pub mod layers {
