@@ -96,6 +96,12 @@
 //! # Ok::<(), tonic::metadata::errors::InvalidMetadataValue>(())
 //! ```
 //!
+//! A call marked idempotent (or carrying its own key) goes through a
+//! variant of the configured retry policies in which writes are retried
+//! with an idempotency key; a call marked non-idempotent through one in
+//! which nothing is retried once the server saw it. Each variant has the
+//! retry layer's replay limits of its own (256 KiB per call, 16 MiB in all).
+//!
 //! # Live reload
 //!
 //! [`ResilientChannel::reload`] (and [`ResilientChannels::reload`]) checks
