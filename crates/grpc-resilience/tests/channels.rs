@@ -150,3 +150,65 @@ async fn the_shipped_file_builds_its_connection_set() {
         r#"{"command": Closed, "query": Closed}"#
     );
 }
+
+#[tokio::test]
+async fn a_reload_reaches_every_channel_and_cannot_re_point_one() {
+    let a = TestServer::start().await;
+    let b = TestServer::start().await;
+    for server in [&a, &b] {
+        server
+            .faults
+            .always("GetProduct", Fault::status(Code::Unavailable))
+            .unwrap();
+    }
+    let file = |attempts: u32, endpoint_b: &str| {
+        format!(
+            "[retry.default]\nmax_attempts = {attempts}\ninitial_delay = 1\nmax_delay = 1\n\
+             [retry.throttle]\nmax_tokens = 100\ntoken_ratio = 1\n\
+             [circuit_breakers.a]\nfailure_threshold = 1000\n[circuit_breakers.b]\nfailure_threshold = 1000\n\
+             [channels.a]\nendpoint = \"http://{}\"\n[channels.b]\nendpoint = \"{endpoint_b}\"\n",
+            a.addr
+        )
+    };
+    let b_uri = format!("http://{}", b.addr);
+    let config = ResilienceConfig::from_toml(&file(2, &b_uri)).unwrap();
+    let channels = ResilientChannels::from_config(&config).unwrap();
+    let throttle_before = channels.throttle("a").unwrap();
+    let mut to_a = QueryServiceClient::new(channels.channel("a").unwrap());
+    let mut to_b = QueryServiceClient::new(channels.channel("b").unwrap());
+    to_a.get_product(get()).await.unwrap_err();
+    to_b.get_product(get()).await.unwrap_err();
+    assert_eq!(a.faults.stats("GetProduct").unwrap().calls, 2);
+    assert_eq!(b.faults.stats("GetProduct").unwrap().calls, 2);
+
+    let report = channels
+        .reload(&ResilienceConfig::from_toml(&file(3, &b_uri)).unwrap())
+        .unwrap();
+    assert_eq!(report.generation(), 1);
+    assert!(report.breakers_not_reconfigured().is_empty());
+    assert!(
+        channels
+            .throttle("a")
+            .unwrap()
+            .same_bucket(&throttle_before),
+        "unchanged throttle settings keep the bucket"
+    );
+    to_a.get_product(get()).await.unwrap_err();
+    to_b.get_product(get()).await.unwrap_err();
+    assert_eq!(a.faults.stats("GetProduct").unwrap().calls, 2 + 3);
+    assert_eq!(b.faults.stats("GetProduct").unwrap().calls, 2 + 3);
+
+    let err = channels
+        .reload(&ResilienceConfig::from_toml(&file(4, "http://127.0.0.1:1")).unwrap())
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "channels.b: channels cannot be added or re-pointed by a reload; restart to change them"
+    );
+    to_a.get_product(get()).await.unwrap_err();
+    assert_eq!(
+        a.faults.stats("GetProduct").unwrap().calls,
+        2 + 3 + 3,
+        "nothing applied"
+    );
+}
