@@ -206,3 +206,44 @@ async fn a_per_attempt_timeout_cuts_a_hung_attempt_and_the_retry_succeeds() {
     );
     assert_eq!(server.faults.stats("GetProduct").unwrap().calls, 2);
 }
+
+#[tokio::test]
+async fn a_grpc_service_config_drives_the_stack() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .script(
+            "GetProduct",
+            [
+                Fault::status(Code::Unavailable),
+                Fault::status(Code::Unavailable),
+                Fault::status(Code::Unavailable),
+            ],
+        )
+        .unwrap();
+    let (config, warnings) = ResilienceConfig::from_grpc_service_config(
+        r#"{
+          "methodConfig": [{
+            "name": [{"service": "catalog.v1.QueryService"}],
+            "timeout": "2s",
+            "retryPolicy": {
+              "maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]
+            }
+          }]
+        }"#,
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let channel = ResilientChannel::new(server.channel(), &config).unwrap();
+    let mut client = QueryServiceClient::new(channel);
+    client.get_product(get()).await.unwrap();
+    let calls = server.faults.calls_to("GetProduct").unwrap();
+    assert_eq!(calls.len(), 4, "3 failures and the success");
+    let sent = calls[0].headers["grpc-timeout"].to_str().unwrap();
+    let sent = grpc_resilience_core::timeout_header::decode(sent.as_bytes()).unwrap();
+    assert!(
+        sent <= Duration::from_secs(2) && sent > Duration::from_millis(1900),
+        "{sent:?}"
+    );
+}
