@@ -222,6 +222,17 @@ fn main() {
                 &payload,
             ),
         ),
+        (
+            "grpc_resilience::ResilientChannel",
+            per_grpc_call(
+                grpc_resilience::ResilientChannel::new(
+                    grpc_resilience_benches::Reading::default(),
+                    &grpc_resilience_benches::facade_config(),
+                )
+                .expect("a config"),
+                &payload,
+            ),
+        ),
     ];
     let covering = |selector: &str| {
         grpc_idempotency::IdempotencyLayer::new([selector]).expect("a valid selector")

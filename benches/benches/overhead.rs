@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
+use grpc_resilience::ResilientChannel;
 use grpc_resilience_benches::{
     Bare, Reading, RequestFactory, call_once, drive, drive_parallel, drive_with, paused_runtime,
     payload_1k, runtime,
@@ -188,6 +189,13 @@ fn stack(c: &mut Criterion) {
         .service(Bare);
     group.bench_function("Timeout > Retry > CircuitBreaker", |b| {
         b.iter_custom(|n| drive_with(&rt, &mut ours, || requests.grpc_request(&payload), n))
+    });
+    // The same three layers from a config, with the facade's call
+    // telemetry in front (no recorder or subscriber installed).
+    let mut facade =
+        ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config()).expect("a config");
+    group.bench_function("grpc_resilience::ResilientChannel", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut facade, || requests.grpc_request(&payload), n))
     });
     group.finish();
 }

@@ -283,3 +283,11 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("a runtime")
 }
+
+/// The facade's config for the same stack as the bare layers' rows: a 5 s
+/// deadline, the design's retry policy, a default breaker per service.
+pub fn facade_config() -> grpc_resilience::ResilienceConfig {
+    grpc_resilience::ResilienceConfig::new()
+        .with_timeout_default(std::time::Duration::from_secs(5))
+        .with_retry_default(grpc_resilience::RetrySettings::new())
+}

@@ -1,0 +1,407 @@
+//! Named channels: the connection set of a config's `[channels]`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use grpc_circuit_breaker::{BreakerRegistry, BreakerSnapshot, State, UnknownBreaker};
+use grpc_retry::RetryThrottle;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::key_path;
+use crate::stack::{BreakerChoice, StackShared, configure_breakers, throttle_for};
+use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
+
+/// One resilient channel per `[channels.<name>]` entry, sharing one
+/// breaker registry, with one retry throttle per target (channels to the
+/// same endpoint share its bucket).
+///
+/// Each channel has its own breaker, named after the channel unless its
+/// entry names another (`breaker = "query"`): two channels to different
+/// backends that serve the same gRPC service never share a breaker, so one
+/// failing backend does not cut the other off.
+///
+/// ```
+/// use catalog_proto::command_service_client::CommandServiceClient;
+/// use catalog_proto::query_service_client::QueryServiceClient;
+/// use grpc_resilience::{ResilienceConfig, ResilientChannels};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = ResilienceConfig::from_toml(r#"
+///     [circuit_breakers.query]
+///     failure_threshold = 5
+///     [channels.query]
+///     endpoint = "http://127.0.0.1:50052"
+///     services = ["catalog.v1.QueryService"]
+///     [channels.command]
+///     services = ["catalog.v1.CommandService"]
+/// "#)?;
+/// let channels = ResilientChannels::builder(&config)
+///     .with_endpoint("command", tonic::transport::Endpoint::from_static("http://127.0.0.1:50051"))
+///     .build()?;
+/// let queries = QueryServiceClient::new(channels.channel("query")?);
+/// let commands = CommandServiceClient::new(channels.for_service("catalog.v1.CommandService")?);
+/// # drop((queries, commands));
+///
+/// // The design's get_circuit_breaker_status(), every breaker from the start:
+/// assert_eq!(format!("{:?}", channels.circuit_breaker_status()), r#"{"command": Closed, "query": Closed}"#);
+/// channels.reset_circuit_breakers();
+/// # Ok(())
+/// # }
+/// ```
+pub struct ResilientChannels {
+    channels: BTreeMap<String, ResilientChannel<Channel>>,
+    targets: BTreeMap<String, String>,
+    throttles: Mutex<BTreeMap<String, RetryThrottle>>,
+    services: BTreeMap<String, String>,
+    registry: BreakerRegistry,
+    reloading: Mutex<()>,
+}
+
+impl fmt::Debug for ResilientChannels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResilientChannels")
+            .field("channels", &self.channels.keys().collect::<Vec<_>>())
+            .field("targets", &self.targets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds [`ResilientChannels`]: endpoints from the file or given here.
+#[derive(Debug)]
+pub struct ResilientChannelsBuilder<'c> {
+    config: &'c ResilienceConfig,
+    endpoints: BTreeMap<String, Endpoint>,
+    channels: BTreeMap<String, Channel>,
+    registry: Option<BreakerRegistry>,
+}
+
+impl ResilientChannelsBuilder<'_> {
+    /// Connects channel `name` to `endpoint`, instead of (or for want of)
+    /// the file's `endpoint`; the file's connect options still apply.
+    pub fn with_endpoint(mut self, name: impl Into<String>, endpoint: Endpoint) -> Self {
+        self.endpoints.insert(name.into(), endpoint);
+        self
+    }
+
+    /// Uses an already made tonic channel for `name`.
+    pub fn with_channel(mut self, name: impl Into<String>, channel: Channel) -> Self {
+        self.channels.insert(name.into(), channel);
+        self
+    }
+
+    /// Keeps the breakers in `registry` (default: a new one).
+    pub fn with_registry(mut self, registry: BreakerRegistry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Makes every channel (connecting lazily, on first use) and every
+    /// breaker.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if the config is invalid, a channel has no endpoint,
+    /// or a channel given in code is not in the config.
+    pub fn build(self) -> Result<ResilientChannels, ConfigError> {
+        let compiled = self.config.compile()?;
+        for name in self.endpoints.keys().chain(self.channels.keys()) {
+            if !self.config.channels().contains_key(name) {
+                return Err(ConfigError::new(
+                    key_path(["channels", name.as_str()]),
+                    None,
+                    "given in code but there is no such [channels] entry",
+                ));
+            }
+        }
+        let registry = self.registry.unwrap_or_default();
+        configure_breakers(&registry, &compiled.breakers);
+        let mut channels = BTreeMap::new();
+        let mut targets = BTreeMap::new();
+        let mut throttles: BTreeMap<String, RetryThrottle> = BTreeMap::new();
+        let mut services = BTreeMap::new();
+        for (name, settings) in self.config.channels() {
+            let (channel, target) = if let Some(channel) = self.channels.get(name) {
+                (channel.clone(), format!("channel:{name}"))
+            } else {
+                let endpoint = match (self.endpoints.get(name), settings.endpoint()) {
+                    (Some(e), _) => e.clone(),
+                    (None, Some(uri)) => Endpoint::from_shared(uri.to_owned()).map_err(|e| {
+                        ConfigError::new(
+                            key_path(["channels", name.as_str(), "endpoint"]),
+                            Some(format!("{uri:?}")),
+                            format!("not a valid URI: {e}"),
+                        )
+                    })?,
+                    (None, None) => {
+                        return Err(ConfigError::new(
+                            key_path(["channels", name.as_str(), "endpoint"]),
+                            None,
+                            "no endpoint: set it in the file or with `with_endpoint`",
+                        ));
+                    }
+                };
+                let target = endpoint.uri().to_string();
+                (settings.configure_endpoint(endpoint).connect_lazy(), target)
+            };
+            let throttle = match throttles.get(&target) {
+                Some(t) => Some(t.clone()),
+                None => {
+                    let t = throttle_for(None, compiled.throttle.as_ref())?;
+                    if let Some(t) = &t {
+                        throttles.insert(target.clone(), t.clone());
+                    }
+                    t
+                }
+            };
+            let shared = StackShared::new(
+                self.config,
+                &compiled,
+                registry.clone(),
+                BreakerChoice::Channel(name.clone()),
+                throttle,
+            );
+            for service in settings.services() {
+                services
+                    .entry(service.clone())
+                    .or_insert_with(|| name.clone());
+            }
+            channels.insert(
+                name.clone(),
+                ResilientChannel::from_parts(channel, Arc::new(shared)),
+            );
+            targets.insert(name.clone(), target);
+        }
+        Ok(ResilientChannels {
+            channels,
+            targets,
+            throttles: Mutex::new(throttles),
+            services,
+            registry,
+            reloading: Mutex::new(()),
+        })
+    }
+}
+
+/// No channel of that name or for that service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownChannel(String);
+
+impl fmt::Display for UnknownChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UnknownChannel {}
+
+impl ResilientChannels {
+    /// Starts building the channels of `config`'s `[channels]`.
+    pub fn builder(config: &ResilienceConfig) -> ResilientChannelsBuilder<'_> {
+        ResilientChannelsBuilder {
+            config,
+            endpoints: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            registry: None,
+        }
+    }
+
+    /// The channels of `config`, every endpoint from the file.
+    ///
+    /// # Errors
+    ///
+    /// As [`ResilientChannelsBuilder::build`].
+    pub fn from_config(config: &ResilienceConfig) -> Result<Self, ConfigError> {
+        Self::builder(config).build()
+    }
+
+    /// The channel called `name` (a clone: cheap, and sharing everything).
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownChannel`] if there is none.
+    pub fn channel(&self, name: &str) -> Result<ResilientChannel<Channel>, UnknownChannel> {
+        self.channels.get(name).cloned().ok_or_else(|| {
+            UnknownChannel(format!(
+                "no channel is named `{name}` (there are: {})",
+                self.names().join(", ")
+            ))
+        })
+    }
+
+    /// The channel whose `services` list `service` (fully qualified, e.g.
+    /// `catalog.v1.QueryService`); the first by name if several do.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownChannel`] if none does.
+    pub fn for_service(&self, service: &str) -> Result<ResilientChannel<Channel>, UnknownChannel> {
+        match self.services.get(service) {
+            Some(name) => self.channel(name),
+            None => Err(UnknownChannel(format!(
+                "no channel lists the service `{service}`"
+            ))),
+        }
+    }
+
+    /// The channels' names.
+    pub fn names(&self) -> Vec<String> {
+        self.channels.keys().cloned().collect()
+    }
+
+    /// The breaker registry all channels share.
+    pub fn registry(&self) -> &BreakerRegistry {
+        &self.registry
+    }
+
+    /// The retry throttle of channel `name`'s target, if the config has one.
+    pub fn throttle(&self, name: &str) -> Option<RetryThrottle> {
+        let target = self.targets.get(name)?;
+        lock(&self.throttles).get(target).cloned()
+    }
+
+    /// Every breaker's state by name, every configured breaker listed from
+    /// the start (the design's `get_circuit_breaker_status()`).
+    pub fn circuit_breaker_status(&self) -> BTreeMap<String, State> {
+        self.registry.status()
+    }
+
+    /// Every breaker with its state, failure count and time to the next
+    /// probe, every configured breaker listed from the start: what an
+    /// operator's status page shows.
+    pub fn circuit_breaker_details(&self) -> BTreeMap<String, BreakerSnapshot> {
+        self.registry.snapshot()
+    }
+
+    /// Closes every breaker (the design's `reset_circuit_breakers()`).
+    pub fn reset_circuit_breakers(&self) {
+        self.registry.reset_all();
+    }
+
+    /// Closes the breaker called `name`.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownBreaker`] if there is none.
+    pub fn reset(&self, name: &str) -> Result<(), UnknownBreaker> {
+        self.registry.reset(name)
+    }
+
+    /// Holds the breaker called `name` open until it is reset.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownBreaker`] if there is none.
+    pub fn force_open(&self, name: &str) -> Result<(), UnknownBreaker> {
+        self.registry.force_open(name)
+    }
+
+    /// Switches the breaker called `name` off until it is reset.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownBreaker`] if there is none.
+    pub fn disable(&self, name: &str) -> Result<(), UnknownBreaker> {
+        self.registry.disable(name)
+    }
+
+    /// Reads the config file at `path` and applies it as
+    /// [`ResilientChannels::reload`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, line, key and why; the old config
+    /// stays.
+    pub fn reload_file(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<ReloadReport, ConfigError> {
+        let current = self
+            .channels
+            .values()
+            .next()
+            .map(|c| c.config())
+            .unwrap_or_default();
+        crate::reload::reload_file(&current, path.as_ref(), |c| self.reload(c))
+    }
+
+    /// Reloads the config file at `path` whenever it changes; see
+    /// [`ConfigWatcher`](crate::ConfigWatcher).
+    #[cfg(feature = "watch")]
+    pub fn watch_file(
+        self: &Arc<Self>,
+        path: impl Into<std::path::PathBuf>,
+        interval: std::time::Duration,
+    ) -> crate::ConfigWatcher {
+        let channels = self.clone();
+        crate::ConfigWatcher::spawn(path, interval, move |p| channels.reload_file(p))
+    }
+
+    /// Applies `config` to new calls of every channel; see
+    /// [`ResilientChannel::reload`]. The set of channels and their
+    /// endpoints cannot change this way.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if the config is invalid or changes the channels;
+    /// nothing is applied then.
+    pub fn reload(&self, config: &ResilienceConfig) -> Result<ReloadReport, ConfigError> {
+        let _one_at_a_time = lock(&self.reloading);
+        let compiled = config.compile()?;
+        let old = self
+            .channels
+            .values()
+            .next()
+            .map(|c| c.config())
+            .unwrap_or_default();
+        for (name, settings) in config.channels() {
+            match old.channels().get(name) {
+                Some(before) if before.endpoint() == settings.endpoint() => {}
+                _ => {
+                    return Err(ConfigError::new(
+                        key_path(["channels", name.as_str()]),
+                        None,
+                        "channels cannot be added or re-pointed by a reload; restart to change them",
+                    ));
+                }
+            }
+        }
+        if let Some(name) = old
+            .channels()
+            .keys()
+            .find(|n| !config.channels().contains_key(*n))
+        {
+            return Err(ConfigError::new(
+                key_path(["channels", name.as_str()]),
+                None,
+                "channels cannot be removed by a reload; restart to change them",
+            ));
+        }
+        // New throttles per target, keeping a bucket whose settings stay.
+        let mut throttles = lock(&self.throttles);
+        let mut fresh: BTreeMap<String, RetryThrottle> = BTreeMap::new();
+        for target in self.targets.values() {
+            if fresh.contains_key(target) {
+                continue;
+            }
+            if let Some(t) = throttle_for(throttles.get(target), compiled.throttle.as_ref())? {
+                fresh.insert(target.clone(), t);
+            }
+        }
+        let mut generation = 0;
+        for (name, channel) in &self.channels {
+            let throttle = fresh.get(&self.targets[name]).cloned();
+            generation = channel.shared().swap(config, &compiled, throttle);
+        }
+        *throttles = fresh;
+        Ok(ReloadReport::new(
+            generation,
+            configure_breakers(&self.registry, &compiled.breakers),
+        ))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,1175 @@
+//! The configuration: one TOML file (or the same in code) for timeouts,
+//! retries, circuit breakers and named channels.
+//!
+//! ```toml
+//! [retry.default]                  # every method not listed below
+//! max_attempts = 3
+//! initial_delay = 100              # integer milliseconds, or "100ms", "30s"
+//! max_delay = "5s"
+//! multiplier = 2.0
+//! jitter = true                    # true (±20 %), false, "full", or a fraction such as 0.1
+//! retryable_codes = ["UNAVAILABLE", "deadline_exceeded"]
+//!
+//! [retry.operations.create_product] # unset fields come from [retry.default]
+//! idempotent = false               # a write: retried only when provably unprocessed
+//!
+//! [retry.throttle]                 # gRFC A6 token bucket, one per target
+//! max_tokens = 10
+//! token_ratio = 0.1
+//!
+//! [circuit_breakers.query]
+//! failure_threshold = 5
+//!
+//! [timeouts]
+//! default = 5000
+//! [timeouts.operations]
+//! list_products = 10000
+//! "catalog.v1.QueryService/WatchProducts" = "none"
+//!
+//! [channels.query]
+//! endpoint = "http://127.0.0.1:50051"
+//! services = ["catalog.v1.QueryService"]
+//! breaker = "query"                # default: the channel's own name
+//! connect_timeout = "2s"
+//! ```
+//!
+//! # Operation selectors
+//!
+//! Keys of `[retry.operations]` and `[timeouts.operations]` are written as
+//! gRPC writes them (`package.Service/Method`, `package.Service/*` or just
+//! `package.Service`) or by a method's short name, in the proto's spelling
+//! (`GetProduct`) or in snake case (`get_product`). The most specific
+//! selector wins: a method, then a short name, then a service, then the
+//! default.
+//!
+//! A short name means "a method of this name in any service", unless the
+//! application tells which methods it calls
+//! ([`ResilienceConfig::with_known_methods`], or the `*_with_methods`
+//! loaders): then every selector is checked against them, a short name
+//! resolves to the one method it names, and a short name that two services
+//! share is an error listing both (`get_product` is ambiguous: it matches
+//! `catalog.v1.QueryService/GetProduct, catalog.v2.QueryService/GetProduct`).
+//! Only the application can know this: a config file cannot list methods,
+//! and a channel's `services` say nothing of their methods.
+//!
+//! # Errors
+//!
+//! Unknown keys, unknown status codes and invalid values are rejected with
+//! a [`ConfigError`] naming the file, the line, the key path, the value and
+//! why: `resilience.toml:7: retry.default.max_attempts = 0: must be at
+//! least 1 (1 means no retry)`. Each value is checked by the layer that uses
+//! it ([`RetryPolicy::validate`], [`BreakerConfig::validate`],
+//! [`TimeoutPolicy`], [`RetryThrottle::new`]), so a config built in code
+//! and one read from a file pass the same checks.
+
+mod grpc_service_config;
+mod selector;
+pub(crate) mod serde_helpers;
+mod spans;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use grpc_circuit_breaker::{BreakerConfig, BreakerConfigError, FailureRate};
+use grpc_resilience_core::CodeSet;
+use grpc_retry::{Jitter, RetryConfigError, RetryPolicies, RetryPolicy, RetryThrottle};
+use grpc_timeout::{TimeoutConfigError, TimeoutPolicy};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Endpoint;
+
+use crate::error::{ConfigError, key_path};
+pub use grpc_service_config::ImportWarning;
+use selector::KnownMethods;
+use serde_helpers::{MaybeTimeout, opt_codes, opt_duration, opt_jitter};
+use spans::SpanIndex;
+
+/// The whole configuration; see the [module docs](self) for the file.
+///
+/// Build it from a file ([`ResilienceConfig::from_file`]), from TOML text,
+/// from a gRPC service config
+/// ([`ResilienceConfig::from_grpc_service_config`]) or in code, and read it
+/// back with its getters, `Debug` or [`ResilienceConfig::to_toml`].
+///
+/// ```
+/// use std::time::Duration;
+/// use grpc_resilience::{BreakerSettings, ResilienceConfig, RetrySettings};
+///
+/// let config = ResilienceConfig::new()
+///     .with_retry_default(RetrySettings::new().with_max_attempts(3))
+///     .with_retry_operation("create_product", RetrySettings::new().with_idempotent(false))
+///     .with_timeout_default(Duration::from_secs(5))
+///     .with_timeout_operation("ListProducts", Duration::from_secs(10))
+///     .with_breaker("query", BreakerSettings::new().with_failure_threshold(5));
+/// config.validate()?;
+/// assert_eq!(ResilienceConfig::from_toml(&config.to_toml())?, config);
+///
+/// let bad = config.with_retry_default(RetrySettings::new().with_max_attempts(0));
+/// assert_eq!(
+///     bad.validate().unwrap_err().to_string(),
+///     "retry.default.max_attempts = 0: must be at least 1 (1 means no retry)"
+/// );
+/// # Ok::<(), grpc_resilience::ConfigError>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResilienceConfig {
+    #[serde(default, skip_serializing_if = "RetryConfig::is_empty")]
+    retry: RetryConfig,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    circuit_breakers: BTreeMap<String, BreakerSettings>,
+    #[serde(default, skip_serializing_if = "TimeoutConfig::is_empty")]
+    timeouts: TimeoutConfig,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    channels: BTreeMap<String, ChannelSettings>,
+    #[serde(skip)]
+    known: KnownMethods,
+}
+
+/// `[retry]`: the default policy, per-operation overrides and the throttle.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    default: Option<RetrySettings>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    operations: BTreeMap<String, RetrySettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    throttle: Option<ThrottleSettings>,
+}
+
+impl RetryConfig {
+    fn is_empty(&self) -> bool {
+        self.default.is_none() && self.operations.is_empty() && self.throttle.is_none()
+    }
+
+    /// `[retry.default]`; `None`: methods without an operation entry are
+    /// not retried.
+    pub fn default_settings(&self) -> Option<&RetrySettings> {
+        self.default.as_ref()
+    }
+
+    /// `[retry.operations]`, by selector as written.
+    pub fn operations(&self) -> &BTreeMap<String, RetrySettings> {
+        &self.operations
+    }
+
+    /// `[retry.throttle]`.
+    pub fn throttle(&self) -> Option<&ThrottleSettings> {
+        self.throttle.as_ref()
+    }
+}
+
+/// A retry policy as a config writes it. Unset fields come from
+/// `[retry.default]` (for an operation) and then from
+/// [`RetryPolicy::default`] (3 attempts, 100 ms, 5 s, ×2, ±20 % jitter,
+/// `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`,
+/// `INTERNAL`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_attempts: Option<u32>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    initial_delay: Option<Duration>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    max_delay: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    multiplier: Option<f64>,
+    #[serde(default, with = "opt_jitter", skip_serializing_if = "Option::is_none")]
+    jitter: Option<Jitter>,
+    #[serde(default, with = "opt_codes", skip_serializing_if = "Option::is_none")]
+    retryable_codes: Option<CodeSet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idempotent: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idempotency_keys: Option<bool>,
+}
+
+macro_rules! option_field {
+    ($(#[$doc:meta])* $field:ident, $with:ident, $ty:ty) => {
+        $(#[$doc])*
+        pub fn $with(mut self, value: $ty) -> Self {
+            self.$field = Some(value);
+            self
+        }
+        /// The value set, if any.
+        pub fn $field(&self) -> Option<$ty> {
+            self.$field.clone()
+        }
+    };
+}
+
+impl RetrySettings {
+    /// Sets nothing: everything is inherited.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    option_field!(
+        /// `enabled = false` turns retries off for these methods.
+        enabled, with_enabled, bool);
+    option_field!(
+        /// Attempts in all, the first included.
+        max_attempts, with_max_attempts, u32);
+    option_field!(
+        /// The delay before the first retry.
+        initial_delay, with_initial_delay, Duration);
+    option_field!(
+        /// The longest delay, jitter included.
+        max_delay, with_max_delay, Duration);
+    option_field!(
+        /// How much each delay grows.
+        multiplier, with_multiplier, f64);
+    option_field!(
+        /// How delays are randomised.
+        jitter, with_jitter, Jitter);
+    option_field!(
+        /// The codes that are retried.
+        retryable_codes, with_retryable_codes, CodeSet);
+    option_field!(
+        /// `false` marks a write: retried only when the server provably
+        /// never saw it, unless idempotency keys are on.
+        idempotent, with_idempotent, bool);
+    option_field!(
+        /// Sends one `idempotency-key` per logical call, the same on every
+        /// attempt, so a write can be retried.
+        idempotency_keys, with_idempotency_keys, bool);
+
+    /// `self`, with the fields it leaves unset taken from `base`.
+    fn over(&self, base: &RetrySettings) -> RetrySettings {
+        RetrySettings {
+            enabled: self.enabled.or(base.enabled),
+            max_attempts: self.max_attempts.or(base.max_attempts),
+            initial_delay: self.initial_delay.or(base.initial_delay),
+            max_delay: self.max_delay.or(base.max_delay),
+            multiplier: self.multiplier.or(base.multiplier),
+            jitter: self.jitter.or(base.jitter),
+            retryable_codes: self.retryable_codes.or(base.retryable_codes),
+            idempotent: self.idempotent.or(base.idempotent),
+            idempotency_keys: self.idempotency_keys.or(base.idempotency_keys),
+        }
+    }
+
+    /// The retry layer's policy these settings describe (not validated).
+    pub fn to_policy(&self) -> RetryPolicy {
+        let mut p = RetryPolicy::default();
+        if let Some(v) = self.max_attempts {
+            p = p.with_max_attempts(v);
+        }
+        if let Some(v) = self.initial_delay {
+            p = p.with_initial_delay(v);
+        }
+        if let Some(v) = self.max_delay {
+            p = p.with_max_delay(v);
+        }
+        if let Some(v) = self.multiplier {
+            p = p.with_multiplier(v);
+        }
+        if let Some(v) = self.jitter {
+            p = p.with_jitter(v);
+        }
+        if let Some(v) = self.retryable_codes {
+            p = p.with_retryable_codes(v);
+        }
+        if self.idempotent == Some(false) {
+            p = p.non_idempotent();
+        }
+        if self.idempotency_keys == Some(true) {
+            p = p.with_idempotency_keys();
+        }
+        p
+    }
+}
+
+/// `[retry.throttle]`: gRFC A6's token bucket. One bucket per target
+/// (endpoint): channels to the same endpoint share it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSettings {
+    max_tokens: f64,
+    token_ratio: f64,
+}
+
+impl ThrottleSettings {
+    /// A bucket of `max_tokens` refilled by `token_ratio` per success.
+    pub fn new(max_tokens: f64, token_ratio: f64) -> Self {
+        ThrottleSettings {
+            max_tokens,
+            token_ratio,
+        }
+    }
+
+    /// The bucket's size.
+    pub fn max_tokens(&self) -> f64 {
+        self.max_tokens
+    }
+
+    /// What a success gives back.
+    pub fn token_ratio(&self) -> f64 {
+        self.token_ratio
+    }
+
+    /// A new bucket with these settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the bad value.
+    pub fn to_throttle(&self) -> Result<RetryThrottle, ConfigError> {
+        RetryThrottle::new(self.max_tokens, self.token_ratio)
+            .map_err(|e| retry_error(&["retry"], &e))
+    }
+}
+
+/// `[timeouts]`: the default deadline, per-operation deadlines, and an
+/// optional per-attempt timeout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutConfig {
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    default: Option<Duration>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    per_attempt: Option<Duration>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    operations: BTreeMap<String, MaybeTimeout>,
+}
+
+impl TimeoutConfig {
+    fn is_empty(&self) -> bool {
+        self.default.is_none() && self.per_attempt.is_none() && self.operations.is_empty()
+    }
+
+    /// `default`: every method's deadline unless listed.
+    pub fn default_timeout(&self) -> Option<Duration> {
+        self.default
+    }
+
+    /// `per_attempt`: a bound on each attempt below the retry layer.
+    pub fn per_attempt(&self) -> Option<Duration> {
+        self.per_attempt
+    }
+
+    /// `[timeouts.operations]`, by selector as written; `None` is `"none"`
+    /// (no deadline for those methods).
+    pub fn operations(&self) -> impl Iterator<Item = (&str, Option<Duration>)> {
+        self.operations.iter().map(|(k, v)| (k.as_str(), v.0))
+    }
+}
+
+/// `[circuit_breakers.<name>]`. Unset fields take [`BreakerConfig`]'s
+/// defaults (5 failures, 2 successes, 30 s open, failures forgotten after
+/// 60 s, counted by number).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    success_threshold: Option<u32>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    timeout: Option<Duration>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    reset_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    half_open_max_calls: Option<u32>,
+    #[serde(default, with = "opt_codes", skip_serializing_if = "Option::is_none")]
+    failure_codes: Option<CodeSet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure_rate: Option<FailureRateSettings>,
+}
+
+impl BreakerSettings {
+    /// Everything at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    option_field!(
+        /// CLOSED opens after this many failures within `reset_timeout`.
+        failure_threshold, with_failure_threshold, u32);
+    option_field!(
+        /// HALF_OPEN closes after this many successful probes.
+        success_threshold, with_success_threshold, u32);
+    option_field!(
+        /// Time in OPEN before probes are let through.
+        timeout, with_timeout, Duration);
+    option_field!(
+        /// Failures in CLOSED older than this are forgotten.
+        reset_timeout, with_reset_timeout, Duration);
+    option_field!(
+        /// Probes HALF_OPEN admits.
+        half_open_max_calls, with_half_open_max_calls, u32);
+    option_field!(
+        /// The codes that count as failures.
+        failure_codes, with_failure_codes, CodeSet);
+    option_field!(
+        /// Opens on a failure rate over a sliding window instead of a count.
+        failure_rate, with_failure_rate, FailureRateSettings);
+
+    /// The breaker crate's config these settings describe (not validated).
+    pub fn to_breaker_config(&self) -> BreakerConfig {
+        let mut c = BreakerConfig::default();
+        if let Some(v) = self.failure_threshold {
+            c = c.with_failure_threshold(v);
+        }
+        if let Some(v) = self.success_threshold {
+            c = c.with_success_threshold(v);
+        }
+        if let Some(v) = self.timeout {
+            c = c.with_timeout(v);
+        }
+        if let Some(v) = self.reset_timeout {
+            c = c.with_reset_timeout(v);
+        }
+        if let Some(v) = self.half_open_max_calls {
+            c = c.with_half_open_max_calls(v);
+        }
+        if let Some(v) = self.failure_codes {
+            c = c.with_failure_codes(v);
+        }
+        if let Some(rate) = &self.failure_rate {
+            c = c.with_failure_rate(rate.to_failure_rate());
+        }
+        c
+    }
+}
+
+/// `[circuit_breakers.<name>.failure_rate]`: resilience4j's failure-rate
+/// mode. Unset fields take [`FailureRate`]'s defaults (window 100, minimum
+/// 10 calls, 50 %, no slow-call detection).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureRateSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    minimum_calls: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure_rate: Option<f64>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    slow_call_duration: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slow_call_rate: Option<f64>,
+}
+
+impl FailureRateSettings {
+    /// Everything at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    option_field!(
+        /// How many recent calls the window holds.
+        window, with_window, u32);
+    option_field!(
+        /// Calls the window must hold before a rate can open the breaker.
+        minimum_calls, with_minimum_calls, u32);
+    option_field!(
+        /// Failure rate in percent that opens the breaker.
+        failure_rate, with_failure_rate, f64);
+    option_field!(
+        /// A call at least this long is slow.
+        slow_call_duration, with_slow_call_duration, Duration);
+    option_field!(
+        /// Slow-call rate in percent that opens the breaker.
+        slow_call_rate, with_slow_call_rate, f64);
+
+    fn to_failure_rate(&self) -> FailureRate {
+        let d = FailureRate::default();
+        FailureRate {
+            window: self.window.unwrap_or(d.window),
+            minimum_calls: self.minimum_calls.unwrap_or(d.minimum_calls),
+            failure_rate: self.failure_rate.unwrap_or(d.failure_rate),
+            slow_call_duration: self.slow_call_duration.or(d.slow_call_duration),
+            slow_call_rate: self.slow_call_rate.unwrap_or(d.slow_call_rate),
+        }
+    }
+}
+
+/// `[channels.<name>]`: one downstream target.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    breaker: Option<String>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    connect_timeout: Option<Duration>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    tcp_keepalive: Option<Duration>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    http2_keep_alive_interval: Option<Duration>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    keep_alive_timeout: Option<Duration>,
+}
+
+impl ChannelSettings {
+    /// A channel with nothing set; its endpoint may come from code
+    /// ([`ResilientChannels::builder`](crate::ResilientChannels::builder)).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The URI to connect to, e.g. `http://127.0.0.1:50051`.
+    pub fn with_endpoint(mut self, uri: impl Into<String>) -> Self {
+        self.endpoint = Some(uri.into());
+        self
+    }
+
+    /// The URI, if set.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoint.as_deref()
+    }
+
+    /// Adds a fully qualified gRPC service this channel serves.
+    pub fn with_service(mut self, service: impl Into<String>) -> Self {
+        self.services.push(service.into());
+        self
+    }
+
+    /// The services it serves (documentation for readers of the file, and
+    /// [`ResilientChannels::for_service`](crate::ResilientChannels::for_service)).
+    pub fn services(&self) -> &[String] {
+        &self.services
+    }
+
+    /// Names the breaker of this channel (default: the channel's name).
+    pub fn with_breaker(mut self, name: impl Into<String>) -> Self {
+        self.breaker = Some(name.into());
+        self
+    }
+
+    /// The breaker named, if set.
+    pub fn breaker(&self) -> Option<&str> {
+        self.breaker.as_deref()
+    }
+
+    option_field!(
+        /// How long connecting may take.
+        connect_timeout, with_connect_timeout, Duration);
+    option_field!(
+        /// TCP keepalive interval.
+        tcp_keepalive, with_tcp_keepalive, Duration);
+    option_field!(
+        /// HTTP/2 PING interval.
+        http2_keep_alive_interval, with_http2_keep_alive_interval, Duration);
+    option_field!(
+        /// How long to wait for a PING's answer.
+        keep_alive_timeout, with_keep_alive_timeout, Duration);
+
+    /// Applies the connect options to `endpoint`.
+    pub fn configure_endpoint(&self, mut endpoint: Endpoint) -> Endpoint {
+        if let Some(d) = self.connect_timeout {
+            endpoint = endpoint.connect_timeout(d);
+        }
+        if let Some(d) = self.tcp_keepalive {
+            endpoint = endpoint.tcp_keepalive(Some(d));
+        }
+        if let Some(d) = self.http2_keep_alive_interval {
+            endpoint = endpoint.http2_keep_alive_interval(d);
+        }
+        if let Some(d) = self.keep_alive_timeout {
+            endpoint = endpoint.keep_alive_timeout(d);
+        }
+        endpoint
+    }
+}
+
+/// A config turned into the layers' own policies, every value checked.
+#[derive(Clone, Debug)]
+pub(crate) struct Compiled {
+    pub(crate) timeouts: TimeoutPolicy,
+    pub(crate) per_attempt: Option<TimeoutPolicy>,
+    pub(crate) retry: RetryVariants,
+    pub(crate) throttle: Option<ThrottleSettings>,
+    /// Every breaker a channel uses or the file names, with its config.
+    pub(crate) breakers: BTreeMap<String, BreakerConfig>,
+    /// Channel name to its breaker's name.
+    pub(crate) channel_breakers: BTreeMap<String, String>,
+    /// Channel name to the services it serves.
+    pub(crate) channel_services: BTreeMap<String, Vec<String>>,
+}
+
+/// The retry policies of a config, and two per-call variants: `keyed`
+/// for calls that carry their own idempotency key or are marked idempotent
+/// (a write may be retried: the key lets the server deduplicate), `strict`
+/// for calls marked non-idempotent (retried only when provably
+/// unprocessed).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RetryVariants {
+    pub(crate) normal: RetryPolicies,
+    pub(crate) keyed: RetryPolicies,
+    pub(crate) strict: RetryPolicies,
+}
+
+impl RetryVariants {
+    fn insert(
+        &mut self,
+        selector: &str,
+        settings: Option<&RetrySettings>,
+    ) -> Result<(), RetryConfigError> {
+        fn add(
+            map: &mut RetryPolicies,
+            selector: &str,
+            policy: Option<RetryPolicy>,
+        ) -> Result<(), RetryConfigError> {
+            let current = std::mem::take(map);
+            *map = match policy {
+                Some(p) => current.with_operation(selector, p)?,
+                None => current.without_retry(selector)?,
+            };
+            Ok(())
+        }
+        let keyed = settings.map(|s| RetrySettings {
+            idempotency_keys: Some(true),
+            ..s.clone()
+        });
+        let strict = settings.map(|s| RetrySettings {
+            idempotent: Some(false),
+            idempotency_keys: Some(false),
+            ..s.clone()
+        });
+        add(
+            &mut self.normal,
+            selector,
+            settings.map(RetrySettings::to_policy),
+        )?;
+        add(
+            &mut self.keyed,
+            selector,
+            keyed.as_ref().map(RetrySettings::to_policy),
+        )?;
+        add(
+            &mut self.strict,
+            selector,
+            strict.as_ref().map(RetrySettings::to_policy),
+        )?;
+        Ok(())
+    }
+}
+
+/// Maps a layer error's `Display` (`... \`field\` = value: reason`) to its
+/// reason.
+fn reason_after(display: &str, value: &str) -> String {
+    let marker = format!(" = {value}: ");
+    match display.find(&marker) {
+        Some(i) => display[i + marker.len()..].to_owned(),
+        None => display.to_owned(),
+    }
+}
+
+fn retry_error(prefix: &[&str], e: &RetryConfigError) -> ConfigError {
+    let mut path: Vec<&str> = prefix.to_vec();
+    path.extend(e.field().split('.'));
+    ConfigError::new(
+        key_path(path),
+        Some(e.value().to_owned()),
+        reason_after(&e.to_string(), e.value()),
+    )
+}
+
+fn breaker_error(name: &str, e: &BreakerConfigError) -> ConfigError {
+    let mut path = vec!["circuit_breakers", name];
+    path.extend(e.field().split('.'));
+    ConfigError::new(
+        key_path(path),
+        Some(e.value().to_owned()),
+        reason_after(&e.to_string(), e.value()),
+    )
+}
+
+fn timeout_error(path: &[&str], e: &TimeoutConfigError) -> ConfigError {
+    let display = e.to_string();
+    let marker = format!("(value {}): ", e.value());
+    let reason = match display.find(&marker) {
+        Some(i) => display[i + marker.len()..].to_owned(),
+        None => display,
+    };
+    ConfigError::new(
+        key_path(path.iter().copied()),
+        Some(e.value().to_owned()),
+        reason,
+    )
+}
+
+impl ResilienceConfig {
+    /// An empty config: no retry, no deadline, breakers at their defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads a config file.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, line, key, value and why.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        Self::from_file_with_methods(path, std::iter::empty::<&str>())
+    }
+
+    /// Reads a config file, checking selectors against the methods the
+    /// application calls (`/package.Service/Method`); see the
+    /// [module docs](self#operation-selectors).
+    ///
+    /// # Errors
+    ///
+    /// As [`ResilienceConfig::from_file`].
+    pub fn from_file_with_methods<I, T>(
+        path: impl AsRef<Path>,
+        methods: I,
+    ) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("", None, format!("cannot read the file: {e}")).in_file(Some(path))
+        })?;
+        Self::parse(&text, Some(path), methods)
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the line, key, value and why.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, None, std::iter::empty::<&str>())
+    }
+
+    /// Parses TOML text, checking selectors against the methods the
+    /// application calls.
+    ///
+    /// # Errors
+    ///
+    /// As [`ResilienceConfig::from_toml`].
+    pub fn from_toml_with_methods<I, T>(text: &str, methods: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        Self::parse(text, None, methods)
+    }
+
+    fn parse<I, T>(text: &str, file: Option<&Path>, methods: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let spans = SpanIndex::new(text);
+        let mut config: ResilienceConfig = toml::from_str(text).map_err(|e| {
+            let (line, key, value) = match e.span() {
+                Some(span) => {
+                    let mut path = spans.path_at(&span);
+                    let token = spans.text_of(&span).unwrap_or("");
+                    // An unknown key: the span is the key itself.
+                    let is_key = e.message().starts_with("unknown field");
+                    let key_name = token.trim_matches('"');
+                    if is_key && path.last().map(String::as_str) != Some(key_name) {
+                        path.push(key_name.to_owned());
+                    }
+                    let value = (!is_key && !token.is_empty()).then(|| token.to_owned());
+                    (
+                        Some(spans.line_of(span.start)),
+                        key_path(path.iter().map(String::as_str)),
+                        value,
+                    )
+                }
+                None => (None, String::new(), None),
+            };
+            ConfigError::new(key, value, e.message().trim().to_owned())
+                .at_line(line)
+                .in_file(file)
+        })?;
+        config.known = KnownMethods::new(methods)
+            .map_err(|e| ConfigError::new("", None, format!("a known method is invalid: {e}")))?;
+        config.compile().map_err(|e| {
+            let segments = split_key_path(e.key());
+            let refs: Vec<&str> = segments.iter().map(String::as_str).collect();
+            e.at_line(spans.line_of_path(&refs)).in_file(file)
+        })?;
+        Ok(config)
+    }
+
+    /// The config as TOML, in the file format; reading it back gives an
+    /// equal config.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serializes to TOML")
+    }
+
+    /// Checks selectors against the methods the application calls
+    /// (`/package.Service/Method`); see the [module docs](self#operation-selectors).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if a method path is malformed.
+    pub fn with_known_methods<I, T>(mut self, methods: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        self.known = KnownMethods::new(methods)
+            .map_err(|e| ConfigError::new("", None, format!("a known method is invalid: {e}")))?;
+        Ok(self)
+    }
+
+    /// The method paths given to check selectors against, if any.
+    pub fn known_methods(&self) -> Vec<String> {
+        self.known.paths().collect()
+    }
+
+    /// Sets `[retry.default]`.
+    pub fn with_retry_default(mut self, settings: RetrySettings) -> Self {
+        self.retry.default = Some(settings);
+        self
+    }
+
+    /// Sets `[retry.operations."<selector>"]`.
+    pub fn with_retry_operation(
+        mut self,
+        selector: impl Into<String>,
+        settings: RetrySettings,
+    ) -> Self {
+        self.retry.operations.insert(selector.into(), settings);
+        self
+    }
+
+    /// Sets `[retry.throttle]`.
+    pub fn with_retry_throttle(mut self, throttle: ThrottleSettings) -> Self {
+        self.retry.throttle = Some(throttle);
+        self
+    }
+
+    /// Sets `[circuit_breakers.<name>]`.
+    pub fn with_breaker(mut self, name: impl Into<String>, settings: BreakerSettings) -> Self {
+        self.circuit_breakers.insert(name.into(), settings);
+        self
+    }
+
+    /// Sets `[timeouts] default`.
+    pub fn with_timeout_default(mut self, timeout: Duration) -> Self {
+        self.timeouts.default = Some(timeout);
+        self
+    }
+
+    /// Sets `[timeouts] per_attempt`.
+    pub fn with_per_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.timeouts.per_attempt = Some(timeout);
+        self
+    }
+
+    /// Sets `[timeouts.operations] "<selector>" = timeout`.
+    pub fn with_timeout_operation(
+        mut self,
+        selector: impl Into<String>,
+        timeout: Duration,
+    ) -> Self {
+        self.timeouts
+            .operations
+            .insert(selector.into(), MaybeTimeout(Some(timeout)));
+        self
+    }
+
+    /// Sets `[timeouts.operations] "<selector>" = "none"`: no deadline for
+    /// those methods (one the caller sets still applies).
+    pub fn without_timeout(mut self, selector: impl Into<String>) -> Self {
+        self.timeouts
+            .operations
+            .insert(selector.into(), MaybeTimeout(None));
+        self
+    }
+
+    /// Sets `[channels.<name>]`.
+    pub fn with_channel(mut self, name: impl Into<String>, settings: ChannelSettings) -> Self {
+        self.channels.insert(name.into(), settings);
+        self
+    }
+
+    /// `[retry]`.
+    pub fn retry(&self) -> &RetryConfig {
+        &self.retry
+    }
+
+    /// `[timeouts]`.
+    pub fn timeouts(&self) -> &TimeoutConfig {
+        &self.timeouts
+    }
+
+    /// `[circuit_breakers]`, by name.
+    pub fn breakers(&self) -> &BTreeMap<String, BreakerSettings> {
+        &self.circuit_breakers
+    }
+
+    /// `[channels]`, by name.
+    pub fn channels(&self) -> &BTreeMap<String, ChannelSettings> {
+        &self.channels
+    }
+
+    /// Checks everything, with each layer's own validation.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the key path, value and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.compile().map(|_| ())
+    }
+
+    /// The retry layer's policies this config describes.
+    ///
+    /// # Errors
+    ///
+    /// As [`ResilienceConfig::validate`].
+    pub fn retry_policies(&self) -> Result<RetryPolicies, ConfigError> {
+        self.compile().map(|c| c.retry.normal)
+    }
+
+    /// The timeout layer's policy (per call) this config describes.
+    ///
+    /// # Errors
+    ///
+    /// As [`ResilienceConfig::validate`].
+    pub fn timeout_policy(&self) -> Result<TimeoutPolicy, ConfigError> {
+        self.compile().map(|c| c.timeouts)
+    }
+
+    /// The breaker configs, by name: every `[circuit_breakers]` entry and
+    /// every channel's breaker.
+    ///
+    /// # Errors
+    ///
+    /// As [`ResilienceConfig::validate`].
+    pub fn breaker_configs(&self) -> Result<BTreeMap<String, BreakerConfig>, ConfigError> {
+        self.compile().map(|c| c.breakers)
+    }
+
+    pub(crate) fn compile(&self) -> Result<Compiled, ConfigError> {
+        // Retry.
+        let retry_default = self.retry.default.clone();
+        let mut retry = RetryVariants::default();
+        if let Some(settings) = &retry_default {
+            settings
+                .to_policy()
+                .validate()
+                .map_err(|e| retry_error(&["retry", "default"], &e))?;
+            if settings.enabled != Some(false) {
+                retry
+                    .insert("*", Some(settings))
+                    .map_err(|e| retry_error(&["retry", "default"], &e))?;
+            }
+        }
+        let inherited = retry_default.unwrap_or_default();
+        let mut resolved_ops: BTreeMap<String, String> = BTreeMap::new();
+        for (selector, settings) in &self.retry.operations {
+            let path = ["retry", "operations", selector.as_str()];
+            let resolved = self.resolve(selector, &path)?;
+            if let Some(other) = resolved_ops.insert(resolved.clone(), selector.clone()) {
+                return Err(ConfigError::new(
+                    key_path(path),
+                    None,
+                    format!("names the same methods as `{other}` ({resolved})"),
+                ));
+            }
+            let merged = settings.over(&inherited);
+            if merged.enabled != Some(false) {
+                merged
+                    .to_policy()
+                    .validate()
+                    .map_err(|e| retry_error(&path, &e))?;
+            }
+            let enabled = (merged.enabled != Some(false)).then_some(&merged);
+            retry.insert(&resolved, enabled).map_err(|e| {
+                ConfigError::new(
+                    key_path(path),
+                    None,
+                    reason_after(&e.to_string(), e.value()),
+                )
+            })?;
+        }
+        if let Some(throttle) = &self.retry.throttle {
+            throttle.to_throttle()?;
+        }
+
+        // Timeouts.
+        let mut timeouts = match self.timeouts.default {
+            Some(d) => {
+                TimeoutPolicy::new(d).map_err(|e| timeout_error(&["timeouts", "default"], &e))?
+            }
+            None => TimeoutPolicy::empty(),
+        };
+        let mut resolved_timeouts: BTreeMap<String, String> = BTreeMap::new();
+        for (selector, value) in &self.timeouts.operations {
+            let path = ["timeouts", "operations", selector.as_str()];
+            let resolved = self.resolve(selector, &path)?;
+            if let Some(other) = resolved_timeouts.insert(resolved.clone(), selector.clone()) {
+                return Err(ConfigError::new(
+                    key_path(path),
+                    None,
+                    format!("names the same methods as `{other}` ({resolved})"),
+                ));
+            }
+            if resolved == "*" {
+                return Err(ConfigError::new(
+                    key_path(path),
+                    None,
+                    "write the default deadline as `[timeouts] default`",
+                ));
+            }
+            timeouts = match value.0 {
+                Some(d) => timeouts.with_operation(&resolved, d),
+                None => timeouts.without_timeout(&resolved),
+            }
+            .map_err(|e| timeout_error(&path, &e))?;
+        }
+        let per_attempt = match self.timeouts.per_attempt {
+            Some(d) => Some(
+                TimeoutPolicy::new(d)
+                    .map_err(|e| timeout_error(&["timeouts", "per_attempt"], &e))?,
+            ),
+            None => None,
+        };
+
+        // Breakers.
+        let mut breakers = BTreeMap::new();
+        for (name, settings) in &self.circuit_breakers {
+            let config = settings.to_breaker_config();
+            config.validate().map_err(|e| breaker_error(name, &e))?;
+            breakers.insert(name.clone(), config);
+        }
+
+        // Channels.
+        let mut channel_breakers = BTreeMap::new();
+        for (name, channel) in &self.channels {
+            let breaker = match &channel.breaker {
+                Some(b) if !self.circuit_breakers.contains_key(b) => {
+                    return Err(ConfigError::new(
+                        key_path(["channels", name.as_str(), "breaker"]),
+                        Some(format!("{b:?}")),
+                        format!("there is no [circuit_breakers.{b}] section"),
+                    ));
+                }
+                Some(b) => b.clone(),
+                None => name.clone(),
+            };
+            breakers
+                .entry(breaker.clone())
+                .or_insert_with(BreakerConfig::default);
+            channel_breakers.insert(name.clone(), breaker);
+            if let Some(uri) = &channel.endpoint {
+                Endpoint::from_shared(uri.clone()).map_err(|e| {
+                    ConfigError::new(
+                        key_path(["channels", name.as_str(), "endpoint"]),
+                        Some(format!("{uri:?}")),
+                        format!("not a valid URI: {e}"),
+                    )
+                })?;
+            }
+            for (i, service) in channel.services.iter().enumerate() {
+                let selector = format!("{service}/*");
+                if service.contains('/')
+                    || selector.parse::<grpc_resilience_core::Selector>().is_err()
+                {
+                    let index = i.to_string();
+                    return Err(ConfigError::new(
+                        key_path(["channels", name.as_str(), "services", index.as_str()]),
+                        Some(format!("{service:?}")),
+                        "a service is written fully qualified, as `package.Service`",
+                    ));
+                }
+            }
+        }
+
+        Ok(Compiled {
+            timeouts,
+            per_attempt,
+            retry,
+            throttle: self.retry.throttle,
+            breakers,
+            channel_breakers,
+            channel_services: self
+                .channels
+                .iter()
+                .map(|(name, c)| (name.clone(), c.services.clone()))
+                .collect(),
+        })
+    }
+
+    fn resolve(&self, selector: &str, path: &[&str]) -> Result<String, ConfigError> {
+        selector::resolve(selector, &self.known)
+            .map_err(|reason| ConfigError::new(key_path(path.iter().copied()), None, reason))
+    }
+}
+
+/// Splits a key path made by [`key_path`] back into its segments.
+fn split_key_path(path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut chars = path.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => quoted = !quoted,
+            '\\' if quoted => {
+                if let Some(next) = chars.next() {
+                    current.push(next);
+                }
+            }
+            '.' if !quoted => out.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    out.push(current);
+    out
+}
+
+#[cfg(test)]
+mod tests;

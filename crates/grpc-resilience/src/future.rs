@@ -1,0 +1,5 @@
+//! The futures, bodies and inner services of a
+//! [`ResilientChannel`](crate::ResilientChannel) stack, for naming its types.
+
+pub use crate::attempt::{Attempt, AttemptBody, AttemptFuture};
+pub use crate::stack::{ResilientBody, ResponseFuture};

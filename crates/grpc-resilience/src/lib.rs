@@ -1,0 +1,160 @@
+//! Resilient tonic gRPC clients from one config file.
+//!
+//! `grpc-resilience` puts deadlines, retries and circuit breakers in front
+//! of a tonic `Channel` in the right order, from one TOML file (or a gRPC
+//! service config, or the same settings in code), with call-level
+//! telemetry, named channels and live reload. It composes the layer crates
+//! ([`grpc_timeout`], [`grpc_retry`], [`grpc_circuit_breaker`]) and
+//! re-exports what a user needs, so it is the one dependency to add.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use catalog_proto::query_service_client::QueryServiceClient;
+//! use grpc_resilience::{ResilienceConfig, ResilientChannel};
+//! use tonic::transport::Channel;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ResilienceConfig::from_file("config/resilience.toml")?;
+//! let channel = Channel::from_static("http://127.0.0.1:50051").connect_lazy();
+//! let mut client = QueryServiceClient::new(ResilientChannel::new(channel, &config)?);
+//! # let _ = &mut client;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every method of the generated client now has its deadline, its retry
+//! policy and its breaker; the stub is unchanged. For one channel per
+//! downstream service, as the file's `[channels]` describe, see
+//! [`ResilientChannels`]; for a `ServiceBuilder`, [`ResilienceLayer`].
+//!
+//! # The order of the layers, and why
+//!
+//! A [`ResilientChannel`] is, from the caller inwards:
+//!
+//! 1. **Call telemetry**: `grpc.client.call.count` and
+//!    `grpc.client.call.duration` per *logical* call, and its `grpc_call`
+//!    span. Outermost so that a call retried three times counts once, its
+//!    duration includes the backoff, and the attempts' spans are its
+//!    children. Below the retry layer it would count attempts, and the
+//!    caller's view (one call, one status, one latency) would be lost.
+//! 2. **Deadline** ([`grpc_timeout::TimeoutLayer`]): the method's budget
+//!    for the whole call, retries included (the shorter of the configured
+//!    one and the caller's own). Above the retry layer so that the retry
+//!    layer sees the deadline, never sleeps or starts an attempt past it,
+//!    and sends each attempt with the time actually left in
+//!    `grpc-timeout`. Below it, each attempt would get the full budget and
+//!    a call could take `max_attempts` times its deadline plus the backoff.
+//! 3. **Retry** ([`grpc_retry::RetryLayer`]): attempts, backoff, body
+//!    replay, throttling. Above the breaker so that every attempt is judged
+//!    by the breaker on its own, and a call the breaker refuses (a local
+//!    rejection, not a server failure) is not retried. With the breaker
+//!    outside, it would see one outcome per logical call: a dead server
+//!    would take `failure_threshold × max_attempts` attempts to trip it, a
+//!    call that failed twice and then succeeded would hide two failures,
+//!    and an open breaker would not stop the retries already under way.
+//! 4. **Circuit breaker** ([`grpc_circuit_breaker::CircuitBreakerLayer`]):
+//!    per attempt, one breaker per gRPC service (or per channel, for
+//!    [`ResilientChannels`]), judged by the gRPC status in headers or
+//!    trailers.
+//! 5. **Per-attempt timeout** (`[timeouts] per_attempt`, Envoy's per-try
+//!    timeout): below the breaker so that a hung attempt counts as a
+//!    `DEADLINE_EXCEEDED` failure for the breaker and can be retried while
+//!    the call's deadline still has time. Above the retry layer it would be
+//!    just another call deadline.
+//! 6. The tonic `Channel` (or any `Service<http::Request<B>>`).
+//!
+//! # Telemetry
+//!
+//! Through the `metrics` facade (install the recorder before the first
+//! call): `grpc.client.call.count` and `grpc.client.call.duration`
+//! (seconds), labels `service`, `method`, `code`, for every logical call;
+//! plus the layers' own metrics (`grpc.retry.count`,
+//! `grpc.retry.duration`, `circuit_breaker.call.count`,
+//! `circuit_breaker.call.latency`, `circuit_breaker.state`, ...). Through
+//! `tracing`: an INFO span `grpc_call` per logical call with
+//! OpenTelemetry's RPC fields (`rpc.system = "grpc"`, `rpc.service`,
+//! `rpc.method`, `rpc.grpc.status_code`), each attempt a `grpc_attempt`
+//! child span, and the layers' WARN lines (`gRPC call failed with
+//! unavailable, retrying in 200ms (attempt 1/3)`, `Circuit breaker opening
+//! after 5 failures`).
+//!
+//! # Per-call control
+//!
+//! A call can change its retry policy, mark itself idempotent or not, and
+//! carry its own idempotency key, through its request ([`CallOptions`]):
+//!
+//! ```
+//! use grpc_resilience::{CallOptions, RetryOverride};
+//! # let request = catalog_proto::CreateProductRequest { product: None };
+//! let mut request = tonic::Request::new(request);
+//! // The caller's key: the server can deduplicate, so this write may be retried.
+//! request.idempotency_key("order-42-create")?;
+//! // And at most two attempts for this call.
+//! request.retry(RetryOverride::new().with_max_attempts(2));
+//! # Ok::<(), tonic::metadata::errors::InvalidMetadataValue>(())
+//! ```
+//!
+//! A call marked idempotent (or carrying its own key) goes through a
+//! variant of the configured retry policies in which writes are retried
+//! with an idempotency key; a call marked non-idempotent through one in
+//! which nothing is retried once the server saw it. Each variant has the
+//! retry layer's replay limits of its own (256 KiB per call, 16 MiB in all).
+//!
+//! # Live reload
+//!
+//! [`ResilientChannel::reload`] (and [`ResilientChannels::reload`]) checks
+//! a new config whole and swaps the timeouts, retry policies and throttle
+//! of every clone atomically for new calls; calls under way finish under
+//! the policies they started with; breakers keep their state. An invalid
+//! config is rejected with the reason and the old one stays.
+
+mod attempt;
+mod channels;
+pub mod config;
+mod error;
+pub mod future;
+mod per_call;
+mod reload;
+mod stack;
+pub mod telemetry;
+#[cfg(test)]
+mod tests;
+
+pub use channels::{ResilientChannels, ResilientChannelsBuilder, UnknownChannel};
+pub use config::{
+    BreakerSettings, ChannelSettings, FailureRateSettings, ImportWarning, ResilienceConfig,
+    RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,
+};
+pub use error::ConfigError;
+pub use per_call::{CallOptions, Idempotent};
+#[cfg(feature = "watch")]
+pub use reload::ConfigWatcher;
+pub use stack::{ReloadReport, ResilienceLayer, ResilientChannel};
+
+// What a user needs, so that this crate is the one dependency.
+pub use grpc_circuit_breaker::{
+    BreakerConfig, BreakerOpen, BreakerRegistry, BreakerSnapshot, FailureRate, State, StateChange,
+    UnknownBreaker,
+};
+pub use grpc_resilience_core::{CodeSet, codes::UnknownCode};
+pub use grpc_retry::{
+    IDEMPOTENCY_KEY, Jitter, RetryConfigError, RetryOverride, RetryPolicies, RetryPolicy,
+    RetryThrottle,
+};
+pub use grpc_timeout::{Elapsed, TimeoutConfigError, TimeoutPolicy};
+pub use tonic::Code;
+
+/// The README's Rust blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
+
+/// The layer crates, for what the re-exports above do not cover.
+pub mod layers {
+    pub use grpc_circuit_breaker as circuit_breaker;
+    pub use grpc_resilience_core as core;
+    pub use grpc_retry as retry;
+    pub use grpc_timeout as timeout;
+}

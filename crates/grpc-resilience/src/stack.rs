@@ -1,0 +1,694 @@
+//! The ordered stack: [`ResilientChannel`] and [`ResilienceLayer`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+
+use arc_swap::ArcSwap;
+use grpc_circuit_breaker::{
+    BreakerConfig, BreakerRegistry, CircuitBreaker, CircuitBreakerLayer, Keying, State,
+};
+use grpc_resilience_core::error::error_code;
+use grpc_resilience_core::{BoxError, MethodId, Outcome, OutcomeBody};
+use grpc_retry::{ReplayableBody, RetryLayer, RetryThrottle};
+use grpc_timeout::future::TimeoutBody;
+use grpc_timeout::{Timeout, TimeoutLayer};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::attempt::{Attempt, AttemptBody};
+use crate::config::{Compiled, ThrottleSettings};
+use crate::per_call::PerCall;
+use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, call_span};
+use crate::{ConfigError, ResilienceConfig};
+
+/// The layers below telemetry, as built for one config generation.
+type Inner<S> = Timeout<PerCall<CircuitBreaker<Attempt<S>>>>;
+
+/// Which breaker a stack's calls go through.
+#[derive(Clone, Debug)]
+pub(crate) enum BreakerChoice {
+    /// One per gRPC service (`command`, `query`), services listed in a
+    /// `[channels]` entry going to that channel's breaker.
+    PerService,
+    /// The breaker of the named channel: every call through it.
+    Channel(String),
+}
+
+/// One generation of the config's layers.
+#[derive(Debug)]
+pub(crate) struct Layers {
+    generation: u64,
+    deadline: TimeoutLayer,
+    retry: RetryLayer,
+    retry_keyed: RetryLayer,
+    retry_strict: RetryLayer,
+    breaker: CircuitBreakerLayer,
+    attempt: Option<TimeoutLayer>,
+}
+
+impl Layers {
+    fn build<S: Clone>(&self, service: S) -> Inner<S> {
+        let service = match &self.attempt {
+            Some(layer) => Attempt::On(layer.layer(service)),
+            None => Attempt::Off(service),
+        };
+        let service = self.breaker.layer(service);
+        let service = PerCall {
+            normal: self.retry.layer(service.clone()),
+            keyed: self.retry_keyed.layer(service.clone()),
+            strict: self.retry_strict.layer(service),
+        };
+        self.deadline.layer(service)
+    }
+}
+
+/// What reload swaps, and what every clone of a stack shares.
+pub(crate) struct StackShared {
+    layers: ArcSwap<Layers>,
+    config: ArcSwap<ResilienceConfig>,
+    registry: BreakerRegistry,
+    choice: BreakerChoice,
+    throttle: Mutex<Option<RetryThrottle>>,
+    metrics: MetricsCache,
+    reloading: Mutex<()>,
+}
+
+impl fmt::Debug for StackShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StackShared")
+            .field("generation", &self.layers.load().generation)
+            .field("choice", &self.choice)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    generation: u64,
+    breakers_not_reconfigured: Vec<String>,
+}
+
+impl ReloadReport {
+    pub(crate) fn new(generation: u64, breakers_not_reconfigured: Vec<String>) -> Self {
+        ReloadReport {
+            generation,
+            breakers_not_reconfigured,
+        }
+    }
+
+    /// The config generation now in force (the first config is 0).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Breakers whose new settings the registry refused, which keep their
+    /// old ones. The registry validates a config again when it applies it;
+    /// a config the facade validated whole passes, so this is empty unless
+    /// the two validations ever disagree. A live breaker takes its new
+    /// thresholds at once and keeps its state.
+    pub fn breakers_not_reconfigured(&self) -> &[String] {
+        &self.breakers_not_reconfigured
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A throttle for `settings`: `current` when it already has them (its
+/// bucket is kept), else a new one.
+pub(crate) fn throttle_for(
+    current: Option<&RetryThrottle>,
+    settings: Option<&ThrottleSettings>,
+) -> Result<Option<RetryThrottle>, ConfigError> {
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    let fresh = settings.to_throttle()?;
+    Ok(Some(match current {
+        Some(t)
+            if t.max_tokens() == fresh.max_tokens() && t.token_ratio() == fresh.token_ratio() =>
+        {
+            t.clone()
+        }
+        _ => fresh,
+    }))
+}
+
+/// Registers each breaker with its config before any call, so the
+/// registry's status lists them all from the start. Returns the breakers
+/// that already existed with other settings.
+pub(crate) fn configure_breakers(
+    registry: &BreakerRegistry,
+    breakers: &BTreeMap<String, BreakerConfig>,
+) -> Vec<String> {
+    let mut not_applied = Vec::new();
+    for (name, config) in breakers {
+        match registry.config(name) {
+            Some(current) if &current == config => {}
+            // New or changed: `configure` makes the breaker now (so status
+            // lists it) or applies the change to the live one, keeping its
+            // state.
+            _ => {
+                if registry.configure(name, config.clone()).is_err() {
+                    not_applied.push(name.clone());
+                }
+            }
+        }
+    }
+    not_applied
+}
+
+impl StackShared {
+    pub(crate) fn new(
+        config: &ResilienceConfig,
+        compiled: &Compiled,
+        registry: BreakerRegistry,
+        choice: BreakerChoice,
+        throttle: Option<RetryThrottle>,
+    ) -> Self {
+        let layers = Self::layers(compiled, &registry, &choice, throttle.clone(), 0);
+        StackShared {
+            layers: ArcSwap::from_pointee(layers),
+            config: ArcSwap::from_pointee(config.clone()),
+            registry,
+            choice,
+            throttle: Mutex::new(throttle),
+            metrics: MetricsCache::default(),
+            reloading: Mutex::new(()),
+        }
+    }
+
+    fn layers(
+        compiled: &Compiled,
+        registry: &BreakerRegistry,
+        choice: &BreakerChoice,
+        throttle: Option<RetryThrottle>,
+        generation: u64,
+    ) -> Layers {
+        let retry_layer = |policies: &grpc_retry::RetryPolicies| {
+            let layer = RetryLayer::new(policies.clone());
+            match &throttle {
+                Some(t) => layer.with_throttle(t.clone()),
+                None => layer,
+            }
+        };
+        let retry = retry_layer(&compiled.retry.normal);
+        let retry_keyed = retry_layer(&compiled.retry.keyed);
+        let retry_strict = retry_layer(&compiled.retry.strict);
+        let breaker = match choice {
+            BreakerChoice::PerService => {
+                let mut layer = CircuitBreakerLayer::new(registry.clone());
+                for (channel, settings) in &compiled.channel_services {
+                    let breaker = &compiled.channel_breakers[channel];
+                    for service in settings {
+                        layer = layer.with_service_name(service, breaker);
+                    }
+                }
+                layer
+            }
+            BreakerChoice::Channel(channel) => {
+                let name = compiled
+                    .channel_breakers
+                    .get(channel)
+                    .cloned()
+                    .unwrap_or_else(|| channel.clone());
+                CircuitBreakerLayer::with_keying(registry.clone(), Keying::Single(name))
+            }
+        };
+        Layers {
+            generation,
+            deadline: TimeoutLayer::new(compiled.timeouts.clone()),
+            retry,
+            retry_keyed,
+            retry_strict,
+            breaker,
+            attempt: compiled
+                .per_attempt
+                .clone()
+                .map(|p| TimeoutLayer::new(p).per_attempt()),
+        }
+    }
+
+    /// Swaps in a new generation built from `compiled`, with `throttle`.
+    pub(crate) fn swap(
+        &self,
+        config: &ResilienceConfig,
+        compiled: &Compiled,
+        throttle: Option<RetryThrottle>,
+    ) -> u64 {
+        let generation = self.layers.load().generation + 1;
+        let layers = Self::layers(
+            compiled,
+            &self.registry,
+            &self.choice,
+            throttle.clone(),
+            generation,
+        );
+        *lock(&self.throttle) = throttle;
+        self.config.store(Arc::new(config.clone()));
+        self.layers.store(Arc::new(layers));
+        generation
+    }
+
+    /// Validates `config` whole, then swaps it in for new calls.
+    pub(crate) fn reload(&self, config: &ResilienceConfig) -> Result<ReloadReport, ConfigError> {
+        let _one_at_a_time = lock(&self.reloading);
+        let compiled = config.compile()?;
+        let throttle = throttle_for(lock(&self.throttle).as_ref(), compiled.throttle.as_ref())?;
+        let generation = self.swap(config, &compiled, throttle);
+        let breakers_not_reconfigured = configure_breakers(&self.registry, &compiled.breakers);
+        Ok(ReloadReport {
+            generation,
+            breakers_not_reconfigured,
+        })
+    }
+
+    pub(crate) fn reload_file(&self, path: &Path) -> Result<ReloadReport, ConfigError> {
+        crate::reload::reload_file(&self.config.load(), path, |c| self.reload(c))
+    }
+
+    pub(crate) fn registry(&self) -> &BreakerRegistry {
+        &self.registry
+    }
+
+    pub(crate) fn throttle(&self) -> Option<RetryThrottle> {
+        lock(&self.throttle).clone()
+    }
+}
+
+/// The whole stack as a [`tower_layer::Layer`], for users composing their
+/// own `ServiceBuilder`: `layer(channel)` gives a [`ResilientChannel`].
+/// Clones share the breakers, the throttle and reloads.
+///
+/// ```
+/// use catalog_proto::query_service_client::QueryServiceClient;
+/// use grpc_resilience::{ResilienceConfig, ResilienceLayer};
+/// use tonic::transport::Channel;
+/// use tower::ServiceBuilder;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = ResilienceConfig::from_toml("[timeouts]\ndefault = \"5s\"\n[retry.default]\n")?;
+/// let channel = Channel::from_static("http://127.0.0.1:50051").connect_lazy();
+/// let channel = ServiceBuilder::new()
+///     .layer(ResilienceLayer::new(&config)?)
+///     .service(channel);
+/// let client = QueryServiceClient::new(channel);
+/// # drop(client);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ResilienceLayer {
+    shared: Arc<StackShared>,
+}
+
+impl ResilienceLayer {
+    /// The stack `config` describes, with a new breaker registry: one
+    /// breaker per gRPC service (`catalog.v1.QueryService` → `query`), the
+    /// services a `[channels]` entry lists going to that channel's breaker;
+    /// every breaker the config names is listed by
+    /// [`ResilienceLayer::circuit_breaker_status`] from the start.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if the config is invalid.
+    pub fn new(config: &ResilienceConfig) -> Result<Self, ConfigError> {
+        Self::with_registry(config, BreakerRegistry::new())
+    }
+
+    /// Like [`ResilienceLayer::new`], with breakers kept in `registry`
+    /// (shared with other stacks).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if the config is invalid.
+    pub fn with_registry(
+        config: &ResilienceConfig,
+        registry: BreakerRegistry,
+    ) -> Result<Self, ConfigError> {
+        let compiled = config.compile()?;
+        let throttle = throttle_for(None, compiled.throttle.as_ref())?;
+        configure_breakers(&registry, &compiled.breakers);
+        let shared = StackShared::new(
+            config,
+            &compiled,
+            registry,
+            BreakerChoice::PerService,
+            throttle,
+        );
+        Ok(ResilienceLayer {
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub(crate) fn from_shared(shared: Arc<StackShared>) -> Self {
+        ResilienceLayer { shared }
+    }
+
+    /// Applies `config` to new calls of every channel made by this layer;
+    /// see [`ResilientChannel::reload`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if the config is invalid; the old one stays.
+    pub fn reload(&self, config: &ResilienceConfig) -> Result<ReloadReport, ConfigError> {
+        self.shared.reload(config)
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<ResilienceConfig> {
+        self.shared.config.load_full()
+    }
+
+    /// Reads the config file at `path` and applies it as
+    /// [`ResilienceLayer::reload`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, line, key and why; the old config
+    /// stays.
+    pub fn reload_file(&self, path: impl AsRef<Path>) -> Result<ReloadReport, ConfigError> {
+        self.shared.reload_file(path.as_ref())
+    }
+
+    /// Reloads the config file at `path` whenever it changes; see
+    /// [`ConfigWatcher`](crate::ConfigWatcher).
+    #[cfg(feature = "watch")]
+    pub fn watch_file(
+        &self,
+        path: impl Into<std::path::PathBuf>,
+        interval: std::time::Duration,
+    ) -> crate::ConfigWatcher {
+        let shared = self.shared.clone();
+        crate::ConfigWatcher::spawn(path, interval, move |p| shared.reload_file(p))
+    }
+
+    /// The breaker registry.
+    pub fn registry(&self) -> &BreakerRegistry {
+        self.shared.registry()
+    }
+
+    /// The retry throttle, if the config has one.
+    pub fn throttle(&self) -> Option<RetryThrottle> {
+        self.shared.throttle()
+    }
+
+    /// Every breaker's state, by name.
+    pub fn circuit_breaker_status(&self) -> BTreeMap<String, State> {
+        self.shared.registry().status()
+    }
+}
+
+impl<S: Clone> Layer<S> for ResilienceLayer {
+    type Service = ResilientChannel<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ResilientChannel::from_parts(inner, self.shared.clone())
+    }
+}
+
+/// A channel (or any `Service<http::Request<B>>`) with the whole stack in
+/// front, in this order: call telemetry → deadline → retry → circuit
+/// breaker → per-attempt timeout → the channel. See the
+/// [crate docs](crate) for why that order.
+///
+/// It is `Clone` and works with any generated client:
+/// `QueryServiceClient::new(resilient)`. Clones share breakers, throttle,
+/// metrics and reloads.
+pub struct ResilientChannel<S> {
+    base: S,
+    shared: Arc<StackShared>,
+    local: Inner<S>,
+    generation: u64,
+    // The metric handles of the method last called through this clone, so
+    // the usual call finds them without touching shared memory.
+    last_method: Option<Arc<MethodMetrics>>,
+}
+
+impl<S: Clone> Clone for ResilientChannel<S> {
+    fn clone(&self) -> Self {
+        ResilientChannel {
+            base: self.base.clone(),
+            shared: self.shared.clone(),
+            local: self.local.clone(),
+            generation: self.generation,
+            last_method: self.last_method.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for ResilientChannel<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResilientChannel")
+            .field("generation", &self.generation)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone> ResilientChannel<S> {
+    /// `inner` with the stack `config` describes; see
+    /// [`ResilienceLayer::new`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if the config is invalid.
+    pub fn new(inner: S, config: &ResilienceConfig) -> Result<Self, ConfigError> {
+        Ok(ResilienceLayer::new(config)?.layer(inner))
+    }
+
+    pub(crate) fn from_parts(base: S, shared: Arc<StackShared>) -> Self {
+        let layers = shared.layers.load();
+        ResilientChannel {
+            local: layers.build(base.clone()),
+            generation: layers.generation,
+            base,
+            shared,
+            last_method: None,
+        }
+    }
+}
+
+impl<S> ResilientChannel<S> {
+    /// Applies `config` to new calls, atomically: a call started after
+    /// this returns sees all of the new timeouts, retry policies and
+    /// throttle, a call started before finishes under the old ones. Breakers
+    /// keep their state. An invalid config is rejected whole (the error
+    /// says why) and the old one stays.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if the config is invalid.
+    pub fn reload(&self, config: &ResilienceConfig) -> Result<ReloadReport, ConfigError> {
+        self.shared.reload(config)
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<ResilienceConfig> {
+        self.shared.config.load_full()
+    }
+
+    /// Reads the config file at `path` and applies it as
+    /// [`ResilientChannel::reload`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, line, key and why; the old config
+    /// stays.
+    pub fn reload_file(&self, path: impl AsRef<Path>) -> Result<ReloadReport, ConfigError> {
+        self.shared.reload_file(path.as_ref())
+    }
+
+    /// Reloads the config file at `path` whenever it changes; see
+    /// [`ConfigWatcher`](crate::ConfigWatcher).
+    #[cfg(feature = "watch")]
+    pub fn watch_file(
+        &self,
+        path: impl Into<std::path::PathBuf>,
+        interval: std::time::Duration,
+    ) -> crate::ConfigWatcher {
+        let shared = self.shared.clone();
+        crate::ConfigWatcher::spawn(path, interval, move |p| shared.reload_file(p))
+    }
+
+    /// The layer that made this channel (to wrap another channel with the
+    /// same breakers, throttle and reloads).
+    pub fn layer(&self) -> ResilienceLayer {
+        ResilienceLayer::from_shared(self.shared.clone())
+    }
+
+    /// The breaker registry.
+    pub fn registry(&self) -> &BreakerRegistry {
+        self.shared.registry()
+    }
+
+    /// Every breaker's state, by name.
+    pub fn circuit_breaker_status(&self) -> BTreeMap<String, State> {
+        self.shared.registry().status()
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.base
+    }
+
+    pub(crate) fn shared(&self) -> &StackShared {
+        &self.shared
+    }
+}
+
+impl<S, B, R> Service<http::Request<B>> for ResilientChannel<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: ReplayableBody,
+    R: Body + Send + 'static,
+    R::Error: Into<BoxError>,
+{
+    type Response = http::Response<ResilientBody<R>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<
+        grpc_timeout::future::ResponseFuture<
+            grpc_retry::future::ResponseFuture<
+                CircuitBreaker<Attempt<S>>,
+                B,
+                grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>,
+            >,
+        >,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let layers = self.shared.layers.load();
+        if layers.generation != self.generation {
+            self.local = layers.build(self.base.clone());
+            self.generation = layers.generation;
+        }
+        self.local.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let recorder = match MethodId::from_request(&request) {
+            Ok(id) => {
+                let metrics = match &self.last_method {
+                    Some(m) if m.path() == id.path() => m.clone(),
+                    _ => {
+                        let m = self.shared.metrics.get(&id);
+                        self.last_method = Some(m.clone());
+                        m
+                    }
+                };
+                Some(CallRecorder::new(metrics, call_span(&id)))
+            }
+            Err(_) => None,
+        };
+        let inner = match &recorder {
+            Some(r) => r.span().in_scope(|| self.local.call(request)),
+            None => self.local.call(request),
+        };
+        ResponseFuture { inner, recorder }
+    }
+}
+
+/// The response body type of inner body `R` after the stack.
+type StackBody<R> = TimeoutBody<
+    grpc_retry::ResponseBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>,
+>;
+
+pin_project! {
+    /// The response body of a [`ResilientChannel`] call: the channel's body
+    /// with the deadline and outcome tracking of the stack.
+    pub struct ResilientBody<R> {
+        #[pin]
+        inner: OutcomeBody<StackBody<R>, CallRecorder>,
+    }
+}
+
+impl<R> fmt::Debug for ResilientBody<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResilientBody").finish_non_exhaustive()
+    }
+}
+
+impl<R> Body for ResilientBody<R>
+where
+    R: Body,
+    R::Error: Into<BoxError>,
+{
+    type Data = R::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// The future of a [`ResilientChannel`] call.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        recorder: Option<CallRecorder>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, R> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<StackBody<R>>, BoxError>>,
+{
+    type Output = Result<http::Response<ResilientBody<R>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.recorder.as_ref() {
+            Some(r) => {
+                let _entered = r.span().enter();
+                ready!(this.inner.poll(cx))
+            }
+            None => ready!(this.inner.poll(cx)),
+        };
+        Poll::Ready(match (result, this.recorder.take()) {
+            (Ok(response), Some(recorder)) => {
+                Ok(OutcomeBody::wrap_response(response, recorder)
+                    .map(|inner| ResilientBody { inner }))
+            }
+            (Ok(response), None) => Ok(response.map(|body| ResilientBody {
+                inner: OutcomeBody::reported(body),
+            })),
+            (Err(err), recorder) => {
+                if let Some(recorder) = recorder {
+                    use grpc_resilience_core::OnOutcome;
+                    recorder.on_outcome(Outcome::Error(error_code(&*err)));
+                }
+                Err(err)
+            }
+        })
+    }
+}

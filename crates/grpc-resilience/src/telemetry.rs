@@ -1,0 +1,132 @@
+//! Call telemetry: one logical call, retries included.
+
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
+use grpc_resilience_core::codes::code_name;
+use grpc_resilience_core::{MethodId, OnOutcome, Outcome};
+use metrics::{Counter, Histogram};
+use rustc_hash::FxHashMap;
+use tokio::time::Instant;
+use tracing::Span;
+
+/// `grpc.client.call.count`: logical calls, labels `service`, `method`,
+/// `code`.
+pub const CALL_COUNT: &str = "grpc.client.call.count";
+/// `grpc.client.call.duration`: seconds from the call to its final status,
+/// retries included, labels `service`, `method`, `code`.
+pub const CALL_DURATION: &str = "grpc.client.call.duration";
+
+const CODES: usize = 17;
+
+/// The metric handles of one method, registered once per status code seen.
+#[derive(Debug)]
+pub(crate) struct MethodMetrics {
+    path: Box<str>,
+    service: Box<str>,
+    method: Box<str>,
+    by_code: [OnceLock<(Counter, Histogram)>; CODES],
+}
+
+impl MethodMetrics {
+    fn new(id: &MethodId<'_>) -> Self {
+        MethodMetrics {
+            path: id.path().into(),
+            service: id.service().into(),
+            method: id.method().into(),
+            by_code: Default::default(),
+        }
+    }
+
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn handles(&self, code: tonic::Code) -> &(Counter, Histogram) {
+        let index = (code as usize).min(CODES - 1);
+        self.by_code[index].get_or_init(|| {
+            let labels = [
+                ("service", self.service.to_string()),
+                ("method", self.method.to_string()),
+                ("code", code_name(code).to_owned()),
+            ];
+            (
+                metrics::counter!(CALL_COUNT, &labels),
+                metrics::histogram!(CALL_DURATION, &labels),
+            )
+        })
+    }
+}
+
+/// Metric handles per method path, shared by every clone of a channel;
+/// read without locks.
+#[derive(Debug, Default)]
+pub(crate) struct MetricsCache {
+    methods: ArcSwap<FxHashMap<Box<str>, Arc<MethodMetrics>>>,
+}
+
+impl MetricsCache {
+    pub(crate) fn get(&self, id: &MethodId<'_>) -> Arc<MethodMetrics> {
+        if let Some(m) = self.methods.load().get(id.path()) {
+            return m.clone();
+        }
+        self.insert(id)
+    }
+
+    #[cold]
+    fn insert(&self, id: &MethodId<'_>) -> Arc<MethodMetrics> {
+        let fresh = Arc::new(MethodMetrics::new(id));
+        self.methods.rcu(|map| {
+            let mut map = FxHashMap::clone(map);
+            map.entry(id.path().into()).or_insert_with(|| fresh.clone());
+            map
+        });
+        self.methods.load().get(id.path()).cloned().unwrap_or(fresh)
+    }
+}
+
+/// Records a logical call's outcome once: metrics and the span's status.
+#[derive(Debug)]
+pub struct CallRecorder {
+    metrics: Arc<MethodMetrics>,
+    start: Instant,
+    span: Span,
+}
+
+impl CallRecorder {
+    pub(crate) fn new(metrics: Arc<MethodMetrics>, span: Span) -> Self {
+        CallRecorder {
+            metrics,
+            start: Instant::now(),
+            span,
+        }
+    }
+
+    pub(crate) fn span(&self) -> &Span {
+        &self.span
+    }
+}
+
+impl OnOutcome for CallRecorder {
+    fn on_outcome(self, outcome: Outcome) {
+        let code = outcome.code();
+        let (count, duration) = self.metrics.handles(code);
+        count.increment(1);
+        duration.record(self.start.elapsed().as_secs_f64());
+        if !self.span.is_disabled() {
+            self.span.record("rpc.grpc.status_code", code as i32);
+        }
+    }
+}
+
+/// The span of one logical call, with OpenTelemetry's RPC fields.
+pub(crate) fn call_span(id: &MethodId<'_>) -> Span {
+    tracing::info_span!(
+        "grpc_call",
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = id.service(),
+        rpc.method = id.method(),
+        rpc.grpc.status_code = tracing::field::Empty,
+    )
+}

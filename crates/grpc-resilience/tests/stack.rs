@@ -1,0 +1,249 @@
+//! The facade's stack through real generated stubs against a real server
+//! with injected faults.
+
+use std::time::Duration;
+
+use catalog_proto::command_service_client::CommandServiceClient;
+use catalog_proto::query_service_client::QueryServiceClient;
+use catalog_proto::{CreateProductRequest, GetProductRequest, Product};
+use grpc_circuit_breaker::State;
+use grpc_fault::Fault;
+use grpc_resilience::{ResilienceConfig, ResilienceLayer, ResilientChannel};
+use grpc_resilience_tests::TestServer;
+use tokio::time::Instant;
+use tonic::Code;
+use tower::ServiceBuilder;
+
+const CONFIG: &str = r#"
+[retry.default]
+max_attempts = 3
+initial_delay = 10
+max_delay = 50
+[retry.operations.create_product]
+idempotent = false
+[circuit_breakers.query]
+failure_threshold = 4
+timeout = "60s"
+[circuit_breakers.command]
+[timeouts]
+default = 5000
+[timeouts.operations]
+get_product = 300
+"#;
+
+fn get() -> GetProductRequest {
+    GetProductRequest { id: "p1".into() }
+}
+
+fn config() -> ResilienceConfig {
+    ResilienceConfig::from_toml(CONFIG).unwrap()
+}
+
+#[tokio::test]
+async fn retries_through_a_generated_stub_until_success() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .script(
+            "GetProduct",
+            [
+                Fault::status(Code::Unavailable),
+                Fault::status(Code::Unavailable),
+            ],
+        )
+        .unwrap();
+    let channel = ResilientChannel::new(server.channel(), &config()).unwrap();
+    let mut client = QueryServiceClient::new(channel);
+    let product = client.get_product(get()).await.unwrap().into_inner();
+    assert_eq!(product.id, "p1");
+    assert_eq!(server.faults.stats("GetProduct").unwrap().calls, 3);
+}
+
+#[tokio::test]
+async fn the_deadline_bounds_the_whole_call_retries_included() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .always(
+            "GetProduct",
+            Fault::pass().with_delay(Duration::from_secs(5)),
+        )
+        .unwrap();
+    let channel = ResilientChannel::new(server.channel(), &config()).unwrap();
+    let mut client = QueryServiceClient::new(channel);
+    let start = Instant::now();
+    let status = client.get_product(get()).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let calls = server.faults.calls_to("GetProduct").unwrap();
+    let sent = calls[0]
+        .headers
+        .get("grpc-timeout")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let sent = grpc_resilience_core::timeout_header::decode(sent.as_bytes()).unwrap();
+    assert!(
+        sent <= Duration::from_millis(300) && sent > Duration::from_millis(200),
+        "{sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_configured_breaker_is_listed_from_the_start_and_opens_per_service() {
+    let server = TestServer::start().await;
+    let channel = ResilientChannel::new(server.channel(), &config()).unwrap();
+    let status = channel.circuit_breaker_status();
+    assert_eq!(
+        format!("{status:?}"),
+        r#"{"command": Closed, "query": Closed}"#
+    );
+    server
+        .faults
+        .always("GetProduct", Fault::status(Code::Unavailable))
+        .unwrap();
+    let mut queries = QueryServiceClient::new(channel.clone());
+    let mut commands = CommandServiceClient::new(channel.clone());
+    // Two calls of up to 3 attempts: 6 failures reach the breaker, which
+    // opens at the 4th; the 5th and 6th attempts are refused, not retried.
+    for _ in 0..2 {
+        let status = queries.get_product(get()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    assert_eq!(channel.registry().state("query"), Some(State::Open));
+    assert_eq!(server.faults.stats("GetProduct").unwrap().calls, 4);
+    let status = queries.get_product(get()).await.unwrap_err();
+    assert!(
+        status.message().contains("circuit breaker `query` is open"),
+        "{status:?}"
+    );
+    assert_eq!(
+        server.faults.stats("GetProduct").unwrap().calls,
+        4,
+        "refused locally"
+    );
+    // The other service's breaker is untouched.
+    commands
+        .create_product(CreateProductRequest {
+            product: Some(Product {
+                id: "n1".into(),
+                name: "new".into(),
+                price_cents: 1,
+                blob: vec![],
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(channel.registry().state("command"), Some(State::Closed));
+}
+
+#[tokio::test]
+async fn a_write_is_not_retried_after_the_server_saw_it() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .always("CreateProduct", Fault::status(Code::Unavailable))
+        .unwrap();
+    let channel = ResilientChannel::new(server.channel(), &config()).unwrap();
+    let mut commands = CommandServiceClient::new(channel);
+    let status = commands
+        .create_product(CreateProductRequest { product: None })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(server.faults.stats("CreateProduct").unwrap().calls, 1);
+}
+
+#[tokio::test]
+async fn the_layer_form_composes_with_service_builder() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .script("GetProduct", [Fault::status(Code::Internal)])
+        .unwrap();
+    let layer = ResilienceLayer::new(&config()).unwrap();
+    let channel = ServiceBuilder::new()
+        .concurrency_limit(8)
+        .layer(layer.clone())
+        .service(server.channel());
+    let mut client = QueryServiceClient::new(channel);
+    client.get_product(get()).await.unwrap();
+    assert_eq!(server.faults.stats("GetProduct").unwrap().calls, 2);
+    assert_eq!(layer.circuit_breaker_status().len(), 2);
+}
+
+#[tokio::test]
+async fn a_per_attempt_timeout_cuts_a_hung_attempt_and_the_retry_succeeds() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .script(
+            "GetProduct",
+            [Fault::pass().with_delay(Duration::from_secs(5))],
+        )
+        .unwrap();
+    let config = ResilienceConfig::from_toml(
+        &CONFIG.replace("default = 5000\n", "default = 5000\nper_attempt = 150\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        config.timeouts().per_attempt(),
+        Some(Duration::from_millis(150))
+    );
+    let channel = ResilientChannel::new(server.channel(), &config).unwrap();
+    let mut client = QueryServiceClient::new(channel);
+    let start = Instant::now();
+    client.get_product(get()).await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(server.faults.stats("GetProduct").unwrap().calls, 2);
+}
+
+#[tokio::test]
+async fn a_grpc_service_config_drives_the_stack() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .script(
+            "GetProduct",
+            [
+                Fault::status(Code::Unavailable),
+                Fault::status(Code::Unavailable),
+                Fault::status(Code::Unavailable),
+            ],
+        )
+        .unwrap();
+    let (config, warnings) = ResilienceConfig::from_grpc_service_config(
+        r#"{
+          "methodConfig": [{
+            "name": [{"service": "catalog.v1.QueryService"}],
+            "timeout": "2s",
+            "retryPolicy": {
+              "maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]
+            }
+          }]
+        }"#,
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let channel = ResilientChannel::new(server.channel(), &config).unwrap();
+    let mut client = QueryServiceClient::new(channel);
+    client.get_product(get()).await.unwrap();
+    let calls = server.faults.calls_to("GetProduct").unwrap();
+    assert_eq!(calls.len(), 4, "3 failures and the success");
+    let sent = calls[0].headers["grpc-timeout"].to_str().unwrap();
+    let sent = grpc_resilience_core::timeout_header::decode(sent.as_bytes()).unwrap();
+    assert!(
+        sent <= Duration::from_secs(2) && sent > Duration::from_millis(1900),
+        "{sent:?}"
+    );
+}
