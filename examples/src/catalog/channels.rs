@@ -112,14 +112,15 @@ const TIMEOUT_CREATE_PRODUCT: Duration = Duration::from_millis(5000);
 // Retry throttle (gRFC A6 token bucket), one bucket per target. Each
 // failed attempt takes a token, each success gives back `TOKEN_RATIO`, and
 // retries stop while the bucket is at half or less. With a ratio of 1.0,
-// retries stay on as long as fewer than half of the attempts fail (30%
-// UNAVAILABLE + 10% lost responses is 40%: the bucket stays full and
-// three attempts turn 60% success into ~94%), and dry up after five
-// failures in a row when the service is down (the breaker then takes
-// over). gRPC's own example ratio, 0.1 (or 0.5), drains the bucket under
-// that chaos, so retries stop exactly when they would help, and the stack
-// does worse than a bare channel.
-const THROTTLE_MAX_TOKENS: f64 = 10.0;
+// retries stay on as long as fewer than half of the attempts fail, and dry
+// up after ten failures in a row when the service is down (the breaker
+// then takes over). Under 30% UNAVAILABLE + 10% lost responses (40% of
+// attempts fail) three attempts turn 60% success into 92% with 20 tokens;
+// with 10 tokens the bucket's random walk reaches half often enough to
+// leave 85%. gRPC's example values (10 tokens, ratio 0.1) or a ratio of
+// 0.5 drain the bucket under that chaos, so retries stop exactly when they
+// would help and the stack does no better than a bare channel (60%).
+const THROTTLE_MAX_TOKENS: f64 = 20.0;
 const THROTTLE_TOKEN_RATIO: f64 = 1.0;
 
 // Breakers in failure-rate mode. A count of failures (the design's
@@ -136,15 +137,15 @@ const THROTTLE_TOKEN_RATIO: f64 = 1.0;
 //   opens it after 40 failed attempts (about two seconds of traffic).
 // - 60% failure rate: above the 40% a retried call still survives,
 //   below the 100% of an outage.
-// - open for 3 s (the design says 30 s): long enough to give a
-//   restarting service air, short enough that a 1 s restart costs a few
-//   seconds of fast failures, not half a minute.
+// - open for 2 s (the design says 30 s): a restarting service gets air,
+//   a 1 s restart costs two seconds of fast failures, not half a minute,
+//   and a dead service sees three probes every two seconds.
 // - three probes in HALF_OPEN, three successes close it; any failed probe
 //   reopens it.
 const BREAKER_WINDOW: u32 = 100;
 const BREAKER_MINIMUM_CALLS: u32 = 40;
 const BREAKER_FAILURE_RATE: f64 = 60.0;
-const BREAKER_OPEN_FOR: Duration = Duration::from_secs(3);
+const BREAKER_OPEN_FOR: Duration = Duration::from_secs(2);
 const BREAKER_PROBES: u32 = 3;
 const BREAKER_RESET_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -133,7 +134,11 @@ pub struct Gateway {
     stats: LiveStats,
     transitions: Mutex<VecDeque<BreakerTransition>>,
     started: Instant,
+    retries: [AtomicU64; METHODS.len()],
 }
+
+/// The methods whose retries the gateway counts.
+const METHODS: [&str; 3] = ["GetProduct", "ListProducts", "CreateProduct"];
 
 /// A failed call, with what the GraphQL error's extensions report.
 #[derive(Debug)]
@@ -182,6 +187,7 @@ impl Gateway {
             stats: LiveStats::default(),
             transitions: Mutex::default(),
             started: Instant::now(),
+            retries: Default::default(),
         });
         if let Some(mut changes) = gateway.channels.watch() {
             let weak = Arc::downgrade(&gateway);
@@ -230,6 +236,21 @@ impl Gateway {
             .collect()
     }
 
+    /// Retries (attempts after the first) of calls to `method`
+    /// (`GetProduct`, `ListProducts` or `CreateProduct`) so far.
+    pub fn retries(&self, method: &str) -> u64 {
+        METHODS
+            .iter()
+            .position(|m| *m == method)
+            .map_or(0, |i| self.retries[i].load(Ordering::Relaxed))
+    }
+
+    /// How long the gateway has been running (the clock of
+    /// [`BreakerTransition::since_start_ms`]).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// The live numbers of `service`.
     pub fn stats(&self, service: Downstream) -> ServiceStats {
         self.stats.snapshot(service)
@@ -263,6 +284,9 @@ impl Gateway {
         let result = call(counter.clone()).await;
         let latency = start.elapsed();
         let attempts = counter.get().max(1);
+        if let Some(i) = METHODS.iter().position(|m| *m == method) {
+            self.retries[i].fetch_add(u64::from(attempts - 1), Ordering::Relaxed);
+        }
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
@@ -789,7 +813,6 @@ impl SubscriptionRoot {
 }
 
 fn rand_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let t = SystemTime::now()

@@ -1,0 +1,135 @@
+//! `catalog serve` as a user runs it: the binary, its printed URLs, and
+//! `--target-command` / `--target-query` pointing at other servers.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use grpc_resilience_examples::catalog::client::GraphqlClient;
+use grpc_resilience_examples::catalog::system::{System, SystemOptions};
+use serde_json::json;
+
+/// The child, killed by its PID when dropped.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `catalog serve` with `args` on free ports and returns it with
+/// its printed stdout up to the "Ctrl-C" line (at most 100 lines).
+fn serve(args: &[&str]) -> (Serve, Vec<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .arg("serve")
+        .args([
+            "--http-port",
+            "0",
+            "--command-port",
+            "0",
+            "--query-port",
+            "0",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("catalog serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let serve = Serve(child);
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines().take(100) {
+        let line = line.expect("a line");
+        let done = line.starts_with("Ctrl-C");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    (serve, lines)
+}
+
+fn url(lines: &[String], label: &str) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(label).map(|u| u.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no {label} line in {lines:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_prints_its_urls_and_answers_there() {
+    let (_serve, lines) = tokio::task::spawn_blocking(|| serve(&[])).await.unwrap();
+    let graphql = url(&lines, "GraphiQL");
+    assert!(graphql.starts_with("http://127.0.0.1:"), "{lines:?}");
+    let client = GraphqlClient::new(graphql, Duration::from_secs(10));
+    let r = client
+        .query(r#"{ product(id: "p3") { name } stack }"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.data(),
+        &json!({"product": {"name": "Product 3"}, "stack": "resilient"})
+    );
+
+    let dashboard = reqwest::get(url(&lines, "dashboard")).await.unwrap();
+    assert!(dashboard.text().await.unwrap().contains("dashboard.js"));
+    assert!(
+        lines.iter().any(|l| l.contains("circuit breakers")),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_targets_calls_your_servers() {
+    // "Your" servers: the built-in ones of another system.
+    let theirs = System::start(SystemOptions::default()).await.unwrap();
+    let backend = theirs.backend.as_ref().unwrap();
+    let command = format!("http://{}", backend.command_addr);
+    let query = format!("http://{}", backend.query_addr);
+    let (_serve, lines) = tokio::task::spawn_blocking(move || {
+        serve(&["--target-command", &command, "--target-query", &query])
+    })
+    .await
+    .unwrap();
+    let client = GraphqlClient::new(url(&lines, "GraphiQL"), Duration::from_secs(10));
+    let r = client
+        .query(r#"mutation { createProduct(input: {id: "yours", name: "Yours", priceCents: 1}) { id } }"#)
+        .await
+        .unwrap();
+    assert_eq!(r.data()["createProduct"]["id"], "yours", "{:?}", r.body);
+    assert_eq!(backend.catalog.stats().writes, 1, "written to the target");
+
+    let r = client
+        .query(r#"mutation { setFaults(service: QUERY, faults: {outage: true}) { outage } }"#)
+        .await
+        .unwrap();
+    let message = r.error().expect("no faults on external targets")["message"].to_string();
+    assert!(message.contains("built-in services"), "{message}");
+
+    // A bad target is refused with its value named.
+    let (_bad, lines) = tokio::task::spawn_blocking(|| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_catalog"))
+            .args(["serve", "--http-port", "0", "--target", "not a uri"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines: Vec<String> = BufReader::new(stderr)
+            .lines()
+            .take(20)
+            .map_while(Result::ok)
+            .collect();
+        (Serve(child), lines)
+    })
+    .await
+    .unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("invalid target `not a uri`")),
+        "{lines:?}"
+    );
+}
