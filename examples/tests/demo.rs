@@ -61,7 +61,7 @@ async fn the_quick_scenario_meets_every_expectation_and_the_report_says_so() {
         "What shapes the behaviour",
         "retry throttle",
         "failure-rate mode",
-        "Success per phase",
+        "Per phase: calls, success",
         "Per operation",
         "products created vs create requests",
         "Breaker transitions",

@@ -270,6 +270,9 @@ pub struct RunReport {
     /// Retries (attempts after the first) per operation, counted by the
     /// gateway during the scenario.
     pub retries: BTreeMap<Op, u64>,
+    /// Calls that reached the Command and the Query service, per phase
+    /// (counted by their fault injectors).
+    pub server_calls: Vec<[u64; 2]>,
 }
 
 /// Numbers of a set of calls.
@@ -567,8 +570,11 @@ async fn run_one(
     let start = Instant::now();
     let records = Arc::new(Mutex::new(Vec::new()));
     let mut phase_starts = Vec::new();
+    let mut server_calls = Vec::new();
+    let seen = |injector: &grpc_fault::FaultInjector| injector.stats("*").map_or(0, |s| s.calls);
     for (i, phase) in scenario.phases.iter().enumerate() {
         set_faults(&client, phase).await?;
+        let calls_before = [seen(&backend.command_faults), seen(&backend.query_faults)];
         phase_starts.push(start.elapsed());
         bar.set_message(format!(
             "phase {}/{}: {}",
@@ -587,6 +593,10 @@ async fn run_one(
             });
         }
         run_phase(&client, &scenario, i, start, label, &records, &bar).await;
+        server_calls.push([
+            seen(&backend.command_faults) - calls_before[0],
+            seen(&backend.query_faults) - calls_before[1],
+        ]);
     }
     set_faults(
         &client,
@@ -622,6 +632,7 @@ async fn run_one(
         writes: after.writes - before.writes,
         deduplicated: after.deduplicated - before.deduplicated,
         retries,
+        server_calls,
     })
 }
 
@@ -654,6 +665,17 @@ pub fn expectations(resilient: &RunReport, plain: &RunReport) -> Vec<Expectation
             "resilient {} vs plain {}",
             pct(rb.success_rate()),
             pct(pb.success_rate())
+        ),
+    ));
+
+    let reached = |r: &RunReport| r.server_calls.get(phase::OUTAGE).map_or(0, |c| c[1]);
+    out.push(check(
+        "outage: the down Query service gets fewer calls from the resilient gateway than from the plain one (the breaker sheds them)",
+        reached(resilient) < reached(plain),
+        format!(
+            "calls that reached it: resilient {} vs plain {}",
+            reached(resilient),
+            reached(plain)
         ),
     ));
 
@@ -789,18 +811,22 @@ impl Report {
 
         let _ = writeln!(
             out,
-            "\n=== Success per phase            resilient          plain"
+            "\n=== Per phase: calls, success, attempts that reached the services\n  {:<12} {:>27}   {:>27}",
+            "", "resilient", "plain"
         );
         for (i, phase) in self.scenario.phases.iter().enumerate() {
             let (a, b) = (r.summary(|c| c.phase == i), p.summary(|c| c.phase == i));
+            let reached = |run: &RunReport| run.server_calls.get(i).map_or(0, |c| c[0] + c[1]);
             let _ = writeln!(
                 out,
-                "  {:<12} {:>4} calls  {:>6} ok      {:>4} calls  {:>6} ok    {}",
+                "  {:<12} {:>5} {:>7} ok {:>5} sent   {:>5} {:>7} ok {:>5} sent   {}",
                 phase.name,
                 a.calls,
                 pct(a.success_rate()),
+                reached(r),
                 b.calls,
                 pct(b.success_rate()),
+                reached(p),
                 phase.description
             );
         }
