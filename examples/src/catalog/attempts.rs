@@ -192,3 +192,87 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tonic::Status;
+    use tower::ServiceExt;
+    use tower_test::mock;
+
+    type Mock = mock::Mock<http::Request<()>, http::Response<Empty<Bytes>>>;
+
+    fn request(path: &str, counter: &AttemptCounter) -> http::Request<()> {
+        let mut request = http::Request::builder().uri(path).body(()).unwrap();
+        request.extensions_mut().insert(counter.clone());
+        request
+    }
+
+    fn trailers_only(code: u8) -> http::Response<Empty<Bytes>> {
+        http::Response::builder()
+            .header("grpc-status", code.to_string())
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    const GET: &str = "http://x/catalog.v1.QueryService/GetProduct";
+    const CREATE: &str = "http://x/catalog.v1.CommandService/CreateProduct";
+
+    #[tokio::test]
+    async fn every_attempt_of_a_call_counts_on_its_counter() {
+        let failures = Arc::new(FailureCounts::default());
+        let (service, mut handle): (Mock, _) = mock::pair();
+        let mut service = CountAttemptsLayer::new(failures.clone()).layer(service);
+        let counter = AttemptCounter::new();
+        for _ in 0..3 {
+            handle.allow(1);
+            let call = service.ready().await.unwrap().call(request(GET, &counter));
+            let (_, reply) = handle.next_request().await.unwrap();
+            reply.send_response(trailers_only(0));
+            call.await.unwrap();
+        }
+        assert_eq!(counter.get(), 3);
+        assert_eq!(failures.get(Downstream::Query), 0, "OK is no failure");
+    }
+
+    #[tokio::test]
+    async fn failure_codes_count_per_service_client_errors_and_rejections_do_not() {
+        let failures = Arc::new(FailureCounts::default());
+        let (service, mut handle): (Mock, _) = mock::pair();
+        let mut service = CountAttemptsLayer::new(failures.clone()).layer(service);
+        let counter = AttemptCounter::new();
+
+        // UNAVAILABLE (14) and NOT_FOUND (5) from the server.
+        for (path, code) in [(GET, 14), (GET, 5), (CREATE, 14)] {
+            handle.allow(1);
+            let call = service.ready().await.unwrap().call(request(path, &counter));
+            let (_, reply) = handle.next_request().await.unwrap();
+            reply.send_response(trailers_only(code));
+            call.await.unwrap();
+        }
+        assert_eq!(failures.get(Downstream::Query), 1);
+        assert_eq!(failures.get(Downstream::Command), 1);
+
+        // A breaker's rejection below is not a failure of the service; a
+        // transport error is.
+        handle.allow(1);
+        let call = service.ready().await.unwrap().call(request(GET, &counter));
+        let (_, reply) = handle.next_request().await.unwrap();
+        reply.send_error(LocalRejection::new(Status::unavailable("open")));
+        assert!(call.await.is_err());
+        assert_eq!(failures.get(Downstream::Query), 1);
+
+        handle.allow(1);
+        let call = service.ready().await.unwrap().call(request(GET, &counter));
+        let (_, reply) = handle.next_request().await.unwrap();
+        reply.send_error(std::io::Error::other("connection reset"));
+        assert!(call.await.is_err());
+        assert_eq!(failures.get(Downstream::Query), 2);
+
+        failures.clear(Downstream::Query);
+        assert_eq!(failures.get(Downstream::Query), 0);
+        assert_eq!(failures.get(Downstream::Command), 1);
+    }
+}

@@ -511,3 +511,75 @@ impl Channels {
 pub fn breaker_open_for() -> Duration {
     BREAKER_OPEN_FOR
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_values_are_the_designs_and_valid() {
+        let timeouts = timeout_policy().unwrap();
+        let t = |path| timeouts.timeout_for(path);
+        assert_eq!(
+            t("/catalog.v1.QueryService/GetProduct"),
+            Some(TIMEOUT_GET_PRODUCT)
+        );
+        assert_eq!(
+            t("/catalog.v1.QueryService/ListProducts"),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            t("/catalog.v1.CommandService/CreateProduct"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            t("/catalog.v1.CommandService/ImportProducts"),
+            Some(TIMEOUT_DEFAULT)
+        );
+        assert_eq!(TIMEOUT_GET_PRODUCT, Duration::from_secs(3));
+
+        let retries = retry_policies().unwrap();
+        let default = RetryPolicy::default();
+        assert_eq!(
+            retries.policy_for("/catalog.v1.QueryService/GetProduct"),
+            Some(&default)
+        );
+        assert_eq!(
+            retries.policy_for("/catalog.v1.CommandService/CreateProduct"),
+            Some(&default.non_idempotent().with_idempotency_keys())
+        );
+        breaker_config().validate().unwrap();
+        RetryThrottle::new(THROTTLE_MAX_TOKENS, THROTTLE_TOKEN_RATIO).unwrap();
+    }
+
+    #[tokio::test]
+    async fn breakers_are_named_per_service_and_reset_closes_them() {
+        let targets = Targets {
+            command: "http://127.0.0.1:1".into(),
+            query: "http://127.0.0.1:2".into(),
+        };
+        let channels = build(&targets, Stack::Resilient).unwrap();
+        let names: Vec<String> = channels.breakers().into_iter().map(|b| b.name).collect();
+        assert_eq!(names, ["command", "query"]);
+        channels.reset(Some("query")).unwrap();
+        assert!(channels.reset(Some("nope")).is_err());
+
+        let plain = build(&targets, Stack::Plain).unwrap();
+        assert!(plain.breakers().is_empty());
+        assert!(plain.watch().is_none());
+        assert_eq!(
+            plain.reset(Some("query")),
+            Err(UnknownBreaker("query".into()))
+        );
+
+        let err = build(
+            &Targets {
+                command: "not a uri".into(),
+                query: targets.query.clone(),
+            },
+            Stack::Resilient,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`not a uri`"), "{err}");
+    }
+}
