@@ -503,7 +503,7 @@ impl Channels {
                 value: format!(
                     "`command`, `query`: failure-rate mode, {BREAKER_FAILURE_RATE}% of the last \
                      {BREAKER_WINDOW} attempts (at least {BREAKER_MINIMUM_CALLS}), open {}, \
-                     {BREAKER_PROBES} probes",
+                     {BREAKER_PROBES} probe(s) in HALF_OPEN",
                     ms(BREAKER_OPEN_FOR)
                 ),
                 source: CHAOS,

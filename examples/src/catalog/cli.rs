@@ -168,6 +168,7 @@ async fn serve(args: ServeArgs) -> Result<(), grpc_resilience_core::BoxError> {
         }),
         _ => None,
     };
+    let external = targets.clone();
     let options = SystemOptions {
         stack: if args.plain {
             Stack::Plain
@@ -197,9 +198,11 @@ async fn serve(args: ServeArgs) -> Result<(), grpc_resilience_core::BoxError> {
             println!("  Query      grpc://{}", backend.query_addr);
         }
         None => {
-            let targets = system.gateway.channels();
-            let _ = targets;
-            println!("  calling your services (no faults can be injected)");
+            if let Some(targets) = &external {
+                println!("  Command    {} (yours)", targets.command);
+                println!("  Query      {} (yours)", targets.query);
+            }
+            println!("  (faults can only be injected into the built-in services)");
         }
     }
     println!("What shapes the channels:");

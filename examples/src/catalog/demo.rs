@@ -796,11 +796,7 @@ impl Report {
         for run in [r, p] {
             let _ = writeln!(out, "  [{}]", run.stack.as_str());
             for s in &run.settings {
-                let _ = writeln!(
-                    out,
-                    "    {}: {}\n      (from {})",
-                    s.name, s.value, s.source
-                );
+                let _ = writeln!(out, "    {}: {}\n      [{}]", s.name, s.value, s.source);
             }
         }
         let _ = writeln!(

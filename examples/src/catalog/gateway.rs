@@ -102,6 +102,7 @@ fn describe_trigger(trigger: &Trigger) -> String {
         }
         Trigger::ProbeFailed => "a probe failed".into(),
         Trigger::Timeout => "open timeout elapsed".into(),
+        Trigger::Probes(1) => "the probe succeeded".into(),
         Trigger::Probes(n) => format!("{n} probes succeeded"),
         Trigger::Reset => "reset by an operator".into(),
         Trigger::ForcedOpen => "forced open".into(),

@@ -5,13 +5,19 @@
 //! a recorder exists go nowhere.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
+/// How often histogram samples are folded into their summaries when
+/// nobody scrapes `/metrics` (they would pile up otherwise).
+const UPKEEP: Duration = Duration::from_secs(5);
+
 /// Installs the Prometheus recorder as the global `metrics` recorder (once
-/// per process; later calls return the same handle).
+/// per process; later calls return the same handle), and starts its upkeep
+/// on the calling tokio runtime.
 ///
 /// # Errors
 ///
@@ -19,9 +25,20 @@ static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 pub fn install() -> Result<PrometheusHandle, String> {
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .install_recorder()
-                .map_err(|e| format!("cannot install the Prometheus recorder: {e}"))
+                .map_err(|e| format!("cannot install the Prometheus recorder: {e}"))?;
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let upkeep = handle.clone();
+                runtime.spawn(async move {
+                    let mut every = tokio::time::interval(UPKEEP);
+                    loop {
+                        every.tick().await;
+                        upkeep.run_upkeep();
+                    }
+                });
+            }
+            Ok(handle)
         })
         .clone()
 }
