@@ -8,8 +8,8 @@
 //! `grpcCode` (its number), `attempts` (attempts the retry layer made,
 //! counted by [`super::attempts`]), `breakerRejected` (whether a circuit
 //! breaker refused the call, found as a
-//! [`BreakerOpen`](grpc_circuit_breaker::BreakerOpen) or a
-//! [`LocalRejection`](grpc_resilience_core::error::LocalRejection) in the
+//! [`BreakerOpen`] or a
+//! [`LocalRejection`] in the
 //! error's source chain) and, when it did, `breaker` (its name).
 
 use std::collections::VecDeque;
