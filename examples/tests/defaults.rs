@@ -53,6 +53,13 @@ async fn chaos_with_a_restart_goes_better_through_the_stack_than_through_a_bare_
     let (all_r, all_p) = (r.summary(|_| true), p.summary(|_| true));
     assert_eq!(all_r.calls, all_p.calls);
     let after = |run: &demo::RunReport| run.summary(|c| c.phase == 2).success_rate();
+    eprintln!(
+        "success: resilient {:.3} vs plain {:.3}; after the restart {:.3} vs {:.3}",
+        all_r.success_rate(),
+        all_p.success_rate(),
+        after(r),
+        after(p)
+    );
     assert!(
         all_r.success_rate() > all_p.success_rate() + 0.1,
         "resilient {:.3} vs plain {:.3}\n{text}",

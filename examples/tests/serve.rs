@@ -133,3 +133,42 @@ async fn serve_with_targets_calls_your_servers() {
         "{lines:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_fault_flags_shape_the_built_in_services() {
+    let (_serve, lines) =
+        tokio::task::spawn_blocking(|| serve(&["--query-outage", "--command-latency-ms", "300"]))
+            .await
+            .unwrap();
+    let client = GraphqlClient::new(url(&lines, "GraphiQL"), Duration::from_secs(10));
+    let r = client
+        .query("{ faults { service outage latencyMs } }")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.data()["faults"],
+        json!([
+            {"service": "COMMAND", "outage": false, "latencyMs": 300},
+            {"service": "QUERY", "outage": true, "latencyMs": 0}
+        ])
+    );
+    let r = client
+        .query(r#"{ product(id: "p1") { id } }"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.extension("code"),
+        Some(&json!("UNAVAILABLE")),
+        "{:?}",
+        r.body
+    );
+
+    // A rate out of range is refused before anything starts.
+    let output = Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .args(["serve", "--http-port", "0", "--query-error-rate", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is 1.5"), "{stderr}");
+}

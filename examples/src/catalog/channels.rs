@@ -512,11 +512,6 @@ impl Channels {
     }
 }
 
-/// How long an open breaker stays open before it lets probes through.
-pub fn breaker_open_for() -> Duration {
-    BREAKER_OPEN_FOR
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
