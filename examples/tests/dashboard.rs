@@ -7,6 +7,7 @@
 //! Without chromium or chromedriver the test fails, naming what is
 //! missing, unless `CATALOG_SKIP_BROWSER=1` is set.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -26,8 +27,10 @@ fn find(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.exists())
 }
 
-/// chromedriver, killed by its PID when dropped; and the browser's
-/// profile directory, removed.
+/// chromedriver, started in a process group of its own and killed with
+/// that group (so the browser it started goes too, even when the test
+/// fails before the session is closed); and the browser's profile
+/// directory, removed.
 struct Driver {
     child: Child,
     profile: PathBuf,
@@ -35,6 +38,11 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // The group's id is chromedriver's PID.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
@@ -52,6 +60,7 @@ async fn start_driver(chromedriver: &Path) -> (Driver, String) {
     let port = free_port();
     let child = Command::new(chromedriver)
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

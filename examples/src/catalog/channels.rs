@@ -23,8 +23,10 @@
 //! where it is set, and [`Channels::settings`] lists them with where they
 //! came from. When the `grpc-resilience` facade lands, this module is
 //! where its named channels (from `config/resilience.toml`) replace the
-//! hand-built stack; the rest of the example only uses [`build`],
-//! [`Channels::breakers`] and [`Channels::reset`].
+//! hand-built stack; the rest of the example only uses [`build`], the two
+//! channels, [`Channels::breakers`], [`Channels::reset`],
+//! [`Channels::watch`] (transitions) and [`Channels::settings`] (the
+//! demo's report).
 
 use std::collections::HashMap;
 use std::fmt;
