@@ -110,6 +110,16 @@ async fn queries_and_mutations_reach_the_services() {
         "written through Command, read through Query"
     );
 
+    // A client stream of products.
+    let r = run(
+        &client,
+        r#"mutation { importProducts(products: [{id: "i1", name: "A", priceCents: 1}, {id: "i2", name: "B", priceCents: 2}, {name: "C", priceCents: 3}]) }"#,
+    )
+    .await;
+    assert_eq!(r.data()["importProducts"], 3, "{:?}", r.body);
+    let r = run(&client, r#"{ product(id: "i2") { name } }"#).await;
+    assert_eq!(r.data()["product"]["name"], "B");
+
     // The same id again: the service answers ALREADY_EXISTS, not retried.
     let r = run(
         &client,

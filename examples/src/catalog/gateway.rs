@@ -43,6 +43,8 @@ use super::stats::{CallSample, LiveStats, ServiceStats};
 const TRANSITION_LOG: usize = 500;
 /// The most products one `products` page holds.
 pub const MAX_PAGE: i32 = 100;
+/// The most products one `importProducts` takes.
+pub const MAX_IMPORT: usize = 1000;
 
 /// The GraphQL schema of the gateway.
 pub type GatewaySchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
@@ -721,6 +723,51 @@ impl MutationRoot {
                 .map(Product::from)
                 .ok_or_else(|| async_graphql::Error::new("the Command service returned no product"))
         })
+    }
+
+    /// Imports products in one client-streaming `ImportProducts` call (at
+    /// most 1000). The call is a write without idempotency key: the retry
+    /// layer replays its recorded stream only when the server provably
+    /// never saw it.
+    async fn import_products(
+        &self,
+        ctx: &Context<'_>,
+        products: Vec<CreateProductInput>,
+    ) -> async_graphql::Result<u32> {
+        if products.len() > MAX_IMPORT {
+            return Err(async_graphql::Error::new(format!(
+                "{} products: one import takes at most {MAX_IMPORT}",
+                products.len()
+            )));
+        }
+        let mut stream = Vec::with_capacity(products.len());
+        for input in products {
+            let id = match input.id {
+                Some(id) if id.is_empty() => {
+                    return Err(async_graphql::Error::new("`id` must not be empty"));
+                }
+                Some(id) => id,
+                None => format!("g{:016x}", rand_id()),
+            };
+            stream.push(catalog_proto::Product {
+                id,
+                name: input.name,
+                price_cents: input.price_cents,
+                blob: Vec::new(),
+            });
+        }
+        let gw = gateway(ctx);
+        let mut client = CommandServiceClient::new(gw.channels.command.clone());
+        gw.call(Downstream::Command, "ImportProducts", |counter| {
+            Box::pin(async move {
+                client
+                    .import_products(request(tokio_stream::iter(stream), counter))
+                    .await
+            })
+        })
+        .await
+        .map(|r| r.into_inner().imported)
+        .map_err(|e| e.to_graphql())
     }
 
     /// Closes every circuit breaker.
