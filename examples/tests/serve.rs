@@ -20,8 +20,9 @@ impl Drop for Serve {
 }
 
 /// Starts `catalog serve` with `args` on free ports and returns it with
-/// its printed stdout up to the "Ctrl-C" line (at most 100 lines).
-fn serve(args: &[&str]) -> (Serve, Vec<String>) {
+/// its printed stdout up to the "Ctrl-C" line (at most 100 lines and 30 s;
+/// past that the child is killed and the test fails).
+async fn serve(args: &[&str]) -> (Serve, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_catalog"))
         .arg("serve")
         .args([
@@ -39,16 +40,61 @@ fn serve(args: &[&str]) -> (Serve, Vec<String>) {
         .expect("catalog serve starts");
     let stdout = child.stdout.take().expect("stdout");
     let serve = Serve(child);
-    let mut lines = Vec::new();
-    for line in BufReader::new(stdout).lines().take(100) {
-        let line = line.expect("a line");
-        let done = line.starts_with("Ctrl-C");
-        lines.push(line);
-        if done {
-            break;
+    let read = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().take(100) {
+            let Ok(line) = line else { break };
+            let done = line.starts_with("Ctrl-C");
+            lines.push(line);
+            if done {
+                break;
+            }
         }
+        lines
+    });
+    match tokio::time::timeout(Duration::from_secs(30), read).await {
+        Ok(lines) => (serve, lines.expect("the reader ends")),
+        // Dropping `serve` kills the child, which ends the reader.
+        Err(_) => panic!("catalog serve printed no \"Ctrl-C\" line within 30 s"),
     }
-    (serve, lines)
+}
+
+/// Runs `catalog serve` with `args`, expecting it to refuse them: returns
+/// its stderr (at most 30 s; past that the child is killed and the test
+/// fails).
+async fn refused(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_catalog"))
+        .arg("serve")
+        .args([
+            "--http-port",
+            "0",
+            "--command-port",
+            "0",
+            "--query-port",
+            "0",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("catalog serve starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut serve = Serve(child);
+    let read = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    let text = match tokio::time::timeout(Duration::from_secs(30), read).await {
+        Ok(text) => text.expect("the reader ends"),
+        Err(_) => panic!("catalog serve {args:?} did not stop within 30 s"),
+    };
+    let status = serve.0.wait().expect("catalog serve ends");
+    assert!(
+        !status.success(),
+        "catalog serve {args:?} succeeded: {text}"
+    );
+    text
 }
 
 fn url(lines: &[String], label: &str) -> String {
@@ -60,7 +106,7 @@ fn url(lines: &[String], label: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_prints_its_urls_and_answers_there() {
-    let (_serve, lines) = tokio::task::spawn_blocking(|| serve(&[])).await.unwrap();
+    let (_serve, lines) = serve(&[]).await;
     let graphql = url(&lines, "GraphiQL");
     assert!(graphql.starts_with("http://127.0.0.1:"), "{lines:?}");
     let client = GraphqlClient::new(graphql, Duration::from_secs(10));
@@ -88,11 +134,7 @@ async fn serve_with_targets_calls_your_servers() {
     let backend = theirs.backend.as_ref().unwrap();
     let command = format!("http://{}", backend.command_addr);
     let query = format!("http://{}", backend.query_addr);
-    let (_serve, lines) = tokio::task::spawn_blocking(move || {
-        serve(&["--target-command", &command, "--target-query", &query])
-    })
-    .await
-    .unwrap();
+    let (_serve, lines) = serve(&["--target-command", &command, "--target-query", &query]).await;
     let client = GraphqlClient::new(url(&lines, "GraphiQL"), Duration::from_secs(10));
     let r = client
         .query(r#"mutation { createProduct(input: {id: "yours", name: "Yours", priceCents: 1}) { id } }"#)
@@ -109,37 +151,13 @@ async fn serve_with_targets_calls_your_servers() {
     assert!(message.contains("built-in services"), "{message}");
 
     // A bad target is refused with its value named.
-    let (_bad, lines) = tokio::task::spawn_blocking(|| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_catalog"))
-            .args(["serve", "--http-port", "0", "--target", "not a uri"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let lines: Vec<String> = BufReader::new(stderr)
-            .lines()
-            .take(20)
-            .map_while(Result::ok)
-            .collect();
-        (Serve(child), lines)
-    })
-    .await
-    .unwrap();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("invalid target `not a uri`")),
-        "{lines:?}"
-    );
+    let stderr = refused(&["--target", "not a uri"]).await;
+    assert!(stderr.contains("invalid target `not a uri`"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_fault_flags_shape_the_built_in_services() {
-    let (_serve, lines) =
-        tokio::task::spawn_blocking(|| serve(&["--query-outage", "--command-latency-ms", "300"]))
-            .await
-            .unwrap();
+    let (_serve, lines) = serve(&["--query-outage", "--command-latency-ms", "300"]).await;
     let client = GraphqlClient::new(url(&lines, "GraphiQL"), Duration::from_secs(10));
     let r = client
         .query("{ faults { service outage latencyMs } }")
@@ -164,11 +182,6 @@ async fn startup_fault_flags_shape_the_built_in_services() {
     );
 
     // A rate out of range is refused before anything starts.
-    let output = Command::new(env!("CARGO_BIN_EXE_catalog"))
-        .args(["serve", "--http-port", "0", "--query-error-rate", "1.5"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(&["--query-error-rate", "1.5"]).await;
     assert!(stderr.contains("is 1.5"), "{stderr}");
 }
