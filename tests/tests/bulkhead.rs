@@ -11,7 +11,7 @@ use std::time::Duration;
 use catalog_proto::command_service_client::CommandServiceClient;
 use catalog_proto::query_service_client::QueryServiceClient;
 use catalog_proto::{CreateProductRequest, GetProductRequest, InMemoryCatalog, Product};
-use grpc_bulkhead::{Bulkhead, BulkheadConfig, BulkheadLayer, Gradient};
+use grpc_bulkhead::{Aimd, Bulkhead, BulkheadConfig, BulkheadLayer, Gradient};
 use grpc_fault::Fault;
 use grpc_resilience_tests::{TestServer, eventually};
 use tokio::net::TcpListener;
@@ -397,8 +397,26 @@ async fn an_adaptive_limit_keeps_latency_near_no_load_at_the_servers_capacity() 
         .build()
         .unwrap();
     let adaptive_run = load(server.addr, BulkheadLayer::new(adaptive), 48, length).await;
-    let report = format!("unloaded {unloaded:?}\nfixed {fixed_run:?}\nadaptive {adaptive_run:?}");
+    // AIMD, told that 50 ms (2.5 times the no-load latency) means trouble.
+    let aimd = BulkheadConfig::builder()
+        .aimd(Aimd {
+            initial_limit: 4,
+            latency_threshold: Duration::from_millis(50),
+            ..Aimd::default()
+        })
+        .build()
+        .unwrap();
+    let aimd_run = load(server.addr, BulkheadLayer::new(aimd), 48, length).await;
+    let report = format!(
+        "unloaded {unloaded:?}\nfixed {fixed_run:?}\ngradient {adaptive_run:?}\naimd {aimd_run:?}"
+    );
     eprintln!("{report}");
+    assert!(
+        aimd_run.median * 2 <= fixed_run.median
+            && aimd_run.median <= unloaded.median * 3
+            && aimd_run.ok_per_second >= fixed_run.ok_per_second * 0.6,
+        "AIMD too keeps latency down at most of the throughput\n{report}"
+    );
 
     assert!(
         fixed_run.median >= unloaded.median * 3,

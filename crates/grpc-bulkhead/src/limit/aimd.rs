@@ -13,9 +13,14 @@ use super::Sample;
 ///   trip: a call admitted before the last backoff does not back off
 ///   again, so a burst of slow calls that were all in flight together
 ///   counts as one signal.
-/// * Any other call adds one to the limit (up to `max_limit`), provided the
-///   limit is in use: at least half of it was in flight when the call was
-///   admitted. An idle client does not grow a limit it never tested.
+/// * Any other call grows the limit (up to `max_limit`), provided the limit
+///   is in use: at least half of it was in flight when the call was
+///   admitted. An idle client does not grow a limit it never tested. Until
+///   the first backoff each such call adds one (a slow start, to find the
+///   level quickly); after it, each adds `1 / limit`, about one per round
+///   trip (TCP's congestion avoidance). Adding one per call at a level the
+///   server is near to would outpace a once-per-round-trip backoff and
+///   hold latency above the threshold.
 ///
 /// Choose it when the server says clearly when it is overloaded (it sheds
 /// with `RESOURCE_EXHAUSTED` or `UNAVAILABLE`), or when you know the
@@ -52,14 +57,14 @@ impl Default for Aimd {
 #[derive(Debug)]
 pub(crate) struct AimdState {
     config: Aimd,
-    limit: u32,
+    limit: f64,
     last_backoff: Option<Instant>,
 }
 
 impl AimdState {
     pub(crate) fn new(config: Aimd) -> Self {
         AimdState {
-            limit: config.initial_limit,
+            limit: f64::from(config.initial_limit),
             config,
             last_backoff: None,
         }
@@ -67,17 +72,22 @@ impl AimdState {
 
     pub(crate) fn update(&mut self, sample: Sample) -> u32 {
         let c = &self.config;
+        let (min, max) = (f64::from(c.min_limit), f64::from(c.max_limit));
         if sample.dropped || sample.rtt > c.latency_threshold {
             let seen = self.last_backoff.is_some_and(|at| sample.start < at);
             if !seen {
-                let backed_off = (f64::from(self.limit) * c.backoff_ratio).floor() as u32;
-                self.limit = backed_off.max(c.min_limit);
+                self.limit = (self.limit * c.backoff_ratio).floor().max(min);
                 self.last_backoff = Some(sample.start + sample.rtt);
             }
-        } else if sample.in_flight.saturating_mul(2) >= self.limit {
-            self.limit = self.limit.saturating_add(1).min(c.max_limit);
+        } else if f64::from(sample.in_flight) * 2.0 >= self.limit.floor() {
+            let step = if self.last_backoff.is_some() {
+                1.0 / self.limit
+            } else {
+                1.0
+            };
+            self.limit = (self.limit + step).min(max);
         }
-        self.limit
+        self.limit.floor() as u32
     }
 }
 
@@ -139,9 +149,12 @@ mod tests {
         assert_eq!(s.update(sample(t1, 5, 5, true)), 2);
         let t2 = t1 + Duration::from_millis(10);
         assert_eq!(s.update(sample(t2, 5, 2, true)), 2, "min_limit");
-        // And successes climb back, one by one.
+        // After a backoff, successes climb back by one per limit's worth
+        // of calls (one per round trip), not one per call: 2 + 1/2 + 1/2.5
+        // = 2.9, then 3.24.
         let t3 = t2 + Duration::from_millis(10);
+        assert_eq!(s.update(sample(t3, 5, 2, false)), 2);
+        assert_eq!(s.update(sample(t3, 5, 2, false)), 2);
         assert_eq!(s.update(sample(t3, 5, 2, false)), 3);
-        assert_eq!(s.update(sample(t3, 5, 2, false)), 4);
     }
 }
