@@ -439,3 +439,68 @@ async fn an_adaptive_limit_keeps_latency_near_no_load_at_the_servers_capacity() 
         "the excess is refused at the client\n{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_is_not_retried_even_where_resource_exhausted_is() {
+    use grpc_resilience_core::CodeSet;
+    use grpc_retry::{Jitter, RetryLayer, RetryPolicies, RetryPolicy};
+
+    let server = TestServer::start().await;
+    // A policy that retries RESOURCE_EXHAUSTED from the server after 300 ms.
+    let policy = RetryPolicy::default()
+        .with_max_attempts(3)
+        .with_initial_delay(Duration::from_millis(300))
+        .with_max_delay(Duration::from_millis(300))
+        .with_jitter(Jitter::None)
+        .with_retryable_codes(CodeSet::of(&[Code::ResourceExhausted]));
+    let layer = BulkheadLayer::new(fixed(1));
+    let channel = ServiceBuilder::new()
+        .layer(RetryLayer::new(RetryPolicies::new(policy).unwrap()))
+        .layer(layer.clone())
+        .service(server.channel());
+    let mut queries = QueryServiceClient::new(channel);
+
+    // Control: the server's RESOURCE_EXHAUSTED is retried, after 300 ms.
+    server
+        .faults
+        .script("GetProduct", [Fault::status(Code::ResourceExhausted)])
+        .unwrap();
+    let start = Instant::now();
+    queries.get_product(get()).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "retried after its backoff"
+    );
+    assert_eq!(server.faults.stats("GetProduct").unwrap().calls, 2);
+
+    // The bulkhead's own refusal is not: it comes back at once.
+    server
+        .faults
+        .always(
+            "GetProduct",
+            Fault::pass().with_delay(Duration::from_secs(30)),
+        )
+        .unwrap();
+    let mut hung_client = queries.clone();
+    let hung = tokio::spawn(async move { hung_client.get_product(get()).await });
+    let full = eventually(Duration::from_secs(5), || {
+        layer.partitions().iter().any(|p| p.in_flight == 1)
+            && server.faults.stats("GetProduct").unwrap().calls == 3
+    })
+    .await;
+    assert!(full, "{:?}", layer.partitions());
+    let start = Instant::now();
+    let status = queries.get_product(get()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_millis(250),
+        "not retried: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        server.faults.stats("GetProduct").unwrap().calls,
+        3,
+        "the refused call was never sent"
+    );
+    hung.abort();
+}
