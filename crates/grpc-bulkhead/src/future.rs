@@ -212,8 +212,13 @@ where
     ) -> Self {
         let since = Instant::now();
         let max_wait = partition.config().max_wait();
+        // A wait too long to add to the clock is a wait without end: a
+        // year is as good.
+        let until = since
+            .checked_add(max_wait)
+            .unwrap_or_else(|| since + Duration::from_secs(365 * 24 * 3600));
         let waiting = Waiting {
-            sleep: tokio::time::sleep_until(since + max_wait),
+            sleep: tokio::time::sleep_until(until),
             ticket: Ticket {
                 rx,
                 partition,

@@ -571,3 +571,24 @@ async fn gradient_settles_where_latency_starts_to_grow() {
         "stays near 8 + allowance: {limits:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_maximum_wait_past_the_end_of_time_waits_without_panicking() {
+    let config = BulkheadConfig::builder()
+        .max_concurrent(1)
+        .max_queue(1)
+        .max_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    let layer = BulkheadLayer::new(config);
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    let mut b = start(&mut service, GET);
+    assert!(b.poll().is_pending());
+    advance(Duration::from_secs(3600)).await;
+    assert!(b.poll().is_pending(), "still waiting");
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    assert!(b.poll().is_pending());
+    handle.next_request().await.expect("b is sent");
+}
