@@ -504,3 +504,86 @@ async fn a_rejection_is_not_retried_even_where_resource_exhausted_is() {
     );
     hung.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_full_stack_refusals_never_open_the_breaker_below() {
+    use grpc_circuit_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, State};
+    use grpc_retry::{RetryLayer, RetryPolicies, RetryPolicy};
+    use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
+
+    let server = TestServer::start().await;
+    server
+        .faults
+        .always(
+            "GetProduct",
+            Fault::pass().with_delay(Duration::from_secs(30)),
+        )
+        .unwrap();
+    let registry = || {
+        BreakerRegistry::with_default_config(BreakerConfig::default().with_failure_threshold(3))
+            .unwrap()
+    };
+    let timeouts = || TimeoutPolicy::new(Duration::from_secs(20)).unwrap();
+    let retries = || RetryLayer::new(RetryPolicies::new(RetryPolicy::default()).unwrap());
+
+    // Fills Query's partition of 2 with hung calls, then sends 10 more.
+    async fn refuse<S>(channel: S, layer: &BulkheadLayer) -> Vec<Code>
+    where
+        S: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+        S::Error: Into<tonic::codegen::StdError>,
+        S::Future: Send,
+        S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+        <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+    {
+        let hung: Vec<_> = (0..2)
+            .map(|_| {
+                let mut client = QueryServiceClient::new(channel.clone());
+                tokio::spawn(async move { client.get_product(get()).await })
+            })
+            .collect();
+        let full = eventually(Duration::from_secs(5), || {
+            layer.partitions().iter().any(|p| p.in_flight == 2)
+        })
+        .await;
+        assert!(full, "{:?}", layer.partitions());
+        let mut client = QueryServiceClient::new(channel);
+        let mut codes = Vec::new();
+        for _ in 0..10 {
+            codes.push(client.get_product(get()).await.unwrap_err().code());
+        }
+        for call in hung {
+            call.abort();
+        }
+        codes
+    }
+
+    // The documented order: Timeout > Retry > Bulkhead > CircuitBreaker.
+    let breakers = registry();
+    let layer = BulkheadLayer::new(fixed(2));
+    let channel = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(timeouts()))
+        .layer(retries())
+        .layer(layer.clone())
+        .layer(CircuitBreakerLayer::new(breakers.clone()))
+        .service(server.channel());
+    let codes = refuse(channel, &layer).await;
+    assert_eq!(codes, vec![Code::ResourceExhausted; 10]);
+    assert_eq!(
+        breakers.state("query"),
+        Some(State::Closed),
+        "the breaker saw no refusal"
+    );
+
+    // The control: the bulkhead below the breaker, whose default failure
+    // codes include RESOURCE_EXHAUSTED: local refusals open it.
+    let breakers = registry();
+    let layer = BulkheadLayer::new(fixed(2));
+    let channel = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(timeouts()))
+        .layer(retries())
+        .layer(CircuitBreakerLayer::new(breakers.clone()))
+        .layer(layer.clone())
+        .service(server.channel());
+    refuse(channel, &layer).await;
+    assert_eq!(breakers.state("query"), Some(State::Open));
+}
