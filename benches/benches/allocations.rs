@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use grpc_bulkhead::{BulkheadConfig, BulkheadLayer, Gradient};
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience_benches::{Bare, RequestFactory, call_once, drive, runtime};
 use grpc_retry::{RetryLayer, RetryPolicies, RetryPolicy};
@@ -176,6 +177,39 @@ fn main() {
             per_call(
                 ServiceBuilder::new()
                     .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                    .service(Bare),
+            ),
+        ),
+        (
+            "tower::limit::ConcurrencyLimit",
+            per_call(ServiceBuilder::new().concurrency_limit(64).service(Bare)),
+        ),
+        (
+            "grpc_bulkhead, fixed",
+            per_call(
+                ServiceBuilder::new()
+                    .layer(BulkheadLayer::new(
+                        BulkheadConfig::builder()
+                            .max_concurrent(64)
+                            .build()
+                            .expect("a config"),
+                    ))
+                    .service(Bare),
+            ),
+        ),
+        (
+            "grpc_bulkhead, adaptive (gradient)",
+            per_call(
+                ServiceBuilder::new()
+                    .layer(BulkheadLayer::new(
+                        BulkheadConfig::builder()
+                            .gradient(Gradient {
+                                initial_limit: 64,
+                                ..Gradient::default()
+                            })
+                            .build()
+                            .expect("a config"),
+                    ))
                     .service(Bare),
             ),
         ),

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use grpc_bulkhead::{BulkheadConfig, BulkheadLayer, Gradient};
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience::ResilientChannel;
 use grpc_resilience_benches::{
@@ -160,6 +161,64 @@ fn retry(c: &mut Criterion) {
     group.finish();
 }
 
+fn bulkhead_layer(adaptive: bool) -> BulkheadLayer {
+    let config = if adaptive {
+        BulkheadConfig::builder().gradient(Gradient {
+            initial_limit: 64,
+            ..Gradient::default()
+        })
+    } else {
+        BulkheadConfig::builder().max_concurrent(64)
+    };
+    BulkheadLayer::new(config.build().expect("a valid config"))
+}
+
+fn bulkhead(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let requests = RequestFactory::default();
+    let mut group = c.benchmark_group("bulkhead");
+
+    let mut bare = Bare;
+    group.bench_function("bare", |b| {
+        b.iter_custom(|n| drive(&rt, &mut bare, &requests, n))
+    });
+    let theirs = ServiceBuilder::new().concurrency_limit(64).service(Bare);
+    let fixed = ServiceBuilder::new()
+        .layer(bulkhead_layer(false))
+        .service(Bare);
+    let adaptive = ServiceBuilder::new()
+        .layer(bulkhead_layer(true))
+        .service(Bare);
+    let mut svc = theirs.clone();
+    group.bench_function("tower::limit::ConcurrencyLimit", |b| {
+        b.iter_custom(|n| drive(&rt, &mut svc, &requests, n))
+    });
+    let mut svc = fixed.clone();
+    group.bench_function("grpc_bulkhead fixed", |b| {
+        b.iter_custom(|n| drive(&rt, &mut svc, &requests, n))
+    });
+    let mut svc = adaptive.clone();
+    group.bench_function("grpc_bulkhead adaptive (gradient)", |b| {
+        b.iter_custom(|n| drive(&rt, &mut svc, &requests, n))
+    });
+
+    // Two threads, each with its own clone of one shared limit.
+    group.bench_function("bare, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel(&Bare, &requests, n, 2))
+    });
+    group.bench_function("tower::limit::ConcurrencyLimit, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel(&theirs, &requests, n, 2))
+    });
+    group.bench_function("grpc_bulkhead fixed, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel(&fixed, &requests, n, 2))
+    });
+    group.bench_function("grpc_bulkhead adaptive (gradient), 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel(&adaptive, &requests, n, 2))
+    });
+    group.finish();
+}
+
 fn stack(c: &mut Criterion) {
     let rt = runtime();
     let _guard = rt.enter();
@@ -205,6 +264,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = timeout, breaker, retry, stack
+    targets = timeout, breaker, retry, bulkhead, stack
 }
 criterion_main!(benches);

@@ -1,0 +1,315 @@
+//! The response future and body of [`Bulkhead`](crate::Bulkhead).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use grpc_resilience_core::error::{LocalRejection, error_code, find_error};
+use grpc_resilience_core::{BoxError, OnOutcome, Outcome, OutcomeBody};
+use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::error::BulkheadFull;
+use crate::limit::{Sample, is_overload};
+use crate::partition::{Partition, Rejection};
+
+/// A call's slot in its partition, held until the call ends: the end of
+/// the response body, a failed call, or a dropped future or body.
+#[derive(Debug)]
+pub struct Permit {
+    partition: Arc<Partition>,
+    // For an adaptive limit: when the call was admitted, and how long its
+    // response headers took.
+    start: Option<Instant>,
+    rtt: Option<Duration>,
+    in_flight: u32,
+    done: bool,
+}
+
+impl Permit {
+    pub(crate) fn new(partition: Arc<Partition>, in_flight: u32) -> Self {
+        partition.on_admitted();
+        let start = partition.is_adaptive().then(Instant::now);
+        Permit {
+            partition,
+            start,
+            rtt: None,
+            in_flight,
+            done: false,
+        }
+    }
+
+    fn responded(&mut self) {
+        if let Some(start) = self.start {
+            self.rtt = Some(Instant::now().saturating_duration_since(start));
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        if let Some(start) = self.start
+            && outcome != Outcome::Cancelled
+        {
+            let rtt = self
+                .rtt
+                .unwrap_or_else(|| Instant::now().saturating_duration_since(start));
+            self.partition.on_sample(Sample {
+                start,
+                rtt,
+                in_flight: self.in_flight,
+                dropped: is_overload(outcome.code()),
+            });
+        }
+        self.partition.on_finished();
+    }
+}
+
+impl OnOutcome for Permit {
+    fn on_outcome(mut self, outcome: Outcome) {
+        self.finish(outcome);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.finish(Outcome::Cancelled);
+    }
+}
+
+/// The response body: holds the call's slot until the body ends or is
+/// dropped.
+pub type ResponseBody<B> = OutcomeBody<B, Permit>;
+
+/// Rejects a call: counts it, logs it, and builds the error.
+pub(crate) fn reject(partition: &Partition, reason: Rejection) -> BulkheadFull {
+    partition.on_rejected(reason);
+    let limit = partition.limit();
+    tracing::warn!(
+        partition = %partition.name(),
+        reason = reason.as_str(),
+        limit,
+        in_flight = partition.in_flight(),
+        max_queue = partition.config().max_queue(),
+        "Bulkhead full, call rejected"
+    );
+    BulkheadFull::new(partition.name().clone(), reason, limit)
+}
+
+/// A place in a partition's wait queue.
+#[derive(Debug)]
+struct Ticket {
+    rx: oneshot::Receiver<()>,
+    partition: Arc<Partition>,
+    claimed: bool,
+}
+
+impl Ticket {
+    /// Leaves the queue; true if a slot was granted meanwhile (the call
+    /// then holds it).
+    fn give_up(&mut self) -> bool {
+        self.rx.close();
+        self.rx.try_recv().is_ok()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.claimed && self.give_up() {
+            // Granted, never used: pass it on.
+            self.partition.release();
+        }
+    }
+}
+
+pin_project! {
+    /// A call waiting for a slot, with the ready service it will be sent to.
+    struct Waiting<S, R> {
+        #[pin]
+        sleep: Sleep,
+        ticket: Ticket,
+        service: Option<S>,
+        request: Option<R>,
+        since: Instant,
+    }
+}
+
+pin_project! {
+    /// The response future of [`Bulkhead`](crate::Bulkhead).
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<http::Request<B>>,
+    {
+        #[pin]
+        kind: Kind<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<S, B>
+    where
+        S: Service<http::Request<B>>,
+    {
+        // Sent; no permit when no partition applies.
+        Called {
+            #[pin]
+            inner: S::Future,
+            permit: Option<Permit>,
+        },
+        // Queued for a slot (boxed: a rare path, and a request is large).
+        Waiting {
+            waiting: Pin<Box<Waiting<S, http::Request<B>>>>,
+        },
+        Rejected {
+            error: Option<BulkheadFull>,
+        },
+    }
+}
+
+impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<http::Request<B>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.kind {
+            Kind::Called { .. } => "called",
+            Kind::Waiting { .. } => "waiting",
+            Kind::Rejected { .. } => "rejected",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<http::Request<B>>,
+{
+    pub(crate) fn called(inner: S::Future, permit: Option<Permit>) -> Self {
+        ResponseFuture {
+            kind: Kind::Called { inner, permit },
+        }
+    }
+
+    pub(crate) fn rejected(error: BulkheadFull) -> Self {
+        ResponseFuture {
+            kind: Kind::Rejected { error: Some(error) },
+        }
+    }
+
+    pub(crate) fn waiting(
+        partition: Arc<Partition>,
+        rx: oneshot::Receiver<()>,
+        service: S,
+        request: http::Request<B>,
+    ) -> Self {
+        let since = Instant::now();
+        let max_wait = partition.config().max_wait();
+        // A wait too long to add to the clock is a wait without end: a
+        // year is as good.
+        let until = since
+            .checked_add(max_wait)
+            .unwrap_or_else(|| since + Duration::from_secs(365 * 24 * 3600));
+        let waiting = Waiting {
+            sleep: tokio::time::sleep_until(until),
+            ticket: Ticket {
+                rx,
+                partition,
+                claimed: false,
+            },
+            service: Some(service),
+            request: Some(request),
+            since,
+        };
+        ResponseFuture {
+            kind: Kind::Waiting {
+                waiting: Box::pin(waiting),
+            },
+        }
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<http::Response<ResponseBody<ResBody>>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().kind.project() {
+                KindProj::Called { inner, permit } => {
+                    return match ready!(inner.poll(cx)) {
+                        Ok(response) => Poll::Ready(Ok(match permit.take() {
+                            Some(mut permit) => {
+                                permit.responded();
+                                OutcomeBody::wrap_response(response, permit)
+                            }
+                            None => response.map(OutcomeBody::reported),
+                        })),
+                        Err(err) => {
+                            let err: BoxError = err.into();
+                            if let Some(mut permit) = permit.take() {
+                                // A call refused below (an open breaker)
+                                // never reached the server: no sample.
+                                let outcome = if find_error::<LocalRejection>(&*err).is_some() {
+                                    Outcome::Cancelled
+                                } else {
+                                    Outcome::Error(error_code(&*err))
+                                };
+                                permit.finish(outcome);
+                            }
+                            Poll::Ready(Err(err))
+                        }
+                    };
+                }
+                KindProj::Rejected { error } => {
+                    return Poll::Ready(Err(match error.take() {
+                        Some(error) => Box::new(error),
+                        None => "bulkhead future polled after completion".into(),
+                    }));
+                }
+                KindProj::Waiting { waiting } => {
+                    let w = waiting.as_mut().project();
+                    let granted = match Pin::new(&mut w.ticket.rx).poll(cx) {
+                        Poll::Ready(result) => result.is_ok(),
+                        Poll::Pending => {
+                            ready!(w.sleep.poll(cx));
+                            w.ticket.give_up()
+                        }
+                    };
+                    let partition = w.ticket.partition.clone();
+                    partition.on_waited(Instant::now().saturating_duration_since(*w.since));
+                    if !granted {
+                        let error = reject(&partition, Rejection::WaitTimedOut);
+                        Kind::Rejected { error: Some(error) }
+                    } else {
+                        w.ticket.claimed = true;
+                        let (Some(mut service), Some(request)) =
+                            (w.service.take(), w.request.take())
+                        else {
+                            return Poll::Ready(Err(
+                                "bulkhead future polled after completion".into()
+                            ));
+                        };
+                        let in_flight = partition.in_flight();
+                        let permit = Permit::new(partition, in_flight);
+                        Kind::Called {
+                            inner: service.call(request),
+                            permit: Some(permit),
+                        }
+                    }
+                }
+            };
+            self.as_mut().project().kind.set(next);
+        }
+    }
+}

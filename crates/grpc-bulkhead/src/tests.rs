@@ -1,0 +1,594 @@
+use std::time::Duration;
+
+use bytes::Bytes;
+use grpc_resilience_core::error::{LocalRejection, find_error};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use tokio::sync::mpsc;
+use tokio::time::advance;
+use tokio_test::task;
+use tonic::Code;
+use tower_test::mock;
+
+use super::*;
+use grpc_resilience_core::BoxError;
+
+const GET: &str = "/catalog.v1.QueryService/GetProduct";
+const LIST: &str = "/catalog.v1.QueryService/ListProducts";
+const CREATE: &str = "/catalog.v1.CommandService/CreateProduct";
+const QUERY: &str = "catalog.v1.QueryService";
+
+type FrameResult = Result<Frame<Bytes>, BoxError>;
+type Body = StreamBody<tokio_stream::wrappers::ReceiverStream<FrameResult>>;
+type Req = http::Request<Empty<Bytes>>;
+type Res = http::Response<Body>;
+type Svc = mock::Spawn<Bulkhead<mock::Mock<Req, Res>>>;
+type Handle = mock::Handle<Req, Res>;
+
+fn config(limit: u32, queue: u32, wait_ms: u64) -> BulkheadConfig {
+    BulkheadConfig::builder()
+        .max_concurrent(limit)
+        .max_queue(queue)
+        .max_wait(Duration::from_millis(wait_ms))
+        .build()
+        .unwrap()
+}
+
+fn setup(layer: &BulkheadLayer) -> (Svc, Handle) {
+    mock::spawn_layer(layer.clone())
+}
+
+fn request(path: &str) -> Req {
+    http::Request::builder()
+        .uri(format!("http://catalog{path}"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// A Trailers-Only response with `code`.
+fn trailers_only(code: Code) -> Res {
+    let (_tx, rx) = mpsc::channel(1);
+    let mut response = http::Response::new(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    response
+        .headers_mut()
+        .insert("grpc-status", (code as i32).to_string().parse().unwrap());
+    response
+}
+
+/// A response whose body the test feeds.
+fn streaming() -> (Res, mpsc::Sender<FrameResult>) {
+    let (tx, rx) = mpsc::channel(4);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    (http::Response::new(body), tx)
+}
+
+fn ok_trailers() -> Frame<Bytes> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    Frame::trailers(trailers)
+}
+
+type Fut = task::Spawn<future::ResponseFuture<mock::Mock<Req, Res>, Empty<Bytes>>>;
+
+/// Starts a call; `poll_ready` must never refuse.
+fn start(service: &mut Svc, path: &str) -> Fut {
+    assert!(
+        matches!(service.poll_ready(), std::task::Poll::Ready(Ok(()))),
+        "poll_ready never waits for a slot or rejects"
+    );
+    task::spawn(service.call(request(path)))
+}
+
+/// Starts a call that must be admitted, and answers it with `response`.
+async fn admitted(
+    service: &mut Svc,
+    handle: &mut Handle,
+    path: &str,
+) -> (Fut, mock::SendResponse<Res>) {
+    let mut fut = start(service, path);
+    assert!(fut.poll().is_pending());
+    let (req, send) = handle.next_request().await.expect("sent to the service");
+    assert_eq!(req.uri().path(), path);
+    (fut, send)
+}
+
+/// Starts a call that must be rejected at once, without being sent.
+fn rejected(service: &mut Svc, handle: &mut Handle, path: &str) -> BulkheadFull {
+    let mut fut = start(service, path);
+    let std::task::Poll::Ready(Err(err)) = fut.poll() else {
+        panic!("should be rejected at once");
+    };
+    assert!(
+        handle.poll_request().is_pending(),
+        "a rejected call is not sent"
+    );
+    *err.downcast::<BulkheadFull>().expect("a BulkheadFull")
+}
+
+fn status_of(layer: &BulkheadLayer, name: &str) -> PartitionStatus {
+    layer
+        .partitions()
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no partition {name}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_the_limit_in_flight_then_resource_exhausted() {
+    let layer = BulkheadLayer::new(config(2, 0, 0));
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    let (_b, _send_b) = admitted(&mut service, &mut handle, GET).await;
+    assert_eq!(status_of(&layer, QUERY).in_flight, 2);
+
+    let full = rejected(&mut service, &mut handle, GET);
+    assert_eq!(full.partition(), QUERY);
+    assert_eq!(full.reason(), Rejection::QueueFull);
+    assert_eq!(full.status().code(), Code::ResourceExhausted);
+    let err: BoxError = Box::new(full);
+    assert!(
+        find_error::<LocalRejection>(&*err).is_some(),
+        "marked as a local refusal, so the retry layer leaves it"
+    );
+    let status = tonic::Status::from_error(err);
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "what a stub's caller sees"
+    );
+    assert!(
+        status.message().contains("`catalog.v1.QueryService`"),
+        "{status:?}"
+    );
+
+    // A Trailers-Only answer frees its slot as it arrives.
+    send_a.send_response(trailers_only(Code::Ok));
+    let response = a.await.unwrap();
+    assert_eq!(status_of(&layer, QUERY).in_flight, 1);
+    drop(response);
+    let (_c, _send_c) = admitted(&mut service, &mut handle, GET).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streaming_response_holds_its_slot_until_the_body_ends() {
+    let layer = BulkheadLayer::new(config(1, 0, 0));
+    let (mut service, mut handle) = setup(&layer);
+    let (fut, send) = admitted(&mut service, &mut handle, LIST).await;
+    let (response, tx) = streaming();
+    send.send_response(response);
+    let mut body = fut.await.unwrap().into_body();
+
+    tx.send(Ok(Frame::data(Bytes::from_static(b"msg"))))
+        .await
+        .unwrap();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    rejected(&mut service, &mut handle, GET);
+
+    tx.send(Ok(ok_trailers())).await.unwrap();
+    assert!(body.frame().await.unwrap().unwrap().is_trailers());
+    assert_eq!(status_of(&layer, QUERY).in_flight, 0, "freed at the end");
+    let (_next, _send) = admitted(&mut service, &mut handle, GET).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_body_or_future_frees_the_slot() {
+    let layer = BulkheadLayer::new(config(1, 0, 0));
+    let (mut service, mut handle) = setup(&layer);
+
+    let (fut, send) = admitted(&mut service, &mut handle, LIST).await;
+    let (response, tx) = streaming();
+    send.send_response(response);
+    let mut body = fut.await.unwrap().into_body();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"msg"))))
+        .await
+        .unwrap();
+    body.frame().await.unwrap().unwrap();
+    rejected(&mut service, &mut handle, GET);
+    drop(body);
+    assert_eq!(status_of(&layer, QUERY).in_flight, 0);
+
+    let (fut, _send) = admitted(&mut service, &mut handle, GET).await;
+    rejected(&mut service, &mut handle, GET);
+    drop(fut);
+    assert_eq!(status_of(&layer, QUERY).in_flight, 0);
+    let (_fut, _send) = admitted(&mut service, &mut handle, GET).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_from_the_service_frees_the_slot() {
+    let layer = BulkheadLayer::new(config(1, 0, 0));
+    let (mut service, mut handle) = setup(&layer);
+    let (fut, send) = admitted(&mut service, &mut handle, GET).await;
+    send.send_error(std::io::Error::other("connection reset"));
+    let err = fut.await.unwrap_err();
+    assert_eq!(err.to_string(), "connection reset");
+    assert_eq!(status_of(&layer, QUERY).in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_call_is_sent_when_a_slot_frees() {
+    let layer = BulkheadLayer::new(config(1, 1, 1_000));
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+
+    let mut b = start(&mut service, GET);
+    assert!(b.poll().is_pending(), "queued");
+    assert!(handle.poll_request().is_pending(), "not sent while queued");
+    assert_eq!(status_of(&layer, QUERY).queued, 1);
+    // The queue holds one: the next call is refused.
+    assert_eq!(
+        rejected(&mut service, &mut handle, GET).reason(),
+        Rejection::QueueFull
+    );
+
+    advance(Duration::from_millis(300)).await;
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    assert!(b.is_woken(), "the freed slot wakes the waiter");
+    assert!(b.poll().is_pending());
+    let (req, send_b) = handle.next_request().await.expect("b is sent");
+    assert_eq!(req.uri().path(), GET);
+    assert_eq!(status_of(&layer, QUERY).in_flight, 1);
+    send_b.send_response(trailers_only(Code::Ok));
+    b.await.unwrap();
+    assert_eq!(status_of(&layer, QUERY).in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_call_is_rejected_after_the_maximum_wait() {
+    let layer = BulkheadLayer::new(config(1, 4, 100));
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    let mut b = start(&mut service, GET);
+    assert!(b.poll().is_pending());
+    advance(Duration::from_millis(99)).await;
+    assert!(b.poll().is_pending(), "still within max_wait");
+    advance(Duration::from_millis(2)).await;
+    let std::task::Poll::Ready(Err(err)) = b.poll() else {
+        panic!("rejected after max_wait");
+    };
+    assert!(handle.poll_request().is_pending(), "never sent");
+    let full = err.downcast::<BulkheadFull>().unwrap();
+    assert_eq!(full.reason(), Rejection::WaitTimedOut);
+    assert_eq!(
+        tonic::Status::from_error(full).code(),
+        Code::ResourceExhausted
+    );
+    assert_eq!(status_of(&layer, QUERY).queued, 0);
+
+    // Its place and no slot were kept: once `a` ends, a call goes at once.
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    let (_c, _send) = admitted(&mut service, &mut handle, GET).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_queued_call_gives_up_its_place() {
+    let layer = BulkheadLayer::new(config(1, 1, 1_000));
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    let mut b = start(&mut service, GET);
+    assert!(b.poll().is_pending());
+    drop(b);
+    let mut c = start(&mut service, GET);
+    assert!(c.poll().is_pending(), "b's place in the queue is free");
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    assert!(c.poll().is_pending());
+    let (_req, _send_c) = handle.next_request().await.expect("c gets the slot");
+}
+
+#[tokio::test(start_paused = true)]
+async fn partitions_are_independent() {
+    let layer = BulkheadLayer::new(config(1, 0, 0));
+    let (mut service, mut handle) = setup(&layer);
+    let (_get, _send) = admitted(&mut service, &mut handle, GET).await;
+    rejected(&mut service, &mut handle, LIST);
+    // The Command service has its own partition.
+    let (_create, _send) = admitted(&mut service, &mut handle, CREATE).await;
+    let names: Vec<String> = layer.partitions().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["catalog.v1.CommandService", QUERY]);
+
+    // Per method: GetProduct full leaves ListProducts alone.
+    let layer = BulkheadLayer::with_partitioning(config(1, 0, 0), Partitioning::PerMethod);
+    let (mut service, mut handle) = setup(&layer);
+    let (_get, _send) = admitted(&mut service, &mut handle, GET).await;
+    rejected(&mut service, &mut handle, GET);
+    let (_list, _send) = admitted(&mut service, &mut handle, LIST).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_selector_partition_takes_the_calls_it_matches() {
+    let layer = BulkheadLayer::new(config(5, 0, 0))
+        .with_partition("GetProduct", config(1, 0, 0))
+        .unwrap();
+    let (mut service, mut handle) = setup(&layer);
+    let (_get, _send) = admitted(&mut service, &mut handle, GET).await;
+    let full = rejected(&mut service, &mut handle, GET);
+    assert_eq!(full.partition(), "GetProduct");
+    // ListProducts goes to the Query service's own partition.
+    let (_list, _send) = admitted(&mut service, &mut handle, LIST).await;
+    assert_eq!(status_of(&layer, QUERY).in_flight, 1);
+
+    // Only selected calls are limited by an empty layer.
+    let layer = BulkheadLayer::empty()
+        .with_partition("catalog.v1.CommandService/*", config(1, 0, 0))
+        .unwrap();
+    let (mut service, mut handle) = setup(&layer);
+    let (_a, _s) = admitted(&mut service, &mut handle, CREATE).await;
+    rejected(&mut service, &mut handle, CREATE);
+    for _ in 0..3 {
+        let (_f, _s) = admitted(&mut service, &mut handle, GET).await;
+    }
+    let names: Vec<String> = layer.partitions().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["catalog.v1.CommandService/*"]);
+}
+
+#[test]
+fn bad_selectors_and_configs_are_named() {
+    let err = BulkheadLayer::empty()
+        .with_partition("a/b/c", BulkheadConfig::default())
+        .unwrap_err();
+    assert_eq!(err.field(), "selector");
+    assert_eq!(err.value(), "a/b/c");
+    let err = BulkheadLayer::empty()
+        .with_partition("GetProduct", BulkheadConfig::default())
+        .unwrap()
+        .with_partition("GetProduct", BulkheadConfig::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("more than once"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_grpc_paths_are_not_limited() {
+    let layer = BulkheadLayer::new(config(1, 0, 0));
+    let (mut service, mut handle) = setup(&layer);
+    for _ in 0..3 {
+        let (_f, _s) = admitted(&mut service, &mut handle, "/healthz").await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_count_in_flight_rejections_and_waits() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let layer = BulkheadLayer::new(config(1, 1, 50));
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    let mut waited = start(&mut service, GET);
+    assert!(waited.poll().is_pending());
+    rejected(&mut service, &mut handle, GET);
+    advance(Duration::from_millis(20)).await;
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    assert!(waited.poll().is_pending());
+    let (_req, _send) = handle.next_request().await.unwrap();
+    let mut timed_out = start(&mut service, GET);
+    assert!(timed_out.poll().is_pending());
+    advance(Duration::from_millis(51)).await;
+    assert!(timed_out.poll().is_ready());
+
+    let mut gauges = std::collections::BTreeMap::new();
+    let mut counters = std::collections::BTreeMap::new();
+    let mut histograms = std::collections::BTreeMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let labels: Vec<String> = key
+            .key()
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = format!("{}{{{}}}", key.key().name(), labels.join(","));
+        match value {
+            DebugValue::Gauge(g) => {
+                gauges.insert(name, g.into_inner());
+            }
+            DebugValue::Counter(c) => {
+                counters.insert(name, c);
+            }
+            DebugValue::Histogram(h) => {
+                histograms.insert(
+                    name,
+                    h.into_iter().map(|v| v.into_inner()).collect::<Vec<_>>(),
+                );
+            }
+        }
+    }
+    let p = "partition=catalog.v1.QueryService";
+    assert_eq!(gauges[&format!("bulkhead.in_flight{{{p}}}")], 1.0);
+    assert_eq!(gauges[&format!("bulkhead.limit{{{p}}}")], 1.0);
+    assert_eq!(
+        counters[&format!("bulkhead.rejected.count{{{p},reason=queue_full}}")],
+        1
+    );
+    assert_eq!(
+        counters[&format!("bulkhead.rejected.count{{{p},reason=max_wait}}")],
+        1
+    );
+    let waits = &histograms[&format!("bulkhead.wait.duration{{{p}}}")];
+    assert_eq!(waits.len(), 2, "{waits:?}");
+    assert!((waits[0] - 0.020).abs() < 1e-3, "{waits:?}");
+    assert!((waits[1] - 0.050).abs() < 2e-3, "{waits:?}");
+}
+
+fn aimd_layer() -> BulkheadLayer {
+    let config = BulkheadConfig::builder()
+        .aimd(Aimd {
+            initial_limit: 4,
+            min_limit: 1,
+            max_limit: 10,
+            backoff_ratio: 0.5,
+            latency_threshold: Duration::from_millis(100),
+        })
+        .build()
+        .unwrap();
+    BulkheadLayer::new(config)
+}
+
+#[tokio::test(start_paused = true)]
+async fn aimd_backs_off_on_overload_and_slowness_and_grows_on_success() {
+    let layer = aimd_layer();
+    let (mut service, mut handle) = setup(&layer);
+    assert_eq!(layer.partitions(), []);
+    let limit = |layer: &BulkheadLayer| status_of(layer, QUERY).limit;
+
+    // The server sheds the call: halve.
+    let (f, send) = admitted(&mut service, &mut handle, GET).await;
+    send.send_response(trailers_only(Code::ResourceExhausted));
+    f.await.unwrap();
+    assert_eq!(limit(&layer), 2);
+
+    // Slow (150 ms to the response headers, over the 100 ms threshold):
+    // halve again.
+    let (f, send) = admitted(&mut service, &mut handle, GET).await;
+    advance(Duration::from_millis(150)).await;
+    send.send_response(trailers_only(Code::Ok));
+    f.await.unwrap();
+    assert_eq!(limit(&layer), 1);
+
+    // Fast successes, the limit in use: after a backoff, one more per
+    // limit's worth of calls: 1 + 1/1 = 2, 2.5, 2.9.
+    for expected in [2, 2, 2] {
+        let (f, send) = admitted(&mut service, &mut handle, GET).await;
+        if status_of(&layer, QUERY).limit == 1 {
+            rejected(&mut service, &mut handle, GET);
+        }
+        advance(Duration::from_millis(10)).await;
+        send.send_response(trailers_only(Code::Ok));
+        f.await.unwrap();
+        assert_eq!(limit(&layer), expected);
+    }
+
+    // A stream that lasts long is not slow: latency is measured to its
+    // response headers.
+    let (f, send) = admitted(&mut service, &mut handle, LIST).await;
+    let (response, tx) = streaming();
+    advance(Duration::from_millis(10)).await;
+    send.send_response(response);
+    let mut body = f.await.unwrap().into_body();
+    advance(Duration::from_secs(5)).await;
+    tx.send(Ok(ok_trailers())).await.unwrap();
+    assert!(body.frame().await.unwrap().unwrap().is_trailers());
+    assert_eq!(
+        limit(&layer),
+        3,
+        "a success like any other (2.9 + 1/2.9): no backoff"
+    );
+
+    // A call refused below (an open breaker) and a cancelled call say
+    // nothing about the server.
+    let (f, send) = admitted(&mut service, &mut handle, GET).await;
+    send.send_error(LocalRejection::new(tonic::Status::unavailable(
+        "breaker open",
+    )));
+    f.await.unwrap_err();
+    let (f, _send) = admitted(&mut service, &mut handle, GET).await;
+    drop(f);
+    assert_eq!(limit(&layer), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_growing_adaptive_limit_wakes_queued_calls() {
+    let config = BulkheadConfig::builder()
+        .aimd(Aimd {
+            initial_limit: 2,
+            min_limit: 1,
+            max_limit: 10,
+            backoff_ratio: 0.5,
+            latency_threshold: Duration::from_millis(100),
+        })
+        .max_queue(4)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let layer = BulkheadLayer::new(config);
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    let (_b, _send_b) = admitted(&mut service, &mut handle, GET).await;
+    let mut c = start(&mut service, GET);
+    let mut d = start(&mut service, GET);
+    assert!(c.poll().is_pending() && d.poll().is_pending());
+    // `a` succeeds: its slot goes to `c`, and the limit grows to 3, which
+    // lets `d` in too.
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    assert_eq!(status_of(&layer, QUERY).limit, 3);
+    assert!(c.poll().is_pending() && d.poll().is_pending());
+    handle.next_request().await.expect("c is sent");
+    handle.next_request().await.expect("d is sent");
+    assert_eq!(status_of(&layer, QUERY).in_flight, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn gradient_settles_where_latency_starts_to_grow() {
+    let config = BulkheadConfig::builder()
+        .gradient(Gradient {
+            initial_limit: 2,
+            min_limit: 1,
+            max_limit: 100,
+            smoothing: 0.5,
+            tolerance: 1.0,
+            queue_allowance: 2.0,
+            short_window: 1,
+            min_rtt_window: Duration::from_secs(60),
+        })
+        .build()
+        .unwrap();
+    let layer = BulkheadLayer::new(config);
+    let (mut service, mut handle) = setup(&layer);
+    // Rounds of as many concurrent calls as the partition admits; the
+    // server answers in 10 ms up to 8 at once, and proportionally slower
+    // beyond (it queues).
+    let mut limits = Vec::new();
+    for _ in 0..40 {
+        let mut calls = Vec::new();
+        loop {
+            let mut fut = start(&mut service, GET);
+            if fut.poll().is_ready() {
+                break;
+            }
+            let (_, send) = handle.next_request().await.unwrap();
+            calls.push((fut, send));
+        }
+        let n = calls.len() as u64;
+        advance(Duration::from_millis(10 * n.max(8) / 8)).await;
+        for (fut, send) in calls {
+            send.send_response(trailers_only(Code::Ok));
+            fut.await.unwrap();
+        }
+        limits.push(status_of(&layer, QUERY).limit);
+    }
+    assert!(limits[0] > 2, "grows from 2: {limits:?}");
+    // Every round brings a batch of samples at once, so it circles the
+    // point where latency starts to grow (8) plus the allowance, never
+    // far from it.
+    assert!(
+        limits[10..].iter().all(|l| (6..=13).contains(l)),
+        "stays near 8 + allowance: {limits:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_maximum_wait_past_the_end_of_time_waits_without_panicking() {
+    let config = BulkheadConfig::builder()
+        .max_concurrent(1)
+        .max_queue(1)
+        .max_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    let layer = BulkheadLayer::new(config);
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    let mut b = start(&mut service, GET);
+    assert!(b.poll().is_pending());
+    advance(Duration::from_secs(3600)).await;
+    assert!(b.poll().is_pending(), "still waiting");
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    assert!(b.poll().is_pending());
+    handle.next_request().await.expect("b is sent");
+}
