@@ -180,6 +180,20 @@ impl<S, B> Ctx<S, B> {
                 };
             }
         }
+        // The budget is asked last: it is charged only for a retry sent.
+        if !never_processed
+            && let Some(budget) = &self.shared.budget
+            && !budget.withdraw()
+        {
+            metrics::counter!(
+                "grpc.retry.budget_exhausted",
+                "service" => service.to_owned(),
+                "method" => method.to_owned(),
+            )
+            .increment(1);
+            tracing::debug!(service, method, "not retried: the retry budget is spent");
+            return Next::Return;
+        }
         let code_text = code_name(code).to_lowercase();
         metrics::counter!(
             "grpc.retry.count",

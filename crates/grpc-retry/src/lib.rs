@@ -58,6 +58,13 @@
 //!   with a throttle its [`ResponseBody`] gives the token back when the
 //!   trailers say OK (not when a call that fails later commits); without
 //!   one, nothing is counted.
+//! * **Retry budget.** An optional [`RetryBudget`] (Finagle / Linkerd
+//!   style): retries at most a share of the calls of a recent window, plus
+//!   a minimum rate. Each call that may be retried deposits, each retry
+//!   withdraws; a retry the budget cannot pay for is not sent. With a
+//!   throttle as well, both must allow a retry. [`RetryBudget`] says when
+//!   to choose which: the budget keeps retrying random faults that drain
+//!   the A6 bucket, and still bounds the load under overload.
 //! * **Hostile headers.** A `grpc-status-details-bin` that is not valid
 //!   base64 (tonic 0.14 panics on one) is dropped from every response head
 //!   and trailers this layer returns.
@@ -97,7 +104,8 @@
 //!
 //! `grpc.retry.count` (labels `service`, `method`, `code`) per retry,
 //! `grpc.retry.duration` (seconds a retried call spent after its first
-//! attempt), `grpc.retry.throttled`, `grpc.retry.buffer_exceeded` and
+//! attempt), `grpc.retry.throttled`, `grpc.retry.budget_exhausted`,
+//! `grpc.retry.buffer_exceeded` and
 //! `grpc.retry.deadline_exhausted` (labels `service`, `method`: calls not
 //! retried for those reasons; the last one counts retries abandoned because
 //! the deadline left less than the backoff or pushback). Each retry logs a WARN worded as
@@ -107,6 +115,7 @@
 
 mod backoff;
 mod body;
+mod budget;
 mod decide;
 pub mod future;
 mod head;
@@ -120,6 +129,7 @@ mod throttle;
 
 pub use backoff::{Jitter, base_delay, jittered};
 pub use body::ResponseBody;
+pub use budget::{MAX_MIN_RETRIES_PER_SECOND, RetryBudget};
 pub use layer::{DEFAULT_PER_CALL_BUFFER, DEFAULT_TOTAL_BUFFER, RetryLayer};
 pub use policy::{
     DEFAULT_MAX_PUSHBACK, DEFAULT_RETRYABLE_CODES, RetryConfigError, RetryPolicies, RetryPolicy,

@@ -13,7 +13,7 @@ use crate::future::{Ctx, ResponseFuture};
 use crate::head::Head;
 use crate::layer::RetryLayer;
 use crate::replay::{Limits, ReplayBody as Replay, ReplayableBody};
-use crate::{ResponseBody, RetryOverride, RetryPolicies, RetryThrottle};
+use crate::{ResponseBody, RetryBudget, RetryOverride, RetryPolicies, RetryThrottle};
 
 /// The header that carries the idempotency key.
 pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -22,6 +22,7 @@ pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("ide
 pub(crate) struct Shared {
     pub(crate) policies: RetryPolicies,
     pub(crate) throttle: Option<RetryThrottle>,
+    pub(crate) budget: Option<RetryBudget>,
     pub(crate) limits: Arc<Limits>,
 }
 
@@ -112,6 +113,9 @@ where
             return ResponseFuture::passthrough(self.inner.call(request));
         };
 
+        if let Some(budget) = &self.shared.budget {
+            budget.deposit();
+        }
         // The call's one deadline: the one recorded above, or else the
         // caller's `grpc-timeout` read now (`CallDeadline::get_or_insert`,
         // with the recording done below, after the head is kept).
