@@ -596,3 +596,4 @@ async fn a_call_can_override_its_policy() {
 }
 
 mod budget;
+mod hedge;
