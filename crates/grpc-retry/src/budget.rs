@@ -50,8 +50,8 @@ pub const MAX_MIN_RETRIES_PER_SECOND: u32 = 1_000_000;
 /// tower's budget counts in whole units: at a `retry_ratio` of 1 or below,
 /// one retry costs `floor(1 / retry_ratio)` deposits, so 0.3 allows one
 /// retry per 3 calls (33 %) and anything above 0.5 allows one per call.
-/// Above 1 the cost is kept to a thousandth of a call. Each deposit takes a
-/// short, uncontended lock inside tower's budget.
+/// Above 1 the cost is kept to a thousandth of a call. Each deposit and
+/// withdrawal takes a short lock inside tower's budget (to roll its window).
 ///
 /// ```
 /// use std::time::Duration;

@@ -404,3 +404,28 @@ fn a_method_has_a_retry_or_a_hedging_policy() {
         .unwrap_err();
     assert!(err.to_string().contains("GetProduct"), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_stream_sends_the_next_hedge_at_once_and_a_rejection_stops_hedging() {
+    let (mut service, mut server) = hedged(policy(1000).with_max_attempts(3));
+    let t0 = Instant::now();
+    let call = start(&mut service, request(GET, b"x"));
+    let first = server.next().await;
+    // The server never saw it: not a response, so the next hedge goes now.
+    let _ = first
+        .reply
+        .send(Err(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM))));
+    let second = server.next().await;
+    assert_eq!(second.at - t0, Duration::ZERO);
+    // Refused below (an open breaker): no further hedge; the caller gets
+    // the refusal once nothing else is in flight.
+    let _ = second.reply.send(Err(Box::new(
+        grpc_resilience_core::error::LocalRejection::new(tonic::Status::unavailable("open")),
+    )));
+    let err = call.await.unwrap().expect_err("refused");
+    assert_eq!(tonic::Status::from_error(err).code(), Code::Unavailable);
+    assert!(
+        server.quiet_for(Duration::from_secs(5)).await,
+        "no third attempt"
+    );
+}
