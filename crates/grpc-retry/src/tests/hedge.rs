@@ -112,6 +112,11 @@ async fn bytes(body: Body) -> Bytes {
 
 #[tokio::test(start_paused = true)]
 async fn hedges_go_every_delay_and_the_first_answer_cancels_the_rest() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _metrics = metrics::set_default_local_recorder(&recorder);
+
     let (mut service, mut server) = hedged(policy(50).with_max_attempts(3));
     let t0 = Instant::now();
     let call = start(&mut service, request(GET, b"\0\0\0\0\x02p1"));
@@ -143,6 +148,19 @@ async fn hedges_go_every_delay_and_the_first_answer_cancels_the_rest() {
         server.quiet_for(Duration::from_secs(1)).await,
         "no 4th attempt"
     );
+    // A snapshot resets the counters: take one.
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str| {
+        snapshot
+            .iter()
+            .find(|(k, ..)| k.key().name() == name)
+            .map(|(.., v)| match v {
+                DebugValue::Counter(n) => *n,
+                _ => panic!("{name} is not a counter"),
+            })
+    };
+    assert_eq!(counter("grpc.retry.hedges"), Some(2));
+    assert_eq!(counter("grpc.retry.hedges_cancelled"), Some(2));
 }
 
 #[tokio::test(start_paused = true)]
