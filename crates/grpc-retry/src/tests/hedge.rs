@@ -447,3 +447,32 @@ async fn a_refused_stream_sends_the_next_hedge_at_once_and_a_rejection_stops_hed
         "no third attempt"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_override_makes_a_hedged_call_a_retried_one() {
+    let (mut service, mut server) = hedged(policy(50));
+    // Disabled: sent once, never hedged.
+    let mut req = request(GET, b"x");
+    req.extensions_mut().insert(RetryOverride::disabled());
+    let call = start(&mut service, req);
+    let first = server.next().await;
+    assert!(server.quiet_for(Duration::from_secs(1)).await, "no hedge");
+    first.answer(trailers_only(Code::Unavailable));
+    assert_eq!(code_of(call.await.unwrap()), Code::Unavailable);
+
+    // Any other override: retried after a failure, not hedged.
+    let mut req = request(GET, b"x");
+    req.extensions_mut().insert(
+        RetryOverride::new()
+            .with_max_attempts(2)
+            .with_initial_delay(Duration::from_millis(10)),
+    );
+    let call = start(&mut service, req);
+    let first = server.next().await;
+    assert!(server.quiet_for(Duration::from_secs(1)).await, "no hedge");
+    first.answer(trailers_only(Code::Unavailable));
+    let retry = server.next().await;
+    assert_eq!(retry.previous(), Some("1"));
+    retry.answer(trailers_only(Code::Ok));
+    assert_eq!(code_of(call.await.unwrap()), Code::Ok);
+}
