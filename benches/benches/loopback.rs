@@ -4,7 +4,9 @@
 //! faults. Every loop is bounded in time and in count.
 //!
 //! `cargo bench -p grpc-resilience-benches --bench loopback`
-//! (`LOOPBACK_SECONDS` sets each phase's length, default 3).
+//! (`LOOPBACK_SECONDS` sets each phase's length, default 3;
+//! `LOOPBACK_ONLY=budget,tail` runs only the named sections: `throughput`,
+//! `faults`, `down`, `outage`, `budget`, `tail`).
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // wall-clock measurements
 
@@ -18,7 +20,10 @@ use grpc_circuit_breaker::{
     BreakerConfig, BreakerRegistry, CircuitBreaker, CircuitBreakerLayer, FailureRate,
 };
 use grpc_fault::{Fault, FaultInjector};
-use grpc_retry::{Retry, RetryLayer, RetryPolicies, RetryPolicy, RetryThrottle};
+use grpc_resilience_core::CodeSet;
+use grpc_retry::{
+    HedgingPolicy, Retry, RetryBudget, RetryLayer, RetryPolicies, RetryPolicy, RetryThrottle,
+};
 use grpc_timeout::{Timeout, TimeoutLayer, TimeoutPolicy};
 use tonic::Code;
 use tonic::transport::{Channel, Server};
@@ -119,6 +124,16 @@ fn naive(addr: std::net::SocketAddr, retry: RetryPolicy) -> QueryServiceClient<N
         ServiceBuilder::new()
             .layer(timeout_layer())
             .layer(retry_layer(retry, false))
+            .service(channel(addr)),
+    )
+}
+
+/// Timeout > Retry with `layer` (a throttle, a budget, hedging...).
+fn with_layer(addr: std::net::SocketAddr, layer: RetryLayer) -> QueryServiceClient<NoBreaker> {
+    QueryServiceClient::new(
+        ServiceBuilder::new()
+            .layer(timeout_layer())
+            .layer(layer)
             .service(channel(addr)),
     )
 }
@@ -231,10 +246,18 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
+    let only = std::env::var("LOOPBACK_ONLY").unwrap_or_default();
+    let runs = move |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
     rt.block_on(async move {
         let server = start_server().await;
         let seed = RetryPolicy::default();
-
+        if runs("budget") {
+            budget_section(&server, length).await;
+        }
+        if runs("tail") {
+            tail_section(&server, length).await;
+        }
+        if runs("throughput") {
         println!("## Throughput and latency, healthy server (medians of {ROUNDS} alternating {seconds} s runs each)\n");
         println!("| concurrency | bare calls/s | stack calls/s | stack/bare | bare p50 µs | stack p50 µs | bare p99 µs | stack p99 µs | p99 added |");
         println!("|---|---|---|---|---|---|---|---|---|");
@@ -269,6 +292,9 @@ fn main() {
             );
         }
 
+        }
+
+        if runs("faults") {
         println!("\n## 20% UNAVAILABLE (seeded), concurrency 16\n");
         println!("| client | calls | succeeded | success rate | server attempts per call |");
         println!("|---|---|---|---|---|");
@@ -297,6 +323,9 @@ fn main() {
         report("full stack", &run);
         server.faults.clear_all();
 
+        }
+
+        if runs("down") {
         println!("\n## Server hard down (every call UNAVAILABLE), concurrency 16\n");
         println!("| client | logical calls | server attempts | attempts per call | rejected by breaker |");
         println!("|---|---|---|---|---|");
@@ -322,6 +351,9 @@ fn main() {
         report("our stack (throttle + breaker)", &run);
         server.faults.clear_all();
 
+        }
+
+        if runs("outage") {
         println!("\n## A 5 s outage in the middle of steady load (2 s up, 5 s down, 5 s up), concurrency 16, breaker open 1 s\n");
         let client = stack(server.addr, seed);
         server.faults.reset_stats();
@@ -365,5 +397,158 @@ fn main() {
             server.faults.stats("GetProduct").expect("stats").calls,
             recovered.map_or("not within the run".to_string(), |d| format!("{} ms", d.as_millis())),
         );
+        }
     });
+}
+
+/// Retries under random faults and under overload: gRFC A6's token bucket
+/// against a retry budget.
+async fn budget_section(server: &Server1, length: Duration) {
+    let quick = RetryPolicy::default()
+        .with_initial_delay(Duration::from_millis(1))
+        .with_max_delay(Duration::from_millis(5));
+    let a6 = || {
+        RetryLayer::new(RetryPolicies::new(quick).expect("a policy"))
+            .with_throttle(RetryThrottle::new(10.0, 0.5).expect("a throttle"))
+    };
+    let budget = || {
+        RetryLayer::new(RetryPolicies::new(quick).expect("a policy"))
+            .with_budget(RetryBudget::new(Duration::from_secs(10), 10, 0.15).expect("a budget"))
+    };
+    let report = |name: &str, run: &Run| {
+        let attempts = server.faults.stats("GetProduct").expect("stats").calls;
+        println!(
+            "| {name} | {} | {:.1}% | {:.2} |",
+            run.calls,
+            run.ok as f64 * 100.0 / run.calls as f64,
+            attempts as f64 / run.calls as f64
+        );
+    };
+
+    println!(
+        "\n## Random faults: 30% UNAVAILABLE + 10% lost responses (seeded), concurrency 16, {} s\n",
+        length.as_secs()
+    );
+    println!("| client | calls | success rate | server attempts per call |");
+    println!("|---|---|---|---|");
+    let random = || {
+        server.faults.reset_stats();
+        server
+            .faults
+            .random(
+                "GetProduct",
+                20_261_129,
+                [
+                    (0.3, Fault::status(Code::Unavailable)),
+                    (0.1, Fault::lose_response()),
+                ],
+            )
+            .expect("a fault plan");
+    };
+    random();
+    let client = bare(server.addr);
+    let run = drive!(client, 16, length);
+    report("bare channel", &run);
+    random();
+    let client = with_layer(server.addr, a6());
+    let run = drive!(client, 16, length);
+    report("retry, A6 throttle (10 tokens, ratio 0.5)", &run);
+    random();
+    let client = with_layer(server.addr, budget());
+    let run = drive!(client, 16, length);
+    report(
+        "retry, budget (0.15: one retry per 6 calls, + 10/s over 10 s)",
+        &run,
+    );
+
+    println!(
+        "\n## Overload: every call UNAVAILABLE, concurrency 16, {} s\n",
+        length.as_secs()
+    );
+    println!("| client | calls | success rate | server attempts per call |");
+    println!("|---|---|---|---|");
+    let overload = || {
+        server.faults.reset_stats();
+        server
+            .faults
+            .always("GetProduct", Fault::status(Code::Unavailable))
+            .expect("a fault plan");
+    };
+    overload();
+    let client = naive(server.addr, quick);
+    let run = drive!(client, 16, length);
+    report("retry, no throttle, no budget", &run);
+    overload();
+    let client = with_layer(server.addr, a6());
+    let run = drive!(client, 16, length);
+    report("retry, A6 throttle (10 tokens, ratio 0.5)", &run);
+    overload();
+    let client = with_layer(server.addr, budget());
+    let run = drive!(client, 16, length);
+    report(
+        "retry, budget (0.15: one retry per 6 calls, + 10/s over 10 s)",
+        &run,
+    );
+    server.faults.clear_all();
+}
+
+/// A heavy-tailed server (5% of calls take 500 ms): latency percentiles
+/// and extra load of a bare channel, plain retries and hedging.
+async fn tail_section(server: &Server1, length: Duration) {
+    println!(
+        "\n## Heavy tail: 5% of calls take 500 ms (seeded), concurrency 16, {} s\n",
+        length.as_secs()
+    );
+    println!("| client | calls | calls/s | p50 µs | p99 µs | p99.9 µs | server calls per call |");
+    println!("|---|---|---|---|---|---|---|");
+    let tail = || {
+        server.faults.reset_stats();
+        server
+            .faults
+            .random(
+                "GetProduct",
+                20_261_130,
+                [(0.05, Fault::pass().with_delay(Duration::from_millis(500)))],
+            )
+            .expect("a fault plan");
+    };
+    let report = |name: &str, run: &Run| {
+        let attempts = server.faults.stats("GetProduct").expect("stats").calls;
+        println!(
+            "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} |",
+            run.calls,
+            run.throughput(),
+            us(run.percentile(0.5)),
+            us(run.percentile(0.99)),
+            us(run.percentile(0.999)),
+            attempts as f64 / run.calls as f64
+        );
+    };
+    tail();
+    let client = bare(server.addr);
+    let run = drive!(client, 16, length);
+    report("bare channel", &run);
+    tail();
+    let client = naive(server.addr, RetryPolicy::default());
+    let run = drive!(client, 16, length);
+    report("plain retries (default policy)", &run);
+    for (attempts, delay_ms) in [(2, 10), (3, 10), (2, 50)] {
+        let policy = HedgingPolicy::default()
+            .with_max_attempts(attempts)
+            .with_hedging_delay(Duration::from_millis(delay_ms))
+            .with_non_fatal_codes(CodeSet::of(&[Code::Unavailable]));
+        let layer = RetryLayer::new(
+            RetryPolicies::none()
+                .with_hedging("*", policy)
+                .expect("a policy"),
+        );
+        tail();
+        let client = with_layer(server.addr, layer.clone());
+        let run = drive!(client, 16, length);
+        report(
+            &format!("hedged: {attempts} attempts, {delay_ms} ms delay"),
+            &run,
+        );
+    }
+    server.faults.clear_all();
 }

@@ -180,6 +180,20 @@ impl<S, B> Ctx<S, B> {
                 };
             }
         }
+        // The budget is asked last: it is charged only for a retry sent.
+        if !never_processed
+            && let Some(budget) = &self.shared.budget
+            && !budget.withdraw()
+        {
+            metrics::counter!(
+                "grpc.retry.budget_exhausted",
+                "service" => service.to_owned(),
+                "method" => method.to_owned(),
+            )
+            .increment(1);
+            tracing::debug!(service, method, "not retried: the retry budget is spent");
+            return Next::Return;
+        }
         let code_text = code_name(code).to_lowercase();
         metrics::counter!(
             "grpc.retry.count",
@@ -210,20 +224,7 @@ impl<S, B> Ctx<S, B> {
     where
         B: ReplayableBody,
     {
-        let mut request = Request::new(B::from_replay(self.recording.replay()));
-        let head = self.recording.head();
-        *request.method_mut() = head.method.clone();
-        *request.uri_mut() = head.uri.clone();
-        *request.version_mut() = head.version;
-        *request.headers_mut() = head.headers.clone();
-        *request.extensions_mut() = head.extensions.clone();
-        let headers = request.headers_mut();
-        headers.insert(PREVIOUS_ATTEMPTS, HeaderValue::from(self.attempts));
-        if let Some(deadline) = self.deadline {
-            deadline.write_header(headers, now);
-            deadline.insert_into(&mut request);
-        }
-        request
+        replay_request(&self.recording, self.attempts, self.deadline, now)
     }
 
     /// The error of a call whose deadline passed before attempt
@@ -304,9 +305,34 @@ impl<S, B> Ctx<S, B> {
     }
 }
 
+/// The request of a further attempt (after `previous` attempts), sent at
+/// `now`: the original head, a replay of the body, `grpc-previous-rpc-attempts`
+/// and the time left in `grpc-timeout`.
+pub(crate) fn replay_request<B: ReplayableBody>(
+    recording: &Recording<B>,
+    previous: u32,
+    deadline: Option<CallDeadline>,
+    now: Instant,
+) -> Request<B> {
+    let mut request = Request::new(B::from_replay(recording.replay()));
+    let head = recording.head();
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers.clone();
+    *request.extensions_mut() = head.extensions.clone();
+    let headers = request.headers_mut();
+    headers.insert(PREVIOUS_ATTEMPTS, HeaderValue::from(previous));
+    if let Some(deadline) = deadline {
+        deadline.write_header(headers, now);
+        deadline.insert_into(&mut request);
+    }
+    request
+}
+
 /// Drops a hostile `grpc-status-details-bin` from a response head before
 /// anything (this layer's own status reads, tonic) parses it.
-fn sanitize<R>(result: &mut Result<Response<R>, BoxError>) {
+pub(crate) fn sanitize<R>(result: &mut Result<Response<R>, BoxError>) {
     if let Ok(response) = result {
         sanitize_status_details(response.headers_mut());
     }
@@ -392,7 +418,7 @@ fn deliver<S, B, R>(
         .map_err(with_transport_status)
 }
 
-type Boxed<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
+pub(crate) type Boxed<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
 
 async fn retry_loop<S, B, R>(
     mut ctx: Ctx<S, B>,
@@ -490,7 +516,7 @@ pin_project! {
         Passthrough { #[pin] fut: S::Future },
         // The first attempt of a call that may be retried.
         First { #[pin] fut: tracing::instrument::Instrumented<S::Future>, ctx: Option<Ctx<S, B>> },
-        // Being retried: boxed, as the rare path.
+        // Being retried or hedged: boxed, as the rare path.
         Retrying { fut: Boxed<Response<ResponseBody<R>>> },
         // A request the layer refused to send.
         Failed { error: Option<BoxError> },
@@ -520,6 +546,12 @@ where
                 fut: fut.instrument(span),
                 ctx: Some(ctx),
             },
+        }
+    }
+
+    pub(crate) fn boxed(fut: Boxed<Response<ResponseBody<R>>>) -> Self {
+        ResponseFuture {
+            kind: Kind::Retrying { fut },
         }
     }
 

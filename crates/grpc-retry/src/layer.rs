@@ -3,7 +3,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use crate::replay::Limits;
-use crate::{Retry, RetryConfigError, RetryPolicies, RetryThrottle, Shared};
+use crate::{Retry, RetryBudget, RetryConfigError, RetryPolicies, RetryThrottle, Shared};
 
 /// The default per-call replay limit: 256 KiB, as grpc-go and grpc-core.
 pub const DEFAULT_PER_CALL_BUFFER: usize = 256 * 1024;
@@ -24,6 +24,7 @@ impl RetryLayer {
             shared: Arc::new(Shared {
                 policies,
                 throttle: None,
+                budget: None,
                 limits: Arc::new(Limits::new(DEFAULT_PER_CALL_BUFFER, DEFAULT_TOTAL_BUFFER)),
             }),
         }
@@ -34,6 +35,14 @@ impl RetryLayer {
     /// that calls the same target and they share its bucket.
     pub fn with_throttle(self, throttle: RetryThrottle) -> Self {
         self.rebuild(|s| s.throttle = Some(throttle))
+    }
+
+    /// Limits retries with a [`RetryBudget`]: a share of recent calls plus
+    /// a minimum rate. `budget` is a handle: give clones of one budget to
+    /// every layer that calls the same target. With a throttle as well, a
+    /// retry is sent only when both allow it.
+    pub fn with_budget(self, budget: RetryBudget) -> Self {
+        self.rebuild(|s| s.budget = Some(budget))
     }
 
     /// Sets how many request bytes one call (`per_call`) and all calls
@@ -70,6 +79,7 @@ impl RetryLayer {
         let mut shared = Shared {
             policies: self.shared.policies.clone(),
             throttle: self.shared.throttle.clone(),
+            budget: self.shared.budget.clone(),
             limits: self.shared.limits.clone(),
         };
         f(&mut shared);
@@ -81,6 +91,11 @@ impl RetryLayer {
     /// The throttle, if any, to read its tokens.
     pub fn throttle(&self) -> Option<&RetryThrottle> {
         self.shared.throttle.as_ref()
+    }
+
+    /// The budget, if any.
+    pub fn budget(&self) -> Option<&RetryBudget> {
+        self.shared.budget.as_ref()
     }
 
     /// Request bytes held for replay by this layer's calls now.

@@ -19,7 +19,7 @@
 //! * **Commit rule.** Once non-Trailers-Only response headers arrive, the
 //!   call is committed and returned; it is never retried after that. A
 //!   Trailers-Only response with a retryable code is retried.
-//! * **Which failures.** The policy's retryable codes (the seed's:
+//! * **Which failures.** The policy's retryable codes (by default:
 //!   `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`,
 //!   `INTERNAL`); transport errors count as `UNAVAILABLE`. A call the server
 //!   provably never processed (connection refused, `REFUSED_STREAM`, above a
@@ -58,6 +58,13 @@
 //!   with a throttle its [`ResponseBody`] gives the token back when the
 //!   trailers say OK (not when a call that fails later commits); without
 //!   one, nothing is counted.
+//! * **Retry budget.** An optional [`RetryBudget`] (Finagle / Linkerd
+//!   style): retries at most a share of the calls of a recent window, plus
+//!   a minimum rate. Each call that may be retried deposits, each retry
+//!   withdraws; a retry the budget cannot pay for is not sent. With a
+//!   throttle as well, both must allow a retry. [`RetryBudget`] says when
+//!   to choose which: the budget keeps retrying random faults that drain
+//!   the A6 bucket, and still bounds the load under overload.
 //! * **Hostile headers.** A `grpc-status-details-bin` that is not valid
 //!   base64 (tonic 0.14 panics on one) is dropped from every response head
 //!   and trailers this layer returns.
@@ -65,6 +72,53 @@
 //!   buffering, no allocation. Dropping the call future stops everything.
 //!
 //! [`CallDeadline`]: grpc_resilience_core::CallDeadline
+//!
+//! # Hedging
+//!
+//! A method may be hedged instead of retried (gRFC A6's `hedgingPolicy`,
+//! [`RetryPolicies::with_hedging`]): the first attempt is sent at once and
+//! each further one [`hedging_delay`](HedgingPolicy::with_hedging_delay)
+//! later, up to `max_attempts`, until a response commits the call. The
+//! first response that is not a non-fatal failure (response headers, OK,
+//! or a Trailers-Only status outside
+//! [`non_fatal_codes`](HedgingPolicy::with_non_fatal_codes)) is returned and
+//! every other attempt is dropped, which resets its stream: the server sees
+//! the cancel. A non-fatal failure sends the next hedge at once; its server
+//! pushback, if valid, delays the next hedge instead, and an invalid one
+//! (or one above [`HedgingPolicy::with_max_pushback`]) stops new hedges.
+//! When every attempt failed non-fatally, the caller gets the last failure.
+//!
+//! * Hedges replay the recorded body like retries: several attempts read
+//!   the one recording at once, each at its own position, within the same
+//!   buffer limits and never with a gap. A body over a limit is sent once
+//!   and not hedged.
+//! * Hedges carry `grpc-previous-rpc-attempts` and the time left in
+//!   `grpc-timeout`; none starts at or after the call's deadline.
+//! * A [`RetryThrottle`] counts hedges like retries (a non-fatal failure or
+//!   pushback takes a token, OK gives `token_ratio` back) and, while it
+//!   does not allow retries, no further hedge is sent; a [`RetryBudget`]
+//!   pays for each hedge as for a retry.
+//! * Only idempotent methods may be hedged, or writes with idempotency keys
+//!   (the same key on every attempt): validation rejects the rest.
+//! * A [`RetryOverride`] on a hedged call makes it a retried one
+//!   ([`RetryOverride::disabled`]: sent once).
+//!
+//! ```
+//! use std::time::Duration;
+//! use grpc_retry::{HedgingPolicy, RetryLayer, RetryPolicies, RetryPolicy};
+//!
+//! // Reads are hedged after 20 ms (p95 latency, say); writes are retried.
+//! let policies = RetryPolicies::new(RetryPolicy::default())?.with_hedging(
+//!     "catalog.v1.QueryService/*",
+//!     HedgingPolicy::default()
+//!         .with_max_attempts(2)
+//!         .with_hedging_delay(Duration::from_millis(20)),
+//! )?;
+//! assert!(policies.hedging_policy_for("/catalog.v1.QueryService/GetProduct").is_some());
+//! let layer = RetryLayer::new(policies);
+//! # let _ = layer;
+//! # Ok::<(), grpc_retry::RetryConfigError>(())
+//! ```
 //!
 //! # Example
 //!
@@ -90,26 +144,31 @@
 //! ```
 //!
 //! A single call can change its policy with a [`RetryOverride`] in the
-//! request's extensions, as the seed's `ResilientClient.call(fn, %{retry:
-//! ...})` does.
+//! request's extensions.
 //!
 //! # Telemetry
 //!
 //! `grpc.retry.count` (labels `service`, `method`, `code`) per retry,
 //! `grpc.retry.duration` (seconds a retried call spent after its first
-//! attempt), `grpc.retry.throttled`, `grpc.retry.buffer_exceeded` and
+//! attempt), `grpc.retry.throttled`, `grpc.retry.budget_exhausted`,
+//! `grpc.retry.buffer_exceeded` and
 //! `grpc.retry.deadline_exhausted` (labels `service`, `method`: calls not
 //! retried for those reasons; the last one counts retries abandoned because
-//! the deadline left less than the backoff or pushback). Each retry logs a WARN worded as
-//! the seed's, `gRPC call failed with unavailable, retrying in 200ms
+//! the deadline left less than the backoff or pushback), `grpc.retry.hedges`
+//! (hedges sent) and `grpc.retry.hedges_cancelled` (attempts cancelled when
+//! another committed the call). Each retry logs a WARN,
+//! `gRPC call failed with unavailable, retrying in 200ms
 //! (attempt 1/3)`, with the fields `service`, `method`, `code`, `attempt`,
 //! `delay_ms`; each attempt runs in a `grpc_attempt` span with its number.
 
 mod backoff;
 mod body;
+mod budget;
 mod decide;
 pub mod future;
 mod head;
+mod hedge;
+mod hedging;
 mod layer;
 mod policy;
 mod replay;
@@ -120,6 +179,8 @@ mod throttle;
 
 pub use backoff::{Jitter, base_delay, jittered};
 pub use body::ResponseBody;
+pub use budget::{MAX_MIN_RETRIES_PER_SECOND, RetryBudget};
+pub use hedging::HedgingPolicy;
 pub use layer::{DEFAULT_PER_CALL_BUFFER, DEFAULT_TOTAL_BUFFER, RetryLayer};
 pub use policy::{
     DEFAULT_MAX_PUSHBACK, DEFAULT_RETRYABLE_CODES, RetryConfigError, RetryPolicies, RetryPolicy,

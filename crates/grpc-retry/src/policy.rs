@@ -6,9 +6,10 @@ use std::time::Duration;
 use grpc_resilience_core::{CodeSet, MethodId, MethodMap, Selector};
 use tonic::Code;
 
+use crate::HedgingPolicy;
 use crate::backoff::Jitter;
 
-/// The codes the seed retries: `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
+/// The codes retried by default: `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
 /// `RESOURCE_EXHAUSTED`, `ABORTED`, `INTERNAL`.
 pub const DEFAULT_RETRYABLE_CODES: CodeSet = CodeSet::EMPTY
     .with(Code::Unavailable)
@@ -233,7 +234,15 @@ impl RetryPolicy {
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct RetryPolicies {
-    map: MethodMap<Option<RetryPolicy>>,
+    map: MethodMap<Option<MethodPolicy>>,
+}
+
+/// What a method has: a retry policy or a hedging policy, never both (gRFC
+/// A6).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum MethodPolicy {
+    Retry(RetryPolicy),
+    Hedge(HedgingPolicy),
 }
 
 impl RetryPolicies {
@@ -263,7 +272,24 @@ impl RetryPolicies {
         policy: RetryPolicy,
     ) -> Result<Self, RetryConfigError> {
         policy.validate().map_err(|e| e.for_operation(selector))?;
-        self.insert(selector, Some(policy))
+        self.insert(selector, Some(MethodPolicy::Retry(policy)))
+    }
+
+    /// Hedges the methods `selector` names with `policy` instead of
+    /// retrying them (a method has one or the other, as gRFC A6 says).
+    ///
+    /// # Errors
+    ///
+    /// [`RetryConfigError`] naming the selector if it is malformed or given
+    /// twice, or the policy is invalid (a non-idempotent method without
+    /// idempotency keys included).
+    pub fn with_hedging(
+        self,
+        selector: &str,
+        policy: HedgingPolicy,
+    ) -> Result<Self, RetryConfigError> {
+        policy.validate().map_err(|e| e.for_operation(selector))?;
+        self.insert(selector, Some(MethodPolicy::Hedge(policy)))
     }
 
     /// Does not retry the methods `selector` names, overriding a less
@@ -279,7 +305,7 @@ impl RetryPolicies {
     fn insert(
         mut self,
         selector: &str,
-        policy: Option<RetryPolicy>,
+        policy: Option<MethodPolicy>,
     ) -> Result<Self, RetryConfigError> {
         let parsed: Selector = selector.parse().map_err(|e| {
             RetryConfigError::new("operation", selector.to_owned(), "").with_detail(format!("{e}"))
@@ -290,12 +316,24 @@ impl RetryPolicies {
         Ok(self)
     }
 
-    /// The policy for a method; `None` when it is not retried.
+    /// The retry policy for a method; `None` when it is not retried (or
+    /// is hedged).
     pub fn policy_for(&self, path: &str) -> Option<&RetryPolicy> {
-        self.map.get_path(path).and_then(Option::as_ref)
+        match self.map.get_path(path) {
+            Some(Some(MethodPolicy::Retry(p))) => Some(p),
+            _ => None,
+        }
     }
 
-    pub(crate) fn get(&self, method: &MethodId<'_>) -> Option<&RetryPolicy> {
+    /// The hedging policy for a method; `None` when it is not hedged.
+    pub fn hedging_policy_for(&self, path: &str) -> Option<&HedgingPolicy> {
+        match self.map.get_path(path) {
+            Some(Some(MethodPolicy::Hedge(p))) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn get(&self, method: &MethodId<'_>) -> Option<&MethodPolicy> {
         self.map.get(method).and_then(Option::as_ref)
     }
 }

@@ -195,17 +195,53 @@ struct State<B> {
     // The attempt reading the original, if any.
     reader: Option<u32>,
     keep: Keep,
-    // The newest attempt, whether its body is alive, how far it has sent,
-    // and whether it failed for want of recorded data.
+    // The newest attempt.
     latest: u32,
-    latest_live: bool,
-    latest_pos: usize,
-    latest_refused: bool,
+    // Per attempt: whether its body is alive and how far it has sent; the
+    // first inline (a call that is not retried allocates nothing), the
+    // others (attempt n at n - 2) as they are made. Hedged attempts are
+    // live together, each at its own position.
+    first: Slot,
+    more: Vec<Slot>,
+    // Attempts (bit n - 1, up to 128) that failed for want of recorded data.
+    refused: u128,
+    // The attempt a hedged call committed to; else the newest survives.
+    survivor: Option<u32>,
     // Attempts waiting for the reader, by attempt number.
     waiters: Vec<(u32, Waker)>,
 }
 
+/// One attempt's progress.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    pos: usize,
+    live: bool,
+}
+
 impl<B> State<B> {
+    fn slot(&self, attempt: u32) -> Option<&Slot> {
+        match attempt {
+            0 => None,
+            1 => Some(&self.first),
+            n => self.more.get(n as usize - 2),
+        }
+    }
+
+    fn slot_mut(&mut self, attempt: u32) -> Option<&mut Slot> {
+        match attempt {
+            0 => None,
+            1 => Some(&mut self.first),
+            n => self.more.get_mut(n as usize - 2),
+        }
+    }
+
+    fn is_refused(&self, attempt: u32) -> bool {
+        attempt
+            .checked_sub(1)
+            .and_then(|bit| 1u128.checked_shl(bit))
+            .is_some_and(|mask| self.refused & mask != 0)
+    }
+
     /// Frees every recorded frame and stops recording.
     fn clear(&mut self, limits: &Limits, why: ReplayUnavailable) {
         limits.release(std::mem::take(&mut self.buffered));
@@ -264,8 +300,8 @@ impl<B> State<B> {
 
     /// `attempt` sent every frame before `pos`.
     fn sent(&mut self, attempt: u32, pos: usize, limits: &Limits) {
-        if attempt == self.latest {
-            self.latest_pos = pos;
+        if let Some(slot) = self.slot_mut(attempt) {
+            slot.pos = pos;
         }
         if self.keep == Keep::For(attempt) {
             self.free_before(pos, limits);
@@ -274,8 +310,8 @@ impl<B> State<B> {
 
     /// Why `attempt` cannot go on; noted for the retry future.
     fn refuse(&mut self, attempt: u32) -> ReplayUnavailable {
-        if attempt == self.latest {
-            self.latest_refused = true;
+        if let Some(mask) = attempt.checked_sub(1).and_then(|b| 1u128.checked_shl(b)) {
+            self.refused |= mask;
         }
         match (self.keep, &self.end) {
             (Keep::Nothing(why), _) => why,
@@ -354,13 +390,13 @@ impl<B> Recording<B> {
         self.inner.lock().keep == Keep::All
     }
 
-    /// The next attempt's body.
+    /// The next attempt's body. Replays may run at once (hedging): each
+    /// sends from its own position, from the recording or, once it has
+    /// caught up, from the original, and never with a gap.
     pub(crate) fn replay(&self) -> ReplayBody<B> {
         let mut state = self.inner.lock();
         state.latest += 1;
-        state.latest_live = true;
-        state.latest_pos = 0;
-        state.latest_refused = false;
+        state.more.push(Slot { pos: 0, live: true });
         ReplayBody {
             inner: self.inner.clone(),
             attempt: state.latest,
@@ -373,7 +409,20 @@ impl<B> Recording<B> {
     /// Whether the newest attempt's body failed because the data it had to
     /// send was not held ([`ReplayUnavailable`]).
     pub(crate) fn latest_refused(&self) -> bool {
-        self.inner.lock().latest_refused
+        let state = self.inner.lock();
+        state.is_refused(state.latest)
+    }
+
+    /// Whether `attempt`'s body failed because the data it had to send was
+    /// not held ([`ReplayUnavailable`]).
+    pub(crate) fn refused(&self, attempt: u32) -> bool {
+        self.inner.lock().is_refused(attempt)
+    }
+
+    /// The call committed to `attempt` (hedging): once this recording is
+    /// dropped, only what that attempt still has to send is kept.
+    pub(crate) fn commit_to(&self, attempt: u32) {
+        self.inner.lock().survivor = Some(attempt);
     }
 
     /// Bytes recorded now.
@@ -393,11 +442,15 @@ impl<B> Drop for Recording<B> {
         // Nothing will be retried. The last attempt goes on (its response
         // may be streaming); while another attempt reads the original, it
         // may lag behind: keep what it has not sent yet. Else keep nothing.
-        let sent_all = state.latest_pos == state.read && !matches!(state.end, End::Open);
-        let lagging = state.latest_live && state.reader != Some(state.latest) && !sent_all;
+        let survivor = state.survivor.unwrap_or(state.latest);
+        let Slot { pos, live } = state.slot(survivor).copied().unwrap_or(Slot {
+            pos: 0,
+            live: false,
+        });
+        let sent_all = pos == state.read && !matches!(state.end, End::Open);
+        let lagging = live && state.reader != Some(survivor) && !sent_all;
         if lagging {
-            state.keep = Keep::For(state.latest);
-            let pos = state.latest_pos;
+            state.keep = Keep::For(survivor);
             state.free_before(pos, limits);
         } else {
             state.clear(limits, ReplayUnavailable::CallEnded);
@@ -445,9 +498,10 @@ impl<B> ReplayBody<B> {
                 reader: Some(1),
                 keep: Keep::All,
                 latest: 1,
-                latest_live: true,
-                latest_pos: 0,
-                latest_refused: false,
+                first: Slot { pos: 0, live: true },
+                more: Vec::new(),
+                refused: 0,
+                survivor: None,
                 waiters: Vec::new(),
             }),
             limits,
@@ -472,8 +526,8 @@ impl<B> Drop for ReplayBody<B> {
                 state.rest = Some(original);
             }
         }
-        if self.attempt == state.latest {
-            state.latest_live = false;
+        if let Some(slot) = state.slot_mut(self.attempt) {
+            slot.live = false;
         }
         if state.keep == Keep::For(self.attempt) {
             state.clear(&self.inner.limits, ReplayUnavailable::CallEnded);

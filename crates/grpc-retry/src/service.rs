@@ -11,9 +11,11 @@ use tower_service::Service;
 
 use crate::future::{Ctx, ResponseFuture};
 use crate::head::Head;
+use crate::hedge::{Hedge, hedge};
 use crate::layer::RetryLayer;
+use crate::policy::MethodPolicy;
 use crate::replay::{Limits, ReplayBody as Replay, ReplayableBody};
-use crate::{ResponseBody, RetryOverride, RetryPolicies, RetryThrottle};
+use crate::{ResponseBody, RetryBudget, RetryOverride, RetryPolicies, RetryPolicy, RetryThrottle};
 
 /// The header that carries the idempotency key.
 pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -22,6 +24,7 @@ pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("ide
 pub(crate) struct Shared {
     pub(crate) policies: RetryPolicies,
     pub(crate) throttle: Option<RetryThrottle>,
+    pub(crate) budget: Option<RetryBudget>,
     pub(crate) limits: Arc<Limits>,
 }
 
@@ -94,16 +97,26 @@ where
             None => configured,
             Some(o) if o.disabled => None,
             Some(o) => {
-                let policy = o.apply(configured.unwrap_or_default());
+                // An override makes the call a retried one, hedged method
+                // or not.
+                let base = match configured {
+                    Some(MethodPolicy::Retry(p)) => p,
+                    _ => RetryPolicy::default(),
+                };
+                let policy = o.apply(base);
                 if let Err(err) = policy.validate() {
                     return ResponseFuture::failed(Box::new(tonic::Status::invalid_argument(
                         format!("invalid RetryOverride: {err}"),
                     )));
                 }
-                Some(policy)
+                Some(MethodPolicy::Retry(policy))
             }
         };
-        let Some(policy) = policy.filter(|p| p.max_attempts > 1) else {
+        let policy = policy.filter(|p| match p {
+            MethodPolicy::Retry(p) => p.max_attempts > 1,
+            MethodPolicy::Hedge(_) => true,
+        });
+        let Some(policy) = policy else {
             // Not retried: only an expired deadline is looked at (no
             // allocation, no header written).
             if CallDeadline::of_request(&request).is_some_and(|d| d.has_passed_at(Instant::now())) {
@@ -112,6 +125,9 @@ where
             return ResponseFuture::passthrough(self.inner.call(request));
         };
 
+        if let Some(budget) = &self.shared.budget {
+            budget.deposit();
+        }
         // The call's one deadline: the one recorded above, or else the
         // caller's `grpc-timeout` read now (`CallDeadline::get_or_insert`,
         // with the recording done below, after the head is kept).
@@ -129,7 +145,11 @@ where
             }
         }
         let (mut parts, body) = request.into_parts();
-        if policy.idempotency_keys && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
+        let idempotency_keys = match &policy {
+            MethodPolicy::Retry(p) => p.idempotency_keys,
+            MethodPolicy::Hedge(p) => p.idempotency_keys,
+        };
+        if idempotency_keys && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
         }
         // Retries record the deadline on each attempt themselves, so the kept
@@ -148,6 +168,19 @@ where
         let fresh = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, fresh);
         let fut = service.call(request);
+        let policy = match policy {
+            MethodPolicy::Retry(policy) => policy,
+            MethodPolicy::Hedge(policy) => {
+                let h = Hedge {
+                    service,
+                    recording,
+                    policy,
+                    shared: self.shared.clone(),
+                    deadline,
+                };
+                return ResponseFuture::boxed(Box::pin(hedge(h, fut)));
+            }
+        };
         let ctx = Ctx {
             service,
             recording,

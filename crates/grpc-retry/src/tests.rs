@@ -594,3 +594,6 @@ async fn a_call_can_override_its_policy() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("max_attempts"), "{status:?}");
 }
+
+mod budget;
+mod hedge;

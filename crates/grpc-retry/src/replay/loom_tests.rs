@@ -289,3 +289,58 @@ fn loom_the_call_dropped_at_any_point_gives_every_byte_back() {
         assert_eq!(limits.in_use(), 0);
     });
 }
+
+#[test]
+fn loom_two_concurrent_replays_each_send_the_whole_body() {
+    model(|| {
+        // Hedging: two replays read the one recording at the same time,
+        // each at its own position; the first attempt was reset, so one of
+        // them takes the original over while the other waits for it.
+        let (limits, first, recording) = started(script(), 1024);
+        drop(first);
+        let mut a = recording.replay();
+        let mut b = recording.replay();
+        let hedge = thread::spawn(move || {
+            assert_eq!(drain(&mut a), (BODY.to_vec(), Outcome::End));
+            a
+        });
+        assert_eq!(drain(&mut b), (BODY.to_vec(), Outcome::End));
+        drop(hedge.join().unwrap());
+        assert!(recording.replayable());
+        drop((b, recording));
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+#[test]
+fn loom_a_hedge_committed_while_another_reads_still_sends_the_whole_body() {
+    model(|| {
+        let (limits, first, recording) = started(script(), 1024);
+        drop(first);
+        // The call commits to the older hedge (attempt 2), not the newest.
+        let mut winner = recording.replay();
+        let mut loser = recording.replay();
+        // The loser may take the original over; it is cancelled after a
+        // frame, while the call commits to the winner.
+        let cancelled = thread::spawn(move || {
+            let (data, outcome) = read(&mut loser, 2);
+            assert!(
+                outcome
+                    .as_ref()
+                    .is_none_or(|o| *o == Outcome::Refused(ReplayUnavailable::CallEnded)),
+                "{outcome:?}"
+            );
+            assert!(BODY.starts_with(&data), "never a different body");
+            drop(loser);
+        });
+        let commit = thread::spawn(move || {
+            recording.commit_to(2);
+            drop(recording);
+        });
+        assert_eq!(drain(&mut winner), (BODY.to_vec(), Outcome::End));
+        cancelled.join().unwrap();
+        commit.join().unwrap();
+        drop(winner);
+        assert_eq!(limits.in_use(), 0);
+    });
+}
