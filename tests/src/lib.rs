@@ -10,6 +10,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint, Server};
 
+/// The query service's full name, as the health protocol names services.
+pub const QUERY_SERVICE: &str = "catalog.v1.QueryService";
+
 /// A catalog server on `127.0.0.1`, stopped when dropped.
 #[derive(Debug)]
 pub struct TestServer {
@@ -19,6 +22,9 @@ pub struct TestServer {
     pub faults: FaultInjector,
     /// Its handlers' state.
     pub catalog: InMemoryCatalog,
+    /// Its `grpc.health.v1` statuses: the server (`""`) and
+    /// [`QUERY_SERVICE`] start SERVING.
+    pub health: tonic_health::server::HealthReporter,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -32,8 +38,13 @@ impl TestServer {
         let faults = FaultInjector::new();
         let catalog = InMemoryCatalog::with_products(5);
         let (shutdown, stop) = oneshot::channel::<()>();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(QUERY_SERVICE, tonic_health::ServingStatus::Serving)
+            .await;
         let server = Server::builder()
             .layer(faults.layer())
+            .add_service(health_service)
             .add_service(catalog.query_service())
             .add_service(catalog.command_service())
             .serve_with_incoming_shutdown(grpc_fault::incoming(listener), async {
@@ -48,6 +59,7 @@ impl TestServer {
             addr,
             faults,
             catalog,
+            health,
             shutdown: Some(shutdown),
         }
     }
