@@ -347,3 +347,5 @@ impl Service<Request> for BalancedChannel {
     }
 }
 
+#[cfg(test)]
+mod tests;

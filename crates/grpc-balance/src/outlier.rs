@@ -108,8 +108,9 @@ impl Controller {
         if let Some(rate) = controller.config.outlier().success_rate() {
             let weak = Arc::downgrade(&controller);
             let interval = rate.interval();
+            let first = Instant::now() + interval;
             controller.handle.spawn(async move {
-                let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+                let mut ticks = tokio::time::interval_at(first, interval);
                 loop {
                     ticks.tick().await;
                     let Some(controller) = weak.upgrade() else {
