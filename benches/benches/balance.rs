@@ -16,6 +16,9 @@ use grpc_circuit_breaker::BreakerRegistry;
 use tonic::transport::{Channel, Endpoint, Server};
 
 const ROUNDS: usize = 2;
+
+/// Calls, seconds, p50s, p99s, failures of one client over the rounds.
+type Row = (u64, f64, Vec<f64>, Vec<f64>, u64);
 const MAX_CALLS_PER_TASK: u64 = 5_000_000;
 
 async fn start_server() -> std::net::SocketAddr {
@@ -139,7 +142,7 @@ fn main() {
         println!("| concurrency | channel | calls/s | p50 (us) | p99 (us) | failed |");
         println!("|---|---|---|---|---|---|");
         for concurrency in [1usize, 16, 64] {
-            let mut rows: [(u64, f64, Vec<f64>, Vec<f64>, u64); 2] = Default::default();
+            let mut rows: [Row; 2] = Default::default();
             for _ in 0..ROUNDS {
                 for (i, run) in [
                     drive!(tonic_client, concurrency, length),
