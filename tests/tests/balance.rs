@@ -9,7 +9,9 @@ use catalog_proto::query_service_client::QueryServiceClient;
 use grpc_balance::{
     BalanceConfig, BalancedChannel, EndpointStatus, HealthConfig, OutlierConfig, Reason,
 };
-use grpc_circuit_breaker::{BreakerConfig, BreakerRegistry, State};
+use grpc_circuit_breaker::{
+    BreakerConfig, BreakerRegistry, CircuitBreaker, CircuitBreakerLayer, FailureRate, State,
+};
 use grpc_fault::Fault;
 use grpc_resilience_tests::{QUERY_SERVICE, TestServer, eventually};
 use grpc_retry::{Jitter, Retry, RetryLayer, RetryPolicies, RetryPolicy};
@@ -59,13 +61,39 @@ fn balanced(
 }
 
 fn retrying(channel: BalancedChannel) -> QueryServiceClient<Retry<BalancedChannel>> {
+    QueryServiceClient::new(ServiceBuilder::new().layer(retry_layer()).service(channel))
+}
+
+fn retry_layer() -> RetryLayer {
     let policy = RetryPolicy::default()
         .with_initial_delay(Duration::from_millis(5))
         .with_max_delay(Duration::from_millis(20))
         .with_jitter(Jitter::None);
+    RetryLayer::new(RetryPolicies::new(policy).unwrap())
+}
+
+/// The documented stack: retry -> per-service breaker -> balanced channel.
+/// Above a balancer the per-service breaker judges a failure rate (one
+/// endpoint's few failures must not open it), here 50% over 100 calls.
+fn stacked(
+    channel: BalancedChannel,
+    registry: &BreakerRegistry,
+) -> QueryServiceClient<Retry<CircuitBreaker<BalancedChannel>>> {
+    registry
+        .configure(
+            "query",
+            BreakerConfig::default().with_failure_rate(FailureRate {
+                window: 100,
+                minimum_calls: 20,
+                failure_rate: 50.0,
+                ..FailureRate::default()
+            }),
+        )
+        .unwrap();
     QueryServiceClient::new(
         ServiceBuilder::new()
-            .layer(RetryLayer::new(RetryPolicies::new(policy).unwrap()))
+            .layer(retry_layer())
+            .layer(CircuitBreakerLayer::new(registry.clone()))
             .service(channel),
     )
 }
@@ -94,7 +122,7 @@ async fn a_failing_replica_is_ejected_the_others_take_its_traffic_and_it_is_prob
         .unwrap();
     let registry = BreakerRegistry::new();
     let channel = balanced(&servers, config(Duration::from_millis(400), 50), &registry);
-    let mut client = retrying(channel.clone());
+    let mut client = stacked(channel.clone(), &registry);
     let bad = channel.breaker_name(&key(&servers[0]));
     assert_eq!(bad, format!("query@{}", servers[0].addr));
 

@@ -70,7 +70,11 @@
 //! The retry sits on top so each attempt is balanced anew (and avoids the
 //! endpoint that just failed); the per-service breaker opens only when
 //! calls fail across endpoints, which ejection makes rare while some
-//! endpoint is healthy.
+//! endpoint is healthy. Give the per-service breaker the failure-rate mode
+//! ([`FailureRate`](grpc_circuit_breaker::FailureRate), e.g. 50% over the
+//! last 100 calls): with a count of failures, the few failures one bad
+//! endpoint causes before its ejection (and its failed probes) would open
+//! it for the whole service.
 //!
 //! # Example
 //!
