@@ -13,7 +13,7 @@
 //! Endpoints come from a static list ([`BalancedChannel::from_endpoints`]),
 //! a DNS name resolved again every `dns_refresh`
 //! ([`BalancedChannel::from_dns`]), or your own stream of
-//! [`Change`](tower::discover::Change)s ([`BalancedChannel::from_discover`]).
+//! `Change`s ([`BalancedChannel::from_discover`]).
 //!
 //! # Outlier ejection
 //!
