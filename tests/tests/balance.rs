@@ -390,3 +390,57 @@ async fn a_dns_name_is_resolved_into_endpoints() {
         BalancedChannel::from_dns(BalanceConfig::new("query"), registry, "localhost").unwrap_err();
     assert!(err.to_string().contains("`dns` = `localhost`"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_health_watch_falls_back_to_passive_detection_and_is_retried_with_backoff() {
+    let servers = three().await;
+    // The watch itself fails on one replica.
+    servers[0]
+        .faults
+        .always("Watch", Fault::status(Code::Unavailable))
+        .unwrap();
+    let registry = BreakerRegistry::new();
+    let config = config(Duration::from_secs(30), 50).with_health(
+        HealthConfig::new(QUERY_SERVICE)
+            .with_retry_backoff(Duration::from_millis(20))
+            .with_max_retry_backoff(Duration::from_millis(100)),
+    );
+    let channel = balanced(&servers, config, &registry);
+    let mut client = QueryServiceClient::new(channel.clone());
+    let watches = || {
+        servers[0]
+            .faults
+            .stats("Watch")
+            .map(|s| s.calls)
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || watches() >= 3).await,
+        "the watch is opened again: {} attempts",
+        watches()
+    );
+    // Meanwhile the replica is judged passively: in, and serving calls.
+    assert_eq!(
+        channel.endpoints()[&key(&servers[0])],
+        EndpointStatus::Active
+    );
+    for _ in 0..100 {
+        client.get_product(get()).await.unwrap();
+    }
+    assert!(calls(&servers[0]) > 0);
+
+    // Once the watch works again, its reports count.
+    servers[0].faults.clear_all();
+    servers[0]
+        .health
+        .set_service_status(QUERY_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            channel.endpoints()[&key(&servers[0])] == EndpointStatus::Ejected(Reason::Health)
+        })
+        .await,
+        "{:?}",
+        channel.endpoints()
+    );
+}

@@ -204,7 +204,15 @@ impl From<ConfigError> for BuildError {
 /// outlier ejection and health checks; see the [crate docs](crate).
 ///
 /// Cheap to clone: clones share the balancer (behind a buffer, as tonic's
-/// own balanced channel) and the endpoints.
+/// own balanced channel) and the endpoints. Its tasks (buffer worker,
+/// health watches, timers, DNS refresh) end when the last clone is
+/// dropped.
+///
+/// The endpoint breakers live in the registry you give: they outlive a
+/// removed endpoint (a re-added one finds its breaker as it was), and each
+/// channel leaves one small state-change subscriber in the registry, inert
+/// once the channel is gone. Endpoint breakers are configured from
+/// [`BalanceConfig::effective_endpoint_breaker`] when first made.
 #[derive(Clone)]
 pub struct BalancedChannel {
     inner: Buffer<Request, <Balancer as Service<Request>>::Future>,
