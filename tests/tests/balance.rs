@@ -444,3 +444,42 @@ async fn a_broken_health_watch_falls_back_to_passive_detection_and_is_retried_wi
         channel.endpoints()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulkhead_per_endpoint_holds_calls_beyond_its_limit() {
+    let servers = three().await;
+    for server in &servers {
+        server
+            .faults
+            .always(
+                "GetProduct",
+                Fault::pass().with_delay(Duration::from_millis(1500)),
+            )
+            .unwrap();
+    }
+    let registry = BreakerRegistry::new();
+    let config = config(Duration::from_secs(30), 50).with_max_concurrent_calls(1);
+    let channel = balanced(&servers, config, &registry);
+    let total = || servers.iter().map(calls).sum::<u64>();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut client = QueryServiceClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            client.get_product(get()).await.map(drop)
+        }));
+    }
+    assert!(eventually(Duration::from_secs(1), || total() >= 3).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(total(), 3, "one call in flight per endpoint, the rest wait");
+    for server in &servers {
+        assert_eq!(calls(server), 1);
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(total(), 6);
+}

@@ -406,6 +406,7 @@ pub struct BalanceConfig {
     buffer_capacity: usize,
     dns_refresh: Duration,
     connect_timeout: Duration,
+    max_concurrent_calls: Option<usize>,
 }
 
 impl BalanceConfig {
@@ -420,6 +421,7 @@ impl BalanceConfig {
             buffer_capacity: 1024,
             dns_refresh: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            max_concurrent_calls: None,
         }
     }
 
@@ -461,6 +463,20 @@ impl BalanceConfig {
     pub fn with_connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
         self
+    }
+
+    /// A bulkhead per endpoint: at most `n` calls in flight to each
+    /// endpoint (until each call's response headers arrive); a full
+    /// endpoint reads not-ready, so the balancer picks another, and calls
+    /// wait in the buffer when all are full. Off by default.
+    pub fn with_max_concurrent_calls(mut self, n: usize) -> Self {
+        self.max_concurrent_calls = Some(n);
+        self
+    }
+
+    /// See [`BalanceConfig::with_max_concurrent_calls`].
+    pub fn max_concurrent_calls(&self) -> Option<usize> {
+        self.max_concurrent_calls
     }
 
     /// See [`BalanceConfig::new`].
@@ -525,6 +541,13 @@ impl BalanceConfig {
         self.effective_endpoint_breaker().validate()?;
         if let Some(health) = &self.health {
             health.validate()?;
+        }
+        if self.max_concurrent_calls == Some(0) {
+            return Err(ConfigError::new(
+                "max_concurrent_calls",
+                "0",
+                "must be at least 1",
+            ));
         }
         if self.buffer_capacity == 0 {
             return Err(ConfigError::new(

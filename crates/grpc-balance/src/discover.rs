@@ -15,14 +15,19 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tower::Layer;
 use tower::discover::Change;
+use tower::limit::ConcurrencyLimit;
 use tower::load::{CompleteOnResponse, PendingRequests};
+use tower::util::Either;
 
 use crate::endpoint::{EndpointService, EndpointState};
 use crate::outlier::Controller;
 
-/// One endpoint's service in the balancer.
-pub type EndpointStack =
-    PendingRequests<EndpointService<CircuitBreaker<Channel>>, CompleteOnResponse>;
+/// One endpoint's service in the balancer: load tracking, ejection, an
+/// optional bulkhead, the endpoint's breaker, its channel.
+pub type EndpointStack = PendingRequests<
+    EndpointService<Either<ConcurrencyLimit<CircuitBreaker<Channel>>, CircuitBreaker<Channel>>>,
+    CompleteOnResponse,
+>;
 
 /// The stream of endpoint changes the balancer reads.
 pub struct Discovery {
@@ -81,6 +86,10 @@ impl Controller {
         let service =
             CircuitBreakerLayer::with_keying(self.registry.clone(), Keying::Single(breaker))
                 .layer(channel);
+        let service = match self.config.max_concurrent_calls() {
+            Some(n) => Either::Left(ConcurrencyLimit::new(service, n)),
+            None => Either::Right(service),
+        };
         PendingRequests::new(
             EndpointService::new(service, state),
             CompleteOnResponse::default(),

@@ -10,6 +10,10 @@
 //! `query@127.0.0.1:50052`) in the [`BreakerRegistry`] you give, so the
 //! registry's status shows every endpoint.
 //!
+//! With [`BalanceConfig::with_max_concurrent_calls`] each endpoint also has
+//! its own bulkhead: a full endpoint reads not-ready and the balancer picks
+//! another.
+//!
 //! Endpoints come from a static list ([`BalancedChannel::from_endpoints`]),
 //! a DNS name resolved again every `dns_refresh`
 //! ([`BalancedChannel::from_dns`]), or your own stream of
