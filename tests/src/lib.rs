@@ -14,6 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint, Server};
 
+/// The query service's full name, as the health protocol names services.
+pub const QUERY_SERVICE: &str = "catalog.v1.QueryService";
+
 /// A catalog server on `127.0.0.1`, stopped when dropped.
 #[derive(Debug)]
 pub struct TestServer {
@@ -23,6 +26,9 @@ pub struct TestServer {
     pub faults: FaultInjector,
     /// Its handlers' state.
     pub catalog: InMemoryCatalog,
+    /// Its `grpc.health.v1` statuses: the server (`""`) and
+    /// [`QUERY_SERVICE`] start SERVING.
+    pub health: tonic_health::server::HealthReporter,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -53,8 +59,13 @@ impl TestServer {
         let addr = listener.local_addr().expect("a local address");
         let faults = FaultInjector::new();
         let (shutdown, stop) = oneshot::channel::<()>();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(QUERY_SERVICE, tonic_health::ServingStatus::Serving)
+            .await;
         let server = Server::builder()
             .layer(faults.layer())
+            .add_service(health_service)
             .add_service(catalog.query_service())
             .add_service(command)
             .serve_with_incoming_shutdown(grpc_fault::incoming(listener), async {
@@ -69,6 +80,7 @@ impl TestServer {
             addr,
             faults,
             catalog,
+            health,
             shutdown: Some(shutdown),
         }
     }
