@@ -198,35 +198,48 @@ async fn after_a_failure_the_next_pick_goes_to_another_endpoint() {
     let mut balance = Balance::new(ServiceList::new::<Req>(vec![a, b]));
     let mut checked = 0;
     for _ in 0..200 {
-        let call = balance
-            .ready()
-            .await
-            .unwrap()
-            .call(http::Request::new(String::new()));
-        let failed_on_a = if let Some(Some((_, respond))) = ha.next_request().now_or_never() {
-            respond.send_response(unavailable());
-            true
-        } else {
-            let (_, respond) = hb.next_request().await.unwrap();
-            respond.send_response(ok());
-            false
-        };
-        let response = call.await.unwrap();
-        let _ = response.into_body().collect().await;
-        if failed_on_a {
-            // The retry's pick: must be b.
-            let call = balance
+        // The call runs on its own task: a layer may hand the request to
+        // the endpoint only once the call is polled.
+        let call = tokio::spawn(
+            balance
                 .ready()
                 .await
                 .unwrap()
-                .call(http::Request::new(String::new()));
-            assert!(
-                ha.next_request().now_or_never().is_none(),
-                "the endpoint that just failed was picked again"
+                .call(http::Request::new(String::new())),
+        );
+        let failed_on_a = tokio::select! {
+            Some((_, respond)) = ha.next_request() => {
+                respond.send_response(unavailable());
+                true
+            }
+            Some((_, respond)) = hb.next_request() => {
+                respond.send_response(ok());
+                false
+            }
+        };
+        let response = call.await.unwrap().unwrap();
+        let _ = response.into_body().collect().await;
+        if failed_on_a {
+            // The retry's pick: must be b.
+            let call = tokio::spawn(
+                balance
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(http::Request::new(String::new())),
             );
-            let (_, respond) = hb.next_request().await.unwrap();
-            respond.send_response(ok());
-            call.await.unwrap();
+            let picked_a = tokio::select! {
+                Some((_, respond)) = ha.next_request() => {
+                    respond.send_response(ok());
+                    true
+                }
+                Some((_, respond)) = hb.next_request() => {
+                    respond.send_response(ok());
+                    false
+                }
+            };
+            assert!(!picked_a, "the endpoint that just failed was picked again");
+            call.await.unwrap().unwrap();
             checked += 1;
             if checked == 20 {
                 return;
