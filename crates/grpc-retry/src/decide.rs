@@ -65,6 +65,17 @@ pub(crate) enum Ended {
     Rejected,
 }
 
+/// Whether the server answered the attempt completely in its response head
+/// (Trailers-Only): such an answer stands even if the attempt's request
+/// body failed afterwards.
+pub(crate) fn answered<B>(
+    result: &Result<http::Response<B>, grpc_resilience_core::BoxError>,
+) -> bool {
+    result
+        .as_ref()
+        .is_ok_and(|response| classify_head(response.status(), response.headers()).is_some())
+}
+
 /// Classifies an attempt's result.
 pub(crate) fn ended<B>(
     result: &Result<http::Response<B>, grpc_resilience_core::BoxError>,

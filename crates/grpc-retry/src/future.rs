@@ -17,7 +17,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::ResponseBody;
-use crate::decide::{Ended, Pushback, ended};
+use crate::decide::{Ended, Pushback, answered, ended};
 use crate::replay::{Recording, ReplayableBody};
 use crate::{RetryPolicy, Shared, backoff};
 
@@ -476,15 +476,16 @@ where
                     .map_err(Into::into)
             }
         };
+        sanitize(&mut result);
         // The attempt's body could not be replayed byte for byte (it failed
-        // rather than send a different body): its outcome says nothing about
+        // rather than send a different body): unless the server had already
+        // answered completely (Trailers-Only), its outcome says nothing about
         // the call, so the caller gets the previous attempt's.
-        if ctx.recording.latest_refused() {
+        if ctx.recording.latest_refused() && !answered(&result) {
             ctx.replay_lost();
             return deliver(&ctx, last, Next::Return);
         }
         drop(last);
-        sanitize(&mut result);
         match ctx.next_delay(&result) {
             Next::Retry(next) => {
                 delay = next;

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::decide::{Ended, Pushback, ended};
+use crate::decide::{Ended, Pushback, answered, ended};
 use crate::future::{replay_request, sanitize};
 use crate::replay::{Recording, ReplayableBody};
 use crate::{HedgingPolicy, ResponseBody, Shared};
@@ -113,8 +113,9 @@ where
                 let (n, _) = inflight.swap_remove(i);
                 let mut result = result.map_err(Into::into);
                 sanitize(&mut result);
-                if h.recording.refused(n) {
-                    // Its body could not be sent byte for byte: its outcome
+                if h.recording.refused(n) && !answered(&result) {
+                    // Its body could not be sent byte for byte: unless the
+                    // server answered in full (Trailers-Only), its outcome
                     // says nothing about the call.
                     continue;
                 }

@@ -568,6 +568,58 @@ mod through_the_service {
         assert_eq!(layer.buffered_bytes(), 0);
     }
 
+    fn trailers_only_ok() -> Res {
+        let mut response = http::Response::new(TonicBody::empty());
+        response
+            .headers_mut()
+            .insert("grpc-status", "0".parse().unwrap());
+        response
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_answer_of_the_retry_is_returned_even_if_its_body_is_refused_later() {
+        let layer = layer(8, 1024);
+        let (mut service, mut handle) = mock::spawn_layer::<Req, Res, _>(layer.clone());
+        let (tx, body) = channel_body(8);
+        assert!(service.poll_ready().is_ready());
+        let mut call = tokio_test::task::spawn(service.call(streaming_request(body)));
+        assert!(call.poll().is_pending());
+        push(&tx, b"1234").await;
+        let (req1, send1) = handle.next_request().await.unwrap();
+        let mut body1 = req1.into_body();
+        assert_eq!(next_frame(&mut body1).await, Bytes::from_static(b"1234"));
+        send1.send_response(unavailable());
+        assert!(call.poll().is_pending(), "backing off");
+        tokio::time::advance(Duration::from_millis(150)).await;
+        assert!(call.poll().is_pending(), "the retry is sent");
+        let (req2, send2) = handle.next_request().await.unwrap();
+        let mut body2 = req2.into_body();
+        assert_eq!(next_frame(&mut body2).await, Bytes::from_static(b"1234"));
+        // The second server completes the call (Trailers-Only OK) ...
+        send2.send_response(trailers_only_ok());
+        // ... and then, before the retry future looks, the first attempt
+        // reads the original past the cap: the retry's body is refused.
+        push(&tx, b"5678").await;
+        push(&tx, b"9abc").await;
+        drop(tx);
+        let (rest, stop) = read_to_end(body1).await;
+        assert_eq!((rest.as_slice(), stop), (b"56789abc".as_slice(), Stop::End));
+        let (_, stop) = read_to_end(body2).await;
+        assert!(
+            matches!(&stop, Stop::Failed(text) if text.contains("buffer limit")),
+            "{stop:?}"
+        );
+        let result = match call.poll() {
+            Poll::Ready(result) => result,
+            Poll::Pending => panic!("the call was answered"),
+        };
+        assert_eq!(
+            code_of(result),
+            Code::Ok,
+            "the server completed the call: its answer, not the first attempt's UNAVAILABLE"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_committed_stream_releases_its_recording_and_records_no_more() {
         let layer = layer(1024, 4096);
