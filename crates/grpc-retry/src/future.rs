@@ -291,7 +291,7 @@ impl<S, B> Ctx<S, B> {
             attempt = self.attempts,
             "retry abandoned: the request body outgrew the replay limit; returning the previous attempt's outcome"
         );
-        self.finish();
+        // `deliver` records the call's retry duration.
     }
 
     fn finish(&self) {

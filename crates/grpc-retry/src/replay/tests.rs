@@ -525,6 +525,10 @@ mod through_the_service {
     #[tokio::test(start_paused = true)]
     async fn a_retry_in_flight_fails_when_the_original_outgrows_the_cap_and_the_caller_gets_the_first_outcome()
      {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _metrics = metrics::set_default_local_recorder(&recorder);
         let layer = layer(8, 1024);
         let (mut service, mut handle) = mock::spawn_layer::<Req, Res, _>(layer.clone());
         let (tx, body) = channel_body(8);
@@ -566,6 +570,18 @@ mod through_the_service {
         let third = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
         assert!(!matches!(third, Ok(Some(_))), "no third attempt");
         assert_eq!(layer.buffered_bytes(), 0);
+        // The abandoned retry is timed once.
+        let samples: Vec<_> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == "grpc.retry.duration")
+            .map(|(.., value)| value)
+            .collect();
+        assert!(
+            matches!(samples.as_slice(), [DebugValue::Histogram(v)] if v.len() == 1),
+            "exactly one grpc.retry.duration sample: {samples:?}"
+        );
     }
 
     fn trailers_only_ok() -> Res {
