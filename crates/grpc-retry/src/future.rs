@@ -455,8 +455,17 @@ where
         let ready: Result<(), BoxError> = ready.map_err(Into::into);
         let mut result = match ready {
             Err(err) => {
-                ctx.attempts += 1;
-                Err(err)
+                // Nothing was sent: not an attempt (no token, no backoff,
+                // no number taken). The service below failed; the caller
+                // gets the last attempt's outcome.
+                let (service, method) = ctx.labels();
+                tracing::debug!(
+                    service,
+                    method,
+                    error = %err,
+                    "retry abandoned: the service failed before the attempt could be sent"
+                );
+                return deliver(&ctx, last, Next::Return);
             }
             Ok(()) => {
                 // The attempt is sent now: never at or past the deadline, and

@@ -597,3 +597,33 @@ async fn a_call_can_override_its_policy() {
 
 mod budget;
 mod hedge;
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_failure_before_a_retry_is_not_an_attempt() {
+    let layer = layer(no_jitter().with_max_attempts(3))
+        .with_throttle(RetryThrottle::new(10.0, 0.5).unwrap());
+    let (mut service, mut handle) = setup(layer.clone());
+    let start = Instant::now();
+    assert!(service.poll_ready().is_ready());
+    let fut = tokio::spawn(service.call(request(GET, b"x")));
+    let (_, send) = next(&mut handle).await;
+    // The service breaks during the backoff: its next poll_ready fails.
+    handle.send_error(std::io::Error::other("connection closed"));
+    send.send_response(trailers_only(Code::Unavailable));
+    let result = tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("the call ends at once, with no further backoff or attempt")
+        .unwrap();
+    assert_eq!(code_of(result), Code::Unavailable, "the last outcome");
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(100),
+        "one backoff, no second"
+    );
+    assert_eq!(
+        layer.throttle().unwrap().tokens(),
+        9.0,
+        "only the server's failure took a token"
+    );
+    assert!(handle.poll_request().is_pending(), "no further attempt");
+}
