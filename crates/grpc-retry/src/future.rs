@@ -219,8 +219,9 @@ impl<S, B> Ctx<S, B> {
     }
 
     /// The request for the next attempt, sent at `now`: its `grpc-timeout`
-    /// is the time left at that moment.
-    fn next_request(&self, now: Instant) -> Request<B>
+    /// is the time left at that moment. `None`: the body can no longer be
+    /// replayed.
+    fn next_request(&self, now: Instant) -> Option<Request<B>>
     where
         B: ReplayableBody,
     {
@@ -307,14 +308,15 @@ impl<S, B> Ctx<S, B> {
 
 /// The request of a further attempt (after `previous` attempts), sent at
 /// `now`: the original head, a replay of the body, `grpc-previous-rpc-attempts`
-/// and the time left in `grpc-timeout`.
+/// and the time left in `grpc-timeout`. `None` if the body can no longer
+/// be replayed byte for byte.
 pub(crate) fn replay_request<B: ReplayableBody>(
     recording: &Recording<B>,
     previous: u32,
     deadline: Option<CallDeadline>,
     now: Instant,
-) -> Request<B> {
-    let mut request = Request::new(B::from_replay(recording.replay()));
+) -> Option<Request<B>> {
+    let mut request = Request::new(B::from_replay(recording.replay()?));
     let head = recording.head();
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = head.uri.clone();
@@ -327,7 +329,7 @@ pub(crate) fn replay_request<B: ReplayableBody>(
         deadline.write_header(headers, now);
         deadline.insert_into(&mut request);
     }
-    request
+    Some(request)
 }
 
 /// Drops a hostile `grpc-status-details-bin` from a response head before
@@ -475,7 +477,12 @@ where
                     ctx.finish();
                     return Err(ctx.deadline_passed(last));
                 }
-                let request = ctx.next_request(now);
+                // The body may have outgrown the replay limit while the
+                // service was busy.
+                let Some(request) = ctx.next_request(now) else {
+                    ctx.replay_lost();
+                    return deliver(&ctx, last, Next::Return);
+                };
                 ctx.attempts += 1;
                 let span = ctx.span();
                 ctx.service

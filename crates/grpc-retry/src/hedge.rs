@@ -205,7 +205,11 @@ where
                         next_at = None;
                         continue;
                     }
-                    let request = replay_request(&h.recording, sent, h.deadline, now);
+                    let Some(request) = replay_request(&h.recording, sent, h.deadline, now) else {
+                        // The body outgrew the replay limit: no more hedges.
+                        next_at = None;
+                        continue;
+                    };
                     sent += 1;
                     h.count("grpc.retry.hedges", 1);
                     let (service, method) = h.labels();

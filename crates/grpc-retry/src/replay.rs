@@ -431,19 +431,25 @@ impl<B> Recording<B> {
         self.inner.lock().keep == Keep::All
     }
 
-    /// The next attempt's body. Replays may run at once (hedging): each
-    /// sends from its own position, from the recording or, once it has
-    /// caught up, from the original, and never with a gap.
-    pub(crate) fn replay(&self) -> ReplayBody<B> {
+    /// The next attempt's body, unless the body can no longer be replayed
+    /// byte for byte (checked under the same lock, so a body that outgrew
+    /// the limit while the service was busy is never sent). Replays may
+    /// run at once (hedging): each sends from its own position, from the
+    /// recording or, once it has caught up, from the original, and never
+    /// with a gap.
+    pub(crate) fn replay(&self) -> Option<ReplayBody<B>> {
         let mut state = self.inner.lock();
+        if state.keep != Keep::All {
+            return None;
+        }
         state.latest += 1;
         state.more.push(Slot { pos: 0, live: true });
-        ReplayBody {
+        Some(ReplayBody {
             inner: self.inner.clone(),
             attempt: state.latest,
             pos: 0,
             trailers_sent: false,
-        }
+        })
     }
 
     /// Whether the newest attempt's body failed because the data it had to

@@ -138,7 +138,7 @@ fn assert_never_a_different_body(
 fn loom_replay_waits_while_the_original_is_read_to_its_end() {
     model(|| {
         let (limits, mut first, recording) = started(script(), 1024);
-        let mut replay = recording.replay();
+        let mut replay = recording.replay().unwrap();
         // The first attempt's server reads on after its answer: the body
         // is read to its end, and only dropped after the replay is done
         // (so no drop can hide a lost wakeup).
@@ -157,7 +157,7 @@ fn loom_replay_waits_while_the_original_is_read_to_its_end() {
 fn loom_replay_waits_while_the_original_is_handed_back() {
     model(|| {
         let (limits, first, recording) = started(script(), 1024);
-        let mut replay = recording.replay();
+        let mut replay = recording.replay().unwrap();
         let reset = thread::spawn(move || drop(first));
         assert_eq!(drain(&mut replay), (BODY.to_vec(), Outcome::End));
         reset.join().unwrap();
@@ -170,7 +170,7 @@ fn loom_replay_waits_while_the_original_is_handed_back() {
 fn loom_replay_waits_while_the_original_fails() {
     model(|| {
         let (limits, mut first, recording) = started(failing_script(), 1024);
-        let mut replay = recording.replay();
+        let mut replay = recording.replay().unwrap();
         let reader = thread::spawn(move || {
             let (data, outcome) = drain(&mut first);
             assert!(data.is_empty());
@@ -201,7 +201,7 @@ fn loom_replay_waits_while_the_original_crosses_the_cap() {
     model(|| {
         // 4 bytes per call: `ef` crosses the cap while the replay runs.
         let (limits, mut first, recording) = started(script(), 4);
-        let mut replay = recording.replay();
+        let mut replay = recording.replay().unwrap();
         let reader = thread::spawn(move || {
             // The replay may have read (and sent) what crossed the cap:
             // this attempt then fails rather than skip it.
@@ -230,7 +230,7 @@ fn loom_replay_waits_while_the_original_crosses_the_cap() {
 fn loom_replay_waits_while_the_original_is_read_past_the_cap_to_its_end() {
     model(|| {
         let (limits, mut first, recording) = started(script(), 4);
-        let mut replay = recording.replay();
+        let mut replay = recording.replay().unwrap();
         let reader = thread::spawn(move || {
             assert_never_a_different_body(
                 drain(&mut first),
@@ -254,7 +254,7 @@ fn loom_replay_waits_while_the_original_is_read_past_the_cap_to_its_end() {
 fn loom_two_replays_in_sequence() {
     model(|| {
         let (limits, first, recording) = started(script(), 1024);
-        let mut second = recording.replay();
+        let mut second = recording.replay().unwrap();
         let reset = thread::spawn(move || drop(first));
         // The second attempt sends two frames (it may take the original
         // over), then its stream is reset too.
@@ -262,7 +262,7 @@ fn loom_two_replays_in_sequence() {
             assert_eq!(read(&mut second, 2), (b"abcd".to_vec(), None));
         });
         retry.join().unwrap();
-        let mut third = recording.replay();
+        let mut third = recording.replay().unwrap();
         assert_eq!(drain(&mut third), (BODY.to_vec(), Outcome::End));
         reset.join().unwrap();
         assert!(recording.replayable());
@@ -275,7 +275,7 @@ fn loom_two_replays_in_sequence() {
 fn loom_the_call_ending_while_a_replay_lags_keeps_what_it_needs() {
     model(|| {
         let (limits, mut first, recording) = started(script(), 1024);
-        let mut replay = recording.replay();
+        let mut replay = recording.replay().unwrap();
         let reader = thread::spawn(move || {
             // Once the call is over, only the replay reads the original:
             // this attempt may fail then, never send a shorter body.
@@ -301,7 +301,7 @@ fn loom_the_call_ending_while_a_replay_lags_keeps_what_it_needs() {
 fn loom_the_call_dropped_at_any_point_gives_every_byte_back() {
     model(|| {
         let (limits, mut first, recording) = started(script(), 1024);
-        let mut replay = recording.replay();
+        let mut replay = recording.replay().unwrap();
         let reader = thread::spawn(move || {
             let (data, outcome) = read(&mut first, 1);
             assert!(
@@ -333,8 +333,8 @@ fn loom_two_concurrent_replays_each_send_the_whole_body() {
         // them takes the original over while the other waits for it.
         let (limits, first, recording) = started(script(), 1024);
         drop(first);
-        let mut a = recording.replay();
-        let mut b = recording.replay();
+        let mut a = recording.replay().unwrap();
+        let mut b = recording.replay().unwrap();
         let hedge = thread::spawn(move || {
             assert_eq!(drain(&mut a), (BODY.to_vec(), Outcome::End));
             a
@@ -353,8 +353,8 @@ fn loom_a_hedge_committed_while_another_reads_still_sends_the_whole_body() {
         let (limits, first, recording) = started(script(), 1024);
         drop(first);
         // The call commits to the older hedge (attempt 2), not the newest.
-        let mut winner = recording.replay();
-        let mut loser = recording.replay();
+        let mut winner = recording.replay().unwrap();
+        let mut loser = recording.replay().unwrap();
         // The loser may take the original over; it is cancelled after a
         // frame, while the call commits to the winner.
         let cancelled = thread::spawn(move || {
@@ -456,7 +456,7 @@ fn loom_a_replay_reads_on_while_an_older_attempt_neither_polls_nor_drops() {
             .await;
         });
         let () = parked;
-        let mut second = recording.replay();
+        let mut second = recording.replay().unwrap();
         let producer = thread::spawn(move || {
             feed.push(b"cd");
             feed.push(b"ef");

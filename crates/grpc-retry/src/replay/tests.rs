@@ -50,7 +50,7 @@ async fn a_replay_is_byte_identical_with_trailers() {
     drop(first);
     assert_eq!(limits.in_use(), 11);
     for _ in 0..3 {
-        let mut again = shared.replay();
+        let mut again = shared.replay().unwrap();
         assert_eq!(again.size_hint().exact(), Some(11));
         let (data, t) = read_all(&mut again).await;
         assert_eq!(data, b"hello world");
@@ -74,7 +74,7 @@ async fn a_replay_continues_where_the_first_attempt_stopped() {
     let frame = first.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
 
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     // The first attempt is still alive: the replay of what was recorded
     // works, then the second reads the original itself.
     let frame = second.frame().await.unwrap().unwrap();
@@ -94,7 +94,7 @@ async fn a_replay_continues_where_the_first_attempt_stopped() {
     let (rest, _) = read_all(&mut second).await;
     assert_eq!(rest, b"two");
     assert!(shared.replayable());
-    let (all, _) = read_all(&mut shared.replay()).await;
+    let (all, _) = read_all(&mut shared.replay().unwrap()).await;
     assert_eq!(all, b"one,two");
 }
 
@@ -215,7 +215,7 @@ async fn a_waiting_replay_is_woken_when_the_original_is_read_to_its_end() {
         (b"one,".to_vec(), Stop::Pending)
     );
 
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         poll_out(&mut server2, &mut second),
@@ -248,7 +248,7 @@ async fn a_waiting_replay_is_woken_and_fails_when_the_original_fails() {
     push(&tx, b"one,").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).1, Stop::Pending);
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         poll_out(&mut server2, &mut second),
@@ -281,7 +281,7 @@ async fn a_replay_in_flight_fails_rather_than_end_early_when_the_original_crosse
     push(&tx, b"1234").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).0, b"1234");
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         poll_out(&mut server2, &mut second),
@@ -325,7 +325,7 @@ async fn a_replay_never_reads_on_past_a_gap_when_the_original_is_handed_back() {
     push(&tx, b"1234").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).0, b"1234");
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         poll_out(&mut server2, &mut second),
@@ -360,7 +360,7 @@ async fn a_call_committed_on_a_lagging_replay_keeps_only_what_it_has_not_sent() 
     push(&tx, b"cd").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).0, b"abcd");
-    let mut second = recording.replay();
+    let mut second = recording.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         second.frame().await.unwrap().unwrap().into_data().unwrap(),
@@ -584,6 +584,42 @@ mod through_the_service {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_outgrows_the_cap_while_the_service_is_busy_is_never_replayed() {
+        let layer = layer(8, 1024);
+        let (mut service, mut handle) = mock::spawn_layer::<Req, Res, _>(layer.clone());
+        handle.allow(1);
+        let (tx, body) = channel_body(8);
+        assert!(service.poll_ready().is_ready());
+        let call = tokio::spawn(service.call(streaming_request(body)));
+        push(&tx, b"1234").await;
+        let (req1, send1) = handle.next_request().await.unwrap();
+        let mut body1 = req1.into_body();
+        assert_eq!(next_frame(&mut body1).await, Bytes::from_static(b"1234"));
+        send1.send_response(unavailable());
+        // Past the backoff (100 ms) the retry waits for the busy service,
+        // while the first attempt's server reads on past the cap.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!call.is_finished());
+        push(&tx, b"5678").await;
+        push(&tx, b"9abc").await;
+        drop(tx);
+        let (rest, stop) = read_to_end(body1).await;
+        assert_eq!((rest.as_slice(), stop), (b"56789abc".as_slice(), Stop::End));
+        handle.allow(1);
+        let second = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
+        if let Ok(Some((req2, send2))) = second {
+            let (sent, stop) = read_to_end(req2.into_body()).await;
+            send2.send_response(headers_only());
+            panic!(
+                "no attempt may follow once the body is no longer held; one sent {:?} then {stop:?}",
+                String::from_utf8_lossy(&sent)
+            );
+        }
+        assert_eq!(code_of(call.await.unwrap()), Code::Unavailable);
+        assert_eq!(layer.buffered_bytes(), 0);
+    }
+
     fn trailers_only_ok() -> Res {
         let mut response = http::Response::new(TonicBody::empty());
         response
@@ -731,7 +767,7 @@ async fn a_replay_does_not_wait_for_an_attempt_that_stopped_reading() {
     assert!(parked.poll().is_pending());
     drop(parked);
 
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     tx.send(Ok(Frame::data(Bytes::from_static(b"two,"))))
         .await
         .unwrap();
