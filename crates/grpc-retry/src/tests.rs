@@ -372,7 +372,7 @@ async fn writes_are_retried_only_when_never_processed() {
     assert!(service.poll_ready().is_ready());
     let fut = tokio::spawn(service.call(request(CREATE, b"w")));
     let (_, send) = next(&mut handle).await;
-    send.send_error(h2::Error::from(h2::Reason::REFUSED_STREAM));
+    send.send_error(crate::test_h2::remote_reset(h2::Reason::REFUSED_STREAM).await);
     let (second, send) = next(&mut handle).await;
     assert_eq!(second.body, Bytes::from_static(b"w"));
     send.send_response(committed(Code::Ok));
