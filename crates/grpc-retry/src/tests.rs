@@ -290,7 +290,9 @@ async fn bad_pushback_stops_retrying_and_keeps_the_servers_code() {
 
 #[tokio::test(start_paused = true)]
 async fn a_huge_pushback_never_sleeps_past_the_deadline() {
-    let (mut service, mut handle) = setup(layer(no_jitter()));
+    // max_pushback allows it: the deadline alone must stop the wait.
+    let policy = no_jitter().with_max_pushback(Duration::from_secs(100 * 365 * 24 * 3600));
+    let (mut service, mut handle) = setup(layer(policy));
     let mut req = request(GET, b"x");
     req.headers_mut()
         .insert("grpc-timeout", "2S".parse().unwrap());
@@ -303,8 +305,14 @@ async fn a_huge_pushback_never_sleeps_past_the_deadline() {
     )
     .await;
     assert_eq!(seen.len(), 1);
-    assert_eq!(code_of(result), Code::Unavailable);
     assert_eq!(start.elapsed(), Duration::ZERO, "returned at once");
+    let response = result.expect("the server's Trailers-Only answer");
+    let status = tonic::Status::from_header_map(response.headers()).unwrap();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("deadline leaves no time"),
+        "stopped by the deadline, not max_pushback: {status:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
