@@ -635,3 +635,81 @@ async fn a_readiness_failure_before_a_retry_is_not_an_attempt() {
     );
     assert!(handle.poll_request().is_pending(), "no further attempt");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_override_can_say_whether_the_call_is_idempotent() {
+    // A non-idempotent method made idempotent for one call: retried.
+    let policies = RetryPolicies::new(no_jitter())
+        .unwrap()
+        .with_operation(
+            "CreateProduct",
+            no_jitter().non_idempotent().with_idempotency_keys(),
+        )
+        .unwrap();
+    let (mut service, mut handle) = setup(RetryLayer::new(policies));
+    let mut req = request(CREATE, b"w");
+    req.extensions_mut()
+        .insert(RetryOverride::new().with_idempotent(false));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!(
+        (seen.len(), code_of(result)),
+        (1, Code::Unavailable),
+        "not retried"
+    );
+    assert!(
+        !seen[0].headers.contains_key(IDEMPOTENCY_KEY),
+        "false also clears idempotency keys"
+    );
+    let mut req = request(GET, b"r");
+    req.extensions_mut()
+        .insert(RetryOverride::new().with_idempotent(true));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![trailers_only(Code::Unavailable), trailers_only(Code::Ok)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (2, Code::Ok));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_idempotency_key_lets_a_non_idempotent_method_be_retried() {
+    let policies = RetryPolicies::new(no_jitter())
+        .unwrap()
+        .with_operation("CreateProduct", no_jitter().non_idempotent())
+        .unwrap();
+    let (mut service, mut handle) = setup(RetryLayer::new(policies));
+    let mut req = request(CREATE, b"w");
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY, "caller-key-1".parse().unwrap());
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![trailers_only(Code::Unavailable), trailers_only(Code::Ok)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (2, Code::Ok), "retried");
+    for s in &seen {
+        assert_eq!(
+            s.headers[IDEMPOTENCY_KEY], "caller-key-1",
+            "the caller's key kept"
+        );
+    }
+    // Without a key: not retried.
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(CREATE, b"w"),
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (1, Code::Unavailable));
+}
