@@ -123,20 +123,29 @@ impl Error for TransportError {
 }
 
 /// Gives an error without a [`tonic::Status`] in its chain the status a
-/// caller should see ([`transport_code`]) as a [`TransportError`], which
-/// keeps the original error in its source chain. Errors that have a status,
-/// and tonic's own timeouts and connect errors (which tonic's stubs map
-/// themselves), pass unchanged.
+/// caller should see ([`error_code`]) as a [`TransportError`], which keeps
+/// the original error in its source chain: [`tonic::TimeoutExpired`]
+/// (tonic's own `grpc-timeout` enforcement, which tonic's stubs would read
+/// as `CANCELLED`) becomes `DEADLINE_EXCEEDED`, anything else its
+/// [`transport_code`]. Errors that have a status, and connect errors (which
+/// tonic's stubs map to `UNAVAILABLE` themselves), pass unchanged.
 pub fn with_transport_status(err: BoxError) -> BoxError {
-    if find_status(&*err).is_some()
-        || find_error::<tonic::TimeoutExpired>(&*err).is_some()
-        || find_error::<tonic::ConnectError>(&*err).is_some()
-    {
+    if find_status(&*err).is_some() || find_error::<tonic::ConnectError>(&*err).is_some() {
         return err;
     }
-    let code = transport_code(&*err);
+    let timeout = find_error::<tonic::TimeoutExpired>(&*err).is_some();
+    let code = if timeout {
+        Code::DeadlineExceeded
+    } else {
+        transport_code(&*err)
+    };
     let cause: Arc<dyn Error + Send + Sync + 'static> = Arc::from(err);
-    let mut status = Status::new(code, format!("transport error: {cause}"));
+    let message = if timeout {
+        format!("deadline exceeded: {cause}")
+    } else {
+        format!("transport error: {cause}")
+    };
+    let mut status = Status::new(code, message);
     status.set_source(cause.clone());
     Box::new(TransportError { status, cause })
 }
@@ -167,6 +176,15 @@ pub fn with_transport_status(err: BoxError) -> BoxError {
 /// hyper's "canceled" error (the connection went away before the request
 /// was sent) reads `CANCELLED` in tonic; here, as in grpc-core, it is a
 /// connection failure, `UNAVAILABLE`, since the caller cancelled nothing.
+///
+/// Errors this crate cannot recognize are connection failures too,
+/// `UNAVAILABLE`: that is what lets a retry layer retry the I/O and hyper
+/// errors a broken connection surfaces as, transparently. This includes
+/// errors of tower layers placed *below* a retry or a stub (tower's timeout
+/// `Elapsed`, load shedding's `Overloaded`): this crate does not depend on
+/// tower to tell them apart. Place a timeout above the retry layer (or use
+/// this workspace's deadline layer, whose errors carry a status) to have
+/// `DEADLINE_EXCEEDED`.
 pub fn transport_code(err: &(dyn Error + 'static)) -> Code {
     match find_error::<h2::Error>(err) {
         Some(h2) => h2_code(h2),
@@ -248,6 +266,20 @@ mod tests {
     fn tonic_timeouts_are_deadline_exceeded() {
         let err: BoxError = Box::new(tonic::TimeoutExpired(()));
         assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn a_tonic_timeout_reaches_the_caller_as_deadline_exceeded() {
+        // tonic's stubs read a bare TimeoutExpired as CANCELLED: given a
+        // status here, the caller sees what `error_code` says.
+        let err = with_transport_status(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+        assert!(
+            find_error::<tonic::TimeoutExpired>(&*err).is_some(),
+            "the cause is in the chain"
+        );
+        let status = Status::from_error(err);
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     }
 
     #[test]

@@ -65,6 +65,17 @@ pub(crate) enum Ended {
     Rejected,
 }
 
+/// Whether the server answered the attempt completely in its response head
+/// (Trailers-Only): such an answer stands even if the attempt's request
+/// body failed afterwards.
+pub(crate) fn answered<B>(
+    result: &Result<http::Response<B>, grpc_resilience_core::BoxError>,
+) -> bool {
+    result
+        .as_ref()
+        .is_ok_and(|response| classify_head(response.status(), response.headers()).is_some())
+}
+
 /// Classifies an attempt's result.
 pub(crate) fn ended<B>(
     result: &Result<http::Response<B>, grpc_resilience_core::BoxError>,
@@ -93,15 +104,17 @@ pub(crate) fn ended<B>(
 }
 
 /// Whether the server provably never processed the call: the connection
-/// could not be made, the stream was refused (`REFUSED_STREAM`), or it was
-/// above the last stream of a graceful `GOAWAY`.
+/// could not be made, the server reset the stream with `REFUSED_STREAM`,
+/// or it was above the last stream of a graceful `GOAWAY`. A `GOAWAY`
+/// whose reason is `REFUSED_STREAM` does not count: h2 gives its reason to
+/// every stream it fails, processed ones too.
 pub(crate) fn never_processed(err: &(dyn Error + 'static)) -> bool {
     if find_error::<tonic::ConnectError>(err).is_some() {
         return true;
     }
     match find_error::<h2::Error>(err) {
         Some(h2) => {
-            h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            (h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
                 || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
         }
         None => false,
@@ -141,16 +154,40 @@ mod tests {
         }
     }
 
-    #[test]
-    fn refused_streams_and_connect_errors_were_never_processed() {
+    #[tokio::test]
+    async fn refused_streams_and_connect_errors_were_never_processed() {
         let refused: grpc_resilience_core::BoxError =
-            Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM));
+            Box::new(crate::test_h2::remote_reset(h2::Reason::REFUSED_STREAM).await);
         assert!(never_processed(&*refused));
         let reset: grpc_resilience_core::BoxError =
             Box::new(h2::Error::from(h2::Reason::INTERNAL_ERROR));
         assert!(!never_processed(&*reset));
         let io: grpc_resilience_core::BoxError = Box::new(std::io::Error::other("reset by peer"));
         assert!(!never_processed(&*io));
+    }
+
+    #[tokio::test]
+    async fn only_a_stream_the_server_refused_was_never_processed() {
+        use crate::test_h2::{remote_go_away, remote_reset};
+        use h2::Reason;
+
+        let refused: grpc_resilience_core::BoxError =
+            Box::new(remote_reset(Reason::REFUSED_STREAM).await);
+        assert!(never_processed(&*refused), "RST_STREAM(REFUSED_STREAM)");
+        // h2 gives a GOAWAY's reason to every stream it fails, processed
+        // ones too (when the connection then closes): the error alone does
+        // not say whether the server took the stream.
+        let go_away: grpc_resilience_core::BoxError =
+            Box::new(remote_go_away(0, Reason::REFUSED_STREAM).await);
+        assert!(!never_processed(&*go_away), "GOAWAY(REFUSED_STREAM)");
+        // A graceful GOAWAY above the stream: never processed.
+        let graceful: grpc_resilience_core::BoxError =
+            Box::new(remote_go_away(0, Reason::NO_ERROR).await);
+        assert!(never_processed(&*graceful), "GOAWAY(0, NO_ERROR)");
+        // A reason this side made up is not the server's word.
+        let local: grpc_resilience_core::BoxError =
+            Box::new(h2::Error::from(Reason::REFUSED_STREAM));
+        assert!(!never_processed(&*local));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::ResponseBody;
-use crate::decide::{Ended, Pushback, ended};
+use crate::decide::{Ended, Pushback, answered, ended};
 use crate::replay::{Recording, ReplayableBody};
 use crate::{RetryPolicy, Shared, backoff};
 
@@ -219,8 +219,9 @@ impl<S, B> Ctx<S, B> {
     }
 
     /// The request for the next attempt, sent at `now`: its `grpc-timeout`
-    /// is the time left at that moment.
-    fn next_request(&self, now: Instant) -> Request<B>
+    /// is the time left at that moment. `None`: the body can no longer be
+    /// replayed.
+    fn next_request(&self, now: Instant) -> Option<Request<B>>
     where
         B: ReplayableBody,
     {
@@ -291,7 +292,7 @@ impl<S, B> Ctx<S, B> {
             attempt = self.attempts,
             "retry abandoned: the request body outgrew the replay limit; returning the previous attempt's outcome"
         );
-        self.finish();
+        // `deliver` records the call's retry duration.
     }
 
     fn finish(&self) {
@@ -307,14 +308,15 @@ impl<S, B> Ctx<S, B> {
 
 /// The request of a further attempt (after `previous` attempts), sent at
 /// `now`: the original head, a replay of the body, `grpc-previous-rpc-attempts`
-/// and the time left in `grpc-timeout`.
+/// and the time left in `grpc-timeout`. `None` if the body can no longer
+/// be replayed byte for byte.
 pub(crate) fn replay_request<B: ReplayableBody>(
     recording: &Recording<B>,
     previous: u32,
     deadline: Option<CallDeadline>,
     now: Instant,
-) -> Request<B> {
-    let mut request = Request::new(B::from_replay(recording.replay()));
+) -> Option<Request<B>> {
+    let mut request = Request::new(B::from_replay(recording.replay()?));
     let head = recording.head();
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = head.uri.clone();
@@ -327,7 +329,7 @@ pub(crate) fn replay_request<B: ReplayableBody>(
         deadline.write_header(headers, now);
         deadline.insert_into(&mut request);
     }
-    request
+    Some(request)
 }
 
 /// Drops a hostile `grpc-status-details-bin` from a response head before
@@ -455,8 +457,17 @@ where
         let ready: Result<(), BoxError> = ready.map_err(Into::into);
         let mut result = match ready {
             Err(err) => {
-                ctx.attempts += 1;
-                Err(err)
+                // Nothing was sent: not an attempt (no token, no backoff,
+                // no number taken). The service below failed; the caller
+                // gets the last attempt's outcome.
+                let (service, method) = ctx.labels();
+                tracing::debug!(
+                    service,
+                    method,
+                    error = %err,
+                    "retry abandoned: the service failed before the attempt could be sent"
+                );
+                return deliver(&ctx, last, Next::Return);
             }
             Ok(()) => {
                 // The attempt is sent now: never at or past the deadline, and
@@ -466,7 +477,12 @@ where
                     ctx.finish();
                     return Err(ctx.deadline_passed(last));
                 }
-                let request = ctx.next_request(now);
+                // The body may have outgrown the replay limit while the
+                // service was busy.
+                let Some(request) = ctx.next_request(now) else {
+                    ctx.replay_lost();
+                    return deliver(&ctx, last, Next::Return);
+                };
                 ctx.attempts += 1;
                 let span = ctx.span();
                 ctx.service
@@ -476,15 +492,16 @@ where
                     .map_err(Into::into)
             }
         };
+        sanitize(&mut result);
         // The attempt's body could not be replayed byte for byte (it failed
-        // rather than send a different body): its outcome says nothing about
+        // rather than send a different body): unless the server had already
+        // answered completely (Trailers-Only), its outcome says nothing about
         // the call, so the caller gets the previous attempt's.
-        if ctx.recording.latest_refused() {
+        if ctx.recording.latest_refused() && !answered(&result) {
             ctx.replay_lost();
             return deliver(&ctx, last, Next::Return);
         }
         drop(last);
-        sanitize(&mut result);
         match ctx.next_delay(&result) {
             Next::Retry(next) => {
                 delay = next;

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::decide::{Ended, Pushback, ended};
+use crate::decide::{Ended, Pushback, answered, ended};
 use crate::future::{replay_request, sanitize};
 use crate::replay::{Recording, ReplayableBody};
 use crate::{HedgingPolicy, ResponseBody, Shared};
@@ -113,8 +113,9 @@ where
                 let (n, _) = inflight.swap_remove(i);
                 let mut result = result.map_err(Into::into);
                 sanitize(&mut result);
-                if h.recording.refused(n) {
-                    // Its body could not be sent byte for byte: its outcome
+                if h.recording.refused(n) && !answered(&result) {
+                    // Its body could not be sent byte for byte: unless the
+                    // server answered in full (Trailers-Only), its outcome
                     // says nothing about the call.
                     continue;
                 }
@@ -204,7 +205,11 @@ where
                         next_at = None;
                         continue;
                     }
-                    let request = replay_request(&h.recording, sent, h.deadline, now);
+                    let Some(request) = replay_request(&h.recording, sent, h.deadline, now) else {
+                        // The body outgrew the replay limit: no more hedges.
+                        next_at = None;
+                        continue;
+                    };
                     sent += 1;
                     h.count("grpc.retry.hedges", 1);
                     let (service, method) = h.labels();

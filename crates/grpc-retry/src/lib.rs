@@ -193,6 +193,8 @@ pub use throttle::RetryThrottle;
 pub(crate) use service::Shared;
 
 #[cfg(test)]
+mod test_h2;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_deadline;

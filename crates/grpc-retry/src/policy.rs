@@ -395,7 +395,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_is_the_seeds() {
+    fn the_default_policy() {
         let p = RetryPolicy::default();
         assert_eq!(p.max_attempts, 3);
         assert_eq!(p.initial_delay, Duration::from_millis(100));

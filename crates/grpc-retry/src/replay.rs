@@ -6,10 +6,15 @@
 //! The attempts of one call share one [`Inner`]: each attempt's body is a
 //! [`ReplayBody`], and the retry future holds the call's [`Recording`].
 //!
-//! * **One reader.** The original body is read by one attempt at a time,
-//!   the reader; its data frames are numbered in the order read (`read`
-//!   counts them). An attempt that is dropped while reading hands the
-//!   original back.
+//! * **One frame at a time.** The original body stays in the shared state;
+//!   a live attempt that has sent everything read so far takes it out for
+//!   one `poll_frame` and puts it back, so an attempt whose connection
+//!   stopped polling its body (a full send window) cannot pin it: any other
+//!   live attempt reads on. Its data frames are numbered in the order read
+//!   (`read` counts them). Once the call is over, only the attempt it
+//!   ended with may read the original; another one that would need it
+//!   fails with [`ReplayUnavailable::CallEnded`] (its stream is reset,
+//!   never ended cleanly with a truncated body).
 //! * **No gap, by construction.** Each attempt has sent frames `0..pos`. It
 //!   sends frame `pos` from the recording; once `pos == read` it has sent
 //!   everything read so far, and only then may it read the original itself
@@ -23,13 +28,16 @@
 //!   failed. Bytes held are counted in the layer's [`Limits`].
 //! * **Wakeups.** Every change a waiting attempt may wait for (a new frame,
 //!   the end, a failure, the original handed back) wakes every waiting
-//!   attempt.
+//!   attempt. The original is polled with a waker that wakes every
+//!   waiting attempt (and every attempt that polled it), so a frame
+//!   arriving wakes whichever attempt still reads, whatever attempt polled
+//!   last.
 
 use std::error::Error;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 use grpc_resilience_core::BoxError;
@@ -114,13 +122,13 @@ impl Limits {
     }
 
     fn reserve(&self, n: usize) -> bool {
-        let before = self.in_use.fetch_add(n, Ordering::AcqRel);
-        if before + n > self.total {
-            self.in_use.fetch_sub(n, Ordering::AcqRel);
-            false
-        } else {
-            true
-        }
+        // One compare-and-swap: two calls near the limit never both see
+        // the other's bytes and are refused for a sum that never held.
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_use| {
+                in_use.checked_add(n).filter(|&after| after <= self.total)
+            })
+            .is_ok()
     }
 
     fn release(&self, n: usize) {
@@ -190,10 +198,13 @@ struct State<B> {
     // Data frames read from the original so far.
     read: usize,
     end: End,
-    // The original body, when no attempt is reading it.
+    // The original body, unless it ended or an attempt polls it right now.
     rest: Option<B>,
-    // The attempt reading the original, if any.
+    // The attempt polling the original right now, if any.
     reader: Option<u32>,
+    // The call is over (the recording was dropped): only `survivor` may
+    // read the original.
+    over: bool,
     keep: Keep,
     // The newest attempt.
     latest: u32,
@@ -207,8 +218,6 @@ struct State<B> {
     refused: u128,
     // The attempt a hedged call committed to; else the newest survives.
     survivor: Option<u32>,
-    // Attempts waiting for the reader, by attempt number.
-    waiters: Vec<(u32, Waker)>,
 }
 
 /// One attempt's progress.
@@ -320,23 +329,52 @@ impl<B> State<B> {
         }
     }
 
-    fn wait(&mut self, attempt: u32, waker: &Waker) {
-        match self.waiters.iter_mut().find(|(a, _)| *a == attempt) {
-            Some((_, w)) if w.will_wake(waker) => {}
-            Some((_, w)) => w.clone_from(waker),
-            None => self.waiters.push((attempt, waker.clone())),
-        }
-    }
-
-    /// The waiting attempts, to wake once the lock is released.
-    fn wakers(&mut self) -> Vec<(u32, Waker)> {
-        std::mem::take(&mut self.waiters)
+    /// Whether `attempt` may read the original (once it sent all read).
+    fn may_read(&self, attempt: u32) -> bool {
+        !self.over || self.survivor == Some(attempt)
     }
 }
 
-fn wake(waiters: Vec<(u32, Waker)>) {
-    for (_, waker) in waiters {
-        waker.wake();
+/// The attempts waiting for the original's next frame, by attempt number.
+/// Its waker (one per call) is the one the original is polled with, so
+/// whichever attempt polled last, a frame arriving wakes them all.
+#[derive(Default)]
+struct Waiters {
+    list: Mutex<Vec<(u32, Waker)>>,
+}
+
+impl Waiters {
+    /// Registers `attempt`; called with the state locked, so a change made
+    /// under that lock after it wakes the attempt.
+    fn wait(&self, attempt: u32, waker: &Waker) {
+        let mut list = lock(&self.list);
+        match list.iter_mut().find(|(a, _)| *a == attempt) {
+            Some((_, w)) if w.will_wake(waker) => {}
+            Some((_, w)) => w.clone_from(waker),
+            None => list.push((attempt, waker.clone())),
+        }
+    }
+
+    fn forget(&self, attempt: u32) {
+        lock(&self.list).retain(|(a, _)| *a != attempt);
+    }
+
+    /// Wakes every waiting attempt (they register again if still waiting).
+    fn wake_all(&self) {
+        let list = std::mem::take(&mut *lock(&self.list));
+        for (_, waker) in list {
+            waker.wake();
+        }
+    }
+}
+
+impl Wake for Waiters {
+    fn wake(self: Arc<Self>) {
+        self.wake_all();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wake_all();
     }
 }
 
@@ -346,6 +384,9 @@ struct Inner<B> {
     head: Head,
     state: Mutex<State<B>>,
     limits: Arc<Limits>,
+    waiters: Arc<Waiters>,
+    // Wakes every waiter: the waker the original is polled with.
+    fanout: Waker,
 }
 
 impl<B> Inner<B> {
@@ -390,20 +431,25 @@ impl<B> Recording<B> {
         self.inner.lock().keep == Keep::All
     }
 
-    /// The next attempt's body. Replays may run at once (hedging): each
-    /// sends from its own position, from the recording or, once it has
-    /// caught up, from the original, and never with a gap.
-    pub(crate) fn replay(&self) -> ReplayBody<B> {
+    /// The next attempt's body, unless the body can no longer be replayed
+    /// byte for byte (checked under the same lock, so a body that outgrew
+    /// the limit while the service was busy is never sent). Replays may
+    /// run at once (hedging): each sends from its own position, from the
+    /// recording or, once it has caught up, from the original, and never
+    /// with a gap.
+    pub(crate) fn replay(&self) -> Option<ReplayBody<B>> {
         let mut state = self.inner.lock();
+        if state.keep != Keep::All {
+            return None;
+        }
         state.latest += 1;
         state.more.push(Slot { pos: 0, live: true });
-        ReplayBody {
+        Some(ReplayBody {
             inner: self.inner.clone(),
             attempt: state.latest,
             pos: 0,
-            held: None,
             trailers_sent: false,
-        }
+        })
     }
 
     /// Whether the newest attempt's body failed because the data it had to
@@ -443,6 +489,8 @@ impl<B> Drop for Recording<B> {
         // may be streaming); while another attempt reads the original, it
         // may lag behind: keep what it has not sent yet. Else keep nothing.
         let survivor = state.survivor.unwrap_or(state.latest);
+        state.over = true;
+        state.survivor = Some(survivor);
         let Slot { pos, live } = state.slot(survivor).copied().unwrap_or(Slot {
             pos: 0,
             live: false,
@@ -455,6 +503,9 @@ impl<B> Drop for Recording<B> {
         } else {
             state.clear(limits, ReplayUnavailable::CallEnded);
         }
+        drop(state);
+        // An older attempt waiting for the original now fails instead.
+        self.inner.waiters.wake_all();
     }
 }
 
@@ -467,8 +518,6 @@ pub struct ReplayBody<B> {
     attempt: u32,
     // Data frames sent so far.
     pos: usize,
-    // The original body while this attempt reads it.
-    held: Option<B>,
     trailers_sent: bool,
 }
 
@@ -477,7 +526,6 @@ impl<B> fmt::Debug for ReplayBody<B> {
         f.debug_struct("ReplayBody")
             .field("attempt", &self.attempt)
             .field("pos", &self.pos)
-            .field("reads_original", &self.held.is_some())
             .finish()
     }
 }
@@ -486,6 +534,7 @@ impl<B> ReplayBody<B> {
     /// The first attempt's body, reading from `original`, and the call's
     /// recording.
     pub(crate) fn first(original: B, limits: Arc<Limits>, head: Head) -> (Self, Recording<B>) {
+        let waiters = Arc::new(Waiters::default());
         let inner = Arc::new(Inner {
             head,
             state: Mutex::new(State {
@@ -494,49 +543,49 @@ impl<B> ReplayBody<B> {
                 buffered: 0,
                 read: 0,
                 end: End::Open,
-                rest: None,
-                reader: Some(1),
+                rest: Some(original),
+                reader: None,
+                over: false,
                 keep: Keep::All,
                 latest: 1,
                 first: Slot { pos: 0, live: true },
                 more: Vec::new(),
                 refused: 0,
                 survivor: None,
-                waiters: Vec::new(),
             }),
             limits,
+            fanout: Waker::from(waiters.clone()),
+            waiters,
         });
         let body = ReplayBody {
             inner: inner.clone(),
             attempt: 1,
             pos: 0,
-            held: Some(original),
             trailers_sent: false,
         };
         (body, Recording { inner })
     }
 }
 
+/// An attempt's progress, borrowed apart from its shared state.
+struct Progress<'a, B> {
+    inner: &'a Inner<B>,
+    attempt: u32,
+    pos: &'a mut usize,
+    trailers_sent: &'a mut bool,
+}
+
 impl<B> Drop for ReplayBody<B> {
     fn drop(&mut self) {
         let mut state = self.inner.lock();
-        if let Some(original) = self.held.take() {
-            state.reader = None;
-            if matches!(state.end, End::Open) {
-                state.rest = Some(original);
-            }
-        }
         if let Some(slot) = state.slot_mut(self.attempt) {
             slot.live = false;
         }
         if state.keep == Keep::For(self.attempt) {
             state.clear(&self.inner.limits, ReplayUnavailable::CallEnded);
         }
-        let attempt = self.attempt;
-        state.waiters.retain(|(a, _)| *a != attempt);
-        let waiters = state.wakers();
         drop(state);
-        wake(waiters);
+        self.inner.waiters.forget(self.attempt);
     }
 }
 
@@ -545,60 +594,82 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    /// Reads the next frame of the original, which this attempt holds:
-    /// `Some` with what to return, or `None` to look again (a frame kind
-    /// this layer does not know is skipped).
+    /// Polls the original once, taken out of the shared state (`state`,
+    /// locked, is released meanwhile): `Some` with what to return, `None`
+    /// to look again (a frame kind this layer does not know is skipped).
     #[allow(clippy::type_complexity)]
     fn poll_original(
-        &mut self,
+        Progress {
+            inner,
+            attempt,
+            pos,
+            trailers_sent,
+        }: Progress<'_, B>,
+        mut state: MutexGuard<'_, State<B>>,
+        mut original: B,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Option<Result<Frame<Bytes>, BoxError>>>> {
-        let Some(original) = self.held.as_mut() else {
-            return Poll::Ready(None);
+        let limits = &inner.limits;
+        state.reader = Some(attempt);
+        if state.keep == Keep::For(attempt) {
+            // Caught up and reading itself: nothing is needed.
+            state.clear(limits, ReplayUnavailable::CallEnded);
+        }
+        // Registered before polling: a frame arriving meanwhile wakes this
+        // attempt too, whoever polls the original next.
+        inner.waiters.wait(attempt, cx.waker());
+        drop(state);
+        let mut fanout = Context::from_waker(&inner.fanout);
+        let frame = Pin::new(&mut original).poll_frame(&mut fanout);
+        let mut state = inner.lock();
+        state.reader = None;
+        let Poll::Ready(frame) = frame else {
+            state.rest = Some(original);
+            return Poll::Pending;
         };
-        let frame = ready!(Pin::new(original).poll_frame(cx));
-        let limits = &self.inner.limits;
-        let mut state = self.inner.lock();
+        let mut ended = None;
         let out = match frame {
             None => {
                 state.end = End::Done(None);
-                state.reader = None;
-                self.held = None;
+                ended = Some(original);
                 None
             }
             Some(Err(err)) => {
                 // A broken body cannot be replayed.
                 state.end = End::Failed;
-                state.reader = None;
                 state.clear(limits, ReplayUnavailable::BodyFailed);
-                self.held = None;
-                Some(Err(err.into()))
+                ended = Some(original);
+                Some(Some(Err(err.into())))
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
+                    state.rest = Some(original);
                     state.read += 1;
-                    self.pos = state.read;
-                    state.record(self.attempt, &data, limits);
-                    state.sent(self.attempt, self.pos, limits);
-                    Some(Ok(Frame::data(data)))
+                    *pos = state.read;
+                    state.record(attempt, &data, limits);
+                    state.sent(attempt, *pos, limits);
+                    Some(Some(Ok(Frame::data(data))))
                 }
                 Err(frame) => match frame.into_trailers() {
                     Ok(trailers) => {
                         state.end = End::Done(Some(trailers.clone()));
-                        state.reader = None;
-                        self.held = None;
-                        self.trailers_sent = true;
-                        Some(Ok(Frame::trailers(trailers)))
+                        ended = Some(original);
+                        *trailers_sent = true;
+                        Some(Some(Ok(Frame::trailers(trailers))))
                     }
                     // A frame kind this layer does not know: skip it.
-                    Err(_) => return Poll::Ready(None),
+                    Err(_) => {
+                        state.rest = Some(original);
+                        None
+                    }
                 },
             },
         };
-        let waiters = state.wakers();
         drop(state);
-        wake(waiters);
-        Poll::Ready(Some(out))
+        drop(ended);
+        inner.waiters.forget(attempt);
+        inner.waiters.wake_all();
+        Poll::Ready(out)
     }
 }
 
@@ -616,12 +687,6 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         loop {
-            if this.held.is_some() {
-                match ready!(this.poll_original(cx)) {
-                    Some(frame) => return Poll::Ready(frame),
-                    None => continue,
-                }
-            }
             let limits = &this.inner.limits;
             let mut state = this.inner.lock();
             if this.pos < state.read {
@@ -648,33 +713,37 @@ where
                     let why = state.refuse(this.attempt);
                     return Poll::Ready(Some(Err(Box::new(why))));
                 }
-                End::Open => match state.rest.take() {
-                    Some(original) => {
-                        state.reader = Some(this.attempt);
-                        if state.keep == Keep::For(this.attempt) {
-                            // Caught up and reading itself: nothing is needed.
-                            state.clear(limits, ReplayUnavailable::CallEnded);
-                        }
-                        this.held = Some(original);
-                    }
-                    None => {
-                        // Another attempt reads the original: wait for a
-                        // frame, the end, or the original handed back.
-                        state.wait(this.attempt, cx.waker());
-                        return Poll::Pending;
-                    }
-                },
+                End::Open => {}
+            }
+            if !state.may_read(this.attempt) {
+                // The call went on with another attempt.
+                let why = state.refuse(this.attempt);
+                return Poll::Ready(Some(Err(Box::new(why))));
+            }
+            let Some(original) = state.rest.take() else {
+                // Another attempt polls the original right now: wait for
+                // its frame (or its Pending: the original's waker then
+                // wakes this attempt too).
+                this.inner.waiters.wait(this.attempt, cx.waker());
+                return Poll::Pending;
+            };
+            let progress = Progress {
+                inner: &this.inner,
+                attempt: this.attempt,
+                pos: &mut this.pos,
+                trailers_sent: &mut this.trailers_sent,
+            };
+            match Self::poll_original(progress, state, original, cx) {
+                Poll::Ready(Some(frame)) => return Poll::Ready(frame),
+                Poll::Ready(None) => continue,
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        // The attempt reading the original has sent all that was read: the
-        // original knows whether more comes (so the last data frame can
-        // carry END_STREAM).
-        if let Some(original) = &self.held {
-            return original.is_end_stream();
-        }
+        // An attempt that has sent all that was read asks the original
+        // whether more comes (so the last data frame can carry END_STREAM).
         let state = self.inner.lock();
         if self.pos < state.read {
             return false;
@@ -687,12 +756,16 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        if let Some(original) = &self.held {
-            return original.size_hint();
-        }
         let state = self.inner.lock();
-        if !matches!(state.end, End::Done(_)) {
-            return SizeHint::default();
+        match &state.end {
+            End::Done(_) => {}
+            End::Open if self.pos == state.read => {
+                return state
+                    .rest
+                    .as_ref()
+                    .map_or_else(SizeHint::default, Body::size_hint);
+            }
+            _ => return SizeHint::default(),
         }
         let mut left = 0u64;
         for i in self.pos..state.read {

@@ -29,6 +29,7 @@ pub struct RetryOverride {
     jitter: Option<Jitter>,
     retryable_codes: Option<CodeSet>,
     max_pushback: Option<Duration>,
+    pub(crate) idempotent: Option<bool>,
     pub(crate) disabled: bool,
 }
 
@@ -88,8 +89,20 @@ impl RetryOverride {
         self
     }
 
+    /// Whether this call may be retried after the server saw it: `true`
+    /// treats it as idempotent; `false` as not (see
+    /// [`RetryPolicy::non_idempotent`]), and sends no idempotency key
+    /// either, so only attempts the server provably never processed are
+    /// retried.
+    pub fn with_idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = Some(idempotent);
+        self
+    }
+
     pub(crate) fn apply(&self, base: RetryPolicy) -> RetryPolicy {
         RetryPolicy {
+            idempotent: self.idempotent.unwrap_or(base.idempotent),
+            idempotency_keys: self.idempotent != Some(false) && base.idempotency_keys,
             max_attempts: self.max_attempts.unwrap_or(base.max_attempts),
             initial_delay: self.initial_delay.unwrap_or(base.initial_delay),
             max_delay: self.max_delay.unwrap_or(base.max_delay),
@@ -97,7 +110,6 @@ impl RetryOverride {
             jitter: self.jitter.unwrap_or(base.jitter),
             retryable_codes: self.retryable_codes.unwrap_or(base.retryable_codes),
             max_pushback: self.max_pushback.or(base.max_pushback),
-            ..base
         }
     }
 }

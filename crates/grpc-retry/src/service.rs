@@ -112,6 +112,23 @@ where
                 Some(MethodPolicy::Retry(policy))
             }
         };
+        // A caller that sends its own idempotency key says a repeat is
+        // safe: a non-idempotent method is then retried (with that key),
+        // unless this call's override said it is not idempotent.
+        let policy = policy.map(|p| match p {
+            MethodPolicy::Retry(mut p)
+                if !p.retries_statuses()
+                    && request.headers().contains_key(IDEMPOTENCY_KEY)
+                    && request
+                        .extensions()
+                        .get::<RetryOverride>()
+                        .is_none_or(|o| o.idempotent.is_none()) =>
+            {
+                p.idempotency_keys = true;
+                MethodPolicy::Retry(p)
+            }
+            p => p,
+        });
         let policy = policy.filter(|p| match p {
             MethodPolicy::Retry(p) => p.max_attempts > 1,
             MethodPolicy::Hedge(_) => true,

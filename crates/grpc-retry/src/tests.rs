@@ -290,7 +290,9 @@ async fn bad_pushback_stops_retrying_and_keeps_the_servers_code() {
 
 #[tokio::test(start_paused = true)]
 async fn a_huge_pushback_never_sleeps_past_the_deadline() {
-    let (mut service, mut handle) = setup(layer(no_jitter()));
+    // max_pushback allows it: the deadline alone must stop the wait.
+    let policy = no_jitter().with_max_pushback(Duration::from_secs(100 * 365 * 24 * 3600));
+    let (mut service, mut handle) = setup(layer(policy));
     let mut req = request(GET, b"x");
     req.headers_mut()
         .insert("grpc-timeout", "2S".parse().unwrap());
@@ -303,8 +305,14 @@ async fn a_huge_pushback_never_sleeps_past_the_deadline() {
     )
     .await;
     assert_eq!(seen.len(), 1);
-    assert_eq!(code_of(result), Code::Unavailable);
     assert_eq!(start.elapsed(), Duration::ZERO, "returned at once");
+    let response = result.expect("the server's Trailers-Only answer");
+    let status = tonic::Status::from_header_map(response.headers()).unwrap();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("deadline leaves no time"),
+        "stopped by the deadline, not max_pushback: {status:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -372,7 +380,7 @@ async fn writes_are_retried_only_when_never_processed() {
     assert!(service.poll_ready().is_ready());
     let fut = tokio::spawn(service.call(request(CREATE, b"w")));
     let (_, send) = next(&mut handle).await;
-    send.send_error(h2::Error::from(h2::Reason::REFUSED_STREAM));
+    send.send_error(crate::test_h2::remote_reset(h2::Reason::REFUSED_STREAM).await);
     let (second, send) = next(&mut handle).await;
     assert_eq!(second.body, Bytes::from_static(b"w"));
     send.send_response(committed(Code::Ok));
@@ -597,3 +605,111 @@ async fn a_call_can_override_its_policy() {
 
 mod budget;
 mod hedge;
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_failure_before_a_retry_is_not_an_attempt() {
+    let layer = layer(no_jitter().with_max_attempts(3))
+        .with_throttle(RetryThrottle::new(10.0, 0.5).unwrap());
+    let (mut service, mut handle) = setup(layer.clone());
+    let start = Instant::now();
+    assert!(service.poll_ready().is_ready());
+    let fut = tokio::spawn(service.call(request(GET, b"x")));
+    let (_, send) = next(&mut handle).await;
+    // The service breaks during the backoff: its next poll_ready fails.
+    handle.send_error(std::io::Error::other("connection closed"));
+    send.send_response(trailers_only(Code::Unavailable));
+    let result = tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("the call ends at once, with no further backoff or attempt")
+        .unwrap();
+    assert_eq!(code_of(result), Code::Unavailable, "the last outcome");
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(100),
+        "one backoff, no second"
+    );
+    assert_eq!(
+        layer.throttle().unwrap().tokens(),
+        9.0,
+        "only the server's failure took a token"
+    );
+    assert!(handle.poll_request().is_pending(), "no further attempt");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_override_can_say_whether_the_call_is_idempotent() {
+    // A non-idempotent method made idempotent for one call: retried.
+    let policies = RetryPolicies::new(no_jitter())
+        .unwrap()
+        .with_operation(
+            "CreateProduct",
+            no_jitter().non_idempotent().with_idempotency_keys(),
+        )
+        .unwrap();
+    let (mut service, mut handle) = setup(RetryLayer::new(policies));
+    let mut req = request(CREATE, b"w");
+    req.extensions_mut()
+        .insert(RetryOverride::new().with_idempotent(false));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!(
+        (seen.len(), code_of(result)),
+        (1, Code::Unavailable),
+        "not retried"
+    );
+    assert!(
+        !seen[0].headers.contains_key(IDEMPOTENCY_KEY),
+        "false also clears idempotency keys"
+    );
+    let mut req = request(GET, b"r");
+    req.extensions_mut()
+        .insert(RetryOverride::new().with_idempotent(true));
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![trailers_only(Code::Unavailable), trailers_only(Code::Ok)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (2, Code::Ok));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_idempotency_key_lets_a_non_idempotent_method_be_retried() {
+    let policies = RetryPolicies::new(no_jitter())
+        .unwrap()
+        .with_operation("CreateProduct", no_jitter().non_idempotent())
+        .unwrap();
+    let (mut service, mut handle) = setup(RetryLayer::new(policies));
+    let mut req = request(CREATE, b"w");
+    req.headers_mut()
+        .insert(IDEMPOTENCY_KEY, "caller-key-1".parse().unwrap());
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        req,
+        vec![trailers_only(Code::Unavailable), trailers_only(Code::Ok)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (2, Code::Ok), "retried");
+    for s in &seen {
+        assert_eq!(
+            s.headers[IDEMPOTENCY_KEY], "caller-key-1",
+            "the caller's key kept"
+        );
+    }
+    // Without a key: not retried.
+    let (result, seen) = run(
+        &mut service,
+        &mut handle,
+        request(CREATE, b"w"),
+        vec![trailers_only(Code::Unavailable)],
+    )
+    .await;
+    assert_eq!((seen.len(), code_of(result)), (1, Code::Unavailable));
+}

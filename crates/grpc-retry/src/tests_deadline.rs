@@ -232,7 +232,11 @@ async fn no_retry_attempt_starts_at_or_past_the_deadline() {
     let start = Instant::now();
     handle.allow(1);
     assert!(service.poll_ready().is_ready());
-    let fut = tokio::spawn(service.call(request(GET, Some("1S"))));
+    let call = service.call(request(GET, Some("1S")));
+    let fut = tokio::spawn(async move {
+        let result = call.await;
+        (result, Instant::now())
+    });
     let (_, send) = next(&mut handle).await;
     send.send_response(with_message(Code::Unavailable, "db down"));
     // The backoff fits, but the service stays busy past the deadline.
@@ -244,13 +248,18 @@ async fn no_retry_attempt_starts_at_or_past_the_deadline() {
         handle.poll_request().is_pending(),
         "no attempt after the deadline"
     );
-    let status = status_of(fut.await.unwrap());
+    let (result, ended) = fut.await.unwrap();
+    assert_eq!(
+        ended - start,
+        Duration::from_secs(1),
+        "ended at the deadline"
+    );
+    let status = status_of(result);
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(
         status.message().contains("UNAVAILABLE") && status.message().contains("db down"),
         "names the last attempt's status: {status:?}"
     );
-    let _ = start;
 }
 
 // Item 9: a retry abandoned for lack of time says so.

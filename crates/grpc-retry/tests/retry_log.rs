@@ -52,7 +52,7 @@ impl std::io::Write for Captured {
 }
 
 #[tokio::test(start_paused = true)]
-async fn each_retry_is_logged_and_counted_as_the_seed_words_it() {
+async fn each_retry_is_logged_and_counted() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
     let captured = Captured::default();

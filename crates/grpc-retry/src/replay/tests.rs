@@ -50,7 +50,7 @@ async fn a_replay_is_byte_identical_with_trailers() {
     drop(first);
     assert_eq!(limits.in_use(), 11);
     for _ in 0..3 {
-        let mut again = shared.replay();
+        let mut again = shared.replay().unwrap();
         assert_eq!(again.size_hint().exact(), Some(11));
         let (data, t) = read_all(&mut again).await;
         assert_eq!(data, b"hello world");
@@ -74,24 +74,27 @@ async fn a_replay_continues_where_the_first_attempt_stopped() {
     let frame = first.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
 
-    let mut second = shared.replay();
-    // The first attempt still holds the original: the replay of what was
-    // recorded works, then the second waits for the original.
+    let mut second = shared.replay().unwrap();
+    // The first attempt is still alive: the replay of what was recorded
+    // works, then the second reads the original itself.
     let frame = second.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
     let mut next = tokio_test::task::spawn(second.frame());
     assert!(next.poll().is_pending());
     drop(first);
-    assert!(next.is_woken(), "giving the original back wakes the replay");
-    drop(next);
     tx.send(Ok(Frame::data(Bytes::from_static(b"two"))))
         .await
         .unwrap();
+    assert!(
+        next.is_woken(),
+        "the original's next frame wakes the replay"
+    );
+    drop(next);
     drop(tx);
     let (rest, _) = read_all(&mut second).await;
     assert_eq!(rest, b"two");
     assert!(shared.replayable());
-    let (all, _) = read_all(&mut shared.replay()).await;
+    let (all, _) = read_all(&mut shared.replay().unwrap()).await;
     assert_eq!(all, b"one,two");
 }
 
@@ -212,7 +215,7 @@ async fn a_waiting_replay_is_woken_when_the_original_is_read_to_its_end() {
         (b"one,".to_vec(), Stop::Pending)
     );
 
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         poll_out(&mut server2, &mut second),
@@ -245,7 +248,7 @@ async fn a_waiting_replay_is_woken_and_fails_when_the_original_fails() {
     push(&tx, b"one,").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).1, Stop::Pending);
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         poll_out(&mut server2, &mut second),
@@ -278,7 +281,7 @@ async fn a_replay_in_flight_fails_rather_than_end_early_when_the_original_crosse
     push(&tx, b"1234").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).0, b"1234");
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         poll_out(&mut server2, &mut second),
@@ -322,7 +325,7 @@ async fn a_replay_never_reads_on_past_a_gap_when_the_original_is_handed_back() {
     push(&tx, b"1234").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).0, b"1234");
-    let mut second = shared.replay();
+    let mut second = shared.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         poll_out(&mut server2, &mut second),
@@ -357,7 +360,7 @@ async fn a_call_committed_on_a_lagging_replay_keeps_only_what_it_has_not_sent() 
     push(&tx, b"cd").await;
     let mut server1 = tokio_test::task::spawn(());
     assert_eq!(poll_out(&mut server1, &mut first).0, b"abcd");
-    let mut second = recording.replay();
+    let mut second = recording.replay().unwrap();
     let mut server2 = tokio_test::task::spawn(());
     assert_eq!(
         second.frame().await.unwrap().unwrap().into_data().unwrap(),
@@ -372,23 +375,25 @@ async fn a_call_committed_on_a_lagging_replay_keeps_only_what_it_has_not_sent() 
         (b"cd".to_vec(), Stop::Pending)
     );
     assert_eq!(limits.in_use(), 0, "freed as it is sent");
-    // The first attempt's server reads on: what it reads is kept for the
-    // committed attempt only until that one sends it.
+    // The first attempt may no longer read the original: it fails (its
+    // stream is reset), it never ends cleanly with a truncated body.
     push(&tx, b"ef").await;
-    assert_eq!(poll_out(&mut server1, &mut first).0, b"ef");
-    assert_eq!(limits.in_use(), 2);
-    assert!(server2.is_woken());
+    let (rest, stop) = poll_out(&mut server1, &mut first);
+    assert!(rest.is_empty());
+    assert!(
+        matches!(&stop, Stop::Failed(text) if text.contains("call is over")),
+        "{stop:?}"
+    );
+    // The committed one reads the original itself; nothing is recorded.
     assert_eq!(
         poll_out(&mut server2, &mut second),
         (b"ef".to_vec(), Stop::Pending)
     );
     assert_eq!(limits.in_use(), 0);
-    // The first attempt is reset: the committed one reads the original
-    // itself, and nothing is recorded any more.
     drop(first);
-    assert!(server2.is_woken());
     push(&tx, b"gh").await;
     drop(tx);
+    assert!(server2.is_woken());
     assert_eq!(
         poll_out(&mut server2, &mut second),
         (b"gh".to_vec(), Stop::End)
@@ -520,6 +525,10 @@ mod through_the_service {
     #[tokio::test(start_paused = true)]
     async fn a_retry_in_flight_fails_when_the_original_outgrows_the_cap_and_the_caller_gets_the_first_outcome()
      {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _metrics = metrics::set_default_local_recorder(&recorder);
         let layer = layer(8, 1024);
         let (mut service, mut handle) = mock::spawn_layer::<Req, Res, _>(layer.clone());
         let (tx, body) = channel_body(8);
@@ -561,6 +570,106 @@ mod through_the_service {
         let third = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
         assert!(!matches!(third, Ok(Some(_))), "no third attempt");
         assert_eq!(layer.buffered_bytes(), 0);
+        // The abandoned retry is timed once.
+        let samples: Vec<_> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == "grpc.retry.duration")
+            .map(|(.., value)| value)
+            .collect();
+        assert!(
+            matches!(samples.as_slice(), [DebugValue::Histogram(v)] if v.len() == 1),
+            "exactly one grpc.retry.duration sample: {samples:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_outgrows_the_cap_while_the_service_is_busy_is_never_replayed() {
+        let layer = layer(8, 1024);
+        let (mut service, mut handle) = mock::spawn_layer::<Req, Res, _>(layer.clone());
+        handle.allow(1);
+        let (tx, body) = channel_body(8);
+        assert!(service.poll_ready().is_ready());
+        let call = tokio::spawn(service.call(streaming_request(body)));
+        push(&tx, b"1234").await;
+        let (req1, send1) = handle.next_request().await.unwrap();
+        let mut body1 = req1.into_body();
+        assert_eq!(next_frame(&mut body1).await, Bytes::from_static(b"1234"));
+        send1.send_response(unavailable());
+        // Past the backoff (100 ms) the retry waits for the busy service,
+        // while the first attempt's server reads on past the cap.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!call.is_finished());
+        push(&tx, b"5678").await;
+        push(&tx, b"9abc").await;
+        drop(tx);
+        let (rest, stop) = read_to_end(body1).await;
+        assert_eq!((rest.as_slice(), stop), (b"56789abc".as_slice(), Stop::End));
+        handle.allow(1);
+        let second = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
+        if let Ok(Some((req2, send2))) = second {
+            let (sent, stop) = read_to_end(req2.into_body()).await;
+            send2.send_response(headers_only());
+            panic!(
+                "no attempt may follow once the body is no longer held; one sent {:?} then {stop:?}",
+                String::from_utf8_lossy(&sent)
+            );
+        }
+        assert_eq!(code_of(call.await.unwrap()), Code::Unavailable);
+        assert_eq!(layer.buffered_bytes(), 0);
+    }
+
+    fn trailers_only_ok() -> Res {
+        let mut response = http::Response::new(TonicBody::empty());
+        response
+            .headers_mut()
+            .insert("grpc-status", "0".parse().unwrap());
+        response
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_answer_of_the_retry_is_returned_even_if_its_body_is_refused_later() {
+        let layer = layer(8, 1024);
+        let (mut service, mut handle) = mock::spawn_layer::<Req, Res, _>(layer.clone());
+        let (tx, body) = channel_body(8);
+        assert!(service.poll_ready().is_ready());
+        let mut call = tokio_test::task::spawn(service.call(streaming_request(body)));
+        assert!(call.poll().is_pending());
+        push(&tx, b"1234").await;
+        let (req1, send1) = handle.next_request().await.unwrap();
+        let mut body1 = req1.into_body();
+        assert_eq!(next_frame(&mut body1).await, Bytes::from_static(b"1234"));
+        send1.send_response(unavailable());
+        assert!(call.poll().is_pending(), "backing off");
+        tokio::time::advance(Duration::from_millis(150)).await;
+        assert!(call.poll().is_pending(), "the retry is sent");
+        let (req2, send2) = handle.next_request().await.unwrap();
+        let mut body2 = req2.into_body();
+        assert_eq!(next_frame(&mut body2).await, Bytes::from_static(b"1234"));
+        // The second server completes the call (Trailers-Only OK) ...
+        send2.send_response(trailers_only_ok());
+        // ... and then, before the retry future looks, the first attempt
+        // reads the original past the cap: the retry's body is refused.
+        push(&tx, b"5678").await;
+        push(&tx, b"9abc").await;
+        drop(tx);
+        let (rest, stop) = read_to_end(body1).await;
+        assert_eq!((rest.as_slice(), stop), (b"56789abc".as_slice(), Stop::End));
+        let (_, stop) = read_to_end(body2).await;
+        assert!(
+            matches!(&stop, Stop::Failed(text) if text.contains("buffer limit")),
+            "{stop:?}"
+        );
+        let result = match call.poll() {
+            Poll::Ready(result) => result,
+            Poll::Pending => panic!("the call was answered"),
+        };
+        assert_eq!(
+            code_of(result),
+            Code::Ok,
+            "the server completed the call: its answer, not the first attempt's UNAVAILABLE"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -637,4 +746,43 @@ mod through_the_service {
         drop(streams);
         assert_eq!(layer.buffered_bytes(), 0);
     }
+}
+
+#[tokio::test]
+async fn a_replay_does_not_wait_for_an_attempt_that_stopped_reading() {
+    // The first attempt's server answered (Trailers-Only UNAVAILABLE) but
+    // hyper stopped polling its body (full send window) without dropping
+    // it: the retry must read the original itself, not wait for it.
+    let limits = Arc::new(Limits::new(1024, 4096));
+    let (tx, rx) = mpsc::channel(4);
+    let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let (mut first, shared) = ReplayBody::first(body, limits, Head::empty());
+    tx.send(Ok(Frame::data(Bytes::from_static(b"one,"))))
+        .await
+        .unwrap();
+    let frame = first.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
+    // The first attempt also polled once more and is now parked.
+    let mut parked = tokio_test::task::spawn(first.frame());
+    assert!(parked.poll().is_pending());
+    drop(parked);
+
+    let mut second = shared.replay().unwrap();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"two,"))))
+        .await
+        .unwrap();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"three"))))
+        .await
+        .unwrap();
+    drop(tx);
+    let mut all = tokio_test::task::spawn(read_all(&mut second));
+    let (data, _) = match all.poll() {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("the replay waits for an attempt that no longer reads"),
+    };
+    assert_eq!(data, b"one,two,three");
+    drop(all);
+    // The stalled attempt, if ever polled again, sends the same body.
+    let (rest, _) = read_all(&mut first).await;
+    assert_eq!(rest, b"two,three");
 }

@@ -143,7 +143,7 @@ async fn transparent_retries_do_not_spend_the_budget() {
     assert!(service.poll_ready().is_ready());
     let fut = tokio::spawn(service.call(request(GET, b"x")));
     let (_, send) = next(&mut handle).await;
-    send.send_error(h2::Error::from(h2::Reason::REFUSED_STREAM));
+    send.send_error(crate::test_h2::remote_reset(h2::Reason::REFUSED_STREAM).await);
     let (_, send) = next(&mut handle).await;
     send.send_response(trailers_only(Code::Ok));
     assert_eq!(code_of(fut.await.unwrap()), Code::Ok);

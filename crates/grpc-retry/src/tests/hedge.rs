@@ -430,9 +430,9 @@ async fn a_refused_stream_sends_the_next_hedge_at_once_and_a_rejection_stops_hed
     let call = start(&mut service, request(GET, b"x"));
     let first = server.next().await;
     // The server never saw it: not a response, so the next hedge goes now.
-    let _ = first
-        .reply
-        .send(Err(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM))));
+    let _ = first.reply.send(Err(Box::new(
+        crate::test_h2::remote_reset(h2::Reason::REFUSED_STREAM).await,
+    )));
     let second = server.next().await;
     assert_eq!(second.at - t0, Duration::ZERO);
     // Refused below (an open breaker): no further hedge; the caller gets
