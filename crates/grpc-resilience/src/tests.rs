@@ -222,3 +222,60 @@ async fn breaker_state_survives_a_reload() {
     }
     assert_eq!(channel.registry().state("query"), Some(State::Closed));
 }
+
+fn budget_config(min_per_second: u32, ratio: f32) -> ResilienceConfig {
+    ResilienceConfig::from_toml(&format!(
+        "[retry.default]\nmax_attempts = 3\ninitial_delay = 1\nmax_delay = 1\njitter = false\n\
+         [retry.budget]\nttl = \"10s\"\nmin_retries_per_second = {min_per_second}\nretry_ratio = {ratio}\n\
+         [circuit_breakers.query]\nfailure_threshold = 100000\n"
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_spent_retry_budget_stops_retries() {
+    // No minimum rate and 0.1 % of calls: the first call's deposit does
+    // not pay for one retry.
+    let backend = Backend::default();
+    let channel = ResilientChannel::new(backend.clone(), &budget_config(0, 0.001)).unwrap();
+    call(&channel, "spent").await;
+    assert_eq!(backend.log.lock().unwrap()["spent"].len(), 1, "not retried");
+
+    // A generous budget lets the policy's 3 attempts go.
+    let backend = Backend::default();
+    let channel = ResilientChannel::new(backend.clone(), &budget_config(100, 1.0)).unwrap();
+    call(&channel, "funded").await;
+    assert_eq!(backend.log.lock().unwrap()["funded"].len(), 3, "retried");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_budget_and_replaces_a_changed_one() {
+    let layer = crate::ResilienceLayer::new(&budget_config(5, 0.2)).unwrap();
+    let before = layer.budget().expect("configured");
+    assert_eq!(before.min_retries_per_second(), 5);
+    layer.reload(&budget_config(5, 0.2)).unwrap();
+    assert!(layer.budget().unwrap().same_budget(&before));
+    layer.reload(&budget_config(6, 0.2)).unwrap();
+    let after = layer.budget().unwrap();
+    assert!(!after.same_budget(&before));
+    assert_eq!(after.min_retries_per_second(), 6);
+}
+
+#[tokio::test]
+async fn channels_to_one_target_share_a_budget() {
+    let config = ResilienceConfig::from_toml(
+        "[retry.budget]\n\
+         [channels.a]\nendpoint = \"http://127.0.0.1:1\"\n\
+         [channels.a_again]\nendpoint = \"http://127.0.0.1:1\"\n\
+         [channels.b]\nendpoint = \"http://127.0.0.1:2\"\n",
+    )
+    .unwrap();
+    let channels = crate::ResilientChannels::from_config(&config).unwrap();
+    let a = channels.budget("a").expect("configured");
+    assert!(a.same_budget(&channels.budget("a_again").unwrap()));
+    assert!(!a.same_budget(&channels.budget("b").unwrap()));
+    // Finagle's defaults for unset fields.
+    assert_eq!(a.ttl(), Duration::from_secs(10));
+    assert_eq!(a.min_retries_per_second(), 10);
+    assert_eq!(a.retry_ratio(), 0.2);
+}

@@ -17,6 +17,11 @@
 //! max_tokens = 10
 //! token_ratio = 0.1
 //!
+//! [retry.budget]                   # retries at most 20 % of recent calls
+//! ttl = "10s"                      # (+ 10/s), one per target; with a
+//! min_retries_per_second = 10      # throttle too, both must allow
+//! retry_ratio = 0.2
+//!
 //! [circuit_breakers.query]
 //! failure_threshold = 5
 //!
@@ -73,7 +78,9 @@ use std::time::Duration;
 
 use grpc_circuit_breaker::{BreakerConfig, BreakerConfigError, FailureRate};
 use grpc_resilience_core::CodeSet;
-use grpc_retry::{Jitter, RetryConfigError, RetryPolicies, RetryPolicy, RetryThrottle};
+use grpc_retry::{
+    Jitter, RetryBudget, RetryConfigError, RetryPolicies, RetryPolicy, RetryThrottle,
+};
 use grpc_timeout::{TimeoutConfigError, TimeoutPolicy};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Endpoint;
@@ -136,11 +143,16 @@ pub struct RetryConfig {
     operations: BTreeMap<String, RetrySettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     throttle: Option<ThrottleSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    budget: Option<BudgetSettings>,
 }
 
 impl RetryConfig {
     fn is_empty(&self) -> bool {
-        self.default.is_none() && self.operations.is_empty() && self.throttle.is_none()
+        self.default.is_none()
+            && self.operations.is_empty()
+            && self.throttle.is_none()
+            && self.budget.is_none()
     }
 
     /// `[retry.default]`; `None`: methods without an operation entry are
@@ -157,6 +169,11 @@ impl RetryConfig {
     /// `[retry.throttle]`.
     pub fn throttle(&self) -> Option<&ThrottleSettings> {
         self.throttle.as_ref()
+    }
+
+    /// `[retry.budget]`.
+    pub fn budget(&self) -> Option<&BudgetSettings> {
+        self.budget.as_ref()
     }
 }
 
@@ -328,6 +345,65 @@ impl ThrottleSettings {
     pub fn to_throttle(&self) -> Result<RetryThrottle, ConfigError> {
         RetryThrottle::new(self.max_tokens, self.token_ratio)
             .map_err(|e| retry_error(&["retry"], &e))
+    }
+}
+
+/// `[retry.budget]`: a retry budget in the Finagle / Linkerd style
+/// ([`RetryBudget`]): retries (and hedges) may be at most `retry_ratio` of
+/// the calls made within the last `ttl`, plus `min_retries_per_second`.
+/// One budget per target (endpoint), as the throttle. Unset fields take
+/// Finagle's defaults: `ttl` 10 s, `min_retries_per_second` 10,
+/// `retry_ratio` 0.2.
+///
+/// With `[retry.throttle]` as well, a retry is sent only when both allow
+/// it. The throttle (gRFC A6) stops retries once failures outnumber
+/// successes, which suits an overloaded server; the budget keeps retrying
+/// a bounded share of calls whatever their outcome, which suits random
+/// faults on a healthy server (where the throttle at ratio 0.5 stops
+/// nearly all retries).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    ttl: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_retries_per_second: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry_ratio: Option<f32>,
+}
+
+impl BudgetSettings {
+    /// Everything at its default (10 s, 10 a second, 20 %).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    option_field!(
+        /// How long a call or a retry counts (1 s to 60 s).
+        ttl, with_ttl, Duration);
+    option_field!(
+        /// Retries allowed per second whatever the traffic.
+        min_retries_per_second, with_min_retries_per_second, u32);
+    option_field!(
+        /// Retries allowed per call made within `ttl` (0.2: 20 %).
+        retry_ratio, with_retry_ratio, f32);
+
+    /// A new budget with these settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the bad value (`retry.budget.ttl = ...`).
+    pub fn to_budget(&self) -> Result<RetryBudget, ConfigError> {
+        RetryBudget::new(
+            self.ttl.unwrap_or(Duration::from_secs(10)),
+            self.min_retries_per_second.unwrap_or(10),
+            self.retry_ratio.unwrap_or(0.2),
+        )
+        .map_err(|e| retry_error(&["retry"], &e))
     }
 }
 
@@ -631,6 +707,7 @@ pub(crate) struct Compiled {
     pub(crate) per_attempt: Option<TimeoutPolicy>,
     pub(crate) retry: RetryVariants,
     pub(crate) throttle: Option<ThrottleSettings>,
+    pub(crate) budget: Option<BudgetSettings>,
     /// Every breaker a channel uses or the file names, with its config.
     pub(crate) breakers: BTreeMap<String, BreakerConfig>,
     /// Channel name to its breaker's name.
@@ -890,6 +967,12 @@ impl ResilienceConfig {
         self
     }
 
+    /// Sets `[retry.budget]`.
+    pub fn with_retry_budget(mut self, budget: BudgetSettings) -> Self {
+        self.retry.budget = Some(budget);
+        self
+    }
+
     /// Sets `[circuit_breakers.<name>]`.
     pub fn with_breaker(mut self, name: impl Into<String>, settings: BreakerSettings) -> Self {
         self.circuit_breakers.insert(name.into(), settings);
@@ -1038,6 +1121,9 @@ impl ResilienceConfig {
         if let Some(throttle) = &self.retry.throttle {
             throttle.to_throttle()?;
         }
+        if let Some(budget) = &self.retry.budget {
+            budget.to_budget()?;
+        }
 
         // Timeouts.
         let mut timeouts = match self.timeouts.default {
@@ -1133,6 +1219,7 @@ impl ResilienceConfig {
             per_attempt,
             retry,
             throttle: self.retry.throttle,
+            budget: self.retry.budget,
             breakers,
             channel_breakers,
             channel_services: self
@@ -1173,3 +1260,5 @@ fn split_key_path(path: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_policies;
