@@ -124,8 +124,9 @@ mod tests;
 
 pub use channels::{ResilientChannels, ResilientChannelsBuilder, UnknownChannel};
 pub use config::{
-    BreakerSettings, BudgetSettings, ChannelSettings, FailureRateSettings, ImportWarning,
-    ResilienceConfig, RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,
+    BreakerSettings, BudgetSettings, ChannelSettings, FailureRateSettings, HedgingConfig,
+    HedgingSettings, ImportWarning, ResilienceConfig, RetryConfig, RetrySettings, ThrottleSettings,
+    TimeoutConfig,
 };
 pub use error::ConfigError;
 pub use per_call::{CallOptions, Idempotent};
@@ -140,8 +141,8 @@ pub use grpc_circuit_breaker::{
 };
 pub use grpc_resilience_core::{CodeSet, codes::UnknownCode};
 pub use grpc_retry::{
-    IDEMPOTENCY_KEY, Jitter, RetryBudget, RetryConfigError, RetryOverride, RetryPolicies,
-    RetryPolicy, RetryThrottle,
+    HedgingPolicy, IDEMPOTENCY_KEY, Jitter, RetryBudget, RetryConfigError, RetryOverride,
+    RetryPolicies, RetryPolicy, RetryThrottle,
 };
 pub use grpc_timeout::{Elapsed, TimeoutConfigError, TimeoutPolicy};
 pub use tonic::Code;

@@ -22,6 +22,11 @@
 //! min_retries_per_second = 10      # throttle too, both must allow
 //! retry_ratio = 0.2
 //!
+//! [hedging.operations.get_product] # gRFC A6 hedging instead of retries
+//! max_attempts = 2                 # (a method is retried or hedged)
+//! hedging_delay = "20ms"
+//! non_fatal_codes = ["UNAVAILABLE"]
+//!
 //! [circuit_breakers.query]
 //! failure_threshold = 5
 //!
@@ -79,7 +84,7 @@ use std::time::Duration;
 use grpc_circuit_breaker::{BreakerConfig, BreakerConfigError, FailureRate};
 use grpc_resilience_core::CodeSet;
 use grpc_retry::{
-    Jitter, RetryBudget, RetryConfigError, RetryPolicies, RetryPolicy, RetryThrottle,
+    HedgingPolicy, Jitter, RetryBudget, RetryConfigError, RetryPolicies, RetryPolicy, RetryThrottle,
 };
 use grpc_timeout::{TimeoutConfigError, TimeoutPolicy};
 use serde::{Deserialize, Serialize};
@@ -123,6 +128,8 @@ use spans::SpanIndex;
 pub struct ResilienceConfig {
     #[serde(default, skip_serializing_if = "RetryConfig::is_empty")]
     retry: RetryConfig,
+    #[serde(default, skip_serializing_if = "HedgingConfig::is_empty")]
+    hedging: HedgingConfig,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     circuit_breakers: BTreeMap<String, BreakerSettings>,
     #[serde(default, skip_serializing_if = "TimeoutConfig::is_empty")]
@@ -345,6 +352,147 @@ impl ThrottleSettings {
     pub fn to_throttle(&self) -> Result<RetryThrottle, ConfigError> {
         RetryThrottle::new(self.max_tokens, self.token_ratio)
             .map_err(|e| retry_error(&["retry"], &e))
+    }
+}
+
+/// `[hedging]`: gRFC A6 hedging, laid out as `[retry]`: `[hedging.default]`
+/// for every method and `[hedging.operations."<selector>"]` per operation,
+/// unset fields of an operation taken from `[hedging.default]`.
+///
+/// A method is either retried or hedged, never both (gRFC A6): a selector
+/// may not be in both `[retry.operations]` and `[hedging.operations]`, nor
+/// may both `[retry.default]` and `[hedging.default]` be set. The most
+/// specific selector wins across both tables, so `[retry.default]` with
+/// `[hedging.operations.get_product]` retries every method but hedges
+/// `GetProduct`.
+///
+/// Hedging sends a call more than once at the same time, so a hedged
+/// method must be idempotent: `idempotent = false` is an error unless
+/// `idempotency_keys = true`. A call marked non-idempotent at run time
+/// ([`CallOptions::idempotent`](crate::CallOptions::idempotent)`(false)`)
+/// to a hedged method is sent once.
+///
+/// Retries and hedges draw on the same `[retry.throttle]` and
+/// `[retry.budget]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HedgingConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    default: Option<HedgingSettings>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    operations: BTreeMap<String, HedgingSettings>,
+}
+
+impl HedgingConfig {
+    fn is_empty(&self) -> bool {
+        self.default.is_none() && self.operations.is_empty()
+    }
+
+    /// `[hedging.default]`.
+    pub fn default_settings(&self) -> Option<&HedgingSettings> {
+        self.default.as_ref()
+    }
+
+    /// `[hedging.operations]`, by selector as written.
+    pub fn operations(&self) -> &BTreeMap<String, HedgingSettings> {
+        &self.operations
+    }
+}
+
+/// A hedging policy as a config writes it. Unset fields come from
+/// `[hedging.default]` (for an operation) and then from
+/// [`HedgingPolicy::default`] (3 attempts, 50 ms apart, no non-fatal
+/// codes, idempotent).
+///
+/// When to hedge rather than retry: for reads whose latency has a heavy
+/// tail, where waiting for a timeout before retrying costs more than the
+/// extra load of a second copy sent after `hedging_delay` (a delay near the
+/// method's p95 latency adds about 5 % load).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HedgingSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_attempts: Option<u32>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    hedging_delay: Option<Duration>,
+    #[serde(default, with = "opt_codes", skip_serializing_if = "Option::is_none")]
+    non_fatal_codes: Option<CodeSet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idempotent: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idempotency_keys: Option<bool>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    max_pushback: Option<Duration>,
+}
+
+impl HedgingSettings {
+    /// Sets nothing: everything is inherited.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    option_field!(
+        /// Attempts in all, the first included (2 to 100).
+        max_attempts, with_max_attempts, u32);
+    option_field!(
+        /// The wait before each further attempt; zero sends them all at once.
+        hedging_delay, with_hedging_delay, Duration);
+    option_field!(
+        /// Codes that do not commit the call: the next hedge goes at once.
+        non_fatal_codes, with_non_fatal_codes, CodeSet);
+    option_field!(
+        /// `false` marks a write: valid only with `idempotency_keys`.
+        idempotent, with_idempotent, bool);
+    option_field!(
+        /// Sends one `idempotency-key` per logical call, the same on every
+        /// attempt, so the server can deduplicate the copies.
+        idempotency_keys, with_idempotency_keys, bool);
+    option_field!(
+        /// The longest server pushback that delays the next hedge.
+        max_pushback, with_max_pushback, Duration);
+
+    fn over(&self, base: &HedgingSettings) -> HedgingSettings {
+        HedgingSettings {
+            max_attempts: self.max_attempts.or(base.max_attempts),
+            hedging_delay: self.hedging_delay.or(base.hedging_delay),
+            non_fatal_codes: self.non_fatal_codes.or(base.non_fatal_codes),
+            idempotent: self.idempotent.or(base.idempotent),
+            idempotency_keys: self.idempotency_keys.or(base.idempotency_keys),
+            max_pushback: self.max_pushback.or(base.max_pushback),
+        }
+    }
+
+    /// The retry layer's hedging policy these settings describe (not
+    /// validated).
+    pub fn to_policy(&self) -> HedgingPolicy {
+        let mut p = HedgingPolicy::default();
+        if let Some(v) = self.max_attempts {
+            p = p.with_max_attempts(v);
+        }
+        if let Some(v) = self.hedging_delay {
+            p = p.with_hedging_delay(v);
+        }
+        if let Some(v) = self.non_fatal_codes {
+            p = p.with_non_fatal_codes(v);
+        }
+        if self.idempotent == Some(false) {
+            p = p.non_idempotent();
+        }
+        if self.idempotency_keys == Some(true) {
+            p = p.with_idempotency_keys();
+        }
+        if let Some(v) = self.max_pushback {
+            p = p.with_max_pushback(v);
+        }
+        p
     }
 }
 
@@ -774,6 +922,35 @@ impl RetryVariants {
     }
 }
 
+impl RetryVariants {
+    /// Hedges `selector`'s methods: with keys for calls that carry their
+    /// own key or are marked idempotent, and not at all (sent once) for
+    /// calls marked non-idempotent.
+    fn insert_hedge(
+        &mut self,
+        selector: &str,
+        settings: &HedgingSettings,
+    ) -> Result<(), RetryConfigError> {
+        let policy = settings.to_policy();
+        self.normal = std::mem::take(&mut self.normal).with_hedging(selector, policy)?;
+        self.keyed = std::mem::take(&mut self.keyed)
+            .with_hedging(selector, policy.with_idempotency_keys())?;
+        self.strict = std::mem::take(&mut self.strict).without_retry(selector)?;
+        Ok(())
+    }
+}
+
+fn hedging_error(prefix: &[&str], e: &RetryConfigError) -> ConfigError {
+    let mut path: Vec<&str> = prefix.to_vec();
+    let field = e.field();
+    path.extend(field.strip_prefix("hedging.").unwrap_or(field).split('.'));
+    ConfigError::new(
+        key_path(path),
+        Some(e.value().to_owned()),
+        reason_after(&e.to_string(), e.value()),
+    )
+}
+
 /// Maps a layer error's `Display` (`... \`field\` = value: reason`) to its
 /// reason.
 fn reason_after(display: &str, value: &str) -> String {
@@ -967,6 +1144,27 @@ impl ResilienceConfig {
         self
     }
 
+    /// Sets `[hedging.default]`.
+    pub fn with_hedging_default(mut self, settings: HedgingSettings) -> Self {
+        self.hedging.default = Some(settings);
+        self
+    }
+
+    /// Sets `[hedging.operations."<selector>"]`.
+    pub fn with_hedging_operation(
+        mut self,
+        selector: impl Into<String>,
+        settings: HedgingSettings,
+    ) -> Self {
+        self.hedging.operations.insert(selector.into(), settings);
+        self
+    }
+
+    /// `[hedging]`.
+    pub fn hedging(&self) -> &HedgingConfig {
+        &self.hedging
+    }
+
     /// Sets `[retry.budget]`.
     pub fn with_retry_budget(mut self, budget: BudgetSettings) -> Self {
         self.retry.budget = Some(budget);
@@ -1111,6 +1309,60 @@ impl ResilienceConfig {
             }
             let enabled = (merged.enabled != Some(false)).then_some(&merged);
             retry.insert(&resolved, enabled).map_err(|e| {
+                ConfigError::new(
+                    key_path(path),
+                    None,
+                    reason_after(&e.to_string(), e.value()),
+                )
+            })?;
+        }
+        // Hedging: a method is retried or hedged, never both.
+        let hedge_default = self.hedging.default.clone();
+        if let Some(settings) = &hedge_default {
+            let path = ["hedging", "default"];
+            if self.retry.default.is_some() {
+                return Err(ConfigError::new(
+                    key_path(path),
+                    None,
+                    "a method is either retried or hedged (gRFC A6): [retry.default] is set too",
+                ));
+            }
+            settings
+                .to_policy()
+                .validate()
+                .map_err(|e| hedging_error(&path, &e))?;
+            retry
+                .insert_hedge("*", settings)
+                .map_err(|e| hedging_error(&path, &e))?;
+        }
+        let hedge_inherited = hedge_default.unwrap_or_default();
+        let mut resolved_hedges: BTreeMap<String, String> = BTreeMap::new();
+        for (selector, settings) in &self.hedging.operations {
+            let path = ["hedging", "operations", selector.as_str()];
+            let resolved = self.resolve(selector, &path)?;
+            if let Some(other) = resolved_hedges.insert(resolved.clone(), selector.clone()) {
+                return Err(ConfigError::new(
+                    key_path(path),
+                    None,
+                    format!("names the same methods as `{other}` ({resolved})"),
+                ));
+            }
+            if let Some(other) = resolved_ops.get(&resolved) {
+                return Err(ConfigError::new(
+                    key_path(path),
+                    None,
+                    format!(
+                        "a method is either retried or hedged (gRFC A6): \
+                         [retry.operations.\"{other}\"] names the same methods ({resolved})"
+                    ),
+                ));
+            }
+            let merged = settings.over(&hedge_inherited);
+            merged
+                .to_policy()
+                .validate()
+                .map_err(|e| hedging_error(&path, &e))?;
+            retry.insert_hedge(&resolved, &merged).map_err(|e| {
                 ConfigError::new(
                     key_path(path),
                     None,

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use grpc_resilience_core::CodeSet;
+
 use super::*;
 
 fn error_of(text: &str) -> ConfigError {
@@ -15,7 +17,7 @@ fn error_of(text: &str) -> ConfigError {
 
 fn round_trips(config: &ResilienceConfig) {
     let text = config.to_toml();
-    let back = ResilienceConfig::from_toml(&text).unwrap();
+    let back = ResilienceConfig::from_toml_with_methods(&text, config.known_methods()).unwrap();
     assert_eq!(&back, config, "{text}");
 }
 
@@ -50,4 +52,135 @@ fn mistake_budget() {
     let e = error_of("[retry.budget]\nratio = 0.2\n");
     assert_eq!(e.key(), "retry.budget.ratio");
     assert!(e.to_string().contains("unknown field `ratio`"), "{e}");
+}
+
+const CATALOG: [&str; 2] = [
+    "/catalog.v1.QueryService/GetProduct",
+    "/catalog.v1.CommandService/CreateProduct",
+];
+
+#[test]
+fn hedging_reads_inherits_and_round_trips() {
+    let config = ResilienceConfig::from_toml_with_methods(
+        "[retry.default]\nmax_attempts = 3\n\
+         [hedging.operations.get_product]\nmax_attempts = 2\nhedging_delay = \"20ms\"\n\
+         non_fatal_codes = [\"UNAVAILABLE\"]\nmax_pushback = \"1s\"\n\
+         [hedging.operations.create_product]\nidempotent = false\nidempotency_keys = true\n",
+        CATALOG,
+    )
+    .unwrap();
+    let compiled = config.compile().unwrap();
+    let get = "/catalog.v1.QueryService/GetProduct";
+    let create = "/catalog.v1.CommandService/CreateProduct";
+    let hedge = compiled.retry.normal.hedging_policy_for(get).unwrap();
+    assert_eq!(hedge.max_attempts(), 2);
+    assert_eq!(hedge.hedging_delay(), Duration::from_millis(20));
+    assert_eq!(
+        hedge.non_fatal_codes(),
+        CodeSet::of(&[tonic::Code::Unavailable])
+    );
+    assert_eq!(hedge.max_pushback(), Duration::from_secs(1));
+    assert_eq!(
+        compiled.retry.normal.policy_for(get),
+        None,
+        "hedged, not retried"
+    );
+    // Other methods keep [retry.default].
+    assert!(
+        compiled
+            .retry
+            .normal
+            .policy_for("/catalog.v1.QueryService/ListProducts")
+            .is_some()
+    );
+    // A write with keys may be hedged.
+    let write = compiled.retry.normal.hedging_policy_for(create).unwrap();
+    assert!(!write.is_idempotent() && write.sends_idempotency_keys());
+    // A call marked idempotent sends keys; one marked non-idempotent is sent once.
+    assert!(
+        compiled
+            .retry
+            .keyed
+            .hedging_policy_for(get)
+            .unwrap()
+            .sends_idempotency_keys()
+    );
+    assert_eq!(compiled.retry.strict.hedging_policy_for(get), None);
+    assert_eq!(compiled.retry.strict.policy_for(get), None);
+    round_trips(&config);
+
+    // Operations inherit [hedging.default].
+    let config = ResilienceConfig::from_toml(
+        "[hedging.default]\nmax_attempts = 4\nhedging_delay = 30\n\
+         [hedging.operations.\"catalog.v1.QueryService/GetProduct\"]\nhedging_delay = 10\n",
+    )
+    .unwrap();
+    let policies = config.retry_policies().unwrap();
+    let op = policies.hedging_policy_for(get).unwrap();
+    assert_eq!(
+        (op.max_attempts(), op.hedging_delay()),
+        (4, Duration::from_millis(10))
+    );
+    let other = policies.hedging_policy_for(create).unwrap();
+    assert_eq!(
+        (other.max_attempts(), other.hedging_delay()),
+        (4, Duration::from_millis(30))
+    );
+    round_trips(&config);
+    round_trips(
+        &ResilienceConfig::new().with_hedging_operation(
+            "catalog.v1.QueryService",
+            HedgingSettings::new()
+                .with_max_attempts(3)
+                .with_hedging_delay(Duration::ZERO)
+                .with_non_fatal_codes(CodeSet::of(&[tonic::Code::Internal]))
+                .with_idempotent(true)
+                .with_idempotency_keys(false)
+                .with_max_pushback(Duration::from_millis(500)),
+        ),
+    );
+}
+
+#[test]
+fn mistake_hedging_a_write_without_keys() {
+    let e = error_of("[hedging.operations.CreateProduct]\nidempotent = false\n");
+    assert_eq!(
+        e.to_string(),
+        "bad.toml:2: hedging.operations.CreateProduct.idempotent = false: \
+         a non-idempotent method may only be hedged with idempotency keys"
+    );
+}
+
+#[test]
+fn mistake_hedging_values() {
+    let e = error_of("[hedging.default]\nmax_attempts = 1\n");
+    assert_eq!(
+        e.to_string(),
+        "bad.toml:2: hedging.default.max_attempts = 1: must be within [2, 100]"
+    );
+    let e = error_of("[hedging.default]\nnon_fatal_codes = [\"OK\"]\n");
+    assert_eq!(e.key(), "hedging.default.non_fatal_codes");
+    assert!(e.to_string().contains("OK is not a failure"), "{e}");
+    let e = error_of("[hedging.default]\nnon_fatal_codes = [\"NOPE\"]\n");
+    assert_eq!(e.line(), Some(2));
+    let e = error_of("[hedging.default]\ndelay = 5\n");
+    assert_eq!(e.key(), "hedging.default.delay");
+    assert!(e.to_string().contains("unknown field `delay`"), "{e}");
+}
+
+#[test]
+fn mistake_a_method_both_retried_and_hedged() {
+    let e = error_of("[retry.default]\n[hedging.default]\n");
+    assert_eq!(e.key(), "hedging.default");
+    assert!(e.reason().contains("either retried or hedged"), "{e}");
+    let e = error_of(
+        "[retry.operations.get_product]\nmax_attempts = 2\n[hedging.operations.get_product]\n",
+    );
+    assert_eq!(e.key(), "hedging.operations.get_product");
+    assert_eq!(e.line(), Some(3));
+    assert!(
+        e.reason()
+            .contains("[retry.operations.\"get_product\"] names the same methods"),
+        "{e}"
+    );
 }
