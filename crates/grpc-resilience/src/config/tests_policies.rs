@@ -184,3 +184,81 @@ fn mistake_a_method_both_retried_and_hedged() {
         "{e}"
     );
 }
+
+#[test]
+fn grpc_service_config_imports_hedging_policy() {
+    // As gRFC A6 writes a hedging policy.
+    let (config, warnings) = ResilienceConfig::from_grpc_service_config(
+        r#"{
+          "methodConfig": [
+            {
+              "name": [{"service": "catalog.v1.QueryService", "method": "GetProduct"}],
+              "hedgingPolicy": {
+                "maxAttempts": 3,
+                "hedgingDelay": "0.02s",
+                "nonFatalStatusCodes": ["UNAVAILABLE", 13]
+              }
+            },
+            {
+              "name": [{"service": "catalog.v1.QueryService", "method": "ListProducts"}],
+              "hedgingPolicy": {"maxAttempts": 7}
+            },
+            {
+              "name": [{}],
+              "retryPolicy": {
+                "maxAttempts": 2, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]
+              }
+            }
+          ]
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(
+        warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["methodConfig[1].hedgingPolicy.maxAttempts: 7 is treated as 5, as gRPC does (gRFC A6)"]
+    );
+    let policies = config.retry_policies().unwrap();
+    let get = policies
+        .hedging_policy_for("/catalog.v1.QueryService/GetProduct")
+        .unwrap();
+    assert_eq!(get.max_attempts(), 3);
+    assert_eq!(get.hedging_delay(), Duration::from_millis(20));
+    assert_eq!(
+        get.non_fatal_codes(),
+        CodeSet::of(&[tonic::Code::Unavailable, tonic::Code::Internal])
+    );
+    let list = policies
+        .hedging_policy_for("/catalog.v1.QueryService/ListProducts")
+        .unwrap();
+    assert_eq!(
+        (list.max_attempts(), list.hedging_delay()),
+        (5, Duration::ZERO)
+    );
+    assert!(
+        policies
+            .policy_for("/catalog.v1.CommandService/CreateProduct")
+            .is_some()
+    );
+    round_trips(&config);
+}
+
+#[test]
+fn grpc_service_config_hedging_mistakes_are_named() {
+    let mistake = |json: &str| ResilienceConfig::from_grpc_service_config(json).unwrap_err();
+    let e =
+        mistake(r#"{"methodConfig": [{"name": [{}], "hedgingPolicy": {"hedgingDelay": "1s"}}]}"#);
+    assert_eq!(e.key(), "methodConfig[0].hedgingPolicy");
+    assert!(e.reason().contains("`maxAttempts` is required"), "{e}");
+    let e = mistake(
+        r#"{"methodConfig": [{"name": [{}], "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "soon"}}]}"#,
+    );
+    assert_eq!(e.key(), "methodConfig[0].hedgingPolicy.hedgingDelay");
+    let e = mistake(
+        r#"{"methodConfig": [{"name": [{}], "hedgingPolicy": {"maxAttempts": 2},
+            "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.1s", "maxBackoff": "1s",
+            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
+    );
+    assert_eq!(e.key(), "methodConfig[0]");
+    assert!(e.reason().contains("only one of"), "{e}");
+}
