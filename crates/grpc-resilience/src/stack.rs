@@ -23,13 +23,15 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::attempt::{Attempt, AttemptBody};
-use crate::config::{BudgetSettings, Compiled, ThrottleSettings};
+use crate::bulk::{Bulk, BulkBody};
+use crate::config::{BudgetSettings, BulkheadSpec, Compiled, ThrottleSettings};
 use crate::per_call::PerCall;
 use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, call_span};
 use crate::{ConfigError, ResilienceConfig};
+use grpc_bulkhead::BulkheadLayer;
 
 /// The layers below telemetry, as built for one config generation.
-type Inner<S> = Timeout<PerCall<CircuitBreaker<Attempt<S>>>>;
+type Inner<S> = Timeout<PerCall<Bulk<CircuitBreaker<Attempt<S>>>>>;
 
 /// Which breaker a stack's calls go through.
 #[derive(Clone, Debug)]
@@ -51,6 +53,10 @@ pub(crate) struct Layers {
     retry_strict: RetryLayer,
     breaker: CircuitBreakerLayer,
     attempt: Option<TimeoutLayer>,
+    /// The bulkhead and the spec it was built from (kept by a reload that
+    /// does not change it, so its partitions and their calls in flight
+    /// stay).
+    bulkhead: Option<(BulkheadSpec, BulkheadLayer)>,
 }
 
 impl Layers {
@@ -60,6 +66,10 @@ impl Layers {
             None => Attempt::Off(service),
         };
         let service = self.breaker.layer(service);
+        let service = match &self.bulkhead {
+            Some((_, layer)) => Bulk::On(layer.layer(service)),
+            None => Bulk::Off(service),
+        };
         let service = PerCall {
             normal: self.retry.layer(service.clone()),
             keyed: self.retry_keyed.layer(service.clone()),
@@ -225,7 +235,7 @@ impl StackShared {
         choice: BreakerChoice,
         limiters: Limiters,
     ) -> Self {
-        let layers = Self::layers(compiled, &registry, &choice, &limiters, 0);
+        let layers = Self::layers(compiled, &registry, &choice, &limiters, None, 0);
         StackShared {
             layers: ArcSwap::from_pointee(layers),
             config: ArcSwap::from_pointee(config.clone()),
@@ -242,8 +252,19 @@ impl StackShared {
         registry: &BreakerRegistry,
         choice: &BreakerChoice,
         limiters: &Limiters,
+        previous: Option<&Layers>,
         generation: u64,
     ) -> Layers {
+        let bulkhead = compiled.bulkhead.as_ref().map(|spec| {
+            match previous.and_then(|p| p.bulkhead.as_ref()) {
+                Some((old, layer)) if old == spec => (spec.clone(), layer.clone()),
+                _ => (
+                    spec.clone(),
+                    spec.to_layer()
+                        .expect("a compiled bulkhead spec builds its layer"),
+                ),
+            }
+        });
         let retry_layer = |policies: &grpc_retry::RetryPolicies| {
             let mut layer = RetryLayer::new(policies.clone());
             if let Some(t) = &limiters.throttle {
@@ -288,6 +309,7 @@ impl StackShared {
                 .per_attempt
                 .clone()
                 .map(|p| TimeoutLayer::new(p).per_attempt()),
+            bulkhead,
         }
     }
 
@@ -298,12 +320,14 @@ impl StackShared {
         compiled: &Compiled,
         limiters: Limiters,
     ) -> u64 {
-        let generation = self.layers.load().generation + 1;
+        let previous = self.layers.load();
+        let generation = previous.generation + 1;
         let layers = Self::layers(
             compiled,
             &self.registry,
             &self.choice,
             &limiters,
+            Some(&previous),
             generation,
         );
         *lock(&self.limiters) = limiters;
@@ -340,6 +364,13 @@ impl StackShared {
 
     pub(crate) fn budget(&self) -> Option<RetryBudget> {
         lock(&self.limiters).budget.clone()
+    }
+
+    pub(crate) fn bulkhead_partitions(&self) -> Vec<grpc_bulkhead::PartitionStatus> {
+        match &self.layers.load().bulkhead {
+            Some((_, layer)) => layer.partitions(),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -464,6 +495,12 @@ impl ResilienceLayer {
     /// The retry budget, if the config has one.
     pub fn budget(&self) -> Option<RetryBudget> {
         self.shared.budget()
+    }
+
+    /// The bulkhead's partitions made so far (calls in flight, limit);
+    /// empty without a `[bulkhead]` section.
+    pub fn bulkhead_partitions(&self) -> Vec<grpc_bulkhead::PartitionStatus> {
+        self.shared.bulkhead_partitions()
     }
 
     /// Every breaker's state, by name.
@@ -624,9 +661,9 @@ where
     type Future = ResponseFuture<
         grpc_timeout::future::ResponseFuture<
             grpc_retry::future::ResponseFuture<
-                CircuitBreaker<Attempt<S>>,
+                Bulk<CircuitBreaker<Attempt<S>>>,
                 B,
-                grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>,
+                BulkBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>,
             >,
         >,
     >;
@@ -665,7 +702,7 @@ where
 
 /// The response body type of inner body `R` after the stack.
 type StackBody<R> = TimeoutBody<
-    grpc_retry::ResponseBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>,
+    grpc_retry::ResponseBody<BulkBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>>,
 >;
 
 pin_project! {

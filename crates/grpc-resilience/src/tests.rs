@@ -279,3 +279,145 @@ async fn channels_to_one_target_share_a_budget() {
     assert_eq!(a.min_retries_per_second(), 10);
     assert_eq!(a.retry_ratio(), 0.2);
 }
+
+fn bulkhead_config(bulkhead: &str) -> ResilienceConfig {
+    ResilienceConfig::from_toml(&format!(
+        "[retry.default]\nmax_attempts = 3\ninitial_delay = 1\nmax_delay = 1\njitter = false\n\
+         retryable_codes = [\"RESOURCE_EXHAUSTED\", \"UNAVAILABLE\"]\n\
+         [circuit_breakers.query]\nfailure_threshold = 1\n{bulkhead}"
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_full_bulkhead_refuses_locally_without_retry_or_breaker() {
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = Backend {
+        gate: Some(gate.clone()),
+        ..Backend::default()
+    };
+    let config = bulkhead_config("[bulkhead.default]\nmax_concurrent = 1\n");
+    let layer = crate::ResilienceLayer::new(&config).unwrap();
+    let channel = tower_layer::Layer::layer(&layer, backend.clone());
+    let first = tokio::spawn(channel.clone().oneshot(request("first")));
+    // Bounded wait until the first call holds the only slot at the server.
+    for _ in 0..1000 {
+        if backend.log.lock().unwrap().contains_key("first") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let partitions = layer.bulkhead_partitions();
+    assert_eq!(partitions.len(), 1);
+    assert_eq!(partitions[0].in_flight, 1);
+    let err = channel
+        .clone()
+        .oneshot(request("second"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        grpc_resilience_core::error::error_code(&*err),
+        tonic::Code::ResourceExhausted,
+        "{err}"
+    );
+    assert!(
+        !backend.log.lock().unwrap().contains_key("second"),
+        "refused before the server, and not retried"
+    );
+    assert_eq!(
+        layer.circuit_breaker_status()["query"],
+        State::Closed,
+        "a local refusal is no breaker failure"
+    );
+    gate.add_permits(100);
+    // The backend answers UNAVAILABLE: the call ends, whatever its status.
+    let _ = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("bounded")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn without_a_bulkhead_section_nothing_is_limited() {
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = Backend {
+        gate: Some(gate.clone()),
+        ..Backend::default()
+    };
+    let config =
+        ResilienceConfig::from_toml("[circuit_breakers.query]\nfailure_threshold = 1000\n")
+            .unwrap();
+    let layer = crate::ResilienceLayer::new(&config).unwrap();
+    let channel = tower_layer::Layer::layer(&layer, backend.clone());
+    let calls: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(channel.clone().oneshot(request(&format!("c{i}")))))
+        .collect();
+    for _ in 0..1000 {
+        if backend.log.lock().unwrap().len() == 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        backend.log.lock().unwrap().len(),
+        3,
+        "all three at the server"
+    );
+    assert!(layer.bulkhead_partitions().is_empty());
+    gate.add_permits(100);
+    for call in calls {
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("bounded")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_bulkhead_and_its_calls_in_flight() {
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = Backend {
+        gate: Some(gate.clone()),
+        ..Backend::default()
+    };
+    let config = bulkhead_config("[bulkhead.default]\nmax_concurrent = 1\n");
+    let layer = crate::ResilienceLayer::new(&config).unwrap();
+    let channel = tower_layer::Layer::layer(&layer, backend.clone());
+    let first = tokio::spawn(channel.clone().oneshot(request("first")));
+    for _ in 0..1000 {
+        if backend.log.lock().unwrap().contains_key("first") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // Same bulkhead, another retry setting: the slot stays taken.
+    let reloaded = ResilienceConfig::from_toml(
+        &config
+            .to_toml()
+            .replace("max_attempts = 3", "max_attempts = 2"),
+    )
+    .unwrap();
+    layer.reload(&reloaded).unwrap();
+    assert_eq!(layer.bulkhead_partitions()[0].in_flight, 1);
+    let err = channel
+        .clone()
+        .oneshot(request("second"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        grpc_resilience_core::error::error_code(&*err),
+        tonic::Code::ResourceExhausted
+    );
+    // A new limit: new partitions.
+    layer
+        .reload(&bulkhead_config("[bulkhead.default]\nmax_concurrent = 2\n"))
+        .unwrap();
+    assert!(layer.bulkhead_partitions().is_empty(), "made on first use");
+    gate.add_permits(100);
+    // The backend answers UNAVAILABLE: the call ends, whatever its status.
+    let _ = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("bounded")
+        .unwrap();
+}

@@ -27,6 +27,13 @@
 //! hedging_delay = "20ms"
 //! non_fatal_codes = ["UNAVAILABLE"]
 //!
+//! [bulkhead.default]               # a concurrency partition per service
+//! max_concurrent = 32
+//! max_queue = 16
+//! max_wait = "50ms"
+//! [bulkhead.operations.list_products.gradient] # its own, adaptive limit
+//! initial_limit = 4
+//!
 //! [circuit_breakers.query]
 //! failure_threshold = 5
 //!
@@ -81,6 +88,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use grpc_bulkhead::{Aimd, BulkheadConfig, BulkheadLayer, Gradient};
 use grpc_circuit_breaker::{BreakerConfig, BreakerConfigError, FailureRate};
 use grpc_resilience_core::CodeSet;
 use grpc_retry::{
@@ -130,6 +138,8 @@ pub struct ResilienceConfig {
     retry: RetryConfig,
     #[serde(default, skip_serializing_if = "HedgingConfig::is_empty")]
     hedging: HedgingConfig,
+    #[serde(default, skip_serializing_if = "BulkheadSection::is_empty")]
+    bulkhead: BulkheadSection,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     circuit_breakers: BTreeMap<String, BreakerSettings>,
     #[serde(default, skip_serializing_if = "TimeoutConfig::is_empty")]
@@ -496,6 +506,308 @@ impl HedgingSettings {
     }
 }
 
+/// `[bulkhead]`: concurrency partitions ([`grpc_bulkhead`]), laid out as
+/// `[retry]`: `[bulkhead.default]` gives every gRPC service its own
+/// partition with these settings, and `[bulkhead.operations."<selector>"]`
+/// gives the methods a selector names one partition of their own (unset
+/// fields from `[bulkhead.default]`). Without a `[bulkhead]` section the
+/// stack has no bulkhead at all, at no cost.
+///
+/// A call over its partition's limit waits in a queue of `max_queue` for
+/// at most `max_wait`, or fails at once with `RESOURCE_EXHAUSTED`, a local
+/// refusal the retry layer does not retry and the breaker never sees.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkheadSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    default: Option<BulkheadSettings>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    operations: BTreeMap<String, BulkheadSettings>,
+}
+
+impl BulkheadSection {
+    fn is_empty(&self) -> bool {
+        self.default.is_none() && self.operations.is_empty()
+    }
+
+    /// `[bulkhead.default]`: each gRPC service's partition.
+    pub fn default_settings(&self) -> Option<&BulkheadSettings> {
+        self.default.as_ref()
+    }
+
+    /// `[bulkhead.operations]`, by selector as written.
+    pub fn operations(&self) -> &BTreeMap<String, BulkheadSettings> {
+        &self.operations
+    }
+}
+
+/// One partition's settings: a fixed limit (`max_concurrent`) or an
+/// adaptive one (`[...aimd]` or `[...gradient]`), and the queue. Unset
+/// fields take [`BulkheadConfig`]'s defaults (64 in flight, no queue).
+///
+/// Choose a fixed limit when you know what the server handles, or to cap
+/// what one service may take from the client; AIMD when the server sheds
+/// load clearly (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`) or you know the
+/// latency that means trouble; the gradient when it slows down under load
+/// rather than refusing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkheadSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_concurrent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_queue: Option<u32>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    max_wait: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aimd: Option<AimdSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gradient: Option<GradientSettings>,
+}
+
+impl BulkheadSettings {
+    /// Everything at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    option_field!(
+        /// A fixed limit: at most this many calls in flight.
+        max_concurrent, with_max_concurrent, u32);
+    option_field!(
+        /// Calls that may wait for a slot.
+        max_queue, with_max_queue, u32);
+    option_field!(
+        /// The longest a call waits for a slot.
+        max_wait, with_max_wait, Duration);
+    option_field!(
+        /// An AIMD limit instead of a fixed one.
+        aimd, with_aimd, AimdSettings);
+    option_field!(
+        /// A gradient limit instead of a fixed one.
+        gradient, with_gradient, GradientSettings);
+
+    fn over(&self, base: &BulkheadSettings) -> BulkheadSettings {
+        let own_limit =
+            self.max_concurrent.is_some() || self.aimd.is_some() || self.gradient.is_some();
+        let limit_from = if own_limit { self } else { base };
+        BulkheadSettings {
+            max_concurrent: limit_from.max_concurrent,
+            aimd: limit_from.aimd.clone(),
+            gradient: limit_from.gradient.clone(),
+            max_queue: self.max_queue.or(base.max_queue),
+            max_wait: self.max_wait.or(base.max_wait),
+        }
+    }
+
+    /// The bulkhead crate's config these settings describe.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the key and value (relative to the section),
+    /// for two limits at once or a value the bulkhead crate rejects.
+    fn to_config(&self, path: &[&str]) -> Result<BulkheadConfig, ConfigError> {
+        let limits = [
+            self.max_concurrent.is_some().then_some("max_concurrent"),
+            self.aimd.is_some().then_some("aimd"),
+            self.gradient.is_some().then_some("gradient"),
+        ];
+        let set: Vec<&str> = limits.into_iter().flatten().collect();
+        if set.len() > 1 {
+            let mut p = path.to_vec();
+            p.push(set[1]);
+            return Err(ConfigError::new(
+                key_path(p),
+                None,
+                format!(
+                    "a partition has one limit: `{}` is set too (choose max_concurrent, aimd or gradient)",
+                    set[0]
+                ),
+            ));
+        }
+        let mut b = BulkheadConfig::builder();
+        if let Some(n) = self.max_concurrent {
+            b = b.max_concurrent(n);
+        }
+        if let Some(a) = &self.aimd {
+            b = b.aimd(a.to_aimd());
+        }
+        if let Some(g) = &self.gradient {
+            b = b.gradient(g.to_gradient());
+        }
+        if let Some(n) = self.max_queue {
+            b = b.max_queue(n);
+        }
+        if let Some(d) = self.max_wait {
+            b = b.max_wait(d);
+        }
+        b.build().map_err(|e| {
+            let mut p = path.to_vec();
+            p.extend(e.field().split('.'));
+            ConfigError::new(
+                key_path(p),
+                Some(e.value().to_owned()),
+                reason_after(&e.to_string(), e.value()),
+            )
+        })
+    }
+}
+
+/// `aimd`: an AIMD limit ([`Aimd`]); unset fields take its defaults
+/// (20, between 1 and 200, backoff 0.9, 5 s latency threshold).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AimdSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initial_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backoff_ratio: Option<f64>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    latency_threshold: Option<Duration>,
+}
+
+impl AimdSettings {
+    /// Everything at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    option_field!(
+        /// The limit to start with.
+        initial_limit, with_initial_limit, u32);
+    option_field!(
+        /// The lowest limit.
+        min_limit, with_min_limit, u32);
+    option_field!(
+        /// The highest limit.
+        max_limit, with_max_limit, u32);
+    option_field!(
+        /// What a backoff multiplies the limit by, within [0.5, 1).
+        backoff_ratio, with_backoff_ratio, f64);
+    option_field!(
+        /// A call slower than this is an overload signal.
+        latency_threshold, with_latency_threshold, Duration);
+
+    fn to_aimd(&self) -> Aimd {
+        let d = Aimd::default();
+        Aimd {
+            initial_limit: self.initial_limit.unwrap_or(d.initial_limit),
+            min_limit: self.min_limit.unwrap_or(d.min_limit),
+            max_limit: self.max_limit.unwrap_or(d.max_limit),
+            backoff_ratio: self.backoff_ratio.unwrap_or(d.backoff_ratio),
+            latency_threshold: self.latency_threshold.unwrap_or(d.latency_threshold),
+        }
+    }
+}
+
+/// `gradient`: a gradient limit ([`Gradient`]); unset fields take its
+/// defaults (4, between 1 and 200, smoothing 0.2, tolerance 1.5, queue
+/// allowance 4, short window 10 calls, no-load latency over 30 s).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GradientSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initial_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    smoothing: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tolerance: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queue_allowance: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    short_window: Option<u32>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    min_rtt_window: Option<Duration>,
+}
+
+impl GradientSettings {
+    /// Everything at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    option_field!(
+        /// The limit to start with.
+        initial_limit, with_initial_limit, u32);
+    option_field!(
+        /// The lowest limit.
+        min_limit, with_min_limit, u32);
+    option_field!(
+        /// The highest limit.
+        max_limit, with_max_limit, u32);
+    option_field!(
+        /// How far one call moves the limit toward its target, within (0, 1].
+        smoothing, with_smoothing, f64);
+    option_field!(
+        /// How much slower than the no-load latency calls may get; at least 1.
+        tolerance, with_tolerance, f64);
+    option_field!(
+        /// Calls allowed beyond what the gradient says.
+        queue_allowance, with_queue_allowance, f64);
+    option_field!(
+        /// About how many calls the current latency averages over.
+        short_window, with_short_window, u32);
+    option_field!(
+        /// The window over which the no-load latency is the minimum.
+        min_rtt_window, with_min_rtt_window, Duration);
+
+    fn to_gradient(&self) -> Gradient {
+        let d = Gradient::default();
+        Gradient {
+            initial_limit: self.initial_limit.unwrap_or(d.initial_limit),
+            min_limit: self.min_limit.unwrap_or(d.min_limit),
+            max_limit: self.max_limit.unwrap_or(d.max_limit),
+            smoothing: self.smoothing.unwrap_or(d.smoothing),
+            tolerance: self.tolerance.unwrap_or(d.tolerance),
+            queue_allowance: self.queue_allowance.unwrap_or(d.queue_allowance),
+            short_window: self.short_window.unwrap_or(d.short_window),
+            min_rtt_window: self.min_rtt_window.unwrap_or(d.min_rtt_window),
+        }
+    }
+}
+
+/// A config's bulkheads, every value checked: the per-service partition
+/// config and the selector partitions (resolved selector, config).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct BulkheadSpec {
+    pub(crate) per_service: Option<BulkheadConfig>,
+    pub(crate) partitions: Vec<(String, BulkheadConfig)>,
+}
+
+impl BulkheadSpec {
+    /// The layer this spec describes.
+    pub(crate) fn to_layer(&self) -> Result<BulkheadLayer, grpc_bulkhead::BulkheadConfigError> {
+        let mut layer = match &self.per_service {
+            Some(c) => BulkheadLayer::new(c.clone()),
+            None => BulkheadLayer::empty(),
+        };
+        for (selector, config) in &self.partitions {
+            layer = layer.with_partition(selector, config.clone())?;
+        }
+        Ok(layer)
+    }
+}
+
 /// `[retry.budget]`: a retry budget in the Finagle / Linkerd style
 /// ([`RetryBudget`]): retries (and hedges) may be at most `retry_ratio` of
 /// the calls made within the last `ttl`, plus `min_retries_per_second`.
@@ -856,6 +1168,7 @@ pub(crate) struct Compiled {
     pub(crate) retry: RetryVariants,
     pub(crate) throttle: Option<ThrottleSettings>,
     pub(crate) budget: Option<BudgetSettings>,
+    pub(crate) bulkhead: Option<BulkheadSpec>,
     /// Every breaker a channel uses or the file names, with its config.
     pub(crate) breakers: BTreeMap<String, BreakerConfig>,
     /// Channel name to its breaker's name.
@@ -1165,6 +1478,28 @@ impl ResilienceConfig {
         &self.hedging
     }
 
+    /// Sets `[bulkhead.default]`: a partition per gRPC service.
+    pub fn with_bulkhead_default(mut self, settings: BulkheadSettings) -> Self {
+        self.bulkhead.default = Some(settings);
+        self
+    }
+
+    /// Sets `[bulkhead.operations."<selector>"]`: one partition for the
+    /// methods `selector` names.
+    pub fn with_bulkhead_operation(
+        mut self,
+        selector: impl Into<String>,
+        settings: BulkheadSettings,
+    ) -> Self {
+        self.bulkhead.operations.insert(selector.into(), settings);
+        self
+    }
+
+    /// `[bulkhead]`.
+    pub fn bulkhead(&self) -> &BulkheadSection {
+        &self.bulkhead
+    }
+
     /// Sets `[retry.budget]`.
     pub fn with_retry_budget(mut self, budget: BudgetSettings) -> Self {
         self.retry.budget = Some(budget);
@@ -1370,6 +1705,43 @@ impl ResilienceConfig {
                 )
             })?;
         }
+        // Bulkheads.
+        let bulkhead = if self.bulkhead.is_empty() {
+            None
+        } else {
+            let base = self.bulkhead.default.clone().unwrap_or_default();
+            let per_service = match &self.bulkhead.default {
+                Some(settings) => Some(settings.to_config(&["bulkhead", "default"])?),
+                None => None,
+            };
+            let mut partitions = Vec::new();
+            let mut resolved_parts: BTreeMap<String, String> = BTreeMap::new();
+            for (selector, settings) in &self.bulkhead.operations {
+                let path = ["bulkhead", "operations", selector.as_str()];
+                let resolved = self.resolve(selector, &path)?;
+                if let Some(other) = resolved_parts.insert(resolved.clone(), selector.clone()) {
+                    return Err(ConfigError::new(
+                        key_path(path),
+                        None,
+                        format!("names the same methods as `{other}` ({resolved})"),
+                    ));
+                }
+                let config = settings.over(&base).to_config(&path)?;
+                partitions.push((resolved, config));
+            }
+            let spec = BulkheadSpec {
+                per_service,
+                partitions,
+            };
+            spec.to_layer().map_err(|e| {
+                ConfigError::new(
+                    "bulkhead.operations",
+                    Some(e.value().to_owned()),
+                    reason_after(&e.to_string(), e.value()),
+                )
+            })?;
+            Some(spec)
+        };
         if let Some(throttle) = &self.retry.throttle {
             throttle.to_throttle()?;
         }
@@ -1472,6 +1844,7 @@ impl ResilienceConfig {
             retry,
             throttle: self.retry.throttle,
             budget: self.retry.budget,
+            bulkhead,
             breakers,
             channel_breakers,
             channel_services: self

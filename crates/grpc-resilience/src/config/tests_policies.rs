@@ -262,3 +262,103 @@ fn grpc_service_config_hedging_mistakes_are_named() {
     assert_eq!(e.key(), "methodConfig[0]");
     assert!(e.reason().contains("only one of"), "{e}");
 }
+
+#[test]
+fn bulkhead_reads_inherits_and_round_trips() {
+    let config = ResilienceConfig::from_toml_with_methods(
+        "[bulkhead.default]\nmax_concurrent = 32\nmax_queue = 16\nmax_wait = \"50ms\"\n\
+         [bulkhead.operations.get_product.aimd]\ninitial_limit = 10\nmin_limit = 2\nmax_limit = 50\n\
+         backoff_ratio = 0.8\nlatency_threshold = \"1s\"\n\
+         [bulkhead.operations.\"catalog.v1.CommandService\"]\nmax_queue = 0\n\
+         [bulkhead.operations.\"catalog.v1.CommandService\".gradient]\ninitial_limit = 5\n\
+         min_limit = 1\nmax_limit = 100\nsmoothing = 0.5\ntolerance = 2.0\nqueue_allowance = 3.0\n\
+         short_window = 20\nmin_rtt_window = \"10s\"\n",
+        CATALOG,
+    )
+    .unwrap();
+    let spec = config.compile().unwrap().bulkhead.unwrap();
+    let per_service = spec.per_service.as_ref().unwrap();
+    assert_eq!(per_service.limit(), &grpc_bulkhead::Limit::Fixed(32));
+    assert_eq!(per_service.max_queue(), 16);
+    assert_eq!(per_service.max_wait(), Duration::from_millis(50));
+    let parts: BTreeMap<_, _> = spec.partitions.iter().cloned().collect();
+    let command = &parts["catalog.v1.CommandService/*"];
+    assert_eq!(command.max_queue(), 0, "its own");
+    assert_eq!(command.max_wait(), Duration::from_millis(50), "inherited");
+    assert_eq!(
+        command.limit(),
+        &grpc_bulkhead::Limit::Gradient(Gradient {
+            initial_limit: 5,
+            min_limit: 1,
+            max_limit: 100,
+            smoothing: 0.5,
+            tolerance: 2.0,
+            queue_allowance: 3.0,
+            short_window: 20,
+            min_rtt_window: Duration::from_secs(10),
+        })
+    );
+    let get = &parts["catalog.v1.QueryService/GetProduct"];
+    assert_eq!(
+        get.limit(),
+        &grpc_bulkhead::Limit::Aimd(Aimd {
+            initial_limit: 10,
+            min_limit: 2,
+            max_limit: 50,
+            backoff_ratio: 0.8,
+            latency_threshold: Duration::from_secs(1),
+        })
+    );
+    assert_eq!(get.max_queue(), 16, "inherited");
+    round_trips(&config);
+    round_trips(
+        &ResilienceConfig::new()
+            .with_bulkhead_operation("*", BulkheadSettings::new().with_max_concurrent(3))
+            .with_bulkhead_default(
+                BulkheadSettings::new().with_aimd(AimdSettings::new().with_max_limit(90)),
+            ),
+    );
+    // No section: no bulkhead.
+    assert!(
+        ResilienceConfig::new()
+            .compile()
+            .unwrap()
+            .bulkhead
+            .is_none()
+    );
+}
+
+#[test]
+fn mistake_bulkhead_two_limits() {
+    let e = error_of("[bulkhead.default]\nmax_concurrent = 3\n[bulkhead.default.aimd]\n");
+    assert_eq!(e.key(), "bulkhead.default.aimd");
+    assert!(
+        e.reason()
+            .contains("one limit: `max_concurrent` is set too"),
+        "{e}"
+    );
+}
+
+#[test]
+fn mistake_bulkhead_values() {
+    let e = error_of("[bulkhead.default]\nmax_concurrent = 0\n");
+    assert_eq!(
+        e.to_string(),
+        "bad.toml:2: bulkhead.default.max_concurrent = 0: must be at least 1"
+    );
+    let e = error_of("[bulkhead.operations.GetProduct.gradient]\ntolerance = 0.5\n");
+    assert_eq!(e.key(), "bulkhead.operations.GetProduct.gradient.tolerance");
+    assert_eq!(e.value(), Some("0.5"));
+    assert_eq!(e.line(), Some(2));
+    let e = error_of("[bulkhead.default.aimd]\nbackof_ratio = 0.5\n");
+    assert_eq!(e.key(), "bulkhead.default.aimd.backof_ratio");
+    assert!(
+        e.to_string().contains("unknown field `backof_ratio`"),
+        "{e}"
+    );
+    let e = error_of("[bulkhead]\nmax_concurrent = 3\n");
+    assert!(
+        e.to_string().contains("unknown field `max_concurrent`"),
+        "{e}"
+    );
+}
