@@ -362,3 +362,37 @@ fn mistake_bulkhead_values() {
         "{e}"
     );
 }
+
+#[test]
+fn the_shipped_files_commented_examples_are_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/resilience.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let examples: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for section in [
+        "[retry.budget]",
+        "[hedging.operations.get_product]",
+        "[bulkhead.default]",
+        "[bulkhead.operations.list_products.gradient]",
+    ] {
+        assert!(examples.contains(section), "{section} is shown");
+    }
+    let config = ResilienceConfig::from_toml_with_methods(
+        &examples,
+        [
+            "/catalog.v1.QueryService/GetProduct",
+            "/catalog.v1.QueryService/ListProducts",
+            "/catalog.v1.CommandService/CreateProduct",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{examples}"));
+    assert!(config.compile().unwrap().bulkhead.is_some());
+    // And the file itself, examples commented out, has none of them.
+    let shipped = ResilienceConfig::from_toml(&text).unwrap();
+    assert!(shipped.retry().budget().is_none());
+    assert!(shipped.hedging().operations().is_empty());
+    assert!(shipped.bulkhead().default_settings().is_none());
+}
