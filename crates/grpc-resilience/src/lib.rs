@@ -1,13 +1,12 @@
 //! Resilient tonic gRPC clients from one config file.
 //!
 //! `grpc-resilience` puts deadlines, retries (or hedging), bulkheads and
-//! circuit breakers in front
-//! of a tonic `Channel` in the right order, from one TOML file (or a gRPC
-//! service config, or the same settings in code), with call-level
-//! telemetry, named channels and live reload. It composes the layer crates
-//! ([`grpc_timeout`], [`grpc_retry`], [`grpc_bulkhead`],
-//! [`grpc_circuit_breaker`]) and
-//! re-exports what a user needs, so it is the one dependency to add.
+//! circuit breakers in front of a tonic `Channel` in the right order, from
+//! one TOML file (or a gRPC service config, or the same settings in code),
+//! with call-level telemetry, named channels and live reload. It composes
+//! the layer crates ([`grpc_timeout`], [`grpc_retry`], [`grpc_bulkhead`],
+//! [`grpc_circuit_breaker`]) and re-exports what a user needs, so it is
+//! the one dependency to add.
 //!
 //! # Quick start
 //!
