@@ -5,11 +5,11 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use grpc_circuit_breaker::{BreakerRegistry, BreakerSnapshot, State, UnknownBreaker};
-use grpc_retry::RetryThrottle;
+use grpc_retry::{RetryBudget, RetryThrottle};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::key_path;
-use crate::stack::{BreakerChoice, StackShared, configure_breakers, throttle_for};
+use crate::stack::{BreakerChoice, Limiters, StackShared, configure_breakers};
 use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 
 /// One resilient channel per `[channels.<name>]` entry, sharing one
@@ -53,7 +53,7 @@ use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 pub struct ResilientChannels {
     channels: BTreeMap<String, ResilientChannel<Channel>>,
     targets: BTreeMap<String, String>,
-    throttles: Mutex<BTreeMap<String, RetryThrottle>>,
+    limiters: Mutex<BTreeMap<String, Limiters>>,
     services: BTreeMap<String, String>,
     registry: BreakerRegistry,
     reloading: Mutex<()>,
@@ -119,7 +119,7 @@ impl ResilientChannelsBuilder<'_> {
         configure_breakers(&registry, &compiled.breakers);
         let mut channels = BTreeMap::new();
         let mut targets = BTreeMap::new();
-        let mut throttles: BTreeMap<String, RetryThrottle> = BTreeMap::new();
+        let mut limiters: BTreeMap<String, Limiters> = BTreeMap::new();
         let mut services = BTreeMap::new();
         for (name, settings) in self.config.channels() {
             let (channel, target) = if let Some(channel) = self.channels.get(name) {
@@ -145,14 +145,12 @@ impl ResilientChannelsBuilder<'_> {
                 let target = endpoint.uri().to_string();
                 (settings.configure_endpoint(endpoint).connect_lazy(), target)
             };
-            let throttle = match throttles.get(&target) {
-                Some(t) => Some(t.clone()),
+            let target_limiters = match limiters.get(&target) {
+                Some(l) => l.clone(),
                 None => {
-                    let t = throttle_for(None, compiled.throttle.as_ref())?;
-                    if let Some(t) = &t {
-                        throttles.insert(target.clone(), t.clone());
-                    }
-                    t
+                    let l = Limiters::for_config(None, &compiled)?;
+                    limiters.insert(target.clone(), l.clone());
+                    l
                 }
             };
             let shared = StackShared::new(
@@ -160,7 +158,7 @@ impl ResilientChannelsBuilder<'_> {
                 &compiled,
                 registry.clone(),
                 BreakerChoice::Channel(name.clone()),
-                throttle,
+                target_limiters,
             );
             for service in settings.services() {
                 services
@@ -176,7 +174,7 @@ impl ResilientChannelsBuilder<'_> {
         Ok(ResilientChannels {
             channels,
             targets,
-            throttles: Mutex::new(throttles),
+            limiters: Mutex::new(limiters),
             services,
             registry,
             reloading: Mutex::new(()),
@@ -258,7 +256,13 @@ impl ResilientChannels {
     /// The retry throttle of channel `name`'s target, if the config has one.
     pub fn throttle(&self, name: &str) -> Option<RetryThrottle> {
         let target = self.targets.get(name)?;
-        lock(&self.throttles).get(target).cloned()
+        lock(&self.limiters).get(target)?.throttle.clone()
+    }
+
+    /// The retry budget of channel `name`'s target, if the config has one.
+    pub fn budget(&self, name: &str) -> Option<RetryBudget> {
+        let target = self.targets.get(name)?;
+        lock(&self.limiters).get(target)?.budget.clone()
     }
 
     /// Every breaker's state by name, every configured breaker listed from
@@ -378,23 +382,23 @@ impl ResilientChannels {
                 "channels cannot be removed by a reload; restart to change them",
             ));
         }
-        // New throttles per target, keeping a bucket whose settings stay.
-        let mut throttles = lock(&self.throttles);
-        let mut fresh: BTreeMap<String, RetryThrottle> = BTreeMap::new();
+        // New throttles and budgets per target, keeping those whose
+        // settings stay.
+        let mut limiters = lock(&self.limiters);
+        let mut fresh: BTreeMap<String, Limiters> = BTreeMap::new();
         for target in self.targets.values() {
             if fresh.contains_key(target) {
                 continue;
             }
-            if let Some(t) = throttle_for(throttles.get(target), compiled.throttle.as_ref())? {
-                fresh.insert(target.clone(), t);
-            }
+            let l = Limiters::for_config(limiters.get(target), &compiled)?;
+            fresh.insert(target.clone(), l);
         }
         let mut generation = 0;
         for (name, channel) in &self.channels {
-            let throttle = fresh.get(&self.targets[name]).cloned();
-            generation = channel.shared().swap(config, &compiled, throttle);
+            let l = fresh.get(&self.targets[name]).cloned().unwrap_or_default();
+            generation = channel.shared().swap(config, &compiled, l);
         }
-        *throttles = fresh;
+        *limiters = fresh;
         Ok(ReloadReport::new(
             generation,
             configure_breakers(&self.registry, &compiled.breakers),

@@ -1,11 +1,12 @@
 //! Resilient tonic gRPC clients from one config file.
 //!
-//! `grpc-resilience` puts deadlines, retries and circuit breakers in front
-//! of a tonic `Channel` in the right order, from one TOML file (or a gRPC
-//! service config, or the same settings in code), with call-level
-//! telemetry, named channels and live reload. It composes the layer crates
-//! ([`grpc_timeout`], [`grpc_retry`], [`grpc_circuit_breaker`]) and
-//! re-exports what a user needs, so it is the one dependency to add.
+//! `grpc-resilience` puts deadlines, retries (or hedging), bulkheads and
+//! circuit breakers in front of a tonic `Channel` in the right order, from
+//! one TOML file (or a gRPC service config, or the same settings in code),
+//! with call-level telemetry, named channels and live reload. It composes
+//! the layer crates ([`grpc_timeout`], [`grpc_retry`], [`grpc_bulkhead`],
+//! [`grpc_circuit_breaker`]) and re-exports what a user needs, so it is
+//! the one dependency to add.
 //!
 //! # Quick start
 //!
@@ -46,24 +47,37 @@
 //!    and sends each attempt with the time actually left in
 //!    `grpc-timeout`. Below it, each attempt would get the full budget and
 //!    a call could take `max_attempts` times its deadline plus the backoff.
-//! 3. **Retry** ([`grpc_retry::RetryLayer`]): attempts, backoff, body
-//!    replay, throttling. Above the breaker so that every attempt is judged
+//! 3. **Retry** ([`grpc_retry::RetryLayer`]): attempts (or gRFC A6
+//!    hedges, `[hedging]`), backoff, body replay, throttling and the retry
+//!    budget (`[retry.throttle]`, `[retry.budget]`: with both, a retry goes
+//!    only when both allow it). Above the breaker so that every attempt is judged
 //!    by the breaker on its own, and a call the breaker refuses (a local
 //!    rejection, not a server failure) is not retried. With the breaker
 //!    outside, it would see one outcome per logical call: a dead server
 //!    would take `failure_threshold × max_attempts` attempts to trip it, a
 //!    call that failed twice and then succeeded would hide two failures,
 //!    and an open breaker would not stop the retries already under way.
-//! 4. **Circuit breaker** ([`grpc_circuit_breaker::CircuitBreakerLayer`]):
+//! 4. **Bulkhead** ([`grpc_bulkhead::BulkheadLayer`], only with a
+//!    `[bulkhead]` section; without one it is not in the stack at all):
+//!    a concurrency partition per gRPC service (or per selector). Below the
+//!    retry layer so that it counts attempts in flight at the server (a
+//!    call sleeping in its backoff holds no slot, and an adaptive limit
+//!    samples each attempt), and its `RESOURCE_EXHAUSTED` refusal is local,
+//!    so it is not retried. Above the breaker so that its refusals never
+//!    reach the breaker: a full local queue says nothing of the server's
+//!    health and must not open it. Above the retry layer it would hold a
+//!    slot through the backoff sleeps; below the breaker its refusals
+//!    would open the breaker of a healthy server.
+//! 5. **Circuit breaker** ([`grpc_circuit_breaker::CircuitBreakerLayer`]):
 //!    per attempt, one breaker per gRPC service (or per channel, for
 //!    [`ResilientChannels`]), judged by the gRPC status in headers or
 //!    trailers.
-//! 5. **Per-attempt timeout** (`[timeouts] per_attempt`, Envoy's per-try
-//!    timeout): below the breaker so that a hung attempt counts as a
+//! 6. **Per-attempt timeout** (`[timeouts] per_attempt`, Envoy's per-try
+//!    timeout): below the breaker (and the bulkhead, whose slot it frees) so that a hung attempt counts as a
 //!    `DEADLINE_EXCEEDED` failure for the breaker and can be retried while
 //!    the call's deadline still has time. Above the retry layer it would be
 //!    just another call deadline.
-//! 6. The tonic `Channel` (or any `Service<http::Request<B>>`).
+//! 7. The tonic `Channel` (or any `Service<http::Request<B>>`).
 //!
 //! # Telemetry
 //!
@@ -111,6 +125,7 @@
 //! config is rejected with the reason and the old one stays.
 
 mod attempt;
+mod bulk;
 mod channels;
 pub mod config;
 mod error;
@@ -124,8 +139,9 @@ mod tests;
 
 pub use channels::{ResilientChannels, ResilientChannelsBuilder, UnknownChannel};
 pub use config::{
-    BreakerSettings, ChannelSettings, FailureRateSettings, ImportWarning, ResilienceConfig,
-    RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,
+    AimdSettings, BreakerSettings, BudgetSettings, BulkheadSection, BulkheadSettings,
+    ChannelSettings, FailureRateSettings, GradientSettings, HedgingConfig, HedgingSettings,
+    ImportWarning, ResilienceConfig, RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,
 };
 pub use error::ConfigError;
 pub use per_call::{CallOptions, Idempotent};
@@ -134,14 +150,15 @@ pub use reload::ConfigWatcher;
 pub use stack::{ReloadReport, ResilienceLayer, ResilientChannel};
 
 // What a user needs, so that this crate is the one dependency.
+pub use grpc_bulkhead::{BulkheadConfig, BulkheadFull, PartitionStatus};
 pub use grpc_circuit_breaker::{
     BreakerConfig, BreakerOpen, BreakerRegistry, BreakerSnapshot, FailureRate, State, StateChange,
     UnknownBreaker,
 };
 pub use grpc_resilience_core::{CodeSet, codes::UnknownCode};
 pub use grpc_retry::{
-    IDEMPOTENCY_KEY, Jitter, RetryConfigError, RetryOverride, RetryPolicies, RetryPolicy,
-    RetryThrottle,
+    HedgingPolicy, IDEMPOTENCY_KEY, Jitter, RetryBudget, RetryConfigError, RetryOverride,
+    RetryPolicies, RetryPolicy, RetryThrottle,
 };
 pub use grpc_timeout::{Elapsed, TimeoutConfigError, TimeoutPolicy};
 pub use tonic::Code;
@@ -153,6 +170,7 @@ struct ReadmeDoctests;
 
 /// The layer crates, for what the re-exports above do not cover.
 pub mod layers {
+    pub use grpc_bulkhead as bulkhead;
     pub use grpc_circuit_breaker as circuit_breaker;
     pub use grpc_resilience_core as core;
     pub use grpc_retry as retry;

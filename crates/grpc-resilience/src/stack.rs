@@ -14,7 +14,7 @@ use grpc_circuit_breaker::{
 };
 use grpc_resilience_core::error::error_code;
 use grpc_resilience_core::{BoxError, MethodId, Outcome, OutcomeBody};
-use grpc_retry::{ReplayableBody, RetryLayer, RetryThrottle};
+use grpc_retry::{ReplayableBody, RetryBudget, RetryLayer, RetryThrottle};
 use grpc_timeout::future::TimeoutBody;
 use grpc_timeout::{Timeout, TimeoutLayer};
 use http_body::{Body, Frame, SizeHint};
@@ -23,13 +23,15 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::attempt::{Attempt, AttemptBody};
-use crate::config::{Compiled, ThrottleSettings};
+use crate::bulk::{Bulk, BulkBody};
+use crate::config::{BudgetSettings, BulkheadSpec, Compiled, ThrottleSettings};
 use crate::per_call::PerCall;
 use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, call_span};
 use crate::{ConfigError, ResilienceConfig};
+use grpc_bulkhead::BulkheadLayer;
 
 /// The layers below telemetry, as built for one config generation.
-type Inner<S> = Timeout<PerCall<CircuitBreaker<Attempt<S>>>>;
+type Inner<S> = Timeout<PerCall<Bulk<CircuitBreaker<Attempt<S>>>>>;
 
 /// Which breaker a stack's calls go through.
 #[derive(Clone, Debug)]
@@ -51,6 +53,10 @@ pub(crate) struct Layers {
     retry_strict: RetryLayer,
     breaker: CircuitBreakerLayer,
     attempt: Option<TimeoutLayer>,
+    /// The bulkhead and the spec it was built from (kept by a reload that
+    /// does not change it, so its partitions and their calls in flight
+    /// stay).
+    bulkhead: Option<(BulkheadSpec, BulkheadLayer)>,
 }
 
 impl Layers {
@@ -60,6 +66,10 @@ impl Layers {
             None => Attempt::Off(service),
         };
         let service = self.breaker.layer(service);
+        let service = match &self.bulkhead {
+            Some((_, layer)) => Bulk::On(layer.layer(service)),
+            None => Bulk::Off(service),
+        };
         let service = PerCall {
             normal: self.retry.layer(service.clone()),
             keyed: self.retry_keyed.layer(service.clone()),
@@ -75,7 +85,7 @@ pub(crate) struct StackShared {
     config: ArcSwap<ResilienceConfig>,
     registry: BreakerRegistry,
     choice: BreakerChoice,
-    throttle: Mutex<Option<RetryThrottle>>,
+    limiters: Mutex<Limiters>,
     metrics: MetricsCache,
     reloading: Mutex<()>,
 }
@@ -143,6 +153,56 @@ pub(crate) fn throttle_for(
     }))
 }
 
+/// What limits retries, shared per target: the throttle and the budget
+/// (a retry is sent only when both allow it).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Limiters {
+    pub(crate) throttle: Option<RetryThrottle>,
+    pub(crate) budget: Option<RetryBudget>,
+}
+
+impl Limiters {
+    /// The limiters `compiled` asks for, keeping those of `current` whose
+    /// settings stay (their state is kept).
+    pub(crate) fn for_config(
+        current: Option<&Limiters>,
+        compiled: &Compiled,
+    ) -> Result<Limiters, ConfigError> {
+        Ok(Limiters {
+            throttle: throttle_for(
+                current.and_then(|l| l.throttle.as_ref()),
+                compiled.throttle.as_ref(),
+            )?,
+            budget: budget_for(
+                current.and_then(|l| l.budget.as_ref()),
+                compiled.budget.as_ref(),
+            )?,
+        })
+    }
+}
+
+/// A budget for `settings`: `current` when it already has them (its
+/// deposits are kept), else a new one.
+pub(crate) fn budget_for(
+    current: Option<&RetryBudget>,
+    settings: Option<&BudgetSettings>,
+) -> Result<Option<RetryBudget>, ConfigError> {
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    let fresh = settings.to_budget()?;
+    Ok(Some(match current {
+        Some(b)
+            if b.ttl() == fresh.ttl()
+                && b.min_retries_per_second() == fresh.min_retries_per_second()
+                && b.retry_ratio() == fresh.retry_ratio() =>
+        {
+            b.clone()
+        }
+        _ => fresh,
+    }))
+}
+
 /// Registers each breaker with its config before any call, so the
 /// registry's status lists them all from the start. Returns the breakers
 /// that already existed with other settings.
@@ -173,15 +233,15 @@ impl StackShared {
         compiled: &Compiled,
         registry: BreakerRegistry,
         choice: BreakerChoice,
-        throttle: Option<RetryThrottle>,
+        limiters: Limiters,
     ) -> Self {
-        let layers = Self::layers(compiled, &registry, &choice, throttle.clone(), 0);
+        let layers = Self::layers(compiled, &registry, &choice, &limiters, None, 0);
         StackShared {
             layers: ArcSwap::from_pointee(layers),
             config: ArcSwap::from_pointee(config.clone()),
             registry,
             choice,
-            throttle: Mutex::new(throttle),
+            limiters: Mutex::new(limiters),
             metrics: MetricsCache::default(),
             reloading: Mutex::new(()),
         }
@@ -191,15 +251,29 @@ impl StackShared {
         compiled: &Compiled,
         registry: &BreakerRegistry,
         choice: &BreakerChoice,
-        throttle: Option<RetryThrottle>,
+        limiters: &Limiters,
+        previous: Option<&Layers>,
         generation: u64,
     ) -> Layers {
-        let retry_layer = |policies: &grpc_retry::RetryPolicies| {
-            let layer = RetryLayer::new(policies.clone());
-            match &throttle {
-                Some(t) => layer.with_throttle(t.clone()),
-                None => layer,
+        let bulkhead = compiled.bulkhead.as_ref().map(|spec| {
+            match previous.and_then(|p| p.bulkhead.as_ref()) {
+                Some((old, layer)) if old == spec => (spec.clone(), layer.clone()),
+                _ => (
+                    spec.clone(),
+                    spec.to_layer()
+                        .expect("a compiled bulkhead spec builds its layer"),
+                ),
             }
+        });
+        let retry_layer = |policies: &grpc_retry::RetryPolicies| {
+            let mut layer = RetryLayer::new(policies.clone());
+            if let Some(t) = &limiters.throttle {
+                layer = layer.with_throttle(t.clone());
+            }
+            if let Some(b) = &limiters.budget {
+                layer = layer.with_budget(b.clone());
+            }
+            layer
         };
         let retry = retry_layer(&compiled.retry.normal);
         let retry_keyed = retry_layer(&compiled.retry.keyed);
@@ -235,25 +309,28 @@ impl StackShared {
                 .per_attempt
                 .clone()
                 .map(|p| TimeoutLayer::new(p).per_attempt()),
+            bulkhead,
         }
     }
 
-    /// Swaps in a new generation built from `compiled`, with `throttle`.
+    /// Swaps in a new generation built from `compiled`, with `limiters`.
     pub(crate) fn swap(
         &self,
         config: &ResilienceConfig,
         compiled: &Compiled,
-        throttle: Option<RetryThrottle>,
+        limiters: Limiters,
     ) -> u64 {
-        let generation = self.layers.load().generation + 1;
+        let previous = self.layers.load();
+        let generation = previous.generation + 1;
         let layers = Self::layers(
             compiled,
             &self.registry,
             &self.choice,
-            throttle.clone(),
+            &limiters,
+            Some(&previous),
             generation,
         );
-        *lock(&self.throttle) = throttle;
+        *lock(&self.limiters) = limiters;
         self.config.store(Arc::new(config.clone()));
         self.layers.store(Arc::new(layers));
         generation
@@ -263,8 +340,9 @@ impl StackShared {
     pub(crate) fn reload(&self, config: &ResilienceConfig) -> Result<ReloadReport, ConfigError> {
         let _one_at_a_time = lock(&self.reloading);
         let compiled = config.compile()?;
-        let throttle = throttle_for(lock(&self.throttle).as_ref(), compiled.throttle.as_ref())?;
-        let generation = self.swap(config, &compiled, throttle);
+        let current = lock(&self.limiters).clone();
+        let limiters = Limiters::for_config(Some(&current), &compiled)?;
+        let generation = self.swap(config, &compiled, limiters);
         let breakers_not_reconfigured = configure_breakers(&self.registry, &compiled.breakers);
         Ok(ReloadReport {
             generation,
@@ -281,7 +359,18 @@ impl StackShared {
     }
 
     pub(crate) fn throttle(&self) -> Option<RetryThrottle> {
-        lock(&self.throttle).clone()
+        lock(&self.limiters).throttle.clone()
+    }
+
+    pub(crate) fn budget(&self) -> Option<RetryBudget> {
+        lock(&self.limiters).budget.clone()
+    }
+
+    pub(crate) fn bulkhead_partitions(&self) -> Vec<grpc_bulkhead::PartitionStatus> {
+        match &self.layers.load().bulkhead {
+            Some((_, layer)) => layer.partitions(),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -337,14 +426,14 @@ impl ResilienceLayer {
         registry: BreakerRegistry,
     ) -> Result<Self, ConfigError> {
         let compiled = config.compile()?;
-        let throttle = throttle_for(None, compiled.throttle.as_ref())?;
+        let limiters = Limiters::for_config(None, &compiled)?;
         configure_breakers(&registry, &compiled.breakers);
         let shared = StackShared::new(
             config,
             &compiled,
             registry,
             BreakerChoice::PerService,
-            throttle,
+            limiters,
         );
         Ok(ResilienceLayer {
             shared: Arc::new(shared),
@@ -401,6 +490,17 @@ impl ResilienceLayer {
     /// The retry throttle, if the config has one.
     pub fn throttle(&self) -> Option<RetryThrottle> {
         self.shared.throttle()
+    }
+
+    /// The retry budget, if the config has one.
+    pub fn budget(&self) -> Option<RetryBudget> {
+        self.shared.budget()
+    }
+
+    /// The bulkhead's partitions made so far (calls in flight, limit);
+    /// empty without a `[bulkhead]` section.
+    pub fn bulkhead_partitions(&self) -> Vec<grpc_bulkhead::PartitionStatus> {
+        self.shared.bulkhead_partitions()
     }
 
     /// Every breaker's state, by name.
@@ -561,9 +661,9 @@ where
     type Future = ResponseFuture<
         grpc_timeout::future::ResponseFuture<
             grpc_retry::future::ResponseFuture<
-                CircuitBreaker<Attempt<S>>,
+                Bulk<CircuitBreaker<Attempt<S>>>,
                 B,
-                grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>,
+                BulkBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>,
             >,
         >,
     >;
@@ -602,7 +702,7 @@ where
 
 /// The response body type of inner body `R` after the stack.
 type StackBody<R> = TimeoutBody<
-    grpc_retry::ResponseBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>,
+    grpc_retry::ResponseBody<BulkBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>>,
 >;
 
 pin_project! {

@@ -222,3 +222,202 @@ async fn breaker_state_survives_a_reload() {
     }
     assert_eq!(channel.registry().state("query"), Some(State::Closed));
 }
+
+fn budget_config(min_per_second: u32, ratio: f32) -> ResilienceConfig {
+    ResilienceConfig::from_toml(&format!(
+        "[retry.default]\nmax_attempts = 3\ninitial_delay = 1\nmax_delay = 1\njitter = false\n\
+         [retry.budget]\nttl = \"10s\"\nmin_retries_per_second = {min_per_second}\nretry_ratio = {ratio}\n\
+         [circuit_breakers.query]\nfailure_threshold = 100000\n"
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_spent_retry_budget_stops_retries() {
+    // No minimum rate and 0.1 % of calls: the first call's deposit does
+    // not pay for one retry.
+    let backend = Backend::default();
+    let channel = ResilientChannel::new(backend.clone(), &budget_config(0, 0.001)).unwrap();
+    call(&channel, "spent").await;
+    assert_eq!(backend.log.lock().unwrap()["spent"].len(), 1, "not retried");
+
+    // A generous budget lets the policy's 3 attempts go.
+    let backend = Backend::default();
+    let channel = ResilientChannel::new(backend.clone(), &budget_config(100, 1.0)).unwrap();
+    call(&channel, "funded").await;
+    assert_eq!(backend.log.lock().unwrap()["funded"].len(), 3, "retried");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_budget_and_replaces_a_changed_one() {
+    let layer = crate::ResilienceLayer::new(&budget_config(5, 0.2)).unwrap();
+    let before = layer.budget().expect("configured");
+    assert_eq!(before.min_retries_per_second(), 5);
+    layer.reload(&budget_config(5, 0.2)).unwrap();
+    assert!(layer.budget().unwrap().same_budget(&before));
+    layer.reload(&budget_config(6, 0.2)).unwrap();
+    let after = layer.budget().unwrap();
+    assert!(!after.same_budget(&before));
+    assert_eq!(after.min_retries_per_second(), 6);
+}
+
+#[tokio::test]
+async fn channels_to_one_target_share_a_budget() {
+    let config = ResilienceConfig::from_toml(
+        "[retry.budget]\n\
+         [channels.a]\nendpoint = \"http://127.0.0.1:1\"\n\
+         [channels.a_again]\nendpoint = \"http://127.0.0.1:1\"\n\
+         [channels.b]\nendpoint = \"http://127.0.0.1:2\"\n",
+    )
+    .unwrap();
+    let channels = crate::ResilientChannels::from_config(&config).unwrap();
+    let a = channels.budget("a").expect("configured");
+    assert!(a.same_budget(&channels.budget("a_again").unwrap()));
+    assert!(!a.same_budget(&channels.budget("b").unwrap()));
+    // Finagle's defaults for unset fields.
+    assert_eq!(a.ttl(), Duration::from_secs(10));
+    assert_eq!(a.min_retries_per_second(), 10);
+    assert_eq!(a.retry_ratio(), 0.2);
+}
+
+fn bulkhead_config(bulkhead: &str) -> ResilienceConfig {
+    ResilienceConfig::from_toml(&format!(
+        "[retry.default]\nmax_attempts = 3\ninitial_delay = 1\nmax_delay = 1\njitter = false\n\
+         retryable_codes = [\"RESOURCE_EXHAUSTED\", \"UNAVAILABLE\"]\n\
+         [circuit_breakers.query]\nfailure_threshold = 1\n{bulkhead}"
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_full_bulkhead_refuses_locally_without_retry_or_breaker() {
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = Backend {
+        gate: Some(gate.clone()),
+        ..Backend::default()
+    };
+    let config = bulkhead_config("[bulkhead.default]\nmax_concurrent = 1\n");
+    let layer = crate::ResilienceLayer::new(&config).unwrap();
+    let channel = tower_layer::Layer::layer(&layer, backend.clone());
+    let first = tokio::spawn(channel.clone().oneshot(request("first")));
+    // Bounded wait until the first call holds the only slot at the server.
+    for _ in 0..1000 {
+        if backend.log.lock().unwrap().contains_key("first") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let partitions = layer.bulkhead_partitions();
+    assert_eq!(partitions.len(), 1);
+    assert_eq!(partitions[0].in_flight, 1);
+    let err = channel
+        .clone()
+        .oneshot(request("second"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        grpc_resilience_core::error::error_code(&*err),
+        tonic::Code::ResourceExhausted,
+        "{err}"
+    );
+    assert!(
+        !backend.log.lock().unwrap().contains_key("second"),
+        "refused before the server, and not retried"
+    );
+    assert_eq!(
+        layer.circuit_breaker_status()["query"],
+        State::Closed,
+        "a local refusal is no breaker failure"
+    );
+    gate.add_permits(100);
+    // The backend answers UNAVAILABLE: the call ends, whatever its status.
+    let _ = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("bounded")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn without_a_bulkhead_section_nothing_is_limited() {
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = Backend {
+        gate: Some(gate.clone()),
+        ..Backend::default()
+    };
+    let config =
+        ResilienceConfig::from_toml("[circuit_breakers.query]\nfailure_threshold = 1000\n")
+            .unwrap();
+    let layer = crate::ResilienceLayer::new(&config).unwrap();
+    let channel = tower_layer::Layer::layer(&layer, backend.clone());
+    let calls: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(channel.clone().oneshot(request(&format!("c{i}")))))
+        .collect();
+    for _ in 0..1000 {
+        if backend.log.lock().unwrap().len() == 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        backend.log.lock().unwrap().len(),
+        3,
+        "all three at the server"
+    );
+    assert!(layer.bulkhead_partitions().is_empty());
+    gate.add_permits(100);
+    for call in calls {
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("bounded")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_bulkhead_and_its_calls_in_flight() {
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = Backend {
+        gate: Some(gate.clone()),
+        ..Backend::default()
+    };
+    let config = bulkhead_config("[bulkhead.default]\nmax_concurrent = 1\n");
+    let layer = crate::ResilienceLayer::new(&config).unwrap();
+    let channel = tower_layer::Layer::layer(&layer, backend.clone());
+    let first = tokio::spawn(channel.clone().oneshot(request("first")));
+    for _ in 0..1000 {
+        if backend.log.lock().unwrap().contains_key("first") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // Same bulkhead, another retry setting: the slot stays taken.
+    let reloaded = ResilienceConfig::from_toml(
+        &config
+            .to_toml()
+            .replace("max_attempts = 3", "max_attempts = 2"),
+    )
+    .unwrap();
+    layer.reload(&reloaded).unwrap();
+    assert_eq!(layer.bulkhead_partitions()[0].in_flight, 1);
+    let err = channel
+        .clone()
+        .oneshot(request("second"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        grpc_resilience_core::error::error_code(&*err),
+        tonic::Code::ResourceExhausted
+    );
+    // A new limit: new partitions.
+    layer
+        .reload(&bulkhead_config("[bulkhead.default]\nmax_concurrent = 2\n"))
+        .unwrap();
+    assert!(layer.bulkhead_partitions().is_empty(), "made on first use");
+    gate.add_permits(100);
+    // The backend answers UNAVAILABLE: the call ends, whatever its status.
+    let _ = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("bounded")
+        .unwrap();
+}

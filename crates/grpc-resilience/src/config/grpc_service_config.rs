@@ -10,7 +10,7 @@ use grpc_retry::Jitter;
 use serde_json::{Map, Value};
 
 use super::serde_helpers::code_from_number;
-use super::{ResilienceConfig, RetrySettings, ThrottleSettings};
+use super::{HedgingSettings, ResilienceConfig, RetrySettings, ThrottleSettings};
 use crate::error::ConfigError;
 
 /// Something in a gRPC service config that was not imported, with where it
@@ -199,15 +199,65 @@ fn retry_policy(
     Ok(settings)
 }
 
+fn hedging_policy(
+    path: &str,
+    value: &Value,
+    warnings: &mut Vec<ImportWarning>,
+) -> Result<HedgingSettings, ConfigError> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| err(path, value, "hedgingPolicy is an object"))?;
+    // gRFC A6: hedgingDelay defaults to 0s (all at once), nonFatalStatusCodes
+    // to none; maxAttempts is required.
+    let mut settings = HedgingSettings::new()
+        .with_hedging_delay(Duration::ZERO)
+        .with_non_fatal_codes(CodeSet::EMPTY);
+    let mut max_attempts = false;
+    for (k, v) in obj {
+        let p = format!("{path}.{k}");
+        if key_is(k, "maxAttempts") {
+            let n = v
+                .as_u64()
+                .ok_or_else(|| err(&p, v, "an integer of at least 2"))?;
+            if n < 2 {
+                return Err(err(&p, v, "must be at least 2 (gRFC A6)"));
+            }
+            let n = if n > 5 {
+                warnings.push(ImportWarning::new(
+                    &p,
+                    format!("{n} is treated as 5, as gRPC does (gRFC A6)"),
+                ));
+                5
+            } else {
+                n
+            };
+            settings = settings.with_max_attempts(n as u32);
+            max_attempts = true;
+        } else if key_is(k, "hedgingDelay") {
+            settings = settings.with_hedging_delay(proto_duration(&p, v)?);
+        } else if key_is(k, "nonFatalStatusCodes") {
+            settings = settings.with_non_fatal_codes(codes(&p, v)?);
+        } else {
+            warnings.push(ImportWarning::new(p, "not supported; ignored"));
+        }
+    }
+    if !max_attempts {
+        return Err(err(path, value, "`maxAttempts` is required (gRFC A6)"));
+    }
+    Ok(settings)
+}
+
 impl ResilienceConfig {
     /// Imports a gRPC service config (JSON), so a team moving from
     /// grpc-go or grpc-java keeps its file: each `methodConfig` entry's
     /// `timeout` becomes a `[timeouts.operations]` entry and its
-    /// `retryPolicy` a `[retry.operations]` entry (with gRPC's full jitter),
-    /// for every `name` it lists (`{}` or `{"service": ""}` is the
-    /// default); `retryThrottling` becomes `[retry.throttle]`.
+    /// `retryPolicy` a `[retry.operations]` entry (with gRPC's full jitter)
+    /// and its `hedgingPolicy` a `[hedging.operations]` entry, for every
+    /// `name` it lists (`{}` or `{"service": ""}` is the default);
+    /// `retryThrottling` becomes `[retry.throttle]`. An entry with both a
+    /// `retryPolicy` and a `hedgingPolicy` is an error, as in gRPC.
     ///
-    /// Everything else (`hedgingPolicy`, `waitForReady`,
+    /// Everything else (`waitForReady`,
     /// `maxRequestMessageBytes`, `loadBalancingConfig`, ...) is returned as
     /// warnings, never dropped silently; so is a `maxAttempts` above 5,
     /// which gRPC caps at 5.
@@ -261,6 +311,7 @@ impl ResilienceConfig {
                     let mut selectors = Vec::new();
                     let mut timeout = None;
                     let mut retry = None;
+                    let mut hedging = None;
                     for (ek, ev) in entry_obj {
                         let p = format!("{path}.{ek}");
                         if key_is(ek, "name") {
@@ -274,9 +325,18 @@ impl ResilienceConfig {
                             timeout = Some(proto_duration(&p, ev)?);
                         } else if key_is(ek, "retryPolicy") {
                             retry = Some(retry_policy(&p, ev, &mut warnings)?);
+                        } else if key_is(ek, "hedgingPolicy") {
+                            hedging = Some(hedging_policy(&p, ev, &mut warnings)?);
                         } else {
                             warnings.push(ImportWarning::new(p, "not supported; ignored"));
                         }
+                    }
+                    if retry.is_some() && hedging.is_some() {
+                        return Err(err(
+                            &path,
+                            entry,
+                            "only one of `retryPolicy` and `hedgingPolicy` may be set (gRFC A6)",
+                        ));
                     }
                     if selectors.is_empty() {
                         return Err(err(
@@ -297,7 +357,14 @@ impl ResilienceConfig {
                             config = if sel == "*" {
                                 config.with_retry_default(r.clone())
                             } else {
-                                config.with_retry_operation(sel, r.clone())
+                                config.with_retry_operation(sel.clone(), r.clone())
+                            };
+                        }
+                        if let Some(h) = &hedging {
+                            config = if sel == "*" {
+                                config.with_hedging_default(h.clone())
+                            } else {
+                                config.with_hedging_operation(sel, h.clone())
                             };
                         }
                     }

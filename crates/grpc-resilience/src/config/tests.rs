@@ -414,7 +414,6 @@ fn grpc_service_config_maps_to_the_same_policies() {
         [
             "loadBalancingConfig: not supported; ignored",
             "methodConfig[0].waitForReady: not supported; ignored",
-            "methodConfig[1].hedgingPolicy: not supported; ignored",
             "methodConfig[2].retryPolicy.MaxAttempts: 7 is treated as 5, as gRPC does (gRFC A6)",
         ]
     );
@@ -455,6 +454,18 @@ fn grpc_service_config_maps_to_the_same_policies() {
     assert_eq!(
         compiled.timeouts.timeout_for("/other.Svc/Call"),
         Some(Duration::from_secs(5))
+    );
+    assert_eq!(
+        compiled
+            .retry
+            .normal
+            .hedging_policy_for("/catalog.v1.CommandService/CreateProduct"),
+        Some(
+            &grpc_retry::HedgingPolicy::default()
+                .with_max_attempts(3)
+                .with_hedging_delay(Duration::from_millis(500))
+                .with_non_fatal_codes(CodeSet::of(&[Code::Unavailable]))
+        )
     );
     assert_eq!(
         config.retry().throttle(),
