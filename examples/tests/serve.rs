@@ -122,9 +122,81 @@ async fn serve_prints_its_urls_and_answers_there() {
     let dashboard = reqwest::get(url(&lines, "dashboard")).await.unwrap();
     assert!(dashboard.text().await.unwrap().contains("dashboard.js"));
     assert!(
-        lines.iter().any(|l| l.contains("circuit breakers")),
-        "{lines:?}"
+        lines.iter().any(|l| l.contains("failure-rate mode")
+            && l.contains("[examples/config/catalog.toml [circuit_breakers.query]]")),
+        "every setting with the file and key it came from: {lines:?}"
     );
+}
+
+/// `grpc.client.call.count` comes from the facade's call telemetry alone:
+/// one sample per logical call, in one series per method and code (the
+/// child process's metrics see only this test's calls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_call_is_counted_once_by_the_facade() {
+    let (_serve, lines) = serve(&[]).await;
+    let client = GraphqlClient::new(url(&lines, "GraphiQL"), Duration::from_secs(10));
+    for id in ["p1", "p2", "p3", "p4", "p5"] {
+        let r = client
+            .query(&format!(r#"{{ product(id: "{id}") {{ id }} }}"#))
+            .await
+            .unwrap();
+        assert_eq!(r.data()["product"]["id"], id, "{:?}", r.body);
+    }
+    let text = reqwest::get(url(&lines, "metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("grpc_client_call_count{") && l.contains(r#"method="GetProduct""#)
+        })
+        .collect();
+    assert_eq!(series.len(), 1, "one series: {series:?}");
+    assert!(series[0].contains(r#"code="OK""#), "{series:?}");
+    let count: f64 = series[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(count, 5.0, "five calls, counted once each: {series:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_config_loads_your_file_and_refuses_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("catalog-serve-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let built_in = include_str!("../config/catalog.toml");
+    let mine = dir.join("mine.toml");
+    std::fs::write(
+        &mine,
+        built_in.replace("max_tokens = 20\n", "max_tokens = 12\n"),
+    )
+    .unwrap();
+    assert_ne!(std::fs::read_to_string(&mine).unwrap(), built_in);
+    let path = mine.to_str().unwrap();
+    let (_serve, lines) = serve(&["--config", path]).await;
+    let throttle = lines
+        .iter()
+        .find(|l| l.contains("retry throttle"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(throttle.contains("12 tokens"), "{throttle}");
+    assert!(
+        throttle.contains(&format!("[{path} [retry.throttle]]")),
+        "{throttle}"
+    );
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        built_in.replace("max_attempts = 3", "max_attempts = 0"),
+    )
+    .unwrap();
+    let text = refused(&["--config", bad.to_str().unwrap()]).await;
+    assert!(text.contains("bad.toml"), "{text}");
+    assert!(text.contains("retry.default.max_attempts"), "{text}");
+
+    let missing = refused(&["--config", dir.join("nope.toml").to_str().unwrap()]).await;
+    assert!(missing.contains("nope.toml"), "{missing}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! `catalog`: the product catalog system (GraphQL gateway, resilient
 //! channels, Command and Query services, live dashboard) and its demo.
 //!
-//! `cargo run --release -p grpc-resilience-examples --bin catalog -- demo`
+//! `cargo run --release -p grpc-resilience-examples -- demo`
 //! runs the demo; `... -- serve` keeps the system running.
 
 use std::process::ExitCode;

@@ -1,53 +1,43 @@
 //! The gateway's gRPC channels: the one module that knows how they are
 //! built.
 //!
-//! Per downstream service (`command`, `query`) it builds a channel wrapped
-//! in the design's stack, outermost first:
+//! The resilient channels are `grpc-resilience`'s named channels
+//! ([`ResilientChannels`]) `command` and `query`, configured from a
+//! resilience config file: by default `examples/config/catalog.toml`,
+//! embedded in the binary ([`CatalogConfig::built_in`]); `serve --config
+//! PATH` loads another ([`CatalogConfig::from_file`]). The file's comments
+//! explain each value. Each channel is the facade's stack (call telemetry,
+//! deadline, retry, circuit breaker, channel), with one breaker per
+//! channel in one shared registry and one retry throttle per target; under
+//! it, right above the tonic channel, [`CountAttemptsLayer`] counts the
+//! attempts for the GraphQL errors and the dashboard (it only observes).
 //!
-//! 1. [`grpc_timeout::TimeoutLayer`]: the per-operation deadline of the
-//!    whole call, retries included;
-//! 2. [`grpc_retry::RetryLayer`]: attempts, backoff with jitter, body
-//!    replay, one retry throttle per target;
-//! 3. [`CountAttemptsLayer`]: counts attempts for the GraphQL errors and
-//!    the dashboard (not part of the design's stack; it only observes);
-//! 4. [`grpc_circuit_breaker::CircuitBreakerLayer`]: per attempt, breakers
-//!    `command` and `query` in one shared [`BreakerRegistry`];
-//! 5. the tonic `Channel`.
-//!
-//! [`Stack::Plain`] builds the same channels with nothing but the attempt
+//! [`Stack::Plain`] builds bare tonic channels with nothing but the attempt
 //! counter, for the side-by-side comparison of the demo.
-//!
-//! The values are the design's configuration (`config/resilience.exs` of
-//! the original system) where they fit, and otherwise chosen for the chaos
-//! a user meets (issue 10, "Defaults that hold up"); each is explained
-//! where it is set, and [`Channels::settings`] lists them with where they
-//! came from. When the `grpc-resilience` facade lands, this module is
-//! where its named channels (from `config/resilience.toml`) replace the
-//! hand-built stack; the rest of the example only uses [`build`], the two
-//! channels, [`Channels::breakers`], [`Channels::reset`],
-//! [`Channels::watch`] (transitions) and [`Channels::settings`] (the
-//! demo's report).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::Path;
 use std::time::Duration;
 
-use grpc_circuit_breaker::{
-    BreakerConfig, BreakerRegistry, CircuitBreakerLayer, FailureRate, State, StateChange,
+use grpc_resilience::{
+    BreakerSettings, ResilienceConfig, ResilientChannels, RetrySettings, State, StateChange,
     UnknownBreaker,
 };
 use grpc_resilience_core::BoxError;
-use grpc_retry::{Jitter, RetryLayer, RetryPolicies, RetryPolicy, RetryThrottle};
-use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tokio::sync::broadcast;
-use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
+use tower_layer::Layer;
 
-use super::attempts::{CountAttemptsLayer, Downstream, FailureCounts};
+use super::attempts::CountAttemptsLayer;
 
+/// The built-in resilience config (`examples/config/catalog.toml`).
+pub const BUILT_IN_CONFIG: &str = include_str!("../../config/catalog.toml");
+
+/// Where the built-in config comes from, as the reports name it.
+pub const BUILT_IN_CONFIG_PATH: &str = "examples/config/catalog.toml";
 /// A gRPC channel as the generated stubs take it, whatever its stack.
 pub type GrpcChannel = BoxCloneSyncService<
     http::Request<tonic::body::Body>,
@@ -104,58 +94,6 @@ pub struct Targets {
     pub query: String,
 }
 
-// Timeouts: the design's `[timeouts]`: 5 s by default, 10 s for the
-// streaming `ListProducts`, 3 s for `GetProduct`, 5 s for `CreateProduct`.
-const TIMEOUT_DEFAULT: Duration = Duration::from_millis(5000);
-const TIMEOUT_LIST_PRODUCTS: Duration = Duration::from_millis(10_000);
-const TIMEOUT_GET_PRODUCT: Duration = Duration::from_millis(3000);
-const TIMEOUT_CREATE_PRODUCT: Duration = Duration::from_millis(5000);
-
-// Retry throttle (gRFC A6 token bucket), one bucket per target. Each
-// failed attempt takes a token, each success gives back `TOKEN_RATIO`, and
-// retries stop while the bucket is at half or less. With a ratio of 1.0,
-// retries stay on as long as fewer than half of the attempts fail, and dry
-// up after ten failures in a row when the service is down (the breaker
-// then takes over). Under 30% UNAVAILABLE + 10% lost responses (40% of
-// attempts fail) three attempts turn 60% success into 92% with 20 tokens;
-// with 10 tokens the bucket's random walk reaches half often enough to
-// leave 85%. gRPC's example values (10 tokens, ratio 0.1) or a ratio of
-// 0.5 drain the bucket under that chaos, so retries stop exactly when they
-// would help and the stack does no better than a bare channel (60%).
-const THROTTLE_MAX_TOKENS: f64 = 20.0;
-const THROTTLE_TOKEN_RATIO: f64 = 1.0;
-
-// Breakers in failure-rate mode. A count of failures (the design's
-// default: 5 failures within a minute) cannot tell 40% random failures
-// from an outage: under chaos it opens within a second, every failed
-// probe reopens it, and almost every call is rejected. A rate over a
-// window can. A breaker never makes a call succeed: it spares a service
-// that is down and fails fast; while the service answers, retries do
-// better. So the breaker opens only when the service is as good as down.
-//
-// - window 100 attempts, at least 40 before judging.
-// - 80% failure rate: under 40% random failures, 80 failures in 100
-//   attempts practically never happen, so chaos alone does not open it;
-//   a hard outage opens it after 40 attempts from a clean window, or
-//   after about 70 when the window still holds the chaos before it (one
-//   to two seconds at 40 calls/s), so a 1 s restart usually does not.
-//   At 60% a 1 s restart under chaos opened it, and the two seconds of
-//   rejections that followed cost more than the retries won.
-// - open for 1 s (the design says 30 s): a dead service gets one probe a
-//   second, which costs it nothing, and a service that is back is found
-//   within a second.
-// - one probe in HALF_OPEN; its success closes the breaker. This breaker
-//   reopens on any failed probe (it does not judge probes as a sample),
-//   so with three probes under 40% random failures only 0.6^3 = 22% of
-//   HALF_OPEN periods close it, and it stayed open for seconds after a
-//   restart (tests/defaults.rs); with one probe, 60% do.
-const BREAKER_WINDOW: u32 = 100;
-const BREAKER_MINIMUM_CALLS: u32 = 40;
-const BREAKER_FAILURE_RATE: f64 = 80.0;
-const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
-const BREAKER_PROBES: u32 = 1;
-const BREAKER_RESET_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Why channels could not be built: the setting and what was wrong.
 #[derive(Debug)]
 pub struct ChannelError(String);
@@ -168,38 +106,102 @@ impl fmt::Display for ChannelError {
 
 impl std::error::Error for ChannelError {}
 
-fn config_error(what: &str, err: impl fmt::Display) -> ChannelError {
-    ChannelError(format!("invalid {what}: {err}"))
+/// The resilience config of the channels, with the file it came from.
+#[derive(Clone, Debug)]
+pub struct CatalogConfig {
+    config: ResilienceConfig,
+    origin: String,
+}
+
+impl CatalogConfig {
+    /// The built-in config, `examples/config/catalog.toml`.
+    ///
+    /// # Panics
+    ///
+    /// Never in a released binary: the embedded file is checked by a test.
+    pub fn built_in() -> Self {
+        Self::from_toml(BUILT_IN_CONFIG, BUILT_IN_CONFIG_PATH)
+            .unwrap_or_else(|e| panic!("the built-in {BUILT_IN_CONFIG_PATH} is invalid: {e}"))
+    }
+
+    /// Reads the config file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`ChannelError`] naming the file, line, key and why.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ChannelError> {
+        let path = path.as_ref();
+        let config = ResilienceConfig::from_file(path).map_err(|e| ChannelError(e.to_string()))?;
+        Self::checked(config, path.display().to_string())
+    }
+
+    /// Parses `text`, naming it `origin` in reports and errors.
+    ///
+    /// # Errors
+    ///
+    /// [`ChannelError`] naming the line, key and why.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ChannelError> {
+        let config = ResilienceConfig::from_toml(text)
+            .map_err(|e| ChannelError(format!("{origin}: {e}")))?;
+        Self::checked(config, origin.to_owned())
+    }
+
+    fn checked(config: ResilienceConfig, origin: String) -> Result<Self, ChannelError> {
+        for name in ["command", "query"] {
+            if !config.channels().contains_key(name) {
+                return Err(ChannelError(format!(
+                    "{origin}: [channels.{name}] is missing: the gateway calls the `command` and \
+                     `query` channels"
+                )));
+            }
+        }
+        config
+            .validate()
+            .map_err(|e| ChannelError(format!("{origin}: {e}")))?;
+        Ok(CatalogConfig { config, origin })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ResilienceConfig {
+        &self.config
+    }
+
+    /// The file it came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self::built_in()
+    }
 }
 
 /// One thing that shapes the channels' behaviour, for the demo's report.
 #[derive(Clone, Debug)]
 pub struct Setting {
     /// What it is.
-    pub name: &'static str,
+    pub name: String,
     /// Its value.
     pub value: String,
-    /// Where the value came from.
-    pub source: &'static str,
+    /// Where the value came from: the file and the key.
+    pub source: String,
 }
 
-/// A breaker as the operations API shows it.
+/// A breaker as the operations API shows it (from the facade's
+/// `circuit_breaker_details()`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BreakerStatus {
     /// `command` or `query`.
     pub name: String,
     /// Its state.
     pub state: State,
-    /// Failed attempts the gateway saw go through it since it last closed.
+    /// Failures in the breaker's current window (the last `window`
+    /// attempts in the failure-rate mode, `reset_timeout` in count mode).
     pub failure_count: u64,
     /// While open: how long until it lets probes through.
     pub next_probe_in: Option<Duration>,
-}
-
-#[derive(Debug)]
-struct Breakers {
-    registry: BreakerRegistry,
-    opened_at: Mutex<HashMap<String, Instant>>,
 }
 
 /// The channels to the Command and the Query service.
@@ -210,8 +212,7 @@ pub struct Channels {
     /// The channel to the Query service.
     pub query: GrpcChannel,
     stack: Stack,
-    failures: Arc<FailureCounts>,
-    breakers: Option<Arc<Breakers>>,
+    resilient: Option<(std::sync::Arc<ResilientChannels>, CatalogConfig)>,
 }
 
 impl fmt::Debug for Channels {
@@ -222,174 +223,146 @@ impl fmt::Debug for Channels {
     }
 }
 
-fn endpoint(uri: &str) -> Result<Channel, ChannelError> {
-    let endpoint = Endpoint::from_shared(uri.to_owned())
-        .map_err(|e| ChannelError(format!("invalid target `{uri}`: {e}")))?
-        .connect_timeout(Duration::from_secs(1));
-    Ok(endpoint.connect_lazy())
+fn endpoint(uri: &str) -> Result<Endpoint, ChannelError> {
+    Endpoint::from_shared(uri.to_owned())
+        .map_err(|e| ChannelError(format!("invalid target `{uri}`: {e}")))
 }
 
-fn timeout_policy() -> Result<TimeoutPolicy, ChannelError> {
-    let policy = |e| config_error("timeout", e);
-    TimeoutPolicy::new(TIMEOUT_DEFAULT)
-        .map_err(policy)?
-        .with_operation("ListProducts", TIMEOUT_LIST_PRODUCTS)
-        .map_err(policy)?
-        .with_operation("GetProduct", TIMEOUT_GET_PRODUCT)
-        .map_err(policy)?
-        .with_operation("CreateProduct", TIMEOUT_CREATE_PRODUCT)
-        .map_err(policy)
-}
-
-fn retry_policies() -> Result<RetryPolicies, ChannelError> {
-    let error = |e| config_error("retry policy", e);
-    // The design's `[retry.default]`: 3 attempts, 100 ms, at most 5 s,
-    // doubling, ±20% jitter.
-    let default = RetryPolicy::default()
-        .with_max_attempts(3)
-        .with_initial_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_millis(5000))
-        .with_multiplier(2.0)
-        .with_jitter(Jitter::Proportional(0.2));
-    RetryPolicies::new(default)
-        .map_err(error)?
-        // A write: retried only with one idempotency key per logical call,
-        // which the Command service deduplicates on.
-        .with_operation(
-            "CreateProduct",
-            default.non_idempotent().with_idempotency_keys(),
-        )
-        .map_err(error)?
-        // A client stream of writes without keys: only transparent retries
-        // (the server provably never saw it).
-        .with_operation("ImportProducts", default.non_idempotent())
-        .map_err(error)
-}
-
-fn breaker_config() -> BreakerConfig {
-    BreakerConfig::default()
-        .with_failure_rate(FailureRate {
-            window: BREAKER_WINDOW,
-            minimum_calls: BREAKER_MINIMUM_CALLS,
-            failure_rate: BREAKER_FAILURE_RATE,
-            slow_call_duration: None,
-            slow_call_rate: 100.0,
-        })
-        .with_timeout(BREAKER_OPEN_FOR)
-        .with_success_threshold(BREAKER_PROBES)
-        .with_half_open_max_calls(BREAKER_PROBES)
-        .with_reset_timeout(BREAKER_RESET_TIMEOUT)
+fn plain_channel(uri: &str) -> Result<Channel, ChannelError> {
+    Ok(endpoint(uri)?
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy())
 }
 
 fn boxed<S, B>(service: S) -> GrpcChannel
 where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<B>,
-            Error = BoxError,
-        > + Clone
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
+        + Clone
         + Send
         + Sync
         + 'static,
+    S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     BoxCloneSyncService::new(
         ServiceBuilder::new()
-            .map_err(CallFailure)
+            .map_err(|e: S::Error| CallFailure(e.into()))
             .map_response(|r: http::Response<B>| r.map(tonic::body::Body::new))
             .service(service),
     )
 }
 
-/// Builds the channels to `targets` with `stack`. Install the metrics
-/// recorder before: the layers register their metrics when they are made.
+/// Builds the channels to `targets` with `stack`; the resilient ones from
+/// `config`. Install the metrics recorder before: the layers register their
+/// metrics when they are made.
 ///
 /// # Errors
 ///
 /// [`ChannelError`] naming a bad target URI or a rejected setting.
-pub fn build(targets: &Targets, stack: Stack) -> Result<Channels, ChannelError> {
-    let failures = Arc::new(FailureCounts::default());
-    let command = endpoint(&targets.command)?;
-    let query = endpoint(&targets.query)?;
+pub fn build(
+    targets: &Targets,
+    stack: Stack,
+    config: &CatalogConfig,
+) -> Result<Channels, ChannelError> {
     match stack {
-        Stack::Plain => {
-            let counted = |channel| {
-                ServiceBuilder::new()
-                    .layer(CountAttemptsLayer::new(failures.clone()))
-                    .service(channel)
-            };
-            Ok(Channels {
-                command: boxed(counted(command)),
-                query: boxed(counted(query)),
-                stack,
-                failures,
-                breakers: None,
-            })
-        }
+        Stack::Plain => Ok(Channels {
+            command: boxed(CountAttemptsLayer.layer(plain_channel(&targets.command)?)),
+            query: boxed(CountAttemptsLayer.layer(plain_channel(&targets.query)?)),
+            stack,
+            resilient: None,
+        }),
         Stack::Resilient => {
-            let registry = BreakerRegistry::new();
-            for name in ["command", "query"] {
-                registry
-                    .configure(name, breaker_config())
-                    .map_err(|e| config_error("circuit breaker", e))?;
-                registry.get_or_create(name);
-            }
-            let breakers = Arc::new(Breakers {
-                registry: registry.clone(),
-                opened_at: Mutex::default(),
-            });
-            {
-                let breakers = Arc::downgrade(&breakers);
-                let failures = failures.clone();
-                registry.subscribe(move |change: &StateChange| {
-                    let service = match &*change.breaker {
-                        "command" => Downstream::Command,
-                        "query" => Downstream::Query,
-                        _ => return,
-                    };
-                    if change.to == State::Closed {
-                        failures.clear(service);
-                    }
-                    if let Some(breakers) = breakers.upgrade() {
-                        let mut opened = breakers
-                            .opened_at
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
-                        if change.to == State::Open {
-                            opened.insert(change.breaker.to_string(), Instant::now());
-                        } else {
-                            opened.remove(&*change.breaker);
-                        }
-                    }
-                });
-            }
-            let timeouts = TimeoutLayer::new(timeout_policy()?);
-            let retries = retry_policies()?;
-            let stack = |channel, throttle| -> Result<GrpcChannel, ChannelError> {
-                Ok(boxed(
-                    ServiceBuilder::new()
-                        .layer(timeouts.clone())
-                        .layer(RetryLayer::new(retries.clone()).with_throttle(throttle))
-                        .layer(CountAttemptsLayer::new(failures.clone()))
-                        .layer(CircuitBreakerLayer::new(registry.clone()))
-                        .service(channel),
-                ))
-            };
-            let throttle = || {
-                RetryThrottle::new(THROTTLE_MAX_TOKENS, THROTTLE_TOKEN_RATIO)
-                    .map_err(|e| config_error("retry throttle", e))
+            let origin = config.origin();
+            let named = ResilientChannels::builder(config.config())
+                .with_endpoint("command", endpoint(&targets.command)?)
+                .with_endpoint("query", endpoint(&targets.query)?)
+                .build()
+                .map_err(|e| ChannelError(format!("{origin}: {e}")))?;
+            // The facade's stack of each named channel (its breaker, its
+            // target's throttle, its telemetry), over the same tonic channel
+            // with the attempt counter under it.
+            let channel = |name: &str| -> Result<GrpcChannel, ChannelError> {
+                let resilient = named
+                    .channel(name)
+                    .map_err(|e| ChannelError(format!("{origin}: {e}")))?;
+                let counted = CountAttemptsLayer.layer(resilient.get_ref().clone());
+                Ok(boxed(resilient.layer().layer(counted)))
             };
             Ok(Channels {
-                command: stack(command, throttle()?)?,
-                query: stack(query, throttle()?)?,
-                stack: Stack::Resilient,
-                failures,
-                breakers: Some(breakers),
+                command: channel("command")?,
+                query: channel("query")?,
+                stack,
+                resilient: Some((std::sync::Arc::new(named), config.clone())),
             })
         }
     }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
+fn describe_retry(s: &RetrySettings) -> String {
+    let mut parts = Vec::new();
+    if s.enabled() == Some(false) {
+        parts.push("off".to_owned());
+    }
+    if let Some(v) = s.max_attempts() {
+        parts.push(format!("{v} attempts"));
+    }
+    if let Some(v) = s.initial_delay() {
+        parts.push(format!("{} initial", ms(v)));
+    }
+    if let Some(v) = s.max_delay() {
+        parts.push(format!("{} max", ms(v)));
+    }
+    if let Some(v) = s.multiplier() {
+        parts.push(format!("x{v}"));
+    }
+    if let Some(v) = s.jitter() {
+        parts.push(format!("jitter {v:?}"));
+    }
+    if let Some(v) = s.retryable_codes() {
+        parts.push(format!("retrying {v:?}"));
+    }
+    if s.idempotent() == Some(false) {
+        parts.push("a write (not idempotent)".to_owned());
+    }
+    if s.idempotency_keys() == Some(true) {
+        parts.push("retried with one idempotency key per call".to_owned());
+    }
+    if parts.is_empty() {
+        "as the default".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn describe_breaker(s: &BreakerSettings) -> String {
+    let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
+    let mut parts = Vec::new();
+    match s.failure_rate() {
+        Some(rate) => parts.push(format!(
+            "failure-rate mode: opens at {}% failures of the last {} attempts (at least {})",
+            or_default(rate.failure_rate().map(|v| v.to_string())),
+            or_default(rate.window().map(|v| v.to_string())),
+            or_default(rate.minimum_calls().map(|v| v.to_string())),
+        )),
+        None => parts.push(format!(
+            "count mode: opens after {} failures within {}",
+            or_default(s.failure_threshold().map(|v| v.to_string())),
+            or_default(s.reset_timeout().map(ms)),
+        )),
+    }
+    parts.push(format!("open {}", or_default(s.timeout().map(ms))));
+    parts.push(format!(
+        "{} probe(s) in HALF_OPEN, {} success(es) close it",
+        or_default(s.half_open_max_calls().map(|v| v.to_string())),
+        or_default(s.success_threshold().map(|v| v.to_string())),
+    ));
+    parts.join(", ")
 }
 
 impl Channels {
@@ -398,36 +371,25 @@ impl Channels {
         self.stack
     }
 
-    /// Every breaker, by name (none for plain channels).
+    /// The facade's named channels (none for plain channels).
+    pub fn named(&self) -> Option<&ResilientChannels> {
+        self.resilient.as_ref().map(|(named, _)| &**named)
+    }
+
+    /// Every breaker, by name (none for plain channels), from the facade's
+    /// breaker snapshot.
     pub fn breakers(&self) -> Vec<BreakerStatus> {
-        let Some(breakers) = &self.breakers else {
+        let Some(named) = self.named() else {
             return Vec::new();
         };
-        let opened = breakers
-            .opened_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        breakers
-            .registry
-            .status()
+        named
+            .circuit_breaker_details()
             .into_iter()
-            .map(|(name, state)| {
-                let failure_count = match name.as_str() {
-                    "command" => self.failures.get(Downstream::Command),
-                    "query" => self.failures.get(Downstream::Query),
-                    _ => 0,
-                };
-                let next_probe_in = match (state, opened.get(&name)) {
-                    (State::Open, Some(at)) => Some(BREAKER_OPEN_FOR.saturating_sub(at.elapsed())),
-                    _ => None,
-                };
-                BreakerStatus {
-                    name,
-                    state,
-                    failure_count,
-                    next_probe_in,
-                }
+            .map(|(name, snapshot)| BreakerStatus {
+                name,
+                state: snapshot.state(),
+                failure_count: u64::from(snapshot.failures()),
+                next_probe_in: snapshot.time_to_next_probe(),
             })
             .collect()
     }
@@ -439,10 +401,10 @@ impl Channels {
     /// [`UnknownBreaker`] if there is no such breaker (plain channels have
     /// none).
     pub fn reset(&self, name: Option<&str>) -> Result<(), UnknownBreaker> {
-        match (&self.breakers, name) {
-            (Some(b), Some(name)) => b.registry.reset(name),
-            (Some(b), None) => {
-                b.registry.reset_all();
+        match (self.named(), name) {
+            (Some(named), Some(name)) => named.reset(name),
+            (Some(named), None) => {
+                named.reset_circuit_breakers();
                 Ok(())
             }
             (None, Some(name)) => Err(UnknownBreaker(name.to_owned())),
@@ -452,65 +414,84 @@ impl Channels {
 
     /// Every breaker transition from now on (`None` for plain channels).
     pub fn watch(&self) -> Option<broadcast::Receiver<StateChange>> {
-        self.breakers.as_ref().map(|b| b.registry.watch())
+        self.named().map(|named| named.registry().watch())
     }
 
-    /// What shapes these channels' behaviour, with where each value came
-    /// from.
+    /// What shapes these channels' behaviour, each with the config file and
+    /// key it came from.
     pub fn settings(&self) -> Vec<Setting> {
-        const DESIGN: &str = "design config (config/resilience.exs), in channels.rs";
-        const CHAOS: &str = "chosen for issue 10's chaos, in channels.rs";
-        let ms = |d: Duration| format!("{} ms", d.as_millis());
-        if self.stack == Stack::Plain {
+        let Some((_, config)) = &self.resilient else {
             return vec![Setting {
-                name: "stack",
+                name: "stack".into(),
                 value: "bare tonic channel: no deadline, no retry, no breaker".into(),
-                source: "channels.rs, Stack::Plain",
+                source: "examples/src/catalog/channels.rs, Stack::Plain".into(),
             }];
+        };
+        let origin = config.origin();
+        let config = config.config();
+        let at = |key: &str| format!("{origin} {key}");
+        let mut settings = vec![Setting {
+            name: "stack (outermost first)".into(),
+            value: "call telemetry > timeout > retry > circuit breaker > channel".into(),
+            source: "grpc-resilience's ResilientChannels (DESIGN.md's order)".into(),
+        }];
+        let timeouts = config.timeouts();
+        let mut value = match timeouts.default_timeout() {
+            Some(d) => format!("default {}", ms(d)),
+            None => "no default".to_owned(),
+        };
+        for (selector, timeout) in timeouts.operations() {
+            let t = timeout.map_or_else(|| "none".to_owned(), ms);
+            value.push_str(&format!(", {selector} {t}"));
         }
-        vec![
-            Setting {
-                name: "stack (outermost first)",
-                value: "timeout > retry > circuit breaker > channel".into(),
-                source: "DESIGN.md, the stack and its order",
-            },
-            Setting {
-                name: "timeouts",
-                value: format!(
-                    "default {}, ListProducts {}, GetProduct {}, CreateProduct {}",
-                    ms(TIMEOUT_DEFAULT),
-                    ms(TIMEOUT_LIST_PRODUCTS),
-                    ms(TIMEOUT_GET_PRODUCT),
-                    ms(TIMEOUT_CREATE_PRODUCT)
+        if let Some(d) = timeouts.per_attempt() {
+            value.push_str(&format!(", per attempt {}", ms(d)));
+        }
+        settings.push(Setting {
+            name: "timeouts".into(),
+            value,
+            source: at("[timeouts]"),
+        });
+        if let Some(default) = config.retry().default_settings() {
+            settings.push(Setting {
+                name: "retry".into(),
+                value: describe_retry(default),
+                source: at("[retry.default]"),
+            });
+        }
+        for (selector, s) in config.retry().operations() {
+            settings.push(Setting {
+                name: format!("retry of {selector}"),
+                value: describe_retry(s),
+                source: at(&format!("[retry.operations.{selector}]")),
+            });
+        }
+        settings.push(Setting {
+            name: "retry throttle".into(),
+            value: match config.retry().throttle() {
+                Some(t) => format!(
+                    "token bucket per target: {} tokens, ratio {} (retries stop while it is at half or less)",
+                    t.max_tokens(),
+                    t.token_ratio()
                 ),
-                source: DESIGN,
+                None => "none".into(),
             },
-            Setting {
-                name: "retry",
-                value: "3 attempts, 100 ms initial, 5000 ms max, x2, ±20% jitter; \
-                        CreateProduct with idempotency keys"
-                    .into(),
-                source: DESIGN,
-            },
-            Setting {
-                name: "retry throttle",
-                value: format!(
-                    "token bucket per target: {THROTTLE_MAX_TOKENS} tokens, ratio {THROTTLE_TOKEN_RATIO} \
-                     (retries stop when most attempts fail)"
-                ),
-                source: CHAOS,
-            },
-            Setting {
-                name: "circuit breakers",
-                value: format!(
-                    "`command`, `query`: failure-rate mode, {BREAKER_FAILURE_RATE}% of the last \
-                     {BREAKER_WINDOW} attempts (at least {BREAKER_MINIMUM_CALLS}), open {}, \
-                     {BREAKER_PROBES} probe(s) in HALF_OPEN",
-                    ms(BREAKER_OPEN_FOR)
-                ),
-                source: CHAOS,
-            },
-        ]
+            source: at("[retry.throttle]"),
+        });
+        let channels: BTreeMap<_, _> = config.channels().iter().collect();
+        for (name, channel) in channels {
+            let breaker = channel.breaker().unwrap_or(name);
+            let value = config.breakers().get(breaker).map_or_else(
+                || "the breaker crate's defaults".to_owned(),
+                describe_breaker,
+            );
+            settings.push(Setting {
+                name: format!("circuit breaker `{breaker}` (channel `{name}`)"),
+                value,
+                source: at(&format!("[circuit_breakers.{breaker}]")),
+            });
+        }
+        settings
     }
 }
 
@@ -518,55 +499,80 @@ impl Channels {
 mod tests {
     use super::*;
 
+    fn targets() -> Targets {
+        Targets {
+            command: "http://127.0.0.1:1".into(),
+            query: "http://127.0.0.1:2".into(),
+        }
+    }
+
     #[test]
-    fn the_values_are_the_designs_and_valid() {
-        let timeouts = timeout_policy().unwrap();
+    fn the_built_in_config_holds_the_tuned_values() {
+        let config = CatalogConfig::built_in();
+        assert_eq!(config.origin(), BUILT_IN_CONFIG_PATH);
+        let c = config.config();
+        let timeouts = c.timeout_policy().unwrap();
         let t = |path| timeouts.timeout_for(path);
         assert_eq!(
             t("/catalog.v1.QueryService/GetProduct"),
-            Some(TIMEOUT_GET_PRODUCT)
+            Some(Duration::from_secs(3))
         );
         assert_eq!(
             t("/catalog.v1.QueryService/ListProducts"),
             Some(Duration::from_secs(10))
         );
         assert_eq!(
-            t("/catalog.v1.CommandService/CreateProduct"),
+            t("/catalog.v1.CommandService/ImportProducts"),
             Some(Duration::from_secs(5))
         );
+        let throttle = c.retry().throttle().unwrap();
+        assert_eq!((throttle.max_tokens(), throttle.token_ratio()), (20.0, 1.0));
+        for name in ["command", "query"] {
+            let b = &c.breakers()[name];
+            let rate = b.failure_rate().expect("failure-rate mode");
+            assert_eq!(
+                (rate.window(), rate.minimum_calls(), rate.failure_rate()),
+                (Some(100), Some(40), Some(80.0))
+            );
+            assert_eq!(b.timeout(), Some(Duration::from_secs(1)));
+            assert_eq!(
+                (b.half_open_max_calls(), b.success_threshold()),
+                (Some(1), Some(1))
+            );
+            b.to_breaker_config().validate().unwrap();
+        }
+        let retries = c.retry_policies().unwrap();
+        let create = retries
+            .policy_for("/catalog.v1.CommandService/CreateProduct")
+            .unwrap();
         assert_eq!(
-            t("/catalog.v1.CommandService/ImportProducts"),
-            Some(TIMEOUT_DEFAULT)
+            create,
+            &grpc_resilience::RetryPolicy::default()
+                .non_idempotent()
+                .with_idempotency_keys()
         );
-        assert_eq!(TIMEOUT_GET_PRODUCT, Duration::from_secs(3));
-
-        let retries = retry_policies().unwrap();
-        let default = RetryPolicy::default();
-        assert_eq!(
-            retries.policy_for("/catalog.v1.QueryService/GetProduct"),
-            Some(&default)
-        );
-        assert_eq!(
-            retries.policy_for("/catalog.v1.CommandService/CreateProduct"),
-            Some(&default.non_idempotent().with_idempotency_keys())
-        );
-        breaker_config().validate().unwrap();
-        RetryThrottle::new(THROTTLE_MAX_TOKENS, THROTTLE_TOKEN_RATIO).unwrap();
     }
 
     #[tokio::test]
-    async fn breakers_are_named_per_service_and_reset_closes_them() {
-        let targets = Targets {
-            command: "http://127.0.0.1:1".into(),
-            query: "http://127.0.0.1:2".into(),
-        };
-        let channels = build(&targets, Stack::Resilient).unwrap();
+    async fn breakers_are_the_named_channels_and_reset_closes_them() {
+        let channels = build(&targets(), Stack::Resilient, &CatalogConfig::built_in()).unwrap();
         let names: Vec<String> = channels.breakers().into_iter().map(|b| b.name).collect();
         assert_eq!(names, ["command", "query"]);
+        assert!(channels.breakers().iter().all(|b| b.state == State::Closed
+            && b.failure_count == 0
+            && b.next_probe_in.is_none()));
+        channels.named().unwrap().force_open("query").unwrap();
+        let state = |name: &str| {
+            let found = channels.breakers().into_iter().find(|b| b.name == name);
+            found.map(|b| b.state)
+        };
+        assert_eq!(state("query"), Some(State::ForcedOpen));
+        assert_eq!(state("command"), Some(State::Closed));
         channels.reset(Some("query")).unwrap();
+        assert!(channels.breakers().iter().all(|b| b.state == State::Closed));
         assert!(channels.reset(Some("nope")).is_err());
 
-        let plain = build(&targets, Stack::Plain).unwrap();
+        let plain = build(&targets(), Stack::Plain, &CatalogConfig::built_in()).unwrap();
         assert!(plain.breakers().is_empty());
         assert!(plain.watch().is_none());
         assert_eq!(
@@ -577,11 +583,64 @@ mod tests {
         let err = build(
             &Targets {
                 command: "not a uri".into(),
-                query: targets.query.clone(),
+                query: targets().query,
             },
             Stack::Resilient,
+            &CatalogConfig::built_in(),
         )
         .unwrap_err();
         assert!(err.to_string().contains("`not a uri`"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn every_setting_names_its_file_and_key() {
+        let channels = build(&targets(), Stack::Resilient, &CatalogConfig::built_in());
+        let settings = channels.unwrap().settings();
+        let throttle = settings
+            .iter()
+            .find(|s| s.name == "retry throttle")
+            .unwrap();
+        assert_eq!(
+            throttle.source,
+            "examples/config/catalog.toml [retry.throttle]"
+        );
+        assert!(
+            throttle.value.contains("20 tokens, ratio 1"),
+            "{throttle:?}"
+        );
+        let query = settings
+            .iter()
+            .find(|s| s.source.ends_with("[circuit_breakers.query]"))
+            .unwrap();
+        assert!(
+            query
+                .value
+                .contains("80% failures of the last 100 attempts (at least 40)"),
+            "{query:?}"
+        );
+        assert!(query.value.contains("open 1000 ms"), "{query:?}");
+        assert!(
+            settings.iter().any(
+                |s| s.source.ends_with("[timeouts]") && s.value.contains("get_product 3000 ms")
+            )
+        );
+    }
+
+    #[test]
+    fn a_config_without_the_gateways_channels_is_refused_with_its_origin() {
+        let err = CatalogConfig::from_toml(
+            "[channels.query]\nservices = [\"catalog.v1.QueryService\"]\n",
+            "mine.toml",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("mine.toml: [channels.command] is missing"),
+            "{err}"
+        );
+        let err = CatalogConfig::from_toml("[retry.default]\nmax_attempts = 0\n", "mine.toml")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("mine.toml"), "{err}");
+        assert!(err.to_string().contains("max_attempts"), "{err}");
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tonic::Code;
 
-use super::channels::{Stack, Targets};
+use super::channels::{CatalogConfig, Stack, Targets};
 use super::faults::{FaultSettings, code_from_name};
 use super::system::{System, SystemOptions};
 
@@ -25,7 +25,7 @@ pub struct Cli {
 pub enum Command {
     /// Runs the gateway (and, unless targets are given, the Command and
     /// Query services) on 127.0.0.1 until Ctrl-C.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Runs a bounded scenario (steady traffic, errors, an outage,
     /// recovery, slow responses, lost write responses) through resilient
     /// and plain channels side by side, and prints a report. Exits with 0
@@ -58,6 +58,12 @@ pub struct ServeArgs {
     /// Bare channels: no deadline, retry or breaker.
     #[arg(long)]
     pub plain: bool,
+    /// The resilience config of the gateway's channels (the format of
+    /// `config/resilience.toml`, with `[channels.command]` and
+    /// `[channels.query]`); default: the built-in
+    /// `examples/config/catalog.toml`.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
     /// The seed of the injected faults.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -145,7 +151,7 @@ pub struct DemoArgs {
 /// Runs the command line.
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve(args) => match serve(args).await {
+        Command::Serve(args) => match serve(*args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("catalog serve: {e}");
@@ -182,6 +188,10 @@ async fn serve(args: ServeArgs) -> Result<(), grpc_resilience_core::BoxError> {
         seed: args.seed,
         command_faults: args.command_faults.settings()?,
         query_faults: args.query_faults.settings()?,
+        config: match &args.config {
+            Some(path) => CatalogConfig::from_file(path)?,
+            None => CatalogConfig::built_in(),
+        },
     };
     let system = System::start(options).await?;
     println!(

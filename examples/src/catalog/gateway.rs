@@ -26,7 +26,8 @@ use catalog_proto::command_service_client::CommandServiceClient;
 use catalog_proto::query_service_client::QueryServiceClient;
 use catalog_proto::{CreateProductRequest, GetProductRequest, ListProductsRequest};
 use futures_util::{Stream, StreamExt};
-use grpc_circuit_breaker::{BreakerOpen, State, StateChange, Trigger};
+use grpc_resilience::layers::circuit_breaker::Trigger;
+use grpc_resilience::{BreakerOpen, State, StateChange};
 use grpc_resilience_core::codes::code_name;
 use grpc_resilience_core::error::{LocalRejection, find_error};
 use tokio::time::Instant;
@@ -270,9 +271,10 @@ impl Gateway {
         }
     }
 
-    /// Runs one call to `service`, counting its attempts, recording the
-    /// live numbers and the call metrics (`grpc.client.call.count` with
-    /// `outcome`, `grpc.client.call.duration`).
+    /// Runs one call to `service`, counting its attempts and recording the
+    /// live numbers. The call metrics (`grpc.client.call.count`,
+    /// `grpc.client.call.duration`) are the resilient channels' own (the
+    /// facade's call telemetry); plain channels record none.
     pub async fn call<T, F>(
         &self,
         service: Downstream,
@@ -286,10 +288,6 @@ impl Gateway {
         let start = Instant::now();
         let result = call(counter.clone()).await;
         let latency = start.elapsed();
-        let attempts = counter.get().max(1);
-        if let Some(i) = METHODS.iter().position(|m| *m == method) {
-            self.retries[i].fetch_add(u64::from(attempts - 1), Ordering::Relaxed);
-        }
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
@@ -304,22 +302,14 @@ impl Gateway {
                 .as_ref()
                 .err()
                 .is_some_and(|s| find_error::<LocalRejection>(s).is_some());
-        let stack = self.channels.stack().as_str();
-        metrics::counter!(
-            "grpc.client.call.count",
-            "stack" => stack,
-            "service" => service.name(),
-            "method" => method,
-            "outcome" => code_name(code),
-        )
-        .increment(1);
-        metrics::histogram!(
-            "grpc.client.call.duration",
-            "stack" => stack,
-            "service" => service.name(),
-            "method" => method,
-        )
-        .record(latency.as_secs_f64());
+        // The attempt counter sits under the breaker: an attempt the
+        // breaker refused never reached it, and is the call's last (a
+        // refusal is not retried).
+        let refused = u32::from(breaker.is_some());
+        let attempts = (counter.get() + refused).max(1);
+        if let Some(i) = METHODS.iter().position(|m| *m == method) {
+            self.retries[i].fetch_add(u64::from(attempts - 1), Ordering::Relaxed);
+        }
         let answered = matches!(
             code,
             Code::Ok | Code::NotFound | Code::InvalidArgument | Code::AlreadyExists
@@ -402,8 +392,8 @@ pub struct CircuitBreaker {
     pub name: String,
     /// Its state.
     pub state: BreakerState,
-    /// Failed attempts through it since it last closed (as the gateway
-    /// counted them).
+    /// Failures in its current window (the facade's breaker snapshot: the
+    /// last `window` attempts in the failure-rate mode).
     pub failure_count: u64,
     /// While open: milliseconds until it lets probes through.
     pub next_probe_in: Option<u64>,

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use super::attempts::Downstream;
 use super::backend::Backend;
-use super::channels::{self, Stack, Targets};
+use super::channels::{self, CatalogConfig, Stack, Targets};
 use super::faults::FaultSettings;
 use super::gateway::{self, Gateway};
 use super::{telemetry, web};
@@ -34,6 +34,9 @@ pub struct SystemOptions {
     pub command_faults: FaultSettings,
     /// Faults of the built-in Query service from the start.
     pub query_faults: FaultSettings,
+    /// The resilient channels' config (default: the built-in
+    /// `examples/config/catalog.toml`).
+    pub config: CatalogConfig,
 }
 
 impl Default for SystemOptions {
@@ -47,6 +50,7 @@ impl Default for SystemOptions {
             seed: 7,
             command_faults: FaultSettings::none(),
             query_faults: FaultSettings::none(),
+            config: CatalogConfig::built_in(),
         }
     }
 }
@@ -90,7 +94,7 @@ impl System {
                 (Some(backend), targets)
             }
         };
-        let channels = channels::build(&targets, options.stack)?;
+        let channels = channels::build(&targets, options.stack, &options.config)?;
         let gateway = Gateway::new(channels, backend.clone());
         let router = web::router(gateway::schema(gateway.clone()), metrics);
         let listener = TcpListener::bind(("127.0.0.1", options.http_port)).await?;
