@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::channels::{Setting, Stack};
+use super::channels::{CatalogConfig, Setting, Stack};
 use super::cli::DemoArgs;
 use super::client::GraphqlClient;
 use super::faults::FaultSettings;
@@ -929,9 +929,25 @@ impl Report {
 ///
 /// A system that cannot start, or an admin mutation that fails.
 pub async fn run(scenario: Scenario, progress: bool) -> Result<Report, BoxError> {
+    run_with_config(scenario, CatalogConfig::built_in(), progress).await
+}
+
+/// [`run`], with the resilient channels built from `config` instead of the
+/// built-in `examples/config/catalog.toml` (for instance the facade's
+/// shipped `config/resilience.toml`, which the README's quick start loads).
+///
+/// # Errors
+///
+/// A system that cannot start, or an admin mutation that fails.
+pub async fn run_with_config(
+    scenario: Scenario,
+    config: CatalogConfig,
+    progress: bool,
+) -> Result<Report, BoxError> {
     let resilient = System::start(SystemOptions {
         stack: Stack::Resilient,
         seed: scenario.seed,
+        config,
         ..SystemOptions::default()
     })
     .await?;

@@ -19,22 +19,30 @@ fn shipped_path() -> std::path::PathBuf {
 }
 
 #[test]
-fn the_shipped_file_holds_the_designs_values() {
+fn the_shipped_file_holds_the_designs_values_and_breakers_that_beat_a_bare_channel() {
     let config = ResilienceConfig::from_file_with_methods(shipped_path(), CATALOG).unwrap();
     let compiled = config.compile().unwrap();
+    // Failure-rate breakers that open only on a service as good as down
+    // (80 % of the last 100, at least 40), probe once a second with one
+    // call: the design's count mode opens at once under random faults.
     for name in ["command", "query"] {
         let b = &config.breakers()[name];
-        assert_eq!(b.failure_threshold(), Some(5));
-        assert_eq!(b.success_threshold(), Some(2));
-        assert_eq!(b.timeout(), Some(Duration::from_secs(30)));
-        assert_eq!(b.reset_timeout(), Some(Duration::from_secs(60)));
+        assert_eq!(b.failure_threshold(), None, "{name}: count mode is off");
+        assert_eq!(b.success_threshold(), None);
+        assert_eq!(b.reset_timeout(), None);
+        assert_eq!(b.timeout(), Some(Duration::from_secs(1)));
+        assert_eq!(b.half_open_max_calls(), Some(1));
         assert_eq!(
             compiled.breakers[name],
             BreakerConfig::default()
-                .with_failure_threshold(5)
-                .with_success_threshold(2)
-                .with_timeout(Duration::from_secs(30))
-                .with_reset_timeout(Duration::from_secs(60))
+                .with_timeout(Duration::from_secs(1))
+                .with_half_open_max_calls(1)
+                .with_failure_rate(FailureRate {
+                    window: 100,
+                    minimum_calls: 40,
+                    failure_rate: 80.0,
+                    ..FailureRate::default()
+                })
         );
     }
     let t = &compiled.timeouts;
@@ -82,7 +90,7 @@ fn the_shipped_file_holds_the_designs_values() {
         Some(&expected.non_idempotent())
     );
     let throttle = config.retry().throttle().unwrap();
-    assert_eq!((throttle.max_tokens(), throttle.token_ratio()), (10.0, 0.1));
+    assert_eq!((throttle.max_tokens(), throttle.token_ratio()), (20.0, 1.0));
     assert_eq!(
         config.channels()["query"].services(),
         ["catalog.v1.QueryService"]

@@ -377,6 +377,8 @@ fn the_shipped_files_commented_examples_are_valid() {
         "[hedging.operations.get_product]",
         "[bulkhead.default]",
         "[bulkhead.operations.list_products.gradient]",
+        "[circuit_breakers.admin]",
+        "[circuit_breakers.query.failure_rate]",
     ] {
         assert!(examples.contains(section), "{section} is shown");
     }
