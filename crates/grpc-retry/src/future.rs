@@ -233,9 +233,13 @@ impl<S, B> Ctx<S, B> {
     /// status.
     fn deadline_passed<R>(&self, last: Result<Response<R>, BoxError>) -> BoxError {
         let (last, source) = match last {
-            Ok(response) => {
+            Ok(mut response) => {
                 let code = classify_head(response.status(), response.headers())
                     .map_or(tonic::Code::Unknown, |o| o.code());
+                // tonic's parser panics on undecodable status details; this
+                // head comes from the peer, so clean it first whatever path
+                // it took here.
+                grpc_resilience_core::headers::sanitize_status_details(response.headers_mut());
                 let message = tonic::Status::from_header_map(response.headers())
                     .map(|s| s.message().to_owned())
                     .unwrap_or_default();
@@ -369,7 +373,9 @@ fn out_of_time<R>(
         Ok(mut response) => {
             let code = classify_head(response.status(), response.headers())
                 .map_or(tonic::Code::Unknown, |o| o.code());
-            // The head was sanitized, so tonic's parser cannot panic on it.
+            // tonic's parser panics on undecodable status details: clean the
+            // peer's head here too, not only where the loop did.
+            grpc_resilience_core::headers::sanitize_status_details(response.headers_mut());
             let message = tonic::Status::from_header_map(response.headers())
                 .map(|s| s.message().to_owned())
                 .unwrap_or_default();
