@@ -493,7 +493,8 @@ async fn budget_section(server: &Server1, length: Duration) {
 }
 
 /// A heavy-tailed server (5% of calls take 500 ms): latency percentiles
-/// and extra load of a bare channel, plain retries and hedging.
+/// and extra load of a bare channel, plain retries, our hedging and
+/// tower's `Hedge`.
 async fn tail_section(server: &Server1, length: Duration) {
     println!(
         "\n## Heavy tail: 5% of calls take 500 ms (seeded), concurrency 16, {} s\n",
@@ -532,7 +533,7 @@ async fn tail_section(server: &Server1, length: Duration) {
     let client = naive(server.addr, RetryPolicy::default());
     let run = drive!(client, 16, length);
     report("plain retries (default policy)", &run);
-    for (attempts, delay_ms) in [(2, 10), (3, 10), (2, 50)] {
+    for (attempts, delay_ms) in [(2, 1), (2, 10), (3, 10), (2, 50)] {
         let policy = HedgingPolicy::default()
             .with_max_attempts(attempts)
             .with_hedging_delay(Duration::from_millis(delay_ms))
@@ -550,5 +551,114 @@ async fn tail_section(server: &Server1, length: Duration) {
             &run,
         );
     }
+    // tower's `Hedge`, the nearest peer: it needs a request it can clone,
+    // so tonic's streaming body is collected first (what a user of it has
+    // to do), and it hedges once after the observed latency percentile
+    // rather than after a fixed delay. It is not Clone: a `Buffer` shares
+    // it between the tasks.
+    for percentile in [0.9_f32, 0.95] {
+        tail();
+        let client = tower_hedge(server.addr, percentile);
+        let run = drive!(client, 16, length);
+        report(
+            &format!(
+                "tower `Hedge`, p{:.0} latency, body buffered",
+                percentile * 100.0
+            ),
+            &run,
+        );
+    }
     server.faults.clear_all();
+}
+
+type Buffered = http::Request<http_body_util::Full<bytes::Bytes>>;
+type TowerHedge = tower::buffer::Buffer<
+    Buffered,
+    <tower::hedge::Hedge<ToChannel, ClonePolicy> as tower::Service<Buffered>>::Future,
+>;
+
+/// A stub over tower's `Hedge` (2 attempts, the second sent once the
+/// first has taken longer than the `percentile` of recent latencies).
+fn tower_hedge(addr: std::net::SocketAddr, percentile: f32) -> QueryServiceClient<CollectBody> {
+    let hedge = tower::hedge::Hedge::new::<Buffered>(
+        ToChannel(channel(addr)),
+        ClonePolicy,
+        10,
+        percentile,
+        Duration::from_secs(1),
+    );
+    QueryServiceClient::new(CollectBody(tower::buffer::Buffer::new(hedge, 1024)))
+}
+
+/// Clones a buffered request (`http::Request` is not `Clone`).
+#[derive(Clone, Copy)]
+struct ClonePolicy;
+
+impl tower::hedge::Policy<Buffered> for ClonePolicy {
+    fn clone_request(&self, req: &Buffered) -> Option<Buffered> {
+        let mut out = http::Request::new(req.body().clone());
+        *out.method_mut() = req.method().clone();
+        *out.uri_mut() = req.uri().clone();
+        *out.version_mut() = req.version();
+        *out.headers_mut() = req.headers().clone();
+        Some(out)
+    }
+
+    fn can_retry(&self, _: &Buffered) -> bool {
+        true
+    }
+}
+
+/// A channel taking buffered bodies.
+#[derive(Clone)]
+struct ToChannel(Channel);
+
+impl tower::Service<Buffered> for ToChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.0, cx)
+    }
+
+    fn call(&mut self, req: Buffered) -> Self::Future {
+        tower::Service::call(&mut self.0, req.map(tonic::body::Body::new))
+    }
+}
+
+/// Collects the stub's body, then calls tower's `Hedge` (through its
+/// `Buffer`).
+#[derive(Clone)]
+struct CollectBody(TowerHedge);
+
+impl tower::Service<http::Request<tonic::body::Body>> for CollectBody {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tower::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.0, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        // The ready clone goes with the call.
+        let fresh = self.0.clone();
+        let mut ready = std::mem::replace(&mut self.0, fresh);
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            let req = http::Request::from_parts(parts, http_body_util::Full::new(bytes));
+            tower::Service::call(&mut ready, req).await
+        })
+    }
 }

@@ -13,8 +13,10 @@ use crate::stack::{BreakerChoice, Limiters, StackShared, configure_breakers};
 use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 
 /// One resilient channel per `[channels.<name>]` entry, sharing one
-/// breaker registry, with one retry throttle per target (channels to the
-/// same endpoint share its bucket).
+/// breaker registry, with one retry throttle, retry budget and bulkhead per
+/// target: channels to the same endpoint share its bucket, its budget and
+/// its concurrency partitions, so two channels to one backend cannot each
+/// send it a full `max_concurrent`.
 ///
 /// Each channel has its own breaker, named after the channel unless its
 /// entry names another (`breaker = "query"`): two channels to different

@@ -86,7 +86,13 @@
 //! (seconds), labels `service`, `method`, `code`, for every logical call;
 //! plus the layers' own metrics (`grpc.retry.count`,
 //! `grpc.retry.duration`, `circuit_breaker.call.count`,
-//! `circuit_breaker.call.latency`, `circuit_breaker.state`, ...). Through
+//! `circuit_breaker.call.latency`, `circuit_breaker.state`, ...). With a
+//! `[bulkhead]` section, every partition (label `partition`: the service,
+//! method or selector) reports `bulkhead.in_flight` and `bulkhead.limit`
+//! (gauges; the limit moves when it is adaptive), `bulkhead.wait.duration`
+//! (seconds a queued call waited) and `bulkhead.rejected.count` (label
+//! `reason`: `queue_full` or `max_wait`), and each refusal logs a WARN
+//! `Bulkhead full, call rejected` naming the partition. Through
 //! `tracing`: an INFO span `grpc_call` per logical call with
 //! OpenTelemetry's RPC fields (`rpc.system = "grpc"`, `rpc.service`,
 //! `rpc.method`, `rpc.grpc.status_code`), each attempt a `grpc_attempt`

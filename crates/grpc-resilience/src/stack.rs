@@ -53,10 +53,8 @@ pub(crate) struct Layers {
     retry_strict: RetryLayer,
     breaker: CircuitBreakerLayer,
     attempt: Option<TimeoutLayer>,
-    /// The bulkhead and the spec it was built from (kept by a reload that
-    /// does not change it, so its partitions and their calls in flight
-    /// stay).
-    bulkhead: Option<(BulkheadSpec, BulkheadLayer)>,
+    /// The bulkhead of the target's [`Limiters`].
+    bulkhead: Option<BulkheadLayer>,
 }
 
 impl Layers {
@@ -67,7 +65,7 @@ impl Layers {
         };
         let service = self.breaker.layer(service);
         let service = match &self.bulkhead {
-            Some((_, layer)) => Bulk::On(layer.layer(service)),
+            Some(layer) => Bulk::On(layer.layer(service)),
             None => Bulk::Off(service),
         };
         let service = PerCall {
@@ -153,12 +151,18 @@ pub(crate) fn throttle_for(
     }))
 }
 
-/// What limits retries, shared per target: the throttle and the budget
-/// (a retry is sent only when both allow it).
+/// What limits a downstream target's load, shared by every channel to it:
+/// the retry throttle and budget (a retry is sent only when both allow it)
+/// and the bulkhead (its partitions count every call to the target, so two
+/// channels to one backend cannot each fill a limit meant for both).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Limiters {
     pub(crate) throttle: Option<RetryThrottle>,
     pub(crate) budget: Option<RetryBudget>,
+    /// The bulkhead and the spec it was built from (kept by a reload that
+    /// does not change it, so its partitions and their calls in flight
+    /// stay).
+    pub(crate) bulkhead: Option<(BulkheadSpec, BulkheadLayer)>,
 }
 
 impl Limiters {
@@ -176,6 +180,10 @@ impl Limiters {
             budget: budget_for(
                 current.and_then(|l| l.budget.as_ref()),
                 compiled.budget.as_ref(),
+            )?,
+            bulkhead: bulkhead_for(
+                current.and_then(|l| l.bulkhead.as_ref()),
+                compiled.bulkhead.as_ref(),
             )?,
         })
     }
@@ -200,6 +208,26 @@ pub(crate) fn budget_for(
             b.clone()
         }
         _ => fresh,
+    }))
+}
+
+/// A bulkhead for `spec`: `current` when it was built from the same spec
+/// (its partitions and their calls in flight are kept), else a new one.
+fn bulkhead_for(
+    current: Option<&(BulkheadSpec, BulkheadLayer)>,
+    spec: Option<&BulkheadSpec>,
+) -> Result<Option<(BulkheadSpec, BulkheadLayer)>, ConfigError> {
+    let Some(spec) = spec else {
+        return Ok(None);
+    };
+    Ok(Some(match current {
+        Some((old, layer)) if old == spec => (spec.clone(), layer.clone()),
+        _ => {
+            let layer = spec
+                .to_layer()
+                .map_err(|e| ConfigError::new("bulkhead", None, e.to_string()))?;
+            (spec.clone(), layer)
+        }
     }))
 }
 
@@ -235,7 +263,7 @@ impl StackShared {
         choice: BreakerChoice,
         limiters: Limiters,
     ) -> Self {
-        let layers = Self::layers(compiled, &registry, &choice, &limiters, None, 0);
+        let layers = Self::layers(compiled, &registry, &choice, &limiters, 0);
         StackShared {
             layers: ArcSwap::from_pointee(layers),
             config: ArcSwap::from_pointee(config.clone()),
@@ -252,19 +280,8 @@ impl StackShared {
         registry: &BreakerRegistry,
         choice: &BreakerChoice,
         limiters: &Limiters,
-        previous: Option<&Layers>,
         generation: u64,
     ) -> Layers {
-        let bulkhead = compiled.bulkhead.as_ref().map(|spec| {
-            match previous.and_then(|p| p.bulkhead.as_ref()) {
-                Some((old, layer)) if old == spec => (spec.clone(), layer.clone()),
-                _ => (
-                    spec.clone(),
-                    spec.to_layer()
-                        .expect("a compiled bulkhead spec builds its layer"),
-                ),
-            }
-        });
         let retry_layer = |policies: &grpc_retry::RetryPolicies| {
             let mut layer = RetryLayer::new(policies.clone());
             if let Some(t) = &limiters.throttle {
@@ -309,7 +326,7 @@ impl StackShared {
                 .per_attempt
                 .clone()
                 .map(|p| TimeoutLayer::new(p).per_attempt()),
-            bulkhead,
+            bulkhead: limiters.bulkhead.as_ref().map(|(_, layer)| layer.clone()),
         }
     }
 
@@ -327,7 +344,6 @@ impl StackShared {
             &self.registry,
             &self.choice,
             &limiters,
-            Some(&previous),
             generation,
         );
         *lock(&self.limiters) = limiters;
@@ -368,7 +384,7 @@ impl StackShared {
 
     pub(crate) fn bulkhead_partitions(&self) -> Vec<grpc_bulkhead::PartitionStatus> {
         match &self.layers.load().bulkhead {
-            Some((_, layer)) => layer.partitions(),
+            Some(layer) => layer.partitions(),
             None => Vec::new(),
         }
     }
@@ -635,6 +651,14 @@ impl<S> ResilientChannel<S> {
     /// Every breaker's state, by name.
     pub fn circuit_breaker_status(&self) -> BTreeMap<String, State> {
         self.shared.registry().status()
+    }
+
+    /// The bulkhead's partitions made so far (calls in flight, limit,
+    /// queue); empty without a `[bulkhead]` section. Channels of
+    /// [`ResilientChannels`](crate::ResilientChannels) to one target share
+    /// their partitions, so each of them reports the target's.
+    pub fn bulkhead_partitions(&self) -> Vec<grpc_bulkhead::PartitionStatus> {
+        self.shared.bulkhead_partitions()
     }
 
     /// The wrapped service.

@@ -219,3 +219,73 @@ async fn a_reload_reaches_every_channel_and_cannot_re_point_one() {
         "nothing applied"
     );
 }
+
+const SHARED_BULKHEAD: &str = r#"
+[retry.default]
+max_attempts = 1
+[timeouts]
+default = "10s"
+[bulkhead.default]
+max_concurrent = 1
+max_queue = 0
+[channels.query_a]
+services = ["catalog.v1.QueryService"]
+[channels.query_a_again]
+services = ["catalog.v1.QueryService"]
+[channels.query_b]
+services = ["catalog.v1.QueryService"]
+"#;
+
+#[tokio::test]
+async fn channels_to_one_target_share_its_bulkhead_and_another_target_has_its_own() {
+    let a = TestServer::start().await;
+    let b = TestServer::start().await;
+    // Every call to `a` hangs for a while: it holds its slot.
+    a.faults
+        .always(
+            "GetProduct",
+            Fault::pass().with_delay(std::time::Duration::from_secs(5)),
+        )
+        .unwrap();
+    let config = ResilienceConfig::from_toml(SHARED_BULKHEAD).unwrap();
+    let channels = ResilientChannels::builder(&config)
+        .with_endpoint("query_a", a.endpoint())
+        .with_endpoint("query_a_again", a.endpoint())
+        .with_endpoint("query_b", b.endpoint())
+        .build()
+        .unwrap();
+    let mut first = QueryServiceClient::new(channels.channel("query_a").unwrap());
+    let hung = tokio::spawn(async move { first.get_product(get()).await });
+    // Wait (bounded) until the hung call holds the target's one slot.
+    let in_flight = |name: &str| {
+        channels
+            .channel(name)
+            .unwrap()
+            .bulkhead_partitions()
+            .iter()
+            .map(|p| p.in_flight)
+            .sum::<u32>()
+    };
+    for _ in 0..500 {
+        if in_flight("query_a") == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(in_flight("query_a"), 1);
+    // The other channel to the same target sees the same partition full.
+    assert_eq!(in_flight("query_a_again"), 1);
+    let mut again = QueryServiceClient::new(channels.channel("query_a_again").unwrap());
+    let refused = again.get_product(get()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        a.faults.stats("GetProduct").unwrap().calls,
+        1,
+        "the refused call never reached the target"
+    );
+    // Another target's partition is its own.
+    assert_eq!(in_flight("query_b"), 0);
+    let mut to_b = QueryServiceClient::new(channels.channel("query_b").unwrap());
+    to_b.get_product(get()).await.unwrap();
+    hung.abort();
+}
