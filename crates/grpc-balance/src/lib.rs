@@ -157,7 +157,7 @@ use tower_service::Service;
 pub use config::{BalanceConfig, ConfigError, HealthConfig, OutlierConfig, SuccessRate};
 pub use discover::{Discovery, EndpointStack};
 pub use grpc_circuit_breaker::BreakerRegistry;
-pub use outlier::{EndpointStatus, Reason};
+pub use outlier::{EndpointDetails, EndpointStatus, Reason};
 
 use outlier::Controller;
 
@@ -331,6 +331,12 @@ impl BalancedChannel {
     /// Each endpoint's standing, by key (`host:port`).
     pub fn endpoints(&self) -> BTreeMap<String, EndpointStatus> {
         self.controller.status()
+    }
+
+    /// Each endpoint's standing, breaker state and ejection counts, by key
+    /// (`host:port`).
+    pub fn endpoint_details(&self) -> BTreeMap<String, EndpointDetails> {
+        self.controller.details()
     }
 
     /// The breaker name of the endpoint `key` (`<name>@<key>`).
