@@ -4,11 +4,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use grpc_balance::{BalancedChannel, BuildError, EndpointDetails};
 use grpc_circuit_breaker::{BreakerRegistry, BreakerSnapshot, State, UnknownBreaker};
 use grpc_retry::{RetryBudget, RetryThrottle};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::config::ChannelSettings;
 use crate::error::key_path;
+use crate::named::NamedChannel;
 use crate::stack::{BreakerChoice, Limiters, StackShared, configure_breakers};
 use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 
@@ -51,7 +54,7 @@ use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 /// # }
 /// ```
 pub struct ResilientChannels {
-    channels: BTreeMap<String, ResilientChannel<Channel>>,
+    channels: BTreeMap<String, ResilientChannel<NamedChannel>>,
     targets: BTreeMap<String, String>,
     limiters: Mutex<BTreeMap<String, Limiters>>,
     services: BTreeMap<String, String>,
@@ -72,16 +75,33 @@ impl fmt::Debug for ResilientChannels {
 #[derive(Debug)]
 pub struct ResilientChannelsBuilder<'c> {
     config: &'c ResilienceConfig,
-    endpoints: BTreeMap<String, Endpoint>,
+    /// Endpoints given in code, and whether `with_endpoints` gave them.
+    endpoints: BTreeMap<String, (Vec<Endpoint>, bool)>,
     channels: BTreeMap<String, Channel>,
     registry: Option<BreakerRegistry>,
 }
 
 impl ResilientChannelsBuilder<'_> {
     /// Connects channel `name` to `endpoint`, instead of (or for want of)
-    /// the file's `endpoint`; the file's connect options still apply.
+    /// the file's `endpoint`, `endpoints` or `dns`; the file's connect
+    /// options still apply. A balanced channel in the file (one with
+    /// `endpoints`, `dns`, or an `outlier`, `health` or `endpoint_breaker`
+    /// table) stays balanced, over this one endpoint.
     pub fn with_endpoint(mut self, name: impl Into<String>, endpoint: Endpoint) -> Self {
-        self.endpoints.insert(name.into(), endpoint);
+        self.endpoints.insert(name.into(), (vec![endpoint], false));
+        self
+    }
+
+    /// Makes channel `name` a balanced channel over `endpoints`, instead
+    /// of the file's endpoints, with the entry's outlier, health and
+    /// endpoint breaker settings; the file's connect options still apply.
+    pub fn with_endpoints(
+        mut self,
+        name: impl Into<String>,
+        endpoints: impl IntoIterator<Item = Endpoint>,
+    ) -> Self {
+        self.endpoints
+            .insert(name.into(), (endpoints.into_iter().collect(), true));
         self
     }
 
@@ -123,27 +143,12 @@ impl ResilientChannelsBuilder<'_> {
         let mut services = BTreeMap::new();
         for (name, settings) in self.config.channels() {
             let (channel, target) = if let Some(channel) = self.channels.get(name) {
-                (channel.clone(), format!("channel:{name}"))
+                (
+                    NamedChannel::Single(channel.clone()),
+                    format!("channel:{name}"),
+                )
             } else {
-                let endpoint = match (self.endpoints.get(name), settings.endpoint()) {
-                    (Some(e), _) => e.clone(),
-                    (None, Some(uri)) => Endpoint::from_shared(uri.to_owned()).map_err(|e| {
-                        ConfigError::new(
-                            key_path(["channels", name.as_str(), "endpoint"]),
-                            Some(format!("{uri:?}")),
-                            format!("not a valid URI: {e}"),
-                        )
-                    })?,
-                    (None, None) => {
-                        return Err(ConfigError::new(
-                            key_path(["channels", name.as_str(), "endpoint"]),
-                            None,
-                            "no endpoint: set it in the file or with `with_endpoint`",
-                        ));
-                    }
-                };
-                let target = endpoint.uri().to_string();
-                (settings.configure_endpoint(endpoint).connect_lazy(), target)
+                connect(name, settings, self.endpoints.get(name), &registry)?
             };
             let target_limiters = match limiters.get(&target) {
                 Some(l) => l.clone(),
@@ -180,6 +185,105 @@ impl ResilientChannelsBuilder<'_> {
             reloading: Mutex::new(()),
         })
     }
+}
+
+/// Makes channel `name`'s service and names its target (channels to the
+/// same target share a retry throttle).
+fn connect(
+    name: &str,
+    settings: &ChannelSettings,
+    given: Option<&(Vec<Endpoint>, bool)>,
+    registry: &BreakerRegistry,
+) -> Result<(NamedChannel, String), ConfigError> {
+    let parse = |uri: &str, key: &str| {
+        Endpoint::from_shared(uri.to_owned()).map_err(|e| {
+            ConfigError::new(
+                key_path(["channels", name, key]),
+                Some(format!("{uri:?}")),
+                format!("not a valid URI: {e}"),
+            )
+        })
+    };
+    let balanced = settings.is_balanced() || given.is_some_and(|(_, many)| *many);
+    if !balanced {
+        let endpoint = match (
+            given.and_then(|(list, _)| list.first()),
+            settings.endpoint(),
+        ) {
+            (Some(e), _) => e.clone(),
+            (None, Some(uri)) => parse(uri, "endpoint")?,
+            (None, None) => {
+                return Err(ConfigError::new(
+                    key_path(["channels", name, "endpoint"]),
+                    None,
+                    "no endpoint: set it in the file or with `with_endpoint`",
+                ));
+            }
+        };
+        let target = endpoint.uri().to_string();
+        let channel = settings.configure_endpoint(endpoint).connect_lazy();
+        return Ok((NamedChannel::Single(channel), target));
+    }
+    let config = settings.to_balance_config(name)?;
+    let built = |r: Result<BalancedChannel, BuildError>| {
+        r.map_err(|e| {
+            let reason = match e {
+                BuildError::NoRuntime => {
+                    "a balanced channel must be built inside a tokio runtime".to_owned()
+                }
+                other => other.to_string(),
+            };
+            ConfigError::new(key_path(["channels", name]), None, reason)
+        })
+    };
+    let endpoints: Vec<Endpoint> = match (given, settings.endpoints(), settings.dns()) {
+        (Some((list, _)), _, _) => list.clone(),
+        (None, Some(uris), _) => uris
+            .iter()
+            .map(|uri| parse(uri, "endpoints"))
+            .collect::<Result<_, _>>()?,
+        (None, None, Some(host_port)) => {
+            let channel = built(BalancedChannel::from_dns(
+                config,
+                registry.clone(),
+                host_port,
+            ))?;
+            return Ok((NamedChannel::Balanced(channel), format!("dns:{host_port}")));
+        }
+        (None, None, None) => {
+            return Err(ConfigError::new(
+                key_path(["channels", name, "endpoints"]),
+                None,
+                "no endpoints: list them (`endpoints = [...]`), give `dns`, \
+                 or use `with_endpoints`",
+            ));
+        }
+    };
+    if endpoints.is_empty() {
+        return Err(ConfigError::new(
+            key_path(["channels", name, "endpoints"]),
+            None,
+            "`with_endpoints` was given no endpoint",
+        ));
+    }
+    let target = endpoints
+        .iter()
+        .map(|e| e.uri().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let endpoints: Vec<Endpoint> = endpoints
+        .into_iter()
+        .map(|e| settings.configure_endpoint(e))
+        .collect();
+    let channel = built(BalancedChannel::from_endpoints(
+        config,
+        registry.clone(),
+        endpoints,
+    ))?;
+    Ok((
+        NamedChannel::Balanced(channel),
+        format!("endpoints:{target}"),
+    ))
 }
 
 /// No channel of that name or for that service.
@@ -219,7 +323,7 @@ impl ResilientChannels {
     /// # Errors
     ///
     /// [`UnknownChannel`] if there is none.
-    pub fn channel(&self, name: &str) -> Result<ResilientChannel<Channel>, UnknownChannel> {
+    pub fn channel(&self, name: &str) -> Result<ResilientChannel<NamedChannel>, UnknownChannel> {
         self.channels.get(name).cloned().ok_or_else(|| {
             UnknownChannel(format!(
                 "no channel is named `{name}` (there are: {})",
@@ -234,7 +338,10 @@ impl ResilientChannels {
     /// # Errors
     ///
     /// [`UnknownChannel`] if none does.
-    pub fn for_service(&self, service: &str) -> Result<ResilientChannel<Channel>, UnknownChannel> {
+    pub fn for_service(
+        &self,
+        service: &str,
+    ) -> Result<ResilientChannel<NamedChannel>, UnknownChannel> {
         match self.services.get(service) {
             Some(name) => self.channel(name),
             None => Err(UnknownChannel(format!(
@@ -266,7 +373,9 @@ impl ResilientChannels {
     }
 
     /// Every breaker's state by name, every configured breaker listed from
-    /// the start (the design's `get_circuit_breaker_status()`).
+    /// the start (the design's `get_circuit_breaker_status()`); a balanced
+    /// channel's endpoint breakers are listed as `<channel>@<host:port>`
+    /// (e.g. `query@127.0.0.1:50052`).
     pub fn circuit_breaker_status(&self) -> BTreeMap<String, State> {
         self.registry.status()
     }
@@ -276,6 +385,25 @@ impl ResilientChannels {
     /// operator's status page shows.
     pub fn circuit_breaker_details(&self) -> BTreeMap<String, BreakerSnapshot> {
         self.registry.snapshot()
+    }
+
+    /// Every endpoint of the balanced channels, by its breaker's name
+    /// (`query@127.0.0.1:50052`): in the ready set, ejected (and why) or
+    /// probing, its breaker's state, how often it was ejected, whether its
+    /// health watch says it is not serving. Single-endpoint channels have
+    /// none.
+    pub fn endpoint_status(&self) -> BTreeMap<String, EndpointDetails> {
+        self.channels
+            .values()
+            .filter_map(|c| c.get_ref().balanced())
+            .flat_map(|b| b.endpoint_details().into_values())
+            .map(|d| (d.breaker.clone(), d))
+            .collect()
+    }
+
+    /// The balanced channel under channel `name`, if it is one.
+    pub fn balanced(&self, name: &str) -> Option<&BalancedChannel> {
+        self.channels.get(name)?.get_ref().balanced()
     }
 
     /// Closes every breaker (the design's `reset_circuit_breakers()`).
@@ -361,12 +489,13 @@ impl ResilientChannels {
             .unwrap_or_default();
         for (name, settings) in config.channels() {
             match old.channels().get(name) {
-                Some(before) if before.endpoint() == settings.endpoint() => {}
+                Some(before) if before.same_connection(settings) => {}
                 _ => {
                     return Err(ConfigError::new(
                         key_path(["channels", name.as_str()]),
                         None,
-                        "channels cannot be added or re-pointed by a reload; restart to change them",
+                        "channels cannot be added or re-pointed, nor their endpoints' balancing, \
+                         ejection or health settings changed, by a reload; restart to change them",
                     ));
                 }
             }

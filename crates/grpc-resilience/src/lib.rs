@@ -130,6 +130,7 @@ mod channels;
 pub mod config;
 mod error;
 pub mod future;
+mod named;
 mod per_call;
 mod reload;
 mod stack;
@@ -140,16 +141,19 @@ mod tests;
 pub use channels::{ResilientChannels, ResilientChannelsBuilder, UnknownChannel};
 pub use config::{
     AimdSettings, BreakerSettings, BudgetSettings, BulkheadSection, BulkheadSettings,
-    ChannelSettings, FailureRateSettings, GradientSettings, HedgingConfig, HedgingSettings,
-    ImportWarning, ResilienceConfig, RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,
+    ChannelSettings, FailureRateSettings, GradientSettings, HealthSettings, HedgingConfig,
+    HedgingSettings, ImportWarning, OutlierSettings, ResilienceConfig, RetryConfig, RetrySettings,
+    SuccessRateSettings, ThrottleSettings, TimeoutConfig,
 };
 pub use error::ConfigError;
+pub use named::{NamedBody, NamedChannel, NamedFuture};
 pub use per_call::{CallOptions, Idempotent};
 #[cfg(feature = "watch")]
 pub use reload::ConfigWatcher;
 pub use stack::{ReloadReport, ResilienceLayer, ResilientChannel};
 
 // What a user needs, so that this crate is the one dependency.
+pub use grpc_balance::{BalancedChannel, EndpointDetails, EndpointStatus, Reason};
 pub use grpc_bulkhead::{BulkheadConfig, BulkheadFull, PartitionStatus};
 pub use grpc_circuit_breaker::{
     BreakerConfig, BreakerOpen, BreakerRegistry, BreakerSnapshot, FailureRate, State, StateChange,
@@ -170,6 +174,7 @@ struct ReadmeDoctests;
 
 /// The layer crates, for what the re-exports above do not cover.
 pub mod layers {
+    pub use grpc_balance as balance;
     pub use grpc_bulkhead as bulkhead;
     pub use grpc_circuit_breaker as circuit_breaker;
     pub use grpc_resilience_core as core;
