@@ -488,17 +488,19 @@ impl ResilientChannels {
             .map(|c| c.config())
             .unwrap_or_default();
         for (name, settings) in config.channels() {
-            match old.channels().get(name) {
-                Some(before) if before.same_connection(settings) => {}
-                _ => {
-                    return Err(ConfigError::new(
-                        key_path(["channels", name.as_str()]),
-                        None,
-                        "channels cannot be added or re-pointed, nor their endpoints' balancing, \
-                         ejection or health settings changed, by a reload; restart to change them",
-                    ));
+            let reason = match old.channels().get(name) {
+                Some(before) if before.same_connection(settings) => continue,
+                Some(before) if before.same_endpoints(settings) => {
+                    "a balanced channel's outlier, health and endpoint breaker settings \
+                     cannot change by a reload; restart to change them"
                 }
-            }
+                _ => "channels cannot be added or re-pointed by a reload; restart to change them",
+            };
+            return Err(ConfigError::new(
+                key_path(["channels", name.as_str()]),
+                None,
+                reason,
+            ));
         }
         if let Some(name) = old
             .channels()

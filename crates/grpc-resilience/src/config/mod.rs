@@ -1174,12 +1174,17 @@ impl ChannelSettings {
         /// Health checks of a balanced channel's endpoints.
         health, with_health, HealthSettings);
 
-    /// Whether `other` connects as this does: the same endpoints and
-    /// balanced-channel settings (what a reload cannot change).
-    pub(crate) fn same_connection(&self, other: &ChannelSettings) -> bool {
+    /// Whether `other` names the same endpoints.
+    pub(crate) fn same_endpoints(&self, other: &ChannelSettings) -> bool {
         self.endpoint == other.endpoint
             && self.endpoints == other.endpoints
             && self.dns == other.dns
+    }
+
+    /// Whether `other` connects as this does: the same endpoints and
+    /// balanced-channel settings (what a reload cannot change).
+    pub(crate) fn same_connection(&self, other: &ChannelSettings) -> bool {
+        self.same_endpoints(other)
             && self.dns_refresh == other.dns_refresh
             && self.max_concurrent_per_endpoint == other.max_concurrent_per_endpoint
             && self.endpoint_breaker == other.endpoint_breaker
