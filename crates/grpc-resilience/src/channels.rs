@@ -19,6 +19,12 @@ use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 /// breaker registry, with one retry throttle per target (channels to the
 /// same endpoint share its bucket).
 ///
+/// A channel with one `endpoint` sits on a tonic `Channel`; one with
+/// `endpoints` or `dns` on a [`BalancedChannel`] with a breaker per
+/// endpoint, outlier ejection and health checks (see the
+/// [config docs](crate::config#balanced-channels)), whose endpoints
+/// [`ResilientChannels::endpoint_status`] reports.
+///
 /// Each channel has its own breaker, named after the channel unless its
 /// entry names another (`breaker = "query"`): two channels to different
 /// backends that serve the same gRPC service never share a breaker, so one
@@ -392,6 +398,36 @@ impl ResilientChannels {
     /// probing, its breaker's state, how often it was ejected, whether its
     /// health watch says it is not serving. Single-endpoint channels have
     /// none.
+    ///
+    /// ```
+    /// use grpc_resilience::{EndpointStatus, ResilienceConfig, ResilientChannels, State};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = ResilienceConfig::from_toml(r#"
+    ///     [channels.query]
+    ///     endpoints = ["http://127.0.0.1:50061", "http://127.0.0.1:50062"]
+    ///     [channels.query.outlier]
+    ///     max_ejection_percent = 50
+    ///     [channels.command]
+    ///     endpoint = "http://127.0.0.1:50051"
+    /// "#)?;
+    /// let channels = ResilientChannels::from_config(&config)?;
+    /// let endpoints = channels.endpoint_status();
+    /// let names: Vec<&str> = endpoints.keys().map(String::as_str).collect();
+    /// assert_eq!(names, ["query@127.0.0.1:50061", "query@127.0.0.1:50062"]);
+    /// let first = &endpoints["query@127.0.0.1:50061"];
+    /// assert_eq!(first.status, EndpointStatus::Active);
+    /// assert_eq!((first.breaker_state, first.ejections), (Some(State::Closed), 0));
+    ///
+    /// // The endpoint breakers are in the registry, beside the channels'.
+    /// assert_eq!(
+    ///     format!("{:?}", channels.circuit_breaker_status()),
+    ///     r#"{"command": Closed, "query": Closed, "query@127.0.0.1:50061": Closed, "query@127.0.0.1:50062": Closed}"#
+    /// );
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn endpoint_status(&self) -> BTreeMap<String, EndpointDetails> {
         self.channels
             .values()

@@ -48,7 +48,46 @@
 //! services = ["catalog.v1.QueryService"]
 //! breaker = "query"                # default: the channel's own name
 //! connect_timeout = "2s"
+//!
+//! [channels.search]                # a balanced channel over replicas
+//! endpoints = ["http://10.0.0.1:50053", "http://10.0.0.2:50053"]
+//! # or: dns = "search.internal:50053", dns_refresh = "30s"
+//! max_concurrent_per_endpoint = 64 # optional bulkhead per replica
+//! [channels.search.endpoint_breaker] # each replica's breaker (named
+//! failure_threshold = 3            # `search@10.0.0.1:50053`)
+//! [channels.search.outlier]        # ejection of a failing replica
+//! base_ejection_time = "30s"
+//! max_ejection_time = "300s"
+//! max_ejection_percent = 50
+//! probe_successes = 1
+//! max_probes = 1
+//! [channels.search.outlier.success_rate]
+//! interval = "10s"
+//! minimum_hosts = 5
+//! request_volume = 100
+//! stdev_factor = 1.9
+//! [channels.search.health]         # grpc.health.v1 Watch per replica
+//! service = "catalog.v1.QueryService"
 //! ```
+//!
+//! # Balanced channels
+//!
+//! A `[channels]` entry with `endpoints` (a list of URIs) or `dns` (a
+//! `host:port` resolved again every `dns_refresh`) instead of `endpoint`
+//! is a balanced channel ([`grpc_balance::BalancedChannel`]): each replica
+//! has its own circuit breaker, named `<channel>@<host:port>`, and is
+//! ejected from the balancer when its breaker opens, its success rate
+//! falls below the others' (`outlier.success_rate`), or its health watch
+//! (`health`) reports anything but `SERVING`. The channel's stack (its
+//! retry, its own breaker) sits on top: each attempt is balanced anew, so
+//! a retry goes to another replica. Unset keys take `grpc-balance`'s
+//! defaults ([`OutlierSettings`], [`HealthSettings`]); an `outlier`,
+//! `health` or `endpoint_breaker` table, `dns_refresh` or
+//! `max_concurrent_per_endpoint` alone also makes a balanced channel, whose
+//! endpoints then come from code. These keys with a single `endpoint`, two
+//! sources of endpoints, or an endpoint breaker's `timeout`,
+//! `success_threshold` or `half_open_max_calls` (the outlier settings'
+//! `base_ejection_time`, `probe_successes` and `max_probes`) are errors.
 //!
 //! # Operation selectors
 //!
@@ -1054,7 +1093,9 @@ impl FailureRateSettings {
     }
 }
 
-/// `[channels.<name>]`: one downstream target.
+/// `[channels.<name>]`: one downstream target, at one `endpoint`, or
+/// balanced over `endpoints` or the addresses of `dns` (see the
+/// [module docs](self#balanced-channels)).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelSettings {
