@@ -394,6 +394,15 @@ impl Channels {
             .collect()
     }
 
+    /// Every endpoint of the balanced channels, by breaker name
+    /// (`query@127.0.0.1:50052`), from the facade's `endpoint_status()`;
+    /// none for single-endpoint or plain channels.
+    pub fn endpoints(&self) -> Vec<grpc_resilience::EndpointDetails> {
+        self.named()
+            .map(|named| named.endpoint_status().into_values().collect())
+            .unwrap_or_default()
+    }
+
     /// Closes the breaker called `name`, or every breaker for `None`.
     ///
     /// # Errors
