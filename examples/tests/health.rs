@@ -8,10 +8,12 @@ use std::time::Duration;
 use catalog_proto::GetProductRequest;
 use catalog_proto::query_service_client::QueryServiceClient;
 use grpc_resilience_examples::catalog::attempts::Downstream;
+use grpc_resilience_examples::catalog::channels::{BUILT_IN_CONFIG, CatalogConfig};
 use grpc_resilience_examples::catalog::client::GraphqlClient;
 use grpc_resilience_examples::catalog::faults::FaultSettings;
 use grpc_resilience_examples::catalog::system::{System, SystemOptions};
-use serde_json::json;
+use serde_json::{Value, json};
+use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -144,4 +146,94 @@ async fn the_outage_flips_health_to_not_serving_and_back() {
         tonic_health::ServingStatus::Serving
     );
     assert_eq!(status(&mut health, QUERY).await, ServingStatus::Serving);
+}
+
+/// The built-in config with the `query` channel made a balanced channel
+/// (over the one built-in replica the example gives it) with health checks.
+fn balanced_query_config() -> CatalogConfig {
+    let text = format!(
+        "{BUILT_IN_CONFIG}\n\
+         [channels.query.health]\n\
+         service = \"{QUERY}\"\n\
+         [channels.query.outlier]\n\
+         max_ejection_percent = 100\n\
+         base_ejection_time = \"1s\"\n"
+    );
+    CatalogConfig::from_toml(&text, "balanced.toml").expect("a valid config")
+}
+
+async fn endpoints(client: &GraphqlClient) -> Value {
+    let r = client
+        .query("{ endpoints { name address status ejected breakerState ejections notServing } }")
+        .await
+        .expect("a GraphQL response");
+    r.data()["endpoints"].clone()
+}
+
+/// Polls the operations API until `check` holds (at most 5 s).
+async fn endpoints_until(client: &GraphqlClient, check: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = endpoints(client).await;
+        if check(&now) || Instant::now() >= end {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balanced_channel_in_the_config_ejects_the_not_serving_endpoint_and_the_api_shows_it() {
+    let system = System::start(SystemOptions {
+        config: balanced_query_config(),
+        ..SystemOptions::default()
+    })
+    .await
+    .expect("the system starts");
+    let backend = system.backend.clone().expect("built-in services");
+    let client = GraphqlClient::new(system.graphql_url(), Duration::from_secs(15));
+    let name = format!("query@{}", backend.query_addr);
+    let address = backend.query_addr.to_string();
+    assert_eq!(
+        endpoints(&client).await,
+        json!([{
+            "name": name, "address": address, "status": "active", "ejected": false,
+            "breakerState": "CLOSED", "ejections": 0, "notServing": false,
+        }])
+    );
+    let r = client
+        .query(r#"{ product(id: "p1") { id } }"#)
+        .await
+        .unwrap();
+    assert_eq!(r.data()["product"]["id"], json!("p1"), "{:?}", r.body);
+
+    backend.set_faults(Downstream::Query, outage()).unwrap();
+    let out = endpoints_until(&client, |e| e[0]["status"] == json!("ejected (health)")).await;
+    assert_eq!(out[0]["status"], json!("ejected (health)"), "{out}");
+    assert_eq!(
+        (
+            &out[0]["ejected"],
+            &out[0]["notServing"],
+            &out[0]["ejections"]
+        ),
+        (&json!(true), &json!(true), &json!(1))
+    );
+
+    backend
+        .set_faults(Downstream::Query, FaultSettings::none())
+        .unwrap();
+    let back = endpoints_until(&client, |e| e[0]["ejected"] == json!(false)).await;
+    assert_eq!(back[0]["ejected"], json!(false), "{back}");
+    assert_eq!(back[0]["notServing"], json!(false), "{back}");
+    let r = client
+        .query(r#"{ product(id: "p1") { id } }"#)
+        .await
+        .unwrap();
+    assert_eq!(r.data()["product"]["id"], json!("p1"), "{:?}", r.body);
+    let r = client.query("{ circuitBreakers { name } }").await.unwrap();
+    assert_eq!(
+        r.data()["circuitBreakers"],
+        json!([{"name": "command"}, {"name": "query"}, {"name": name}]),
+        "the endpoint's breaker is listed beside the channels'"
+    );
 }
