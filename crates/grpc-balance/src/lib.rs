@@ -14,6 +14,10 @@
 //! its own bulkhead: a full endpoint reads not-ready and the balancer picks
 //! another.
 //!
+//! From a config file: `grpc-resilience`'s named channels make one of a
+//! `[channels.<name>]` entry with `endpoints = [...]` or `dns = "host:port"`,
+//! with its `outlier`, `health` and `endpoint_breaker` tables.
+//!
 //! Endpoints come from a static list ([`BalancedChannel::from_endpoints`]),
 //! a DNS name resolved again every `dns_refresh`
 //! ([`BalancedChannel::from_dns`]), or your own stream of

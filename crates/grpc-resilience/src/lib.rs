@@ -77,7 +77,14 @@
 //!    `DEADLINE_EXCEEDED` failure for the breaker and can be retried while
 //!    the call's deadline still has time. Above the retry layer it would be
 //!    just another call deadline.
-//! 7. The tonic `Channel` (or any `Service<http::Request<B>>`).
+//! 7. The tonic `Channel` (or any `Service<http::Request<B>>`); for a
+//!    [`ResilientChannels`] entry with `endpoints` or `dns`, a
+//!    [`BalancedChannel`] over the replicas, each with its own breaker,
+//!    outlier ejection and health checks (see the
+//!    [config docs](config#balanced-channels)). Below the retry layer, so
+//!    each attempt is balanced anew and a retry goes to another replica;
+//!    below the channel's breaker, which then opens only when the replicas
+//!    fail together.
 //!
 //! # Telemetry
 //!
