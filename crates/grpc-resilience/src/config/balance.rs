@@ -407,7 +407,11 @@ impl ChannelSettings {
                         format!("not a valid URI: {e}"),
                     )
                 })?;
-                let Some(authority) = endpoint.uri().authority() else {
+                let uri_parts = endpoint.uri();
+                let Some(authority) = uri_parts
+                    .authority()
+                    .filter(|_| uri_parts.scheme().is_some())
+                else {
                     return Err(ConfigError::new(
                         here,
                         Some(format!("{uri:?}")),

@@ -203,6 +203,12 @@ fn mistake_bad_endpoints() {
         "bad.toml:2: channels.query.endpoints.1 = \"http://127.0.0.1:1/\": \
          the same endpoint as endpoints[0]"
     );
+    let e = error_of("[channels.query]\nendpoints = [\"127.0.0.1:1\"]\n");
+    assert_eq!(
+        e.to_string(),
+        "bad.toml:2: channels.query.endpoints.0 = \"127.0.0.1:1\": \
+         an endpoint is written `http://host:port`"
+    );
     let e = error_of("[channels.query]\nendpoints = \"http://127.0.0.1:1\"\n");
     assert_eq!((e.line(), e.key()), (Some(2), "channels.query.endpoints"));
     assert!(e.reason().contains("expected a sequence"), "{e}");
