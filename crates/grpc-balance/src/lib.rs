@@ -289,6 +289,25 @@ impl BalancedChannel {
         registry: BreakerRegistry,
         host_port: &str,
     ) -> Result<Self, BuildError> {
+        Self::from_dns_with(config, registry, host_port, |endpoint| endpoint)
+    }
+
+    /// As [`BalancedChannel::from_dns`], with `configure` applied to each
+    /// endpoint found (after the config's `connect_timeout`): keepalive,
+    /// window sizes, TLS.
+    ///
+    /// # Errors
+    ///
+    /// As [`BalancedChannel::from_dns`].
+    pub fn from_dns_with<F>(
+        config: BalanceConfig,
+        registry: BreakerRegistry,
+        host_port: &str,
+        configure: F,
+    ) -> Result<Self, BuildError>
+    where
+        F: Fn(Endpoint) -> Endpoint + Send + 'static,
+    {
         let port_ok = host_port
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -300,7 +319,7 @@ impl BalancedChannel {
         channel
             .controller
             .handle
-            .spawn(discover::dns(host_port.to_owned(), weak, tx));
+            .spawn(discover::dns(host_port.to_owned(), weak, tx, configure));
         Ok(channel)
     }
 

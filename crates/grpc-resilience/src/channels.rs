@@ -249,10 +249,12 @@ fn connect(
             .map(|uri| parse(uri, "endpoints"))
             .collect::<Result<_, _>>()?,
         (None, None, Some(host_port)) => {
-            let channel = built(BalancedChannel::from_dns(
+            let connect = settings.clone();
+            let channel = built(BalancedChannel::from_dns_with(
                 config,
                 registry.clone(),
                 host_port,
+                move |endpoint| connect.configure_endpoint(endpoint),
             ))?;
             return Ok((NamedChannel::Balanced(channel), format!("dns:{host_port}")));
         }

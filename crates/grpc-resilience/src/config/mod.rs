@@ -1185,8 +1185,7 @@ impl ChannelSettings {
 
     /// A balanced channel over the addresses of `host_port` (e.g.
     /// `query.internal:50051`), resolved again every `dns_refresh`.
-    /// Endpoints found by DNS get the channel's `connect_timeout`, not its
-    /// keepalive settings.
+    /// Endpoints found by DNS get the channel's connect options.
     pub fn with_dns(mut self, host_port: impl Into<String>) -> Self {
         self.dns = Some(host_port.into());
         self
