@@ -210,9 +210,25 @@ async fn the_dashboard_shows_breakers_open_and_close_in_a_real_browser() {
     .await;
     wait_for_text(&client, "state-query", "OPEN", Duration::from_secs(10)).await;
     assert_eq!(text(&client, "state-command").await, "CLOSED");
+    // The down service's health service says so.
+    wait_for_text(
+        &client,
+        "health-query",
+        "health: NOT_SERVING",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(text(&client, "health-command").await, "health: SERVING");
 
     // The outage ends: HALF_OPEN probes close it again.
     click(&client, "outage-query").await;
+    wait_for_text(
+        &client,
+        "health-query",
+        "health: SERVING",
+        Duration::from_secs(5),
+    )
+    .await;
     wait_for_text(&client, "state-query", "CLOSED", Duration::from_secs(15)).await;
     let log = text(&client, "transitions").await;
     assert!(log.contains("query: CLOSED → OPEN"), "{log}");

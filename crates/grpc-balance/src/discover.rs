@@ -113,7 +113,14 @@ impl Controller {
 }
 
 /// Resolves `host_port` every `refresh`, adding and removing endpoints.
-pub(crate) async fn dns(host_port: String, controller: Weak<Controller>, tx: Sender) {
+pub(crate) async fn dns<F>(
+    host_port: String,
+    controller: Weak<Controller>,
+    tx: Sender,
+    configure: F,
+) where
+    F: Fn(Endpoint) -> Endpoint,
+{
     let mut current: BTreeSet<SocketAddr> = BTreeSet::new();
     loop {
         let Some(ctl) = controller.upgrade() else {
@@ -131,7 +138,8 @@ pub(crate) async fn dns(host_port: String, controller: Weak<Controller>, tx: Sen
                         let Ok(endpoint) = Endpoint::from_shared(uri) else {
                             continue;
                         };
-                        let endpoint = endpoint.connect_timeout(ctl.config.connect_timeout());
+                        let endpoint =
+                            configure(endpoint.connect_timeout(ctl.config.connect_timeout()));
                         tracing::info!(name = %host_port, %addr, "DNS: endpoint added");
                         if !ctl.add(&tx, addr.to_string().into(), endpoint) {
                             return;

@@ -56,6 +56,8 @@ pub(crate) struct EndpointState {
     pub(crate) resetting: AtomicBool,
     pub(crate) ok: AtomicU64,
     pub(crate) failed: AtomicU64,
+    /// Ejections since the endpoint was added.
+    pub(crate) ejections: AtomicU64,
     pub(crate) waker: AtomicWaker,
     pub(crate) slow: Mutex<Slow>,
     pub(crate) controller: Weak<Controller>,
@@ -103,6 +105,7 @@ impl EndpointState {
             resetting: AtomicBool::new(false),
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
             waker: AtomicWaker::new(),
             slow: Mutex::new(Slow {
                 consecutive: 0,

@@ -14,6 +14,10 @@
 //! its own bulkhead: a full endpoint reads not-ready and the balancer picks
 //! another.
 //!
+//! From a config file: `grpc-resilience`'s named channels make one of a
+//! `[channels.<name>]` entry with `endpoints = [...]` or `dns = "host:port"`,
+//! with its `outlier`, `health` and `endpoint_breaker` tables.
+//!
 //! Endpoints come from a static list ([`BalancedChannel::from_endpoints`]),
 //! a DNS name resolved again every `dns_refresh`
 //! ([`BalancedChannel::from_dns`]), or your own stream of
@@ -157,7 +161,7 @@ use tower_service::Service;
 pub use config::{BalanceConfig, ConfigError, HealthConfig, OutlierConfig, SuccessRate};
 pub use discover::{Discovery, EndpointStack};
 pub use grpc_circuit_breaker::BreakerRegistry;
-pub use outlier::{EndpointStatus, Reason};
+pub use outlier::{EndpointDetails, EndpointStatus, Reason};
 
 use outlier::Controller;
 
@@ -285,6 +289,25 @@ impl BalancedChannel {
         registry: BreakerRegistry,
         host_port: &str,
     ) -> Result<Self, BuildError> {
+        Self::from_dns_with(config, registry, host_port, |endpoint| endpoint)
+    }
+
+    /// As [`BalancedChannel::from_dns`], with `configure` applied to each
+    /// endpoint found (after the config's `connect_timeout`): keepalive,
+    /// window sizes, TLS.
+    ///
+    /// # Errors
+    ///
+    /// As [`BalancedChannel::from_dns`].
+    pub fn from_dns_with<F>(
+        config: BalanceConfig,
+        registry: BreakerRegistry,
+        host_port: &str,
+        configure: F,
+    ) -> Result<Self, BuildError>
+    where
+        F: Fn(Endpoint) -> Endpoint + Send + 'static,
+    {
         let port_ok = host_port
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -296,7 +319,7 @@ impl BalancedChannel {
         channel
             .controller
             .handle
-            .spawn(discover::dns(host_port.to_owned(), weak, tx));
+            .spawn(discover::dns(host_port.to_owned(), weak, tx, configure));
         Ok(channel)
     }
 
@@ -331,6 +354,12 @@ impl BalancedChannel {
     /// Each endpoint's standing, by key (`host:port`).
     pub fn endpoints(&self) -> BTreeMap<String, EndpointStatus> {
         self.controller.status()
+    }
+
+    /// Each endpoint's standing, breaker state and ejection counts, by key
+    /// (`host:port`).
+    pub fn endpoint_details(&self) -> BTreeMap<String, EndpointDetails> {
+        self.controller.details()
     }
 
     /// The breaker name of the endpoint `key` (`<name>@<key>`).

@@ -67,6 +67,37 @@ impl fmt::Display for EndpointStatus {
     }
 }
 
+/// One endpoint's standing and history, as
+/// [`BalancedChannel::endpoint_details`](crate::BalancedChannel::endpoint_details)
+/// reports it: what an operator's status page shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointDetails {
+    /// The endpoint's key (`host:port`).
+    pub key: String,
+    /// Its breaker's name (`<name>@<host:port>`).
+    pub breaker: String,
+    /// In the ready set, ejected (and why) or probing.
+    pub status: EndpointStatus,
+    /// Its breaker's state (`None` only if the breaker was removed from
+    /// the registry by other code).
+    pub breaker_state: Option<State>,
+    /// Ejections since the endpoint was added.
+    pub ejections: u64,
+    /// Ejections in a row: the current (or last) ejection lasted
+    /// `base_ejection_time` times this, capped.
+    pub consecutive_ejections: u32,
+    /// Its health watch last reported anything but `SERVING`.
+    pub not_serving: bool,
+}
+
+impl EndpointDetails {
+    /// Out of the ready set now (probing endpoints are not counted).
+    pub fn is_ejected(&self) -> bool {
+        matches!(self.status, EndpointStatus::Ejected(_))
+    }
+}
+
 /// Decides ejections for one balanced channel.
 pub(crate) struct Controller {
     pub(crate) config: BalanceConfig,
@@ -167,6 +198,34 @@ impl Controller {
             .collect()
     }
 
+    pub(crate) fn details(&self) -> BTreeMap<String, EndpointDetails> {
+        let endpoints: Vec<_> = self.map().values().cloned().collect();
+        endpoints
+            .into_iter()
+            .map(|ep| {
+                let (reason, consecutive, not_serving) = {
+                    let slow = ep.slow();
+                    (slow.reason, slow.consecutive, slow.unhealthy)
+                };
+                let status = match ep.mode() {
+                    ACTIVE => EndpointStatus::Active,
+                    PROBING => EndpointStatus::Probing,
+                    _ => EndpointStatus::Ejected(reason.unwrap_or(Reason::Breaker)),
+                };
+                let details = EndpointDetails {
+                    key: ep.key.to_string(),
+                    breaker: ep.breaker.to_string(),
+                    status,
+                    breaker_state: self.registry.state(&ep.breaker),
+                    ejections: ep.ejections.load(Ordering::Relaxed),
+                    consecutive_ejections: consecutive,
+                    not_serving,
+                };
+                (ep.key.to_string(), details)
+            })
+            .collect()
+    }
+
     fn update_gauge(&self) {
         let n = self
             .map()
@@ -249,6 +308,7 @@ impl Controller {
             slow.reason = Some(reason);
             slow.epoch += 1;
             ep.mode.store(EJECTED, Ordering::Release);
+            ep.ejections.fetch_add(1, Ordering::Relaxed);
             let time = self.config.outlier().ejection_time(slow.consecutive);
             // A health ejection lasts until the endpoint says SERVING again
             // (or its watch breaks).

@@ -161,6 +161,38 @@ async fn health_ejection_waits_for_serving_then_probes_at_once() {
     assert_eq!(a.mode(), PROBING);
 }
 
+#[tokio::test(start_paused = true)]
+async fn details_count_ejections_and_report_health_and_breaker_state() {
+    let c = controller(50, 1);
+    let a = endpoint(&c, "a:1");
+    endpoint(&c, "b:1");
+    let fresh = &c.details()["a:1"];
+    assert_eq!(
+        (fresh.status, fresh.ejections, fresh.consecutive_ejections),
+        (EndpointStatus::Active, 0, 0)
+    );
+    assert_eq!(fresh.breaker, "query@a:1");
+    assert!(!fresh.not_serving && !fresh.is_ejected());
+
+    c.on_not_serving(&a);
+    let out = &c.details()["a:1"];
+    assert_eq!(out.status, EndpointStatus::Ejected(Reason::Health));
+    assert!(out.not_serving && out.is_ejected());
+    assert_eq!((out.ejections, out.consecutive_ejections), (1, 1));
+
+    c.on_serving(&a);
+    c.on_probe_outcome(&a, false);
+    let again = &c.details()["a:1"];
+    assert_eq!(again.status, EndpointStatus::Ejected(Reason::ProbeFailed));
+    assert!(!again.not_serving);
+    assert_eq!((again.ejections, again.consecutive_ejections), (2, 2));
+
+    // The other endpoint was never out; the cap (50 % of 2) kept room for
+    // one only.
+    let b = &c.details()["b:1"];
+    assert_eq!((b.status, b.ejections), (EndpointStatus::Active, 0));
+}
+
 type Req = http::Request<String>;
 type Res = http::Response<Full<Bytes>>;
 

@@ -4,11 +4,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use grpc_balance::{BalancedChannel, BuildError, EndpointDetails};
 use grpc_circuit_breaker::{BreakerRegistry, BreakerSnapshot, State, UnknownBreaker};
 use grpc_retry::{RetryBudget, RetryThrottle};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::config::ChannelSettings;
 use crate::error::key_path;
+use crate::named::NamedChannel;
 use crate::stack::{BreakerChoice, Limiters, StackShared, configure_breakers};
 use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 
@@ -17,6 +20,12 @@ use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 /// target: channels to the same endpoint share its bucket, its budget and
 /// its concurrency partitions, so two channels to one backend cannot each
 /// send it a full `max_concurrent`.
+///
+/// A channel with one `endpoint` sits on a tonic `Channel`; one with
+/// `endpoints` or `dns` on a [`BalancedChannel`] with a breaker per
+/// endpoint, outlier ejection and health checks (see the
+/// [config docs](crate::config#balanced-channels)), whose endpoints
+/// [`ResilientChannels::endpoint_status`] reports.
 ///
 /// Each channel has its own breaker, named after the channel unless its
 /// entry names another (`breaker = "query"`): two channels to different
@@ -53,7 +62,7 @@ use crate::{ConfigError, ReloadReport, ResilienceConfig, ResilientChannel};
 /// # }
 /// ```
 pub struct ResilientChannels {
-    channels: BTreeMap<String, ResilientChannel<Channel>>,
+    channels: BTreeMap<String, ResilientChannel<NamedChannel>>,
     targets: BTreeMap<String, String>,
     limiters: Mutex<BTreeMap<String, Limiters>>,
     services: BTreeMap<String, String>,
@@ -74,16 +83,33 @@ impl fmt::Debug for ResilientChannels {
 #[derive(Debug)]
 pub struct ResilientChannelsBuilder<'c> {
     config: &'c ResilienceConfig,
-    endpoints: BTreeMap<String, Endpoint>,
+    /// Endpoints given in code, and whether `with_endpoints` gave them.
+    endpoints: BTreeMap<String, (Vec<Endpoint>, bool)>,
     channels: BTreeMap<String, Channel>,
     registry: Option<BreakerRegistry>,
 }
 
 impl ResilientChannelsBuilder<'_> {
     /// Connects channel `name` to `endpoint`, instead of (or for want of)
-    /// the file's `endpoint`; the file's connect options still apply.
+    /// the file's `endpoint`, `endpoints` or `dns`; the file's connect
+    /// options still apply. A balanced channel in the file (one with
+    /// `endpoints`, `dns`, or an `outlier`, `health` or `endpoint_breaker`
+    /// table) stays balanced, over this one endpoint.
     pub fn with_endpoint(mut self, name: impl Into<String>, endpoint: Endpoint) -> Self {
-        self.endpoints.insert(name.into(), endpoint);
+        self.endpoints.insert(name.into(), (vec![endpoint], false));
+        self
+    }
+
+    /// Makes channel `name` a balanced channel over `endpoints`, instead
+    /// of the file's endpoints, with the entry's outlier, health and
+    /// endpoint breaker settings; the file's connect options still apply.
+    pub fn with_endpoints(
+        mut self,
+        name: impl Into<String>,
+        endpoints: impl IntoIterator<Item = Endpoint>,
+    ) -> Self {
+        self.endpoints
+            .insert(name.into(), (endpoints.into_iter().collect(), true));
         self
     }
 
@@ -125,27 +151,12 @@ impl ResilientChannelsBuilder<'_> {
         let mut services = BTreeMap::new();
         for (name, settings) in self.config.channels() {
             let (channel, target) = if let Some(channel) = self.channels.get(name) {
-                (channel.clone(), format!("channel:{name}"))
+                (
+                    NamedChannel::Single(channel.clone()),
+                    format!("channel:{name}"),
+                )
             } else {
-                let endpoint = match (self.endpoints.get(name), settings.endpoint()) {
-                    (Some(e), _) => e.clone(),
-                    (None, Some(uri)) => Endpoint::from_shared(uri.to_owned()).map_err(|e| {
-                        ConfigError::new(
-                            key_path(["channels", name.as_str(), "endpoint"]),
-                            Some(format!("{uri:?}")),
-                            format!("not a valid URI: {e}"),
-                        )
-                    })?,
-                    (None, None) => {
-                        return Err(ConfigError::new(
-                            key_path(["channels", name.as_str(), "endpoint"]),
-                            None,
-                            "no endpoint: set it in the file or with `with_endpoint`",
-                        ));
-                    }
-                };
-                let target = endpoint.uri().to_string();
-                (settings.configure_endpoint(endpoint).connect_lazy(), target)
+                connect(name, settings, self.endpoints.get(name), &registry)?
             };
             let target_limiters = match limiters.get(&target) {
                 Some(l) => l.clone(),
@@ -182,6 +193,107 @@ impl ResilientChannelsBuilder<'_> {
             reloading: Mutex::new(()),
         })
     }
+}
+
+/// Makes channel `name`'s service and names its target (channels to the
+/// same target share a retry throttle).
+fn connect(
+    name: &str,
+    settings: &ChannelSettings,
+    given: Option<&(Vec<Endpoint>, bool)>,
+    registry: &BreakerRegistry,
+) -> Result<(NamedChannel, String), ConfigError> {
+    let parse = |uri: &str, key: &str| {
+        Endpoint::from_shared(uri.to_owned()).map_err(|e| {
+            ConfigError::new(
+                key_path(["channels", name, key]),
+                Some(format!("{uri:?}")),
+                format!("not a valid URI: {e}"),
+            )
+        })
+    };
+    let balanced = settings.is_balanced() || given.is_some_and(|(_, many)| *many);
+    if !balanced {
+        let endpoint = match (
+            given.and_then(|(list, _)| list.first()),
+            settings.endpoint(),
+        ) {
+            (Some(e), _) => e.clone(),
+            (None, Some(uri)) => parse(uri, "endpoint")?,
+            (None, None) => {
+                return Err(ConfigError::new(
+                    key_path(["channels", name, "endpoint"]),
+                    None,
+                    "no endpoint: set it in the file or with `with_endpoint`",
+                ));
+            }
+        };
+        let target = endpoint.uri().to_string();
+        let channel = settings.configure_endpoint(endpoint).connect_lazy();
+        return Ok((NamedChannel::Single(channel), target));
+    }
+    let config = settings.to_balance_config(name)?;
+    let built = |r: Result<BalancedChannel, BuildError>| {
+        r.map_err(|e| {
+            let reason = match e {
+                BuildError::NoRuntime => {
+                    "a balanced channel must be built inside a tokio runtime".to_owned()
+                }
+                other => other.to_string(),
+            };
+            ConfigError::new(key_path(["channels", name]), None, reason)
+        })
+    };
+    let endpoints: Vec<Endpoint> = match (given, settings.endpoints(), settings.dns()) {
+        (Some((list, _)), _, _) => list.clone(),
+        (None, Some(uris), _) => uris
+            .iter()
+            .map(|uri| parse(uri, "endpoints"))
+            .collect::<Result<_, _>>()?,
+        (None, None, Some(host_port)) => {
+            let connect = settings.clone();
+            let channel = built(BalancedChannel::from_dns_with(
+                config,
+                registry.clone(),
+                host_port,
+                move |endpoint| connect.configure_endpoint(endpoint),
+            ))?;
+            return Ok((NamedChannel::Balanced(channel), format!("dns:{host_port}")));
+        }
+        (None, None, None) => {
+            return Err(ConfigError::new(
+                key_path(["channels", name, "endpoints"]),
+                None,
+                "no endpoints: list them (`endpoints = [...]`), give `dns`, \
+                 or use `with_endpoints`",
+            ));
+        }
+    };
+    if endpoints.is_empty() {
+        return Err(ConfigError::new(
+            key_path(["channels", name, "endpoints"]),
+            None,
+            "`with_endpoints` was given no endpoint",
+        ));
+    }
+    let target = endpoints
+        .iter()
+        .map(|e| e.uri().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let endpoints: Vec<Endpoint> = endpoints
+        .into_iter()
+        .map(|e| settings.configure_endpoint(e))
+        .collect();
+    let channel = built(BalancedChannel::from_endpoints(
+        config,
+        registry.clone(),
+        endpoints,
+    ))?;
+    Ok((
+        NamedChannel::Balanced(channel),
+        format!("endpoints:{target}"),
+    ))
 }
 
 /// No channel of that name or for that service.
@@ -221,7 +333,7 @@ impl ResilientChannels {
     /// # Errors
     ///
     /// [`UnknownChannel`] if there is none.
-    pub fn channel(&self, name: &str) -> Result<ResilientChannel<Channel>, UnknownChannel> {
+    pub fn channel(&self, name: &str) -> Result<ResilientChannel<NamedChannel>, UnknownChannel> {
         self.channels.get(name).cloned().ok_or_else(|| {
             UnknownChannel(format!(
                 "no channel is named `{name}` (there are: {})",
@@ -236,7 +348,10 @@ impl ResilientChannels {
     /// # Errors
     ///
     /// [`UnknownChannel`] if none does.
-    pub fn for_service(&self, service: &str) -> Result<ResilientChannel<Channel>, UnknownChannel> {
+    pub fn for_service(
+        &self,
+        service: &str,
+    ) -> Result<ResilientChannel<NamedChannel>, UnknownChannel> {
         match self.services.get(service) {
             Some(name) => self.channel(name),
             None => Err(UnknownChannel(format!(
@@ -268,7 +383,9 @@ impl ResilientChannels {
     }
 
     /// Every breaker's state by name, every configured breaker listed from
-    /// the start (the design's `get_circuit_breaker_status()`).
+    /// the start (the design's `get_circuit_breaker_status()`); a balanced
+    /// channel's endpoint breakers are listed as `<channel>@<host:port>`
+    /// (e.g. `query@127.0.0.1:50052`).
     pub fn circuit_breaker_status(&self) -> BTreeMap<String, State> {
         self.registry.status()
     }
@@ -278,6 +395,55 @@ impl ResilientChannels {
     /// operator's status page shows.
     pub fn circuit_breaker_details(&self) -> BTreeMap<String, BreakerSnapshot> {
         self.registry.snapshot()
+    }
+
+    /// Every endpoint of the balanced channels, by its breaker's name
+    /// (`query@127.0.0.1:50052`): in the ready set, ejected (and why) or
+    /// probing, its breaker's state, how often it was ejected, whether its
+    /// health watch says it is not serving. Single-endpoint channels have
+    /// none.
+    ///
+    /// ```
+    /// use grpc_resilience::{EndpointStatus, ResilienceConfig, ResilientChannels, State};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = ResilienceConfig::from_toml(r#"
+    ///     [channels.query]
+    ///     endpoints = ["http://127.0.0.1:50061", "http://127.0.0.1:50062"]
+    ///     [channels.query.outlier]
+    ///     max_ejection_percent = 50
+    ///     [channels.command]
+    ///     endpoint = "http://127.0.0.1:50051"
+    /// "#)?;
+    /// let channels = ResilientChannels::from_config(&config)?;
+    /// let endpoints = channels.endpoint_status();
+    /// let names: Vec<&str> = endpoints.keys().map(String::as_str).collect();
+    /// assert_eq!(names, ["query@127.0.0.1:50061", "query@127.0.0.1:50062"]);
+    /// let first = &endpoints["query@127.0.0.1:50061"];
+    /// assert_eq!(first.status, EndpointStatus::Active);
+    /// assert_eq!((first.breaker_state, first.ejections), (Some(State::Closed), 0));
+    ///
+    /// // The endpoint breakers are in the registry, beside the channels'.
+    /// assert_eq!(
+    ///     format!("{:?}", channels.circuit_breaker_status()),
+    ///     r#"{"command": Closed, "query": Closed, "query@127.0.0.1:50061": Closed, "query@127.0.0.1:50062": Closed}"#
+    /// );
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn endpoint_status(&self) -> BTreeMap<String, EndpointDetails> {
+        self.channels
+            .values()
+            .filter_map(|c| c.get_ref().balanced())
+            .flat_map(|b| b.endpoint_details().into_values())
+            .map(|d| (d.breaker.clone(), d))
+            .collect()
+    }
+
+    /// The balanced channel under channel `name`, if it is one.
+    pub fn balanced(&self, name: &str) -> Option<&BalancedChannel> {
+        self.channels.get(name)?.get_ref().balanced()
     }
 
     /// Closes every breaker (the design's `reset_circuit_breakers()`).
@@ -362,16 +528,19 @@ impl ResilientChannels {
             .map(|c| c.config())
             .unwrap_or_default();
         for (name, settings) in config.channels() {
-            match old.channels().get(name) {
-                Some(before) if before.endpoint() == settings.endpoint() => {}
-                _ => {
-                    return Err(ConfigError::new(
-                        key_path(["channels", name.as_str()]),
-                        None,
-                        "channels cannot be added or re-pointed by a reload; restart to change them",
-                    ));
+            let reason = match old.channels().get(name) {
+                Some(before) if before.same_connection(settings) => continue,
+                Some(before) if before.same_endpoints(settings) => {
+                    "a balanced channel's outlier, health and endpoint breaker settings \
+                     cannot change by a reload; restart to change them"
                 }
-            }
+                _ => "channels cannot be added or re-pointed by a reload; restart to change them",
+            };
+            return Err(ConfigError::new(
+                key_path(["channels", name.as_str()]),
+                None,
+                reason,
+            ));
         }
         if let Some(name) = old
             .channels()

@@ -77,7 +77,14 @@
 //!    `DEADLINE_EXCEEDED` failure for the breaker and can be retried while
 //!    the call's deadline still has time. Above the retry layer it would be
 //!    just another call deadline.
-//! 7. The tonic `Channel` (or any `Service<http::Request<B>>`).
+//! 7. The tonic `Channel` (or any `Service<http::Request<B>>`); for a
+//!    [`ResilientChannels`] entry with `endpoints` or `dns`, a
+//!    [`BalancedChannel`] over the replicas, each with its own breaker,
+//!    outlier ejection and health checks (see the
+//!    [config docs](config#balanced-channels)). Below the retry layer, so
+//!    each attempt is balanced anew and a retry goes to another replica;
+//!    below the channel's breaker, which then opens only when the replicas
+//!    fail together.
 //!
 //! # Telemetry
 //!
@@ -136,6 +143,7 @@ mod channels;
 pub mod config;
 mod error;
 pub mod future;
+mod named;
 mod per_call;
 mod reload;
 mod stack;
@@ -146,16 +154,19 @@ mod tests;
 pub use channels::{ResilientChannels, ResilientChannelsBuilder, UnknownChannel};
 pub use config::{
     AimdSettings, BreakerSettings, BudgetSettings, BulkheadSection, BulkheadSettings,
-    ChannelSettings, FailureRateSettings, GradientSettings, HedgingConfig, HedgingSettings,
-    ImportWarning, ResilienceConfig, RetryConfig, RetrySettings, ThrottleSettings, TimeoutConfig,
+    ChannelSettings, FailureRateSettings, GradientSettings, HealthSettings, HedgingConfig,
+    HedgingSettings, ImportWarning, OutlierSettings, ResilienceConfig, RetryConfig, RetrySettings,
+    SuccessRateSettings, ThrottleSettings, TimeoutConfig,
 };
 pub use error::ConfigError;
+pub use named::{NamedBody, NamedChannel, NamedFuture};
 pub use per_call::{CallOptions, Idempotent};
 #[cfg(feature = "watch")]
 pub use reload::ConfigWatcher;
 pub use stack::{ReloadReport, ResilienceLayer, ResilientChannel};
 
 // What a user needs, so that this crate is the one dependency.
+pub use grpc_balance::{BalancedChannel, EndpointDetails, EndpointStatus, Reason};
 pub use grpc_bulkhead::{BulkheadConfig, BulkheadFull, PartitionStatus};
 pub use grpc_circuit_breaker::{
     BreakerConfig, BreakerOpen, BreakerRegistry, BreakerSnapshot, FailureRate, State, StateChange,
@@ -176,6 +187,7 @@ struct ReadmeDoctests;
 
 /// The layer crates, for what the re-exports above do not cover.
 pub mod layers {
+    pub use grpc_balance as balance;
     pub use grpc_bulkhead as bulkhead;
     pub use grpc_circuit_breaker as circuit_breaker;
     pub use grpc_resilience_core as core;

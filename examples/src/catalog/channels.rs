@@ -365,6 +365,41 @@ fn describe_breaker(s: &BreakerSettings) -> String {
     parts.join(", ")
 }
 
+fn describe_balance(
+    channel: &grpc_resilience::ChannelSettings,
+    b: &grpc_resilience::layers::balance::BalanceConfig,
+) -> String {
+    let endpoints = match (channel.endpoints(), channel.dns()) {
+        (Some(list), _) => format!("{} endpoints", list.len()),
+        (None, Some(dns)) => format!("the addresses of {dns}"),
+        (None, None) => "the endpoints the example gives".to_owned(),
+    };
+    let o = b.outlier();
+    let mut parts = vec![
+        endpoints,
+        "a breaker per endpoint".to_owned(),
+        format!(
+            "ejected for {} (longer in a row, at most {}), at most {}% at once",
+            ms(o.base_ejection_time()),
+            ms(o.max_ejection_time()),
+            o.max_ejection_percent()
+        ),
+    ];
+    if let Some(rate) = o.success_rate() {
+        parts.push(format!(
+            "success-rate ejection every {} below mean - {} stdev",
+            ms(rate.interval()),
+            rate.stdev_factor()
+        ));
+    }
+    parts.push(match b.health() {
+        Some(h) if h.service().is_empty() => "health checks of the whole server".to_owned(),
+        Some(h) => format!("health checks of {}", h.service()),
+        None => "no health checks".to_owned(),
+    });
+    parts.join(", ")
+}
+
 impl Channels {
     /// The stack these channels were built with.
     pub fn stack(&self) -> Stack {
@@ -392,6 +427,15 @@ impl Channels {
                 next_probe_in: snapshot.time_to_next_probe(),
             })
             .collect()
+    }
+
+    /// Every endpoint of the balanced channels, by breaker name
+    /// (`query@127.0.0.1:50052`), from the facade's `endpoint_status()`;
+    /// none for single-endpoint or plain channels.
+    pub fn endpoints(&self) -> Vec<grpc_resilience::EndpointDetails> {
+        self.named()
+            .map(|named| named.endpoint_status().into_values().collect())
+            .unwrap_or_default()
     }
 
     /// Closes the breaker called `name`, or every breaker for `None`.
@@ -490,6 +534,15 @@ impl Channels {
                 value,
                 source: at(&format!("[circuit_breakers.{breaker}]")),
             });
+            if channel.is_balanced()
+                && let Ok(balance) = channel.to_balance_config(name)
+            {
+                settings.push(Setting {
+                    name: format!("balanced channel `{name}`"),
+                    value: describe_balance(channel, &balance),
+                    source: at(&format!("[channels.{name}]")),
+                });
+            }
         }
         settings
     }
@@ -623,6 +676,40 @@ mod tests {
             settings.iter().any(
                 |s| s.source.ends_with("[timeouts]") && s.value.contains("get_product 3000 ms")
             )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_balanced_channel_is_described_with_its_key() {
+        let text = format!(
+            "{BUILT_IN_CONFIG}\n[channels.query.outlier]\nmax_ejection_percent = 50\n\
+             [channels.query.health]\nservice = \"catalog.v1.QueryService\"\n"
+        );
+        let config = CatalogConfig::from_toml(&text, "mine.toml").unwrap();
+        let channels = build(&targets(), Stack::Resilient, &config).unwrap();
+        let settings = channels.settings();
+        let balanced: Vec<&Setting> = settings
+            .iter()
+            .filter(|s| s.name.starts_with("balanced channel"))
+            .collect();
+        assert_eq!(balanced.len(), 1, "{settings:?}");
+        assert_eq!(balanced[0].name, "balanced channel `query`");
+        assert_eq!(balanced[0].source, "mine.toml [channels.query]");
+        assert_eq!(
+            balanced[0].value,
+            "the endpoints the example gives, a breaker per endpoint, ejected for 30000 ms \
+             (longer in a row, at most 300000 ms), at most 50% at once, health checks of \
+             catalog.v1.QueryService"
+        );
+        let names: Vec<String> = channels.breakers().into_iter().map(|b| b.name).collect();
+        assert_eq!(names, ["command", "query", "query@127.0.0.1:2"]);
+        // The built-in config has none.
+        let plain = build(&targets(), Stack::Resilient, &CatalogConfig::built_in()).unwrap();
+        assert!(
+            !plain
+                .settings()
+                .iter()
+                .any(|s| s.name.starts_with("balanced"))
         );
     }
 

@@ -102,13 +102,29 @@ impl FaultSettings {
     ///
     /// [`FaultSettingsError`] if a value is invalid (nothing changes then).
     pub fn apply(&self, injector: &FaultInjector, seed: u64) -> Result<(), FaultSettingsError> {
+        self.apply_to(injector, "*", seed)
+    }
+
+    /// Applies these settings to the methods `selector` names (e.g.
+    /// `catalog.v1.QueryService/*`), drawing faults from `seed`; other
+    /// methods (the health service) are left alone.
+    ///
+    /// # Errors
+    ///
+    /// [`FaultSettingsError`] if a value is invalid (nothing changes then).
+    pub fn apply_to(
+        &self,
+        injector: &FaultInjector,
+        selector: &str,
+        seed: u64,
+    ) -> Result<(), FaultSettingsError> {
         self.validate()?;
         let rejected = |e: grpc_fault::FaultConfigError| FaultSettingsError(e.to_string());
         if self.outage {
             let down = Fault::status(Code::Unavailable)
                 .with_message("injected outage: the service is down")
                 .with_delay(self.latency);
-            return injector.always("*", down).map_err(rejected);
+            return injector.always(selector, down).map_err(rejected);
         }
         if self.is_none() {
             injector.clear_all();
@@ -132,7 +148,7 @@ impl FaultSettings {
                 choices.push((rest, Fault::pass().with_delay(delay)));
             }
         }
-        injector.random("*", seed, choices).map_err(rejected)
+        injector.random(selector, seed, choices).map_err(rejected)
     }
 }
 

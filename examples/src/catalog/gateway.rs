@@ -410,6 +410,48 @@ impl From<BreakerStatus> for CircuitBreaker {
     }
 }
 
+/// One endpoint of a balanced channel, for the operations API.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Endpoint {
+    /// Its breaker's name, `<channel>@<host:port>`.
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    /// `active`, `ejected (<reason>)` or `probing`.
+    pub status: String,
+    /// Out of the balancer now.
+    pub ejected: bool,
+    /// Its breaker's state.
+    pub breaker_state: Option<BreakerState>,
+    /// Ejections so far.
+    pub ejections: u64,
+    /// Its health watch last said it is not serving.
+    pub not_serving: bool,
+}
+
+impl From<grpc_resilience::EndpointDetails> for Endpoint {
+    fn from(d: grpc_resilience::EndpointDetails) -> Self {
+        Endpoint {
+            ejected: d.is_ejected(),
+            status: d.status.to_string(),
+            name: d.breaker,
+            address: d.key,
+            breaker_state: d.breaker_state.map(Into::into),
+            ejections: d.ejections,
+            not_serving: d.not_serving,
+        }
+    }
+}
+
+/// What a built-in service's `grpc.health.v1` service reports.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct ServiceHealth {
+    /// The service.
+    pub service: Service,
+    /// `SERVING` or `NOT_SERVING` (during an outage).
+    pub status: String,
+}
+
 /// A downstream service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
 pub enum Service {
@@ -656,6 +698,36 @@ impl QueryRoot {
         [Service::Command, Service::Query]
             .into_iter()
             .map(|s| fault_state(s, &backend.faults(s.into())))
+            .collect()
+    }
+
+    /// Every endpoint of the balanced channels (none for channels with one
+    /// endpoint).
+    async fn endpoints(&self, ctx: &Context<'_>) -> Vec<Endpoint> {
+        gateway(ctx)
+            .channels
+            .endpoints()
+            .into_iter()
+            .map(Into::into)
+            .collect()
+    }
+
+    /// The health status each built-in service reports (empty with
+    /// external targets).
+    async fn service_health(&self, ctx: &Context<'_>) -> Vec<ServiceHealth> {
+        let Some(backend) = gateway(ctx).backend() else {
+            return Vec::new();
+        };
+        [Service::Command, Service::Query]
+            .into_iter()
+            .map(|service| ServiceHealth {
+                service,
+                status: tonic_health::pb::health_check_response::ServingStatus::from(
+                    backend.health(service.into()),
+                )
+                .as_str_name()
+                .to_owned(),
+            })
             .collect()
     }
 

@@ -48,7 +48,46 @@
 //! services = ["catalog.v1.QueryService"]
 //! breaker = "query"                # default: the channel's own name
 //! connect_timeout = "2s"
+//!
+//! [channels.search]                # a balanced channel over replicas
+//! endpoints = ["http://10.0.0.1:50053", "http://10.0.0.2:50053"]
+//! # or: dns = "search.internal:50053", dns_refresh = "30s"
+//! max_concurrent_per_endpoint = 64 # optional bulkhead per replica
+//! [channels.search.endpoint_breaker] # each replica's breaker (named
+//! failure_threshold = 3            # `search@10.0.0.1:50053`)
+//! [channels.search.outlier]        # ejection of a failing replica
+//! base_ejection_time = "30s"
+//! max_ejection_time = "300s"
+//! max_ejection_percent = 50
+//! probe_successes = 1
+//! max_probes = 1
+//! [channels.search.outlier.success_rate]
+//! interval = "10s"
+//! minimum_hosts = 5
+//! request_volume = 100
+//! stdev_factor = 1.9
+//! [channels.search.health]         # grpc.health.v1 Watch per replica
+//! service = "catalog.v1.QueryService"
 //! ```
+//!
+//! # Balanced channels
+//!
+//! A `[channels]` entry with `endpoints` (a list of URIs) or `dns` (a
+//! `host:port` resolved again every `dns_refresh`) instead of `endpoint`
+//! is a balanced channel ([`grpc_balance::BalancedChannel`]): each replica
+//! has its own circuit breaker, named `<channel>@<host:port>`, and is
+//! ejected from the balancer when its breaker opens, its success rate
+//! falls below the others' (`outlier.success_rate`), or its health watch
+//! (`health`) reports anything but `SERVING`. The channel's stack (its
+//! retry, its own breaker) sits on top: each attempt is balanced anew, so
+//! a retry goes to another replica. Unset keys take `grpc-balance`'s
+//! defaults ([`OutlierSettings`], [`HealthSettings`]); an `outlier`,
+//! `health` or `endpoint_breaker` table, `dns_refresh` or
+//! `max_concurrent_per_endpoint` alone also makes a balanced channel, whose
+//! endpoints then come from code. These keys with a single `endpoint`, two
+//! sources of endpoints, or an endpoint breaker's `timeout`,
+//! `success_threshold` or `half_open_max_calls` (the outlier settings'
+//! `base_ejection_time`, `probe_successes` and `max_probes`) are errors.
 //!
 //! # Operation selectors
 //!
@@ -79,6 +118,7 @@
 //! [`TimeoutPolicy`], [`RetryThrottle::new`]), so a config built in code
 //! and one read from a file pass the same checks.
 
+mod balance;
 mod grpc_service_config;
 mod selector;
 pub(crate) mod serde_helpers;
@@ -99,6 +139,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Endpoint;
 
 use crate::error::{ConfigError, key_path};
+pub use balance::{HealthSettings, OutlierSettings, SuccessRateSettings};
 pub use grpc_service_config::ImportWarning;
 use selector::KnownMethods;
 use serde_helpers::{MaybeTimeout, opt_codes, opt_duration, opt_jitter};
@@ -1052,12 +1093,24 @@ impl FailureRateSettings {
     }
 }
 
-/// `[channels.<name>]`: one downstream target.
+/// `[channels.<name>]`: one downstream target, at one `endpoint`, or
+/// balanced over `endpoints` or the addresses of `dns` (see the
+/// [module docs](self#balanced-channels)).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoints: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dns: Option<String>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    dns_refresh: Option<Duration>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     services: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1086,6 +1139,14 @@ pub struct ChannelSettings {
         skip_serializing_if = "Option::is_none"
     )]
     keep_alive_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_concurrent_per_endpoint: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoint_breaker: Option<BreakerSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outlier: Option<OutlierSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    health: Option<HealthSettings>,
 }
 
 impl ChannelSettings {
@@ -1104,6 +1165,73 @@ impl ChannelSettings {
     /// The URI, if set.
     pub fn endpoint(&self) -> Option<&str> {
         self.endpoint.as_deref()
+    }
+
+    /// A balanced channel over these URIs (`endpoints = [...]`), each with
+    /// its own circuit breaker named `<channel>@<host:port>`.
+    pub fn with_endpoints<I, T>(mut self, uris: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.endpoints = Some(uris.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The balanced channel's URIs, if set.
+    pub fn endpoints(&self) -> Option<&[String]> {
+        self.endpoints.as_deref()
+    }
+
+    /// A balanced channel over the addresses of `host_port` (e.g.
+    /// `query.internal:50051`), resolved again every `dns_refresh`.
+    /// Endpoints found by DNS get the channel's connect options.
+    pub fn with_dns(mut self, host_port: impl Into<String>) -> Self {
+        self.dns = Some(host_port.into());
+        self
+    }
+
+    /// The DNS name, if set.
+    pub fn dns(&self) -> Option<&str> {
+        self.dns.as_deref()
+    }
+
+    option_field!(
+        /// How often `dns` is resolved again (default 30 s).
+        dns_refresh, with_dns_refresh, Duration);
+    option_field!(
+        /// A bulkhead per endpoint of a balanced channel: at most this many
+        /// calls in flight to each; a full endpoint is skipped.
+        max_concurrent_per_endpoint, with_max_concurrent_per_endpoint, usize);
+    option_field!(
+        /// The config of each endpoint's breaker in a balanced channel
+        /// (`[channels.<name>.endpoint_breaker]`, as a `[circuit_breakers]`
+        /// entry without `timeout`, `success_threshold` and
+        /// `half_open_max_calls`, which the outlier settings decide).
+        endpoint_breaker, with_endpoint_breaker, BreakerSettings);
+    option_field!(
+        /// Ejection settings of a balanced channel.
+        outlier, with_outlier, OutlierSettings);
+    option_field!(
+        /// Health checks of a balanced channel's endpoints.
+        health, with_health, HealthSettings);
+
+    /// Whether `other` names the same endpoints.
+    pub(crate) fn same_endpoints(&self, other: &ChannelSettings) -> bool {
+        self.endpoint == other.endpoint
+            && self.endpoints == other.endpoints
+            && self.dns == other.dns
+    }
+
+    /// Whether `other` connects as this does: the same endpoints and
+    /// balanced-channel settings (what a reload cannot change).
+    pub(crate) fn same_connection(&self, other: &ChannelSettings) -> bool {
+        self.same_endpoints(other)
+            && self.dns_refresh == other.dns_refresh
+            && self.max_concurrent_per_endpoint == other.max_concurrent_per_endpoint
+            && self.endpoint_breaker == other.endpoint_breaker
+            && self.outlier == other.outlier
+            && self.health == other.health
     }
 
     /// Adds a fully qualified gRPC service this channel serves.
@@ -1285,7 +1413,11 @@ fn retry_error(prefix: &[&str], e: &RetryConfigError) -> ConfigError {
 }
 
 fn breaker_error(name: &str, e: &BreakerConfigError) -> ConfigError {
-    let mut path = vec!["circuit_breakers", name];
+    breaker_error_at(&["circuit_breakers", name], e)
+}
+
+fn breaker_error_at(prefix: &[&str], e: &BreakerConfigError) -> ConfigError {
+    let mut path = prefix.to_vec();
     path.extend(e.field().split('.'));
     ConfigError::new(
         key_path(path),
@@ -1814,15 +1946,7 @@ impl ResilienceConfig {
                 .entry(breaker.clone())
                 .or_insert_with(BreakerConfig::default);
             channel_breakers.insert(name.clone(), breaker);
-            if let Some(uri) = &channel.endpoint {
-                Endpoint::from_shared(uri.clone()).map_err(|e| {
-                    ConfigError::new(
-                        key_path(["channels", name.as_str(), "endpoint"]),
-                        Some(format!("{uri:?}")),
-                        format!("not a valid URI: {e}"),
-                    )
-                })?;
-            }
+            channel.check_endpoints(name)?;
             for (i, service) in channel.services.iter().enumerate() {
                 let selector = format!("{service}/*");
                 if service.contains('/')
@@ -1885,5 +2009,7 @@ fn split_key_path(path: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_balance;
 #[cfg(test)]
 mod tests_policies;

@@ -48,6 +48,8 @@ function makeCard(name) {
   el("apply").id = "apply-" + name;
   el("clear").id = "clear-" + name;
   el("reset").id = "reset-" + name;
+  el("health-now").id = "health-" + name;
+  el("endpoint-list").id = "endpoints-" + name;
   el("outage").addEventListener("click", () => toggleOutage(name));
   el("apply").addEventListener("click", () => inject(name));
   el("clear").addEventListener("click", () => setFaults(name, {}));
@@ -121,6 +123,8 @@ function render(data) {
   (data.faults || []).forEach((f) => { faults[f.service.toLowerCase()] = f; });
   const breakers = {};
   (data.circuitBreakers || []).forEach((b) => { breakers[b.name] = b; });
+  const health = {};
+  (data.serviceHealth || []).forEach((h) => { health[h.service.toLowerCase()] = h.status; });
   (data.services || []).forEach((s) => {
     const name = s.service.toLowerCase();
     const { node, el } = cards[name];
@@ -149,6 +153,11 @@ function render(data) {
     outage.textContent = f && f.outage ? "Outage off" : "Outage on";
     outage.classList.toggle("on", Boolean(f && f.outage));
     outage.disabled = !f;
+    const h = health[name];
+    const healthEl = el("health-now");
+    healthEl.textContent = "health: " + (h || "not known (external service)");
+    healthEl.className = "health-now " + (h || "UNKNOWN");
+    renderEndpoints(el("endpoint-list"), name, data.endpoints || []);
     history[name].push({ rate: s.callsPerSecond, success: s.successRate });
     if (history[name].length > HISTORY) history[name].shift();
     drawSpark(el("spark"), history[name]);
@@ -158,6 +167,21 @@ function render(data) {
     list.innerHTML = "";
     data.breakerTransitions.forEach(addTransition);
   }
+}
+
+// The endpoints of a balanced channel (`query@127.0.0.1:50052`): each with
+// its standing, its breaker and its ejections so far.
+function renderEndpoints(list, name, endpoints) {
+  const mine = endpoints.filter((e) => e.name.startsWith(name + "@"));
+  list.innerHTML = "";
+  mine.forEach((e) => {
+    const li = document.createElement("li");
+    li.className = e.ejected ? "ejected" : e.status === "probing" ? "probing" : "active";
+    li.textContent = e.address + ": " + e.status + " · breaker " + (e.breakerState || "–") +
+      " · " + e.ejections + " ejection" + (e.ejections === 1 ? "" : "s") +
+      (e.notServing ? " · NOT_SERVING" : "");
+    list.appendChild(li);
+  });
 }
 
 function addTransition(t) {
@@ -173,6 +197,8 @@ const STATUS = `{
   circuitBreakers { name state failureCount nextProbeIn }
   services { service callsPerSecond successRate retries rejected p50Ms p99Ms }
   faults { service outage errors { code rate } lostResponseRate latencyMs }
+  serviceHealth { service status }
+  endpoints { name address status ejected breakerState ejections notServing }
 }`;
 const STATUS_WITH_LOG = STATUS.replace(/}$/, " breakerTransitions { name from to trigger at } }");
 
