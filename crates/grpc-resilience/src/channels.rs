@@ -122,8 +122,8 @@ impl ResilientChannelsBuilder<'_> {
         let mut limiters: BTreeMap<String, Limiters> = BTreeMap::new();
         let mut services = BTreeMap::new();
         for (name, settings) in self.config.channels() {
-            let (channel, target) = if let Some(channel) = self.channels.get(name) {
-                (channel.clone(), format!("channel:{name}"))
+            let (channel, target, uri) = if let Some(channel) = self.channels.get(name) {
+                (channel.clone(), format!("channel:{name}"), None)
             } else {
                 let endpoint = match (self.endpoints.get(name), settings.endpoint()) {
                     (Some(e), _) => e.clone(),
@@ -143,7 +143,12 @@ impl ResilientChannelsBuilder<'_> {
                     }
                 };
                 let target = endpoint.uri().to_string();
-                (settings.configure_endpoint(endpoint).connect_lazy(), target)
+                let uri = endpoint.uri().clone();
+                (
+                    settings.configure_endpoint(endpoint).connect_lazy(),
+                    target,
+                    Some(uri),
+                )
             };
             let target_limiters = match limiters.get(&target) {
                 Some(l) => l.clone(),
@@ -153,13 +158,16 @@ impl ResilientChannelsBuilder<'_> {
                     l
                 }
             };
-            let shared = StackShared::new(
+            let mut shared = StackShared::new(
                 self.config,
                 &compiled,
                 registry.clone(),
                 BreakerChoice::Channel(name.clone()),
                 target_limiters,
             );
+            if let Some(uri) = &uri {
+                shared = shared.with_server(uri);
+            }
             for service in settings.services() {
                 services
                     .entry(service.clone())

@@ -26,7 +26,7 @@ use crate::attempt::{Attempt, AttemptBody};
 use crate::bulk::{Bulk, BulkBody};
 use crate::config::{BudgetSettings, BulkheadSpec, Compiled, ThrottleSettings};
 use crate::per_call::PerCall;
-use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, call_span};
+use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, ServerAddress, call_span};
 use crate::{ConfigError, ResilienceConfig};
 use grpc_bulkhead::BulkheadLayer;
 
@@ -88,6 +88,8 @@ pub(crate) struct StackShared {
     limiters: Mutex<Limiters>,
     metrics: MetricsCache,
     reloading: Mutex<()>,
+    /// Where the calls go, when known (a named channel's endpoint).
+    server: Option<ServerAddress>,
 }
 
 impl fmt::Debug for StackShared {
@@ -244,6 +246,7 @@ impl StackShared {
             limiters: Mutex::new(limiters),
             metrics: MetricsCache::default(),
             reloading: Mutex::new(()),
+            server: None,
         }
     }
 
@@ -311,6 +314,12 @@ impl StackShared {
                 .map(|p| TimeoutLayer::new(p).per_attempt()),
             bulkhead,
         }
+    }
+
+    /// Names where the calls go, for the call spans.
+    pub(crate) fn with_server(mut self, uri: &http::Uri) -> Self {
+        self.server = ServerAddress::of_uri(uri);
+        self
     }
 
     /// Swaps in a new generation built from `compiled`, with `limiters`.
@@ -688,7 +697,10 @@ where
                         m
                     }
                 };
-                Some(CallRecorder::new(metrics, call_span(&id)))
+                Some(CallRecorder::new(
+                    metrics,
+                    call_span(&id, self.shared.server.as_ref()),
+                ))
             }
             Err(_) => None,
         };
