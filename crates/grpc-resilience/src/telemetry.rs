@@ -153,7 +153,7 @@ pub(crate) fn call_span(id: &MethodId<'_>, server: Option<&ServerAddress>) -> Sp
     {
         span.record("server.address", &*server.host);
         if let Some(port) = server.port {
-            span.record("server.port", port);
+            span.record("server.port", i64::from(port));
         }
     }
     span

@@ -52,6 +52,12 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Milliseconds for span fields: signed, as OpenTelemetry's integers are
+/// (a `u64` field would reach it as text).
+fn span_millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Why the latest retry was decided: for the next attempt's span.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct LastRetry {
@@ -72,7 +78,7 @@ pub(crate) fn attempt_span(attempt: u32, hedge: bool) -> tracing::Span {
         rpc.service = tracing::field::Empty,
         rpc.method = tracing::field::Empty,
         rpc.grpc.status_code = tracing::field::Empty,
-        attempt,
+        attempt = i64::from(attempt),
         hedge,
         transparent = tracing::field::Empty,
         backoff_ms = tracing::field::Empty,
@@ -93,7 +99,10 @@ pub(crate) fn record_attempt(
     span.record("rpc.service", service);
     span.record("rpc.method", method);
     if let Some(deadline) = deadline {
-        span.record("deadline_remaining_ms", millis(deadline.remaining_at(now)));
+        span.record(
+            "deadline_remaining_ms",
+            span_millis(deadline.remaining_at(now)),
+        );
     }
 }
 
@@ -351,7 +360,7 @@ impl<S, B> Ctx<S, B> {
                 } else {
                     "backoff_ms"
                 };
-                span.record(field, millis(waited));
+                span.record(field, span_millis(waited));
                 span.record("transparent", self.last_retry.transparent);
             }
         }

@@ -1,12 +1,15 @@
 //! The built-in Command and Query services: two tonic servers on
 //! 127.0.0.1 over one in-memory catalog (writes through Command, reads
-//! through Query), each behind its own fault-injection layer.
+//! through Query), each behind its own fault-injection layer, and each
+//! call in a `grpc_server` span, the child of the caller's attempt
+//! ([`grpc_otel::ServerTraceLayer`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use catalog_proto::InMemoryCatalog;
 use grpc_fault::FaultInjector;
+use grpc_otel::ServerTraceLayer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
@@ -63,11 +66,14 @@ impl Backend {
         let query = TcpListener::bind(("127.0.0.1", query_port)).await?;
         let command_addr = command.local_addr()?;
         let query_addr = query.local_addr()?;
+        // The trace layer outermost: a call the faults refuse has its span.
         let serve_command = Server::builder()
+            .layer(ServerTraceLayer::new())
             .layer(command_faults.layer())
             .add_service(catalog.command_service())
             .serve_with_incoming(grpc_fault::incoming(command));
         let serve_query = Server::builder()
+            .layer(ServerTraceLayer::new())
             .layer(query_faults.layer())
             .add_service(catalog.query_service())
             .serve_with_incoming(grpc_fault::incoming(query));
