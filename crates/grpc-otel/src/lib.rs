@@ -27,7 +27,8 @@
 //! use tonic::transport::{Channel, Server};
 //! use tower::ServiceBuilder;
 //!
-//! # fn main() {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
 //! // The server: each call in a span that is the child of the caller's.
 //! let catalog = InMemoryCatalog::with_products(3);
 //! let server = Server::builder()
