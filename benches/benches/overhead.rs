@@ -253,10 +253,58 @@ fn stack(c: &mut Criterion) {
     // telemetry in front (no recorder or subscriber installed).
     let mut facade =
         ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config()).expect("a config");
-    group.bench_function("grpc_resilience::ResilientChannel", |b| {
+    // Without the benches' default `opentelemetry` feature the facade is
+    // built without its own: this row is then the feature off; with it, the
+    // feature compiled in but no subscriber (each attempt checks the
+    // current span, finds none, writes nothing).
+    let facade_row = if cfg!(feature = "opentelemetry") {
+        "grpc_resilience::ResilientChannel (opentelemetry feature, no subscriber)"
+    } else {
+        "grpc_resilience::ResilientChannel"
+    };
+    group.bench_function(facade_row, |b| {
         b.iter_custom(|n| drive_with(&rt, &mut facade, || requests.grpc_request(&payload), n))
     });
+    #[cfg(feature = "opentelemetry")]
+    tracing_rows(&mut group, &rt, &requests, &payload, &mut facade);
     group.finish();
+}
+
+/// The facade with tracing on (feature compiled in), on this thread only:
+/// a plain `tracing` registry (the call and attempt spans exist, nothing
+/// reads them), then a `tracing-opentelemetry` layer whose provider has no
+/// exporter (every span is also an OpenTelemetry span, sampled and
+/// dropped at its end, and each attempt writes `traceparent`).
+#[cfg(feature = "opentelemetry")]
+fn tracing_rows(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    requests: &RequestFactory,
+    payload: &bytes::Bytes,
+    facade: &mut ResilientChannel<Bare>,
+) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    // The attempt spans are DEBUG, the call spans INFO: let both through.
+    let spans = tracing_subscriber::filter::LevelFilter::DEBUG;
+    let registry = tracing_subscriber::registry().with(spans);
+    tracing::subscriber::with_default(registry, || {
+        group.bench_function(
+            "grpc_resilience::ResilientChannel (tracing spans, no OpenTelemetry layer)",
+            |b| b.iter_custom(|n| drive_with(rt, facade, || requests.grpc_request(payload), n)),
+        );
+    });
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let otel = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")))
+        .with(spans);
+    tracing::subscriber::with_default(otel, || {
+        group.bench_function(
+            "grpc_resilience::ResilientChannel (tracing-opentelemetry layer, no exporter)",
+            |b| b.iter_custom(|n| drive_with(rt, facade, || requests.grpc_request(payload), n)),
+        );
+    });
 }
 
 criterion_group! {

@@ -12,6 +12,7 @@ use crate::future::{Permit, ResponseBody, ResponseFuture, Stripe};
 use crate::keying::{Entry, Keying, Shared};
 use crate::layer::CircuitBreakerLayer;
 use crate::registry::BreakerRegistry;
+use crate::state::State;
 
 /// How many keys each service clone remembers, so the usual call finds
 /// its breaker without touching shared memory.
@@ -102,7 +103,12 @@ where
             return ResponseFuture::called(self.inner.call(request), None);
         };
         let core = &stripe.0;
-        match core.admit(Instant::now) {
+        let admitted = core.admit(Instant::now);
+        record_admission(match &admitted {
+            Ok(admission) => admission.state,
+            Err(state) => *state,
+        });
+        match admitted {
             Err(state) => {
                 // Release the reservation the ready inner service holds.
                 let fresh = self.inner.clone();
@@ -118,5 +124,15 @@ where
                 ResponseFuture::called(self.inner.call(request), Some(permit))
             }
         }
+    }
+}
+
+/// Records the breaker's state at admission as `breaker.state` on the
+/// current span: the retry layer's attempt span declares that field (a
+/// span without it ignores the value). Nothing at all is done unless DEBUG
+/// spans can be enabled, which the attempt span needs.
+fn record_admission(state: State) {
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        tracing::Span::current().record("breaker.state", state.as_str());
     }
 }

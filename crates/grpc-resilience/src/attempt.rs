@@ -41,6 +41,17 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // Below retry and breaker, inside the attempt's span: each attempt
+        // carries its own span as the server span's parent.
+        #[cfg(feature = "opentelemetry")]
+        let request = {
+            let mut request = request;
+            grpc_otel::inject_context(
+                &grpc_otel::TraceContextPropagator::new(),
+                request.headers_mut(),
+            );
+            request
+        };
         match self {
             Attempt::Off(s) => AttemptFuture::Off {
                 inner: s.call(request),

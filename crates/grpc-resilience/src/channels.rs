@@ -150,10 +150,11 @@ impl ResilientChannelsBuilder<'_> {
         let mut limiters: BTreeMap<String, Limiters> = BTreeMap::new();
         let mut services = BTreeMap::new();
         for (name, settings) in self.config.channels() {
-            let (channel, target) = if let Some(channel) = self.channels.get(name) {
+            let (channel, target, uri) = if let Some(channel) = self.channels.get(name) {
                 (
                     NamedChannel::Single(channel.clone()),
                     format!("channel:{name}"),
+                    None,
                 )
             } else {
                 connect(name, settings, self.endpoints.get(name), &registry)?
@@ -166,13 +167,16 @@ impl ResilientChannelsBuilder<'_> {
                     l
                 }
             };
-            let shared = StackShared::new(
+            let mut shared = StackShared::new(
                 self.config,
                 &compiled,
                 registry.clone(),
                 BreakerChoice::Channel(name.clone()),
                 target_limiters,
             );
+            if let Some(uri) = &uri {
+                shared = shared.with_server(uri);
+            }
             for service in settings.services() {
                 services
                     .entry(service.clone())
@@ -196,13 +200,14 @@ impl ResilientChannelsBuilder<'_> {
 }
 
 /// Makes channel `name`'s service and names its target (channels to the
-/// same target share a retry throttle).
+/// same target share a retry throttle, budget and bulkhead), with the
+/// server's URI for the call span when there is one server.
 fn connect(
     name: &str,
     settings: &ChannelSettings,
     given: Option<&(Vec<Endpoint>, bool)>,
     registry: &BreakerRegistry,
-) -> Result<(NamedChannel, String), ConfigError> {
+) -> Result<(NamedChannel, String, Option<http::Uri>), ConfigError> {
     let parse = |uri: &str, key: &str| {
         Endpoint::from_shared(uri.to_owned()).map_err(|e| {
             ConfigError::new(
@@ -229,8 +234,9 @@ fn connect(
             }
         };
         let target = endpoint.uri().to_string();
+        let uri = endpoint.uri().clone();
         let channel = settings.configure_endpoint(endpoint).connect_lazy();
-        return Ok((NamedChannel::Single(channel), target));
+        return Ok((NamedChannel::Single(channel), target, Some(uri)));
     }
     let config = settings.to_balance_config(name)?;
     let built = |r: Result<BalancedChannel, BuildError>| {
@@ -258,7 +264,11 @@ fn connect(
                 host_port,
                 move |endpoint| connect.configure_endpoint(endpoint),
             ))?;
-            return Ok((NamedChannel::Balanced(channel), format!("dns:{host_port}")));
+            return Ok((
+                NamedChannel::Balanced(channel),
+                format!("dns:{host_port}"),
+                None,
+            ));
         }
         (None, None, None) => {
             return Err(ConfigError::new(
@@ -293,6 +303,7 @@ fn connect(
     Ok((
         NamedChannel::Balanced(channel),
         format!("endpoints:{target}"),
+        None,
     ))
 }
 

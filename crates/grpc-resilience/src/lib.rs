@@ -102,10 +102,31 @@
 //! `Bulkhead full, call rejected` naming the partition. Through
 //! `tracing`: an INFO span `grpc_call` per logical call with
 //! OpenTelemetry's RPC fields (`rpc.system = "grpc"`, `rpc.service`,
-//! `rpc.method`, `rpc.grpc.status_code`), each attempt a `grpc_attempt`
+//! `rpc.method`, `rpc.grpc.status_code`, and for a named channel
+//! `server.address`, `server.port`), each attempt a `grpc_attempt`
 //! child span, and the layers' WARN lines (`gRPC call failed with
 //! unavailable, retrying in 200ms (attempt 1/3)`, `Circuit breaker opening
 //! after 5 failures`).
+//!
+//! # Distributed tracing
+//!
+//! With the `opentelemetry` feature, each attempt writes the OpenTelemetry
+//! context of its span into its metadata (W3C Trace Context:
+//! `traceparent`, `tracestate`), from the bottom of the stack, so the
+//! server's span is the child of the attempt that reached it; a server
+//! reads it with `ServerTraceLayer` of the `grpc-otel` crate. The spans become
+//! OpenTelemetry spans through a `tracing-opentelemetry` layer in the
+//! process's subscriber (let DEBUG spans of `grpc_retry` through it for
+//! the attempts); without one nothing is written. The attempt span
+//! `grpc_attempt` carries `otel.kind = "client"`, `rpc.system`,
+//! `rpc.service`, `rpc.method`, `rpc.grpc.status_code` (when its response
+//! head or error gives it), `attempt`, `hedge`, `transparent`,
+//! `backoff_ms` or `pushback_ms` (the wait before it),
+//! `deadline_remaining_ms` and `breaker.state` (at admission); breaker
+//! transitions and throttled retries are events inside the spans.
+//!
+//! Without the feature, no OpenTelemetry crate is compiled and the stack
+//! is as without tracing: the `tracing` spans only.
 //!
 //! # Per-call control
 //!

@@ -26,7 +26,7 @@ use crate::attempt::{Attempt, AttemptBody};
 use crate::bulk::{Bulk, BulkBody};
 use crate::config::{BudgetSettings, BulkheadSpec, Compiled, ThrottleSettings};
 use crate::per_call::PerCall;
-use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, call_span};
+use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, ServerAddress, call_span};
 use crate::{ConfigError, ResilienceConfig};
 use grpc_bulkhead::BulkheadLayer;
 
@@ -86,6 +86,8 @@ pub(crate) struct StackShared {
     limiters: Mutex<Limiters>,
     metrics: MetricsCache,
     reloading: Mutex<()>,
+    /// Where the calls go, when known (a named channel's endpoint).
+    server: Option<ServerAddress>,
 }
 
 impl fmt::Debug for StackShared {
@@ -272,6 +274,7 @@ impl StackShared {
             limiters: Mutex::new(limiters),
             metrics: MetricsCache::default(),
             reloading: Mutex::new(()),
+            server: None,
         }
     }
 
@@ -328,6 +331,12 @@ impl StackShared {
                 .map(|p| TimeoutLayer::new(p).per_attempt()),
             bulkhead: limiters.bulkhead.as_ref().map(|(_, layer)| layer.clone()),
         }
+    }
+
+    /// Names where the calls go, for the call spans.
+    pub(crate) fn with_server(mut self, uri: &http::Uri) -> Self {
+        self.server = ServerAddress::of_uri(uri);
+        self
     }
 
     /// Swaps in a new generation built from `compiled`, with `limiters`.
@@ -712,7 +721,10 @@ where
                         m
                     }
                 };
-                Some(CallRecorder::new(metrics, call_span(&id)))
+                Some(CallRecorder::new(
+                    metrics,
+                    call_span(&id, self.shared.server.as_ref()),
+                ))
             }
             Err(_) => None,
         };

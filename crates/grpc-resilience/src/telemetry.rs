@@ -119,14 +119,42 @@ impl OnOutcome for CallRecorder {
     }
 }
 
+/// Where a channel's calls go, for the spans' `server.address` and
+/// `server.port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ServerAddress {
+    host: Box<str>,
+    port: Option<u16>,
+}
+
+impl ServerAddress {
+    pub(crate) fn of_uri(uri: &http::Uri) -> Option<Self> {
+        Some(ServerAddress {
+            host: uri.host()?.into(),
+            port: uri.port_u16(),
+        })
+    }
+}
+
 /// The span of one logical call, with OpenTelemetry's RPC fields.
-pub(crate) fn call_span(id: &MethodId<'_>) -> Span {
-    tracing::info_span!(
+pub(crate) fn call_span(id: &MethodId<'_>, server: Option<&ServerAddress>) -> Span {
+    let span = tracing::info_span!(
         "grpc_call",
         otel.kind = "client",
         rpc.system = "grpc",
         rpc.service = id.service(),
         rpc.method = id.method(),
         rpc.grpc.status_code = tracing::field::Empty,
-    )
+        server.address = tracing::field::Empty,
+        server.port = tracing::field::Empty,
+    );
+    if let Some(server) = server
+        && !span.is_disabled()
+    {
+        span.record("server.address", &*server.host);
+        if let Some(port) = server.port {
+            span.record("server.port", i64::from(port));
+        }
+    }
+    span
 }

@@ -183,5 +183,33 @@ async fn the_designs_warn_lines_with_their_fields_inside_the_call_span() {
             attempt.parent.is_some_and(|p| calls.contains(&p)),
             "an attempt outside a call span: {attempt:?}"
         );
+        // OpenTelemetry's RPC fields, the status its head gave, the
+        // breaker's state when it was admitted (recorded by the breaker
+        // below, into the span current while the retry layer sends it).
+        for (field, value) in [
+            ("otel.kind", "client"),
+            ("rpc.system", "grpc"),
+            ("rpc.service", "catalog.v1.QueryService"),
+            ("rpc.method", "GetProduct"),
+            ("rpc.grpc.status_code", "14"),
+            ("hedge", "false"),
+        ] {
+            assert_eq!(
+                attempt.fields.get(field).map(String::as_str),
+                Some(value),
+                "{field}: {attempt:?}"
+            );
+        }
+        assert!(
+            ["closed", "open", "half_open"].contains(&attempt.fields["breaker.state"].as_str()),
+            "{attempt:?}"
+        );
+        // A retry says how long it waited and why.
+        if attempt.fields["attempt"] != "1" {
+            assert!(attempt.fields.contains_key("backoff_ms"), "{attempt:?}");
+            assert_eq!(attempt.fields["transparent"], "false", "{attempt:?}");
+        } else {
+            assert!(!attempt.fields.contains_key("backoff_ms"), "{attempt:?}");
+        }
     }
 }

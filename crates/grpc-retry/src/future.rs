@@ -43,11 +43,87 @@ pub(crate) struct Ctx<S, B> {
     pub(crate) deadline: Option<CallDeadline>,
     // When the first attempt ended; retried calls report the time since.
     pub(crate) first_ended: Option<Instant>,
+    // Why the latest retry was decided, for the next attempt's span.
+    pub(crate) last_retry: LastRetry,
 }
 
 /// Milliseconds for logs, saturating.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds for span fields: signed, as OpenTelemetry's integers are
+/// (a `u64` field would reach it as text).
+fn span_millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Why the latest retry was decided: for the next attempt's span.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct LastRetry {
+    /// The wait was the server's pushback, not a backoff.
+    pub(crate) pushback: bool,
+    /// A transparent retry: the server never processed the attempt.
+    pub(crate) transparent: bool,
+}
+
+/// The DEBUG span `grpc_attempt` of attempt `attempt`, with OpenTelemetry's
+/// RPC fields and ours; the fields known later are empty.
+pub(crate) fn attempt_span(attempt: u32, hedge: bool) -> tracing::Span {
+    tracing::debug_span!(
+        "grpc_attempt",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = tracing::field::Empty,
+        rpc.method = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+        attempt = i64::from(attempt),
+        hedge,
+        transparent = tracing::field::Empty,
+        backoff_ms = tracing::field::Empty,
+        pushback_ms = tracing::field::Empty,
+        deadline_remaining_ms = tracing::field::Empty,
+        breaker.state = tracing::field::Empty,
+    )
+}
+
+/// Records what is known when an attempt is sent on its (enabled) span.
+pub(crate) fn record_attempt(
+    span: &tracing::Span,
+    service: &str,
+    method: &str,
+    deadline: Option<CallDeadline>,
+    now: Instant,
+) {
+    span.record("rpc.service", service);
+    span.record("rpc.method", method);
+    if let Some(deadline) = deadline {
+        span.record(
+            "deadline_remaining_ms",
+            span_millis(deadline.remaining_at(now)),
+        );
+    }
+}
+
+/// Records on an attempt's span the status its response head or error
+/// gives (a committed response's status comes later, in its trailers, and
+/// is the call's).
+pub(crate) fn record_result<R>(span: &tracing::Span, result: &Result<Response<R>, BoxError>) {
+    if span.is_disabled() {
+        return;
+    }
+    let code = match result {
+        Ok(response) => match classify_head(response.status(), response.headers()) {
+            Some(outcome) => outcome.code(),
+            None => return,
+        },
+        Err(err) => error_code(&**err),
+    };
+    span.record("rpc.grpc.status_code", code as i32);
+    if code != tonic::Code::Ok {
+        span.record("otel.status_code", "error");
+    }
 }
 
 /// What to do after an attempt.
@@ -135,6 +211,10 @@ impl<S, B> Ctx<S, B> {
                 self.backoff_n = self.backoff_n.saturating_add(1);
                 backoff::delay(&self.policy, self.backoff_n)
             }
+        };
+        self.last_retry = LastRetry {
+            pushback: matches!(pushback, Pushback::After(_)),
+            transparent: never_processed,
         };
         let (service, method) = self.labels();
         if !never_processed && throttle.is_some_and(|t| !t.allows_retry()) {
@@ -265,17 +345,24 @@ impl<S, B> Ctx<S, B> {
         Box::new(status)
     }
 
-    fn span(&self) -> tracing::Span {
-        let span = tracing::debug_span!(
-            "grpc_attempt",
-            attempt = self.attempts,
-            service = tracing::field::Empty,
-            method = tracing::field::Empty,
-        );
+    /// The span of attempt `self.attempts`, sent at `now` after waiting
+    /// `waited` (none for the first). The service is called with it
+    /// entered, so that a layer below (trace-context propagation) sees it.
+    pub(crate) fn span(&self, waited: Option<Duration>, now: Option<Instant>) -> tracing::Span {
+        let span = attempt_span(self.attempts, false);
         if !span.is_disabled() {
             let (service, method) = self.labels();
-            span.record("service", service);
-            span.record("method", method);
+            let now = now.unwrap_or_else(Instant::now);
+            record_attempt(&span, service, method, self.deadline, now);
+            if let Some(waited) = waited {
+                let field = if self.last_retry.pushback {
+                    "pushback_ms"
+                } else {
+                    "backoff_ms"
+                };
+                span.record(field, span_millis(waited));
+                span.record("transparent", self.last_retry.transparent);
+            }
         }
         span
     }
@@ -490,12 +577,14 @@ where
                     return deliver(&ctx, last, Next::Return);
                 };
                 ctx.attempts += 1;
-                let span = ctx.span();
-                ctx.service
-                    .call(request)
-                    .instrument(span)
-                    .await
-                    .map_err(Into::into)
+                let span = ctx.span(Some(delay), Some(now));
+                let fut = {
+                    let _entered = span.enter();
+                    ctx.service.call(request)
+                };
+                let result = fut.instrument(span.clone()).await.map_err(Into::into);
+                record_result(&span, &result);
+                result
             }
         };
         sanitize(&mut result);
@@ -562,8 +651,8 @@ where
         }
     }
 
-    pub(crate) fn first(fut: S::Future, ctx: Ctx<S, B>) -> Self {
-        let span = ctx.span();
+    /// The first attempt, `fut`, sent (the service called) in `span`.
+    pub(crate) fn first(fut: S::Future, span: tracing::Span, ctx: Ctx<S, B>) -> Self {
         ResponseFuture {
             kind: Kind::First {
                 fut: fut.instrument(span),
@@ -608,8 +697,9 @@ where
                             .map_err(with_transport_status),
                     );
                 }
-                KindProj::First { fut, ctx } => {
-                    let mut result = ready!(fut.poll(cx)).map_err(Into::into);
+                KindProj::First { mut fut, ctx } => {
+                    let mut result = ready!(fut.as_mut().poll(cx)).map_err(Into::into);
+                    record_result(fut.span(), &result);
                     sanitize(&mut result);
                     let Some(mut ctx) = ctx.take() else {
                         return Poll::Ready(Err("retry future polled after completion".into()));

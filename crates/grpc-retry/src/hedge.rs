@@ -13,7 +13,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::decide::{Ended, Pushback, answered, ended};
-use crate::future::{replay_request, sanitize};
+use crate::future::{attempt_span, record_attempt, record_result, replay_request, sanitize};
 use crate::replay::{Recording, ReplayableBody};
 use crate::{HedgingPolicy, ResponseBody, Shared};
 
@@ -41,18 +41,12 @@ impl<S, B> Hedge<S, B> {
             .increment(n);
     }
 
-    fn span(&self, attempt: u32) -> tracing::Span {
-        let span = tracing::debug_span!(
-            "grpc_attempt",
-            attempt,
-            hedge = true,
-            service = tracing::field::Empty,
-            method = tracing::field::Empty,
-        );
+    /// The span of hedge `attempt`; the service is called with it entered.
+    pub(crate) fn span(&self, attempt: u32) -> tracing::Span {
+        let span = attempt_span(attempt, true);
         if !span.is_disabled() {
             let (service, method) = self.labels();
-            span.record("service", service);
-            span.record("method", method);
+            record_attempt(&span, service, method, self.deadline, Instant::now());
         }
         span
     }
@@ -85,6 +79,7 @@ impl<S, B> Hedge<S, B> {
 pub(crate) async fn hedge<S, B, R>(
     mut h: Hedge<S, B>,
     first: S::Future,
+    first_span: tracing::Span,
 ) -> Result<Response<ResponseBody<R>>, BoxError>
 where
     S: Service<Request<B>, Response = Response<R>> + Send,
@@ -92,8 +87,7 @@ where
     S::Future: Send,
     B: ReplayableBody,
 {
-    let span = h.span(1);
-    let mut inflight: Vec<Attempt<S::Future>> = vec![(1, Box::pin(first.instrument(span)))];
+    let mut inflight: Vec<Attempt<S::Future>> = vec![(1, Box::pin(first.instrument(first_span)))];
     let mut sent: u32 = 1;
     // When the next hedge is due; `None`: no more hedges.
     let mut next_at = Some(Instant::now() + h.policy.hedging_delay);
@@ -110,8 +104,9 @@ where
                     i += 1;
                     continue;
                 };
-                let (n, _) = inflight.swap_remove(i);
+                let (n, fut) = inflight.swap_remove(i);
                 let mut result = result.map_err(Into::into);
+                record_result(fut.span(), &result);
                 sanitize(&mut result);
                 if h.recording.refused(n) && !answered(&result) {
                     // Its body could not be sent byte for byte: unless the
@@ -215,7 +210,11 @@ where
                     let (service, method) = h.labels();
                     tracing::debug!(service, method, attempt = sent, "hedging: attempt sent");
                     let span = h.span(sent);
-                    let fut = h.service.call(request).instrument(span);
+                    let fut = {
+                        let _entered = span.enter();
+                        h.service.call(request)
+                    };
+                    let fut = fut.instrument(span);
                     inflight.push((sent, Box::pin(fut)));
                     next_at = Some(now + h.policy.hedging_delay);
                     continue;

@@ -159,7 +159,15 @@
 //! another committed the call). Each retry logs a WARN,
 //! `gRPC call failed with unavailable, retrying in 200ms
 //! (attempt 1/3)`, with the fields `service`, `method`, `code`, `attempt`,
-//! `delay_ms`; each attempt runs in a `grpc_attempt` span with its number.
+//! `delay_ms`; each attempt runs in a DEBUG `grpc_attempt` span, entered
+//! while the service is called (so a layer below, such as trace-context
+//! propagation, sees it as the current span) and while its future is
+//! polled. Its fields: `otel.kind = "client"`, OpenTelemetry's
+//! `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code` (when
+//! the attempt's response head or error gives it), and `attempt`, `hedge`,
+//! `transparent`, `backoff_ms` or `pushback_ms` (the wait before it),
+//! `deadline_remaining_ms`, and `breaker.state`, left for a breaker below
+//! to record.
 
 mod backoff;
 mod body;

@@ -9,7 +9,7 @@ use http::Request;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::future::{Ctx, ResponseFuture};
+use crate::future::{Ctx, LastRetry, ResponseFuture};
 use crate::head::Head;
 use crate::hedge::{Hedge, hedge};
 use crate::layer::RetryLayer;
@@ -183,22 +183,26 @@ where
 
         // Call the service that was made ready; keep a clone for retries.
         let fresh = self.inner.clone();
-        let mut service = std::mem::replace(&mut self.inner, fresh);
-        let fut = service.call(request);
+        let service = std::mem::replace(&mut self.inner, fresh);
         let policy = match policy {
             MethodPolicy::Retry(policy) => policy,
             MethodPolicy::Hedge(policy) => {
-                let h = Hedge {
+                let mut h = Hedge {
                     service,
                     recording,
                     policy,
                     shared: self.shared.clone(),
                     deadline,
                 };
-                return ResponseFuture::boxed(Box::pin(hedge(h, fut)));
+                let span = h.span(1);
+                let fut = {
+                    let _entered = span.enter();
+                    h.service.call(request)
+                };
+                return ResponseFuture::boxed(Box::pin(hedge(h, fut, span)));
             }
         };
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             service,
             recording,
             policy,
@@ -207,7 +211,15 @@ where
             backoff_n: 0,
             deadline,
             first_ended: None,
+            last_retry: LastRetry::default(),
         };
-        ResponseFuture::first(fut, ctx)
+        // The attempt's span is entered while the service is called, so a
+        // layer below sees it as the current span.
+        let span = ctx.span(None, None);
+        let fut = {
+            let _entered = span.enter();
+            ctx.service.call(request)
+        };
+        ResponseFuture::first(fut, span, ctx)
     }
 }

@@ -1,6 +1,8 @@
 //! The built-in Command and Query services: two tonic servers on
 //! 127.0.0.1 over one in-memory catalog (writes through Command, reads
-//! through Query), each behind its own fault-injection layer.
+//! through Query), each behind its own fault-injection layer, and each
+//! call in a `grpc_server` span, the child of the caller's attempt
+//! ([`grpc_otel::ServerTraceLayer`]).
 //!
 //! Each server also serves the standard `grpc.health.v1.Health` service
 //! (untouched by the faults): its catalog service (and the whole server,
@@ -12,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use catalog_proto::InMemoryCatalog;
 use grpc_fault::FaultInjector;
+use grpc_otel::ServerTraceLayer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -108,13 +111,16 @@ impl Backend {
         let (command_health, command_health_service) = tonic_health::server::health_reporter();
         let (query_health, query_health_service) = tonic_health::server::health_reporter();
         // The faults name the catalog services only (see `set_faults`), so
-        // the health service answers through an outage.
+        // the health service answers through an outage. The trace layer
+        // outermost: a call the faults refuse has its span.
         let serve_command = Server::builder()
+            .layer(ServerTraceLayer::new())
             .layer(command_faults.layer())
             .add_service(command_health_service)
             .add_service(catalog.command_service())
             .serve_with_incoming(grpc_fault::incoming(command));
         let serve_query = Server::builder()
+            .layer(ServerTraceLayer::new())
             .layer(query_faults.layer())
             .add_service(query_health_service)
             .add_service(catalog.query_service())

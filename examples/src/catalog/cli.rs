@@ -18,6 +18,11 @@ pub struct Cli {
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+    /// Export traces over OTLP/gRPC to this endpoint (e.g.
+    /// http://127.0.0.1:4317); default: the OTEL_EXPORTER_OTLP_ENDPOINT
+    /// environment variable; with neither, traces are not exported.
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The subcommands.

@@ -25,4 +25,5 @@ pub mod gateway;
 pub mod stats;
 pub mod system;
 pub mod telemetry;
+pub mod traces;
 pub mod web;

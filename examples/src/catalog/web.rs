@@ -5,10 +5,14 @@
 use async_graphql::http::GraphiQLSource;
 use async_graphql_axum::{GraphQL, GraphQLSubscription};
 use axum::Router;
+use axum::extract::Request;
 use axum::http::header;
-use axum::response::{Html, IntoResponse};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::gateway::GatewaySchema;
 
@@ -45,7 +49,9 @@ pub fn router(schema: GatewaySchema, metrics: PrometheusHandle) -> Router {
         )
         .route(
             GRAPHQL_PATH,
-            get(graphiql).post_service(GraphQL::new(schema.clone())),
+            get(graphiql)
+                .post_service(GraphQL::new(schema.clone()))
+                .layer(axum::middleware::from_fn(graphql_span)),
         )
         .route_service(GRAPHQL_WS_PATH, GraphQLSubscription::new(schema))
         .route(
@@ -61,6 +67,34 @@ pub fn router(schema: GatewaySchema, metrics: PrometheusHandle) -> Router {
                 }
             }),
         )
+}
+
+/// Runs a request to the GraphQL endpoint in a `graphql_request` span (the
+/// gateway's, `otel.kind = "server"`): the gRPC calls its resolvers make
+/// are its children. A caller's W3C Trace Context (`traceparent`) makes it
+/// a child of the caller's span; without one it is the trace's root.
+async fn graphql_span(request: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "graphql_request",
+        otel.name = "graphql",
+        otel.kind = "server",
+        http.request.method = request.method().as_str(),
+        url.path = GRAPHQL_PATH,
+        http.response.status_code = tracing::field::Empty,
+    );
+    if !span.is_disabled()
+        && let Some(parent) =
+            grpc_otel::extract_context(&grpc_otel::TraceContextPropagator::new(), request.headers())
+    {
+        // Fails only for a span already started, which this one is not.
+        let _ = span.set_parent(parent);
+    }
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
+    response
 }
 
 async fn graphiql() -> impl IntoResponse {
