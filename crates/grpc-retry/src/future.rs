@@ -29,9 +29,8 @@ pub(crate) const PREVIOUS_ATTEMPTS: http::HeaderName =
 #[derive(Debug)]
 pub(crate) struct Ctx<S, B> {
     pub(crate) service: S,
-    // The request head lives in the recording, shared with the bodies, so
-    // this context (and the future holding it) stays small. Dropping it
-    // (the call is over) releases what no attempt still needs.
+    // The request head (inline, see `Head`) and the body's recording.
+    // Dropping it (the call is over) releases what no attempt still needs.
     pub(crate) recording: Recording<B>,
     pub(crate) policy: RetryPolicy,
     pub(crate) shared: Arc<Shared>,
@@ -325,8 +324,8 @@ pub(crate) fn replay_request<B: ReplayableBody>(
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = head.uri.clone();
     *request.version_mut() = head.version;
-    *request.headers_mut() = head.headers.clone();
-    *request.extensions_mut() = head.extensions.clone();
+    *request.headers_mut() = head.headers();
+    *request.extensions_mut() = head.extensions();
     let headers = request.headers_mut();
     headers.insert(PREVIOUS_ATTEMPTS, HeaderValue::from(previous));
     if let Some(deadline) = deadline {

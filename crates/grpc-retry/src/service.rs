@@ -171,14 +171,14 @@ where
         }
         // Retries record the deadline on each attempt themselves, so the kept
         // head need not hold it.
-        let head = Head::of(&parts);
+        let head = Head::of(&parts, deadline.is_some());
         if recorded.is_none()
             && let Some(deadline) = deadline
         {
             // For the layers below.
             parts.extensions.insert(deadline);
         }
-        let (body, recording) = Replay::first(body, self.shared.limits.clone(), head);
+        let (body, recording) = Replay::capture(body, self.shared.limits.clone(), head);
         let request = Request::from_parts(parts, B::from_replay(body));
 
         // Call the service that was made ready; keep a clone for retries.
