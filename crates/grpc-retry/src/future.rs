@@ -607,18 +607,28 @@ where
                             .map_err(with_transport_status),
                     );
                 }
-                KindProj::First { fut, ctx } => {
+                KindProj::First { fut, ctx: slot } => {
                     let mut result = ready!(fut.poll(cx)).map_err(Into::into);
                     sanitize(&mut result);
-                    let Some(mut ctx) = ctx.take() else {
+                    // The context is moved out only to be retried: a call
+                    // that ends here drops it where it is.
+                    let Some(ctx) = slot.as_mut() else {
                         return Poll::Ready(Err("retry future polled after completion".into()));
                     };
                     match ctx.next_delay(&result) {
                         Next::Retry(delay) => {
+                            let Some(ctx) = slot.take() else {
+                                return Poll::Ready(Err("retry context lost".into()));
+                            };
                             let fut = Box::pin(retry_loop(ctx, delay, result));
                             kind.set(Kind::Retrying { fut });
                         }
-                        next => return Poll::Ready(deliver(&ctx, result, next)),
+                        next => {
+                            let delivered = deliver(ctx, result, next);
+                            // The call is over: its recording is released now.
+                            *slot = None;
+                            return Poll::Ready(delivered);
+                        }
                     }
                 }
                 KindProj::Retrying { fut } => return fut.as_mut().poll(cx),

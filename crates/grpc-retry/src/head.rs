@@ -10,17 +10,15 @@
 //!   is a `Bytes` clone: free for static values, a reference count
 //!   otherwise), `grpc-timeout` left out when the call has a deadline
 //!   (every attempt writes its own); more headers are kept as a map;
-//! * the extensions a retried attempt must carry, when they are all the
-//!   request holds: `tonic::GrpcMethod`, [`RetryOverride`], and
-//!   [`CallDeadline`] (each attempt records the call's deadline itself).
-//!   A request holding any other extension keeps a clone of its whole
-//!   map, so nothing a layer below reads is ever lost on a retry.
+//! * the `tonic::GrpcMethod` extension a generated stub adds, when it is
+//!   all the request holds besides a [`CallDeadline`] (each attempt records
+//!   the call's deadline itself). A request holding any other extension (a
+//!   `RetryOverride`, say) keeps a clone of its whole map, so nothing a
+//!   layer below reads is ever lost on a retry.
 
 use grpc_resilience_core::CallDeadline;
 use grpc_resilience_core::timeout_header::GRPC_TIMEOUT;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
-
-use crate::RetryOverride;
 
 /// How many header values a head keeps inline before it keeps a map.
 pub(crate) const INLINE_HEADERS: usize = 4;
@@ -45,11 +43,10 @@ enum Headers {
 /// The extensions a retried attempt carries.
 #[derive(Debug)]
 enum Carried {
-    /// The request held only extensions of these types (and perhaps a
+    /// The request held no extension but these (and perhaps a
     /// `CallDeadline`, which each attempt records itself).
     Known {
         grpc_method: Option<tonic::GrpcMethod<'static>>,
-        retry_override: Option<RetryOverride>,
     },
     /// A clone of the whole map.
     Map(Extensions),
@@ -93,16 +90,10 @@ impl Head {
     pub(crate) fn extensions(&self) -> Extensions {
         match &self.extensions {
             Carried::Map(map) => map.clone(),
-            Carried::Known {
-                grpc_method,
-                retry_override,
-            } => {
+            Carried::Known { grpc_method } => {
                 let mut map = Extensions::new();
                 if let Some(m) = grpc_method {
                     map.insert(m.clone());
-                }
-                if let Some(o) = retry_override {
-                    map.insert(*o);
                 }
                 map
             }
@@ -133,16 +124,13 @@ impl Headers {
 impl Carried {
     fn of(extensions: &Extensions) -> Self {
         let grpc_method = extensions.get::<tonic::GrpcMethod<'static>>();
-        let retry_override = extensions.get::<RetryOverride>();
         let known = usize::from(grpc_method.is_some())
-            + usize::from(retry_override.is_some())
             + usize::from(extensions.get::<CallDeadline>().is_some());
         if extensions.len() != known {
             return Carried::Map(extensions.clone());
         }
         Carried::Known {
             grpc_method: grpc_method.cloned(),
-            retry_override: retry_override.copied(),
         }
     }
 }
@@ -212,9 +200,6 @@ mod tests {
             "catalog.v1.QueryService",
             "GetProduct",
         ));
-        parts
-            .extensions
-            .insert(RetryOverride::default().with_max_attempts(2));
         parts.extensions.insert(CallDeadline::at(
             tokio::time::Instant::now() + std::time::Duration::from_secs(1),
         ));
@@ -226,12 +211,8 @@ mod tests {
             .expect("the method");
         assert_eq!(method.service(), "catalog.v1.QueryService");
         assert_eq!(method.method(), "GetProduct");
-        assert_eq!(
-            carried.get::<RetryOverride>(),
-            parts.extensions.get::<RetryOverride>()
-        );
         // Each attempt records the call's deadline itself.
-        assert_eq!(carried.len(), 2);
+        assert_eq!(carried.len(), 1);
     }
 
     #[test]
@@ -242,10 +223,17 @@ mod tests {
             "GetProduct",
         ));
         parts.extensions.insert(Custom(7));
+        parts
+            .extensions
+            .insert(crate::RetryOverride::default().with_max_attempts(2));
         let head = Head::of(&parts, false);
         assert!(matches!(head.extensions, Carried::Map(_)));
         let carried = head.extensions();
         assert_eq!(carried.get::<Custom>(), Some(&Custom(7)));
+        assert_eq!(
+            carried.get::<crate::RetryOverride>(),
+            parts.extensions.get::<crate::RetryOverride>()
+        );
         assert!(carried.get::<tonic::GrpcMethod<'static>>().is_some());
     }
 }

@@ -204,3 +204,26 @@ fn the_response_future_size() {
     println!("ResponseFuture<Mock, tonic Body, tonic Body>: {size} bytes");
     assert!(size > 0);
 }
+
+#[test]
+fn sizes_probe() {
+    type M = mock::Mock<Req, Res>;
+    println!(
+        "head {} headers-pair {} uri {} method {} policy {} recording {} ctx {} mockfut {} instrumented {} span {} deadline {} first_ended {} grpcmethod {} override {}",
+        std::mem::size_of::<crate::head::Head>(),
+        std::mem::size_of::<Option<(http::HeaderName, http::HeaderValue)>>(),
+        std::mem::size_of::<http::Uri>(),
+        std::mem::size_of::<http::Method>(),
+        std::mem::size_of::<RetryPolicy>(),
+        std::mem::size_of::<crate::replay::Recording<Body>>(),
+        std::mem::size_of::<crate::future::Ctx<M, Body>>(),
+        std::mem::size_of::<<M as tower::Service<Req>>::Future>(),
+        std::mem::size_of::<tracing::instrument::Instrumented<<M as tower::Service<Req>>::Future>>(
+        ),
+        std::mem::size_of::<tracing::Span>(),
+        std::mem::size_of::<Option<CallDeadline>>(),
+        std::mem::size_of::<Option<tokio::time::Instant>>(),
+        std::mem::size_of::<Option<tonic::GrpcMethod<'static>>>(),
+        std::mem::size_of::<Option<RetryOverride>>(),
+    );
+}
