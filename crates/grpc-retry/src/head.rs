@@ -60,6 +60,7 @@ impl Head {
 
     /// The head of `parts`. With `has_deadline`, `grpc-timeout` is left
     /// out: every attempt writes the time left when it is sent.
+    #[inline]
     pub(crate) fn of(parts: &http::request::Parts, has_deadline: bool) -> Self {
         Head {
             method: parts.method.clone(),
@@ -103,18 +104,20 @@ impl Head {
 
 impl Headers {
     fn of(headers: &HeaderMap, has_deadline: bool) -> Self {
-        let skipped = |name: &HeaderName| has_deadline && name == GRPC_TIMEOUT;
-        let kept = headers.iter().filter(|(name, _)| !skipped(name)).count();
-        if kept > INLINE_HEADERS {
-            let mut map = headers.clone();
-            if has_deadline {
-                map.remove(GRPC_TIMEOUT);
-            }
-            return Headers::Map(map);
-        }
         let mut pairs: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS] = Default::default();
-        let kept = headers.iter().filter(|(name, _)| !skipped(name));
-        for (slot, (name, value)) in pairs.iter_mut().zip(kept) {
+        let mut slots = pairs.iter_mut();
+        for (name, value) in headers {
+            if has_deadline && name == GRPC_TIMEOUT {
+                continue;
+            }
+            let Some(slot) = slots.next() else {
+                // Too many to keep inline.
+                let mut map = headers.clone();
+                if has_deadline {
+                    map.remove(GRPC_TIMEOUT);
+                }
+                return Headers::Map(map);
+            };
             *slot = Some((name.clone(), value.clone()));
         }
         Headers::Inline(pairs)

@@ -632,12 +632,17 @@ where
     /// once and kept as it is, within the buffer limits: no shared
     /// recording, no lock per frame. Any other body is recorded as the
     /// attempts read it, starting with what was read here.
-    pub(crate) fn capture(original: B, limits: Arc<Limits>, head: Head) -> (Self, Recording<B>) {
+    #[inline]
+    pub(crate) fn capture(
+        original: B,
+        limits: Arc<Limits>,
+        head: impl FnOnce() -> Head,
+    ) -> (Self, Recording<B>) {
         let original = match Prefixed::read_ready(original) {
             Ok(data) => {
                 let fits = data.len() <= limits.per_call && limits.reserve(data.len());
                 let recording = Recording {
-                    head,
+                    head: head(),
                     kind: RecordingKind::Ready {
                         data: fits.then(|| data.clone()),
                         limits,
@@ -647,7 +652,7 @@ where
             }
             Err(original) => original,
         };
-        Self::record(original, limits, head)
+        Self::record(original, limits, head())
     }
 }
 

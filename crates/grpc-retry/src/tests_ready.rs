@@ -187,7 +187,7 @@ fn a_stub_request_is_captured_whole_before_the_first_attempt() {
     let limits = Arc::new(crate::replay::Limits::new(1024, 4096));
     let (parts, body) = stub_request().into_parts();
     let head = crate::head::Head::of(&parts, true);
-    let (first, recording) = ReplayBody::capture(body, limits.clone(), head);
+    let (first, recording) = ReplayBody::capture(body, limits.clone(), || head);
     assert!(recording.is_ready(), "no shared recording for a unary body");
     assert_eq!(limits.in_use(), framed(b"p1").len());
     drop(first);
@@ -195,35 +195,15 @@ fn a_stub_request_is_captured_whole_before_the_first_attempt() {
     assert_eq!(limits.in_use(), 0, "released with the call");
 }
 
-/// The future a call through the layer returns, for a stub's channel-like
-/// inner service: reported so its size can be followed.
+/// The future a call through the layer returns holds the head a retry
+/// needs inline (no allocation), so it is larger than the inner future;
+/// this bound keeps it from growing by accident (720 bytes with a
+/// `tower_test` inner service when this was written, 240 before the head
+/// was kept inline).
 #[test]
-fn the_response_future_size() {
+fn the_response_future_stays_within_its_size() {
     type Fut = crate::future::ResponseFuture<mock::Mock<Req, Res>, Body, Body>;
     let size = std::mem::size_of::<Fut>();
     println!("ResponseFuture<Mock, tonic Body, tonic Body>: {size} bytes");
-    assert!(size > 0);
-}
-
-#[test]
-fn sizes_probe() {
-    type M = mock::Mock<Req, Res>;
-    println!(
-        "head {} headers-pair {} uri {} method {} policy {} recording {} ctx {} mockfut {} instrumented {} span {} deadline {} first_ended {} grpcmethod {} override {}",
-        std::mem::size_of::<crate::head::Head>(),
-        std::mem::size_of::<Option<(http::HeaderName, http::HeaderValue)>>(),
-        std::mem::size_of::<http::Uri>(),
-        std::mem::size_of::<http::Method>(),
-        std::mem::size_of::<RetryPolicy>(),
-        std::mem::size_of::<crate::replay::Recording<Body>>(),
-        std::mem::size_of::<crate::future::Ctx<M, Body>>(),
-        std::mem::size_of::<<M as tower::Service<Req>>::Future>(),
-        std::mem::size_of::<tracing::instrument::Instrumented<<M as tower::Service<Req>>::Future>>(
-        ),
-        std::mem::size_of::<tracing::Span>(),
-        std::mem::size_of::<Option<CallDeadline>>(),
-        std::mem::size_of::<Option<tokio::time::Instant>>(),
-        std::mem::size_of::<Option<tonic::GrpcMethod<'static>>>(),
-        std::mem::size_of::<Option<RetryOverride>>(),
-    );
+    assert!(size <= 720, "the retry future grew to {size} bytes");
 }
