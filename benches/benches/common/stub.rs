@@ -13,7 +13,7 @@ use tonic::codec::{Codec, EncodeBody};
 
 /// Builds stub-shaped `GetProduct` requests.
 #[derive(Clone, Debug)]
-pub struct StubRequests {
+pub(crate) struct StubRequests {
     origin: Uri,
     message: GetProductRequest,
 }
@@ -32,7 +32,7 @@ impl Default for StubRequests {
 
 impl StubRequests {
     /// A fresh request, built the way tonic builds it for each call.
-    pub fn request(&self) -> Request<tonic::body::Body> {
+    pub(crate) fn request(&self) -> Request<tonic::body::Body> {
         let mut codec =
             tonic_prost::ProstCodec::<GetProductRequest, catalog_proto::Product>::default();
         let source = tokio_stream::once(Ok(self.message.clone()));
