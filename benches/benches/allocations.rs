@@ -12,6 +12,9 @@ use grpc_retry::{RetryLayer, RetryPolicies, RetryPolicy};
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::{Service, ServiceBuilder};
 
+#[path = "common/stub.rs"]
+mod stub;
+
 const CALLS: u64 = 10_000;
 
 /// Allocations per call through `service`, beyond building the request.
@@ -123,6 +126,55 @@ where
         grpc_resilience_benches::drive_with(&rt, &mut service, &mut keyed, CALLS);
     });
     (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
+}
+
+/// Allocations per call for requests exactly as a generated stub sends
+/// them (`tonic::GrpcMethod` extension, tonic's encoded unary body),
+/// beyond building the request.
+fn per_stub_call<S, B>(mut service: S) -> f64
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let rt = runtime();
+    let stubs = stub::StubRequests::default();
+    grpc_resilience_benches::drive_with(&rt, &mut service, || stubs.request(), 100);
+    let baseline = allocation_counter::measure(|| {
+        for _ in 0..CALLS {
+            std::hint::black_box(stubs.request());
+        }
+    });
+    let total = allocation_counter::measure(|| {
+        grpc_resilience_benches::drive_with(&rt, &mut service, || stubs.request(), CALLS);
+    });
+    (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
+}
+
+/// The retry rows over stub-shaped requests.
+fn retry_stub_rows() -> Vec<(&'static str, f64)> {
+    let reading = grpc_resilience_benches::Reading::default;
+    let retry = || RetryLayer::new(RetryPolicies::new(RetryPolicy::default()).expect("a policy"));
+    vec![
+        ("bare (reads the body)", per_stub_call(reading())),
+        (
+            "grpc_retry::Retry, success",
+            per_stub_call(ServiceBuilder::new().layer(retry()).service(reading())),
+        ),
+        (
+            "Timeout > Retry > CircuitBreaker",
+            per_stub_call(
+                ServiceBuilder::new()
+                    .layer(TimeoutLayer::new(
+                        TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
+                    ))
+                    .layer(retry())
+                    .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                    .service(reading()),
+            ),
+        ),
+    ]
 }
 
 fn main() {
@@ -332,6 +384,16 @@ fn main() {
         "server side, 1 KiB request", "allocations/call", "vs bare"
     );
     for (name, allocs) in idempotency_rows {
+        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
+    }
+    println!();
+    let stub_rows = retry_stub_rows();
+    let bare = stub_rows[0].1;
+    println!(
+        "{:<44} {:>18} {:>12}",
+        "stub-shaped request (GrpcMethod, ~1 KiB)", "allocations/call", "vs bare"
+    );
+    for (name, allocs) in stub_rows {
         println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
     }
 }

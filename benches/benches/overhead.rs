@@ -17,6 +17,9 @@ use grpc_retry::{Jitter, RetryLayer, RetryPolicies, RetryPolicy};
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::ServiceBuilder;
 
+#[path = "common/stub.rs"]
+mod stub;
+
 fn timeout(c: &mut Criterion) {
     let rt = runtime();
     let _guard = rt.enter();
@@ -157,6 +160,68 @@ fn retry(c: &mut Criterion) {
         .service(Reading { fail_first: true });
     group.bench_function("grpc_retry::Retry (retried once)", |b| {
         b.iter_custom(|n| drive_with(&paused, &mut retried, || requests.grpc_request(&payload), n))
+    });
+    group.finish();
+}
+
+/// tower's retry over stub-shaped requests: the request is rebuilt for every
+/// call (tonic's body cannot be cloned), from a 1 KiB `Full` body and a clone
+/// of the head, extensions included, as a tower user must.
+#[derive(Clone, Copy)]
+struct CloneStubRequest;
+
+impl<Res, E> tower::retry::Policy<FullRequest, Res, E> for CloneStubRequest {
+    type Future = std::future::Ready<()>;
+
+    fn retry(&mut self, _: &mut FullRequest, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        result.is_err().then(|| std::future::ready(()))
+    }
+
+    fn clone_request(&mut self, req: &FullRequest) -> Option<FullRequest> {
+        let mut clone = http::Request::new(req.body().clone());
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.version_mut() = req.version();
+        *clone.headers_mut() = req.headers().clone();
+        *clone.extensions_mut() = req.extensions().clone();
+        Some(clone)
+    }
+}
+
+/// The retry rows over requests exactly as a generated stub sends them
+/// (`tonic::GrpcMethod` extension, tonic's encoded unary body), with
+/// `bare` and tower's `Retry` in the same group so each ratio comes from
+/// one run.
+fn retry_stub(c: &mut Criterion) {
+    let rt = runtime();
+    let stubs = stub::StubRequests::default();
+    let payload = payload_1k();
+    let full = || {
+        let (parts, _) = stubs.request().into_parts();
+        http::Request::from_parts(parts, http_body_util::Full::new(payload.clone()))
+    };
+    let mut group = c.benchmark_group("retry_stub");
+
+    let mut bare = Reading::default();
+    group.bench_function("bare", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut bare, || stubs.request(), n))
+    });
+    let mut theirs = tower::retry::Retry::new(CloneStubRequest, Reading::default());
+    group.bench_function("tower::retry::Retry (cloned request)", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut theirs, full, n))
+    });
+    let mut ours = ServiceBuilder::new()
+        .layer(seed_retry())
+        .service(Reading::default());
+    group.bench_function("grpc_retry::Retry (success)", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut ours, || stubs.request(), n))
+    });
+    let paused = paused_runtime();
+    let mut retried = ServiceBuilder::new()
+        .layer(seed_retry())
+        .service(Reading { fail_first: true });
+    group.bench_function("grpc_retry::Retry (retried once)", |b| {
+        b.iter_custom(|n| drive_with(&paused, &mut retried, || stubs.request(), n))
     });
     group.finish();
 }
@@ -312,6 +377,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = timeout, breaker, retry, bulkhead, stack
+    targets = timeout, breaker, retry, retry_stub, bulkhead, stack
 }
 criterion_main!(benches);

@@ -29,9 +29,8 @@ pub(crate) const PREVIOUS_ATTEMPTS: http::HeaderName =
 #[derive(Debug)]
 pub(crate) struct Ctx<S, B> {
     pub(crate) service: S,
-    // The request head lives in the recording, shared with the bodies, so
-    // this context (and the future holding it) stays small. Dropping it
-    // (the call is over) releases what no attempt still needs.
+    // The request head (inline, see `Head`) and the body's recording.
+    // Dropping it (the call is over) releases what no attempt still needs.
     pub(crate) recording: Recording<B>,
     pub(crate) policy: RetryPolicy,
     pub(crate) shared: Arc<Shared>,
@@ -412,8 +411,8 @@ pub(crate) fn replay_request<B: ReplayableBody>(
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = head.uri.clone();
     *request.version_mut() = head.version;
-    *request.headers_mut() = head.headers.clone();
-    *request.extensions_mut() = head.extensions.clone();
+    *request.headers_mut() = head.headers();
+    *request.extensions_mut() = head.extensions();
     let headers = request.headers_mut();
     headers.insert(PREVIOUS_ATTEMPTS, HeaderValue::from(previous));
     if let Some(deadline) = deadline {
@@ -697,19 +696,29 @@ where
                             .map_err(with_transport_status),
                     );
                 }
-                KindProj::First { mut fut, ctx } => {
+                KindProj::First { mut fut, ctx: slot } => {
                     let mut result = ready!(fut.as_mut().poll(cx)).map_err(Into::into);
                     record_result(fut.span(), &result);
                     sanitize(&mut result);
-                    let Some(mut ctx) = ctx.take() else {
+                    // The context is moved out only to be retried: a call
+                    // that ends here drops it where it is.
+                    let Some(ctx) = slot.as_mut() else {
                         return Poll::Ready(Err("retry future polled after completion".into()));
                     };
                     match ctx.next_delay(&result) {
                         Next::Retry(delay) => {
+                            let Some(ctx) = slot.take() else {
+                                return Poll::Ready(Err("retry context lost".into()));
+                            };
                             let fut = Box::pin(retry_loop(ctx, delay, result));
                             kind.set(Kind::Retrying { fut });
                         }
-                        next => return Poll::Ready(deliver(&ctx, result, next)),
+                        next => {
+                            let delivered = deliver(ctx, result, next);
+                            // The call is over: its recording is released now.
+                            *slot = None;
+                            return Poll::Ready(delivered);
+                        }
                     }
                 }
                 KindProj::Retrying { fut } => return fut.as_mut().poll(cx),

@@ -4,9 +4,11 @@
 //! method is retried as gRPC's own retry design (gRFC A6) says, although
 //! tonic request bodies are not `Clone` (tonic issue #733):
 //!
-//! * **Body replay.** The request body is recorded lazily as the first
-//!   attempt sends it (zero-copy `Bytes`, trailers included) and replayed
-//!   byte for byte. Limits: 256 KiB per call and 16 MiB per layer by
+//! * **Body replay.** A body that is one frame ready when the call starts
+//!   (a unary call's encoded message) is read then and kept as it is
+//!   (zero-copy `Bytes`); any other body is recorded lazily as the first
+//!   attempt sends it (zero-copy `Bytes`, trailers included). Either is
+//!   replayed byte for byte. Limits: 256 KiB per call and 16 MiB per layer by
 //!   default; a call over either is still sent, just not retried.
 //!   Client-streaming calls are retried while they fit; a retry that starts
 //!   before the first attempt's body is done goes on reading the original.
@@ -69,7 +71,12 @@
 //!   base64 (tonic 0.14 panics on one) is dropped from every response head
 //!   and trailers this layer returns.
 //! * **Cost.** Methods without a policy pass straight through: no
-//!   buffering, no allocation. Dropping the call future stops everything.
+//!   buffering, no allocation. A retried unary call that succeeds at once
+//!   copies neither its header map nor its extension map: the head a retry
+//!   needs is kept inline (a few header values, and the extensions a
+//!   generated stub adds; a request with other extensions keeps a clone of
+//!   its map, so every attempt carries every extension). Dropping the call
+//!   future stops everything.
 //!
 //! [`CallDeadline`]: grpc_resilience_core::CallDeadline
 //!
@@ -206,3 +213,5 @@ mod test_h2;
 mod tests;
 #[cfg(test)]
 mod tests_deadline;
+#[cfg(test)]
+mod tests_ready;

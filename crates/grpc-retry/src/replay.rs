@@ -50,7 +50,9 @@ use crate::sync::{AtomicUsize, Mutex, MutexGuard, Ordering, lock};
 /// Request body types the retry layer can wrap: it turns a
 /// [`ReplayBody`] of the type back into the type, so the inner service
 /// (a tonic `Channel`) gets the body type it expects.
-pub trait ReplayableBody: Body<Data = Bytes> + Send + Unpin + Sized + 'static {
+pub trait ReplayableBody:
+    Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + Sized + 'static
+{
     /// Wraps a replaying body as `Self`.
     fn from_replay(body: ReplayBody<Self>) -> Self;
 }
@@ -198,8 +200,9 @@ struct State<B> {
     // Data frames read from the original so far.
     read: usize,
     end: End,
-    // The original body, unless it ended or an attempt polls it right now.
-    rest: Option<B>,
+    // The original body (behind any frames read before the first attempt
+    // was sent), unless it ended or an attempt polls it right now.
+    rest: Option<Prefixed<B>>,
     // The attempt polling the original right now, if any.
     reader: Option<u32>,
     // The call is over (the recording was dropped): only `survivor` may
@@ -378,10 +381,8 @@ impl Wake for Waiters {
     }
 }
 
-/// What the attempts of one call share: the request head and the body as
-/// recorded.
+/// What the attempts of one call share: the body as recorded.
 struct Inner<B> {
-    head: Head,
     state: Mutex<State<B>>,
     limits: Arc<Limits>,
     waiters: Arc<Waiters>,
@@ -406,29 +407,56 @@ impl<B> Drop for Inner<B> {
 /// committed, was answered, or was dropped) releases what no attempt still
 /// needs at once.
 pub(crate) struct Recording<B> {
-    inner: Arc<Inner<B>>,
+    // Kept inline: a call that is not retried allocates nothing for it.
+    head: Head,
+    kind: RecordingKind<B>,
+}
+
+enum RecordingKind<B> {
+    /// The body was one frame, read before the first attempt was sent:
+    /// each attempt sends a clone of it (no lock, nothing shared). `data`
+    /// is `None` when it is over a buffer limit (sent once, not
+    /// replayed); else its bytes are reserved in `limits` until the call
+    /// is over.
+    Ready {
+        data: Option<Bytes>,
+        limits: Arc<Limits>,
+    },
+    /// The body is recorded as the attempts read it.
+    Shared(Arc<Inner<B>>),
 }
 
 impl<B> fmt::Debug for Recording<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.inner.lock();
-        f.debug_struct("Recording")
-            .field("buffered", &state.buffered)
-            .field("read", &state.read)
-            .field("keep", &state.keep)
-            .finish_non_exhaustive()
+        match &self.kind {
+            RecordingKind::Ready { data, .. } => f
+                .debug_struct("Recording")
+                .field("ready", &data.as_ref().map(Bytes::len))
+                .finish_non_exhaustive(),
+            RecordingKind::Shared(inner) => {
+                let state = inner.lock();
+                f.debug_struct("Recording")
+                    .field("buffered", &state.buffered)
+                    .field("read", &state.read)
+                    .field("keep", &state.keep)
+                    .finish_non_exhaustive()
+            }
+        }
     }
 }
 
 impl<B> Recording<B> {
     /// The head of the original request.
     pub(crate) fn head(&self) -> &Head {
-        &self.inner.head
+        &self.head
     }
 
     /// Whether another attempt can replay the body byte for byte.
     pub(crate) fn replayable(&self) -> bool {
-        self.inner.lock().keep == Keep::All
+        match &self.kind {
+            RecordingKind::Ready { data, .. } => data.is_some(),
+            RecordingKind::Shared(inner) => inner.lock().keep == Keep::All,
+        }
     }
 
     /// The next attempt's body, unless the body can no longer be replayed
@@ -438,50 +466,82 @@ impl<B> Recording<B> {
     /// recording or, once it has caught up, from the original, and never
     /// with a gap.
     pub(crate) fn replay(&self) -> Option<ReplayBody<B>> {
-        let mut state = self.inner.lock();
+        let inner = match &self.kind {
+            RecordingKind::Ready { data, .. } => return data.clone().map(ReplayBody::ready),
+            RecordingKind::Shared(inner) => inner,
+        };
+        let mut state = inner.lock();
         if state.keep != Keep::All {
             return None;
         }
         state.latest += 1;
         state.more.push(Slot { pos: 0, live: true });
-        Some(ReplayBody {
-            inner: self.inner.clone(),
+        Some(ReplayBody::shared(SharedBody {
+            inner: inner.clone(),
             attempt: state.latest,
             pos: 0,
             trailers_sent: false,
-        })
+        }))
     }
 
     /// Whether the newest attempt's body failed because the data it had to
     /// send was not held ([`ReplayUnavailable`]).
     pub(crate) fn latest_refused(&self) -> bool {
-        let state = self.inner.lock();
-        state.is_refused(state.latest)
+        match &self.kind {
+            // A ready body is sent whole by every attempt.
+            RecordingKind::Ready { .. } => false,
+            RecordingKind::Shared(inner) => {
+                let state = inner.lock();
+                state.is_refused(state.latest)
+            }
+        }
     }
 
     /// Whether `attempt`'s body failed because the data it had to send was
     /// not held ([`ReplayUnavailable`]).
     pub(crate) fn refused(&self, attempt: u32) -> bool {
-        self.inner.lock().is_refused(attempt)
+        match &self.kind {
+            RecordingKind::Ready { .. } => false,
+            RecordingKind::Shared(inner) => inner.lock().is_refused(attempt),
+        }
     }
 
     /// The call committed to `attempt` (hedging): once this recording is
     /// dropped, only what that attempt still has to send is kept.
     pub(crate) fn commit_to(&self, attempt: u32) {
-        self.inner.lock().survivor = Some(attempt);
+        if let RecordingKind::Shared(inner) = &self.kind {
+            inner.lock().survivor = Some(attempt);
+        }
     }
 
     /// Bytes recorded now.
     #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {
-        self.inner.lock().buffered
+        match &self.kind {
+            RecordingKind::Ready { data, .. } => data.as_ref().map_or(0, Bytes::len),
+            RecordingKind::Shared(inner) => inner.lock().buffered,
+        }
+    }
+
+    /// Whether the body was read whole before the first attempt was sent
+    /// (no shared recording).
+    #[cfg(test)]
+    pub(crate) fn is_ready(&self) -> bool {
+        matches!(self.kind, RecordingKind::Ready { .. })
     }
 }
 
 impl<B> Drop for Recording<B> {
     fn drop(&mut self) {
-        let limits = &self.inner.limits;
-        let mut state = self.inner.lock();
+        let inner = match &self.kind {
+            RecordingKind::Ready { data, limits, .. } => {
+                limits.release(data.as_ref().map_or(0, Bytes::len));
+                return;
+            }
+            RecordingKind::Shared(inner) => inner,
+        };
+        let limits = &inner.limits;
+        let mut state = inner.lock();
         if state.keep != Keep::All {
             return;
         }
@@ -505,7 +565,7 @@ impl<B> Drop for Recording<B> {
         }
         drop(state);
         // An older attempt waiting for the original now fails instead.
-        self.inner.waiters.wake_all();
+        inner.waiters.wake_all();
     }
 }
 
@@ -513,6 +573,47 @@ impl<B> Drop for Recording<B> {
 /// reads on from the original body, recording as it goes. It fails with
 /// [`ReplayUnavailable`] rather than skip a byte.
 pub struct ReplayBody<B> {
+    kind: BodyKind<B>,
+}
+
+enum BodyKind<B> {
+    /// A body read whole before the first attempt: sent as it is.
+    Ready(Option<Bytes>),
+    Shared(SharedBody<B>),
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            BodyKind::Ready(data) => f
+                .debug_struct("ReplayBody")
+                .field("ready", &data.as_ref().map(Bytes::len))
+                .finish(),
+            BodyKind::Shared(body) => f
+                .debug_struct("ReplayBody")
+                .field("attempt", &body.attempt)
+                .field("pos", &body.pos)
+                .finish(),
+        }
+    }
+}
+
+impl<B> ReplayBody<B> {
+    fn ready(data: Bytes) -> Self {
+        ReplayBody {
+            kind: BodyKind::Ready(Some(data).filter(|d| !d.is_empty())),
+        }
+    }
+
+    fn shared(body: SharedBody<B>) -> Self {
+        ReplayBody {
+            kind: BodyKind::Shared(body),
+        }
+    }
+}
+
+/// An attempt's body reading the shared recording.
+struct SharedBody<B> {
     inner: Arc<Inner<B>>,
     // 1 for the first attempt.
     attempt: u32,
@@ -521,22 +622,51 @@ pub struct ReplayBody<B> {
     trailers_sent: bool,
 }
 
-impl<B> fmt::Debug for ReplayBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReplayBody")
-            .field("attempt", &self.attempt)
-            .field("pos", &self.pos)
-            .finish()
+impl<B> ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The first attempt's body and the call's recording. A body that is
+    /// one frame ready now (a unary call's encoded message) is read at
+    /// once and kept as it is, within the buffer limits: no shared
+    /// recording, no lock per frame. Any other body is recorded as the
+    /// attempts read it, starting with what was read here.
+    #[inline]
+    pub(crate) fn capture(
+        original: B,
+        limits: Arc<Limits>,
+        head: impl FnOnce() -> Head,
+    ) -> (Self, Recording<B>) {
+        let original = match Prefixed::read_ready(original) {
+            Ok(data) => {
+                let fits = data.len() <= limits.per_call && limits.reserve(data.len());
+                let recording = Recording {
+                    head: head(),
+                    kind: RecordingKind::Ready {
+                        data: fits.then(|| data.clone()),
+                        limits,
+                    },
+                };
+                return (ReplayBody::ready(data), recording);
+            }
+            Err(original) => original,
+        };
+        Self::record(original, limits, head())
     }
 }
 
 impl<B> ReplayBody<B> {
     /// The first attempt's body, reading from `original`, and the call's
     /// recording.
+    #[cfg(test)]
     pub(crate) fn first(original: B, limits: Arc<Limits>, head: Head) -> (Self, Recording<B>) {
+        Self::record(Prefixed::new(original), limits, head)
+    }
+
+    fn record(original: Prefixed<B>, limits: Arc<Limits>, head: Head) -> (Self, Recording<B>) {
         let waiters = Arc::new(Waiters::default());
         let inner = Arc::new(Inner {
-            head,
             state: Mutex::new(State {
                 chunks: Chunks::default(),
                 base: 0,
@@ -557,13 +687,129 @@ impl<B> ReplayBody<B> {
             fanout: Waker::from(waiters.clone()),
             waiters,
         });
-        let body = ReplayBody {
+        let body = ReplayBody::shared(SharedBody {
             inner: inner.clone(),
             attempt: 1,
             pos: 0,
             trailers_sent: false,
+        });
+        (
+            body,
+            Recording {
+                head,
+                kind: RecordingKind::Shared(inner),
+            },
+        )
+    }
+}
+
+/// The original body behind the frames read from it before the first
+/// attempt was sent (at most two: a data frame and what came next).
+struct Prefixed<B> {
+    read: [Option<Result<Frame<Bytes>, BoxError>>; 2],
+    rest: B,
+}
+
+impl<B> Prefixed<B> {
+    fn new(rest: B) -> Self {
+        Prefixed {
+            read: [None, None],
+            rest,
+        }
+    }
+}
+
+impl<B> Prefixed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The whole body, if it is one data frame (or none) ready now; else
+    /// the body behind what was read. Polled with a waker that does
+    /// nothing: a body not ready registers the attempt's waker when the
+    /// attempt polls it.
+    // The body is moved once per call; boxing it would cost an allocation.
+    #[allow(clippy::result_large_err)]
+    fn read_ready(mut body: B) -> Result<Bytes, Self> {
+        if body.is_end_stream() {
+            return Ok(Bytes::new());
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let data = match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Pending => return Err(Prefixed::new(body)),
+            Poll::Ready(None) => return Ok(Bytes::new()),
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    return Err(Prefixed {
+                        read: [Some(Ok(frame)), None],
+                        rest: body,
+                    });
+                }
+            },
+            Poll::Ready(Some(Err(err))) => {
+                return Err(Prefixed {
+                    read: [Some(Err(err.into())), None],
+                    rest: body,
+                });
+            }
         };
-        (body, Recording { inner })
+        if body.is_end_stream() {
+            return Ok(data);
+        }
+        // tonic's encoded unary body says it ended only when polled again.
+        let next = match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(None) => return Ok(data),
+            Poll::Pending => None,
+            Poll::Ready(Some(next)) => Some(next.map_err(Into::into)),
+        };
+        Err(Prefixed {
+            read: [Some(Ok(Frame::data(data))), next],
+            rest: body,
+        })
+    }
+}
+
+impl<B> Body for Prefixed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(frame) = this.read.iter_mut().find_map(Option::take) {
+            return Poll::Ready(Some(frame));
+        }
+        Pin::new(&mut this.rest)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.iter().all(Option::is_none) && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let read: u64 = self
+            .read
+            .iter()
+            .flatten()
+            .filter_map(|frame| frame.as_ref().ok()?.data_ref())
+            .map(|data| data.len() as u64)
+            .sum();
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(read));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(read));
+        }
+        hint
     }
 }
 
@@ -575,7 +821,7 @@ struct Progress<'a, B> {
     trailers_sent: &'a mut bool,
 }
 
-impl<B> Drop for ReplayBody<B> {
+impl<B> Drop for SharedBody<B> {
     fn drop(&mut self) {
         let mut state = self.inner.lock();
         if let Some(slot) = state.slot_mut(self.attempt) {
@@ -589,7 +835,7 @@ impl<B> Drop for ReplayBody<B> {
     }
 }
 
-impl<B> ReplayBody<B>
+impl<B> SharedBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -606,7 +852,7 @@ where
             trailers_sent,
         }: Progress<'_, B>,
         mut state: MutexGuard<'_, State<B>>,
-        mut original: B,
+        mut original: Prefixed<B>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Option<Result<Frame<Bytes>, BoxError>>>> {
         let limits = &inner.limits;
@@ -639,7 +885,7 @@ where
                 state.end = End::Failed;
                 state.clear(limits, ReplayUnavailable::BodyFailed);
                 ended = Some(original);
-                Some(Some(Err(err.into())))
+                Some(Some(Err(err)))
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
@@ -685,7 +931,36 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
+        match &mut self.get_mut().kind {
+            BodyKind::Ready(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            BodyKind::Shared(body) => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Ready(data) => data.is_none(),
+            BodyKind::Shared(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Ready(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            BodyKind::Shared(body) => body.size_hint(),
+        }
+    }
+}
+
+impl<B> SharedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self;
         loop {
             let limits = &this.inner.limits;
             let mut state = this.inner.lock();

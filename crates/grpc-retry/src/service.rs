@@ -169,16 +169,17 @@ where
         if idempotency_keys && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
         }
-        // Retries record the deadline on each attempt themselves, so the kept
-        // head need not hold it.
-        let head = Head::of(&parts);
+        // The head is kept (built where it is stored) before the deadline
+        // is recorded: retries record it on each attempt themselves.
+        let (body, recording) = Replay::capture(body, self.shared.limits.clone(), || {
+            Head::of(&parts, deadline.is_some())
+        });
         if recorded.is_none()
             && let Some(deadline) = deadline
         {
             // For the layers below.
             parts.extensions.insert(deadline);
         }
-        let (body, recording) = Replay::first(body, self.shared.limits.clone(), head);
         let request = Request::from_parts(parts, B::from_replay(body));
 
         // Call the service that was made ready; keep a clone for retries.

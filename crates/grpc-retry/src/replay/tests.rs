@@ -786,3 +786,131 @@ async fn a_replay_does_not_wait_for_an_attempt_that_stopped_reading() {
     let (rest, _) = read_all(&mut first).await;
     assert_eq!(rest, b"two,three");
 }
+
+#[tokio::test]
+async fn a_body_with_more_to_come_is_recorded_from_its_first_frame() {
+    // One frame is ready when the call starts, the rest comes later: the
+    // body is recorded, and the frame read at the start is sent first.
+    let limits = Arc::new(Limits::new(1024, 4096));
+    let (tx, rx) = mpsc::channel(4);
+    tx.try_send(Ok(Frame::data(Bytes::from_static(b"one,"))))
+        .unwrap();
+    let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let (mut first, recording) = ReplayBody::capture(body, limits.clone(), Head::empty);
+    assert!(!recording.is_ready());
+    assert!(!first.is_end_stream());
+    assert_eq!(first.size_hint().lower(), 4);
+    let frame = first.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"one,"));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"two"))))
+        .await
+        .unwrap();
+    tx.send(Ok(Frame::trailers(trailers()))).await.unwrap();
+    drop(tx);
+    let (data, t) = read_all(&mut first).await;
+    assert_eq!(data, b"two");
+    assert_eq!(t, Some(trailers()));
+    let mut again = recording.replay().unwrap();
+    let (data, t) = read_all(&mut again).await;
+    assert_eq!(data, b"one,two");
+    assert_eq!(t, Some(trailers()));
+    drop((first, again, recording));
+    assert_eq!(limits.in_use(), 0);
+}
+
+#[tokio::test]
+async fn a_body_with_two_ready_frames_is_recorded_whole() {
+    let limits = Arc::new(Limits::new(1024, 4096));
+    let frames = vec![
+        Frame::data(Bytes::from_static(b"a")),
+        Frame::data(Bytes::from_static(b"b")),
+        Frame::data(Bytes::from_static(b"c")),
+    ];
+    // Ends after its frames: the sender is gone.
+    let body = original(frames);
+    let (mut first, recording) = ReplayBody::capture(body, limits, Head::empty);
+    assert!(!recording.is_ready());
+    let (data, _) = read_all(&mut first).await;
+    assert_eq!(data, b"abc");
+    let (data, _) = read_all(&mut recording.replay().unwrap()).await;
+    assert_eq!(data, b"abc");
+}
+
+#[tokio::test]
+async fn a_body_with_only_trailers_is_recorded() {
+    let limits = Arc::new(Limits::new(1024, 4096));
+    let (mut first, recording) = ReplayBody::capture(
+        original(vec![Frame::trailers(trailers())]),
+        limits,
+        Head::empty,
+    );
+    assert!(!recording.is_ready());
+    let (data, t) = read_all(&mut first).await;
+    assert!(data.is_empty());
+    assert_eq!(t, Some(trailers()));
+    let (_, t) = read_all(&mut recording.replay().unwrap()).await;
+    assert_eq!(t, Some(trailers()));
+}
+
+#[tokio::test]
+async fn a_body_that_fails_at_once_fails_its_first_attempt_and_is_not_replayed() {
+    let limits = Arc::new(Limits::new(1024, 4096));
+    let (tx, rx) = mpsc::channel(1);
+    tx.try_send(Err(std::io::Error::other("broken"))).unwrap();
+    let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let (mut first, recording) = ReplayBody::capture(body, limits, Head::empty);
+    let err = first.frame().await.unwrap().unwrap_err();
+    assert_eq!(err.to_string(), "broken");
+    assert!(!recording.replayable());
+    assert!(recording.replay().is_none());
+}
+
+#[tokio::test]
+async fn a_ready_body_is_sent_whole_and_replayed_without_a_shared_recording() {
+    let limits = Arc::new(Limits::new(1024, 4096));
+    let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
+    let (mut first, recording) = ReplayBody::capture(body, limits.clone(), Head::empty);
+    assert!(recording.is_ready());
+    assert_eq!(first.size_hint().exact(), Some(5));
+    assert_eq!(limits.in_use(), 5, "held for replay");
+    let (data, t) = read_all(&mut first).await;
+    assert_eq!(data, b"hello");
+    assert_eq!(t, None);
+    assert!(first.is_end_stream());
+    assert!(recording.replayable());
+    for _ in 0..2 {
+        let mut again = recording.replay().unwrap();
+        assert!(!again.is_end_stream());
+        let (data, _) = read_all(&mut again).await;
+        assert_eq!(data, b"hello");
+    }
+    assert!(!recording.latest_refused());
+    drop(recording);
+    assert_eq!(limits.in_use(), 0, "released with the call");
+}
+
+#[tokio::test]
+async fn an_empty_body_is_ready_and_ends_at_once() {
+    let limits = Arc::new(Limits::new(1024, 4096));
+    let body = http_body_util::Empty::<Bytes>::new();
+    let (first, recording) = ReplayBody::capture(body, limits, Head::empty);
+    assert!(recording.is_ready());
+    assert!(first.is_end_stream());
+    assert!(recording.replay().unwrap().is_end_stream());
+}
+
+#[tokio::test]
+async fn a_ready_body_over_a_limit_is_sent_once() {
+    for limits in [Limits::new(4, 4096), Limits::new(1024, 4)] {
+        let limits = Arc::new(limits);
+        let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
+        let (mut first, recording) = ReplayBody::capture(body, limits.clone(), Head::empty);
+        assert_eq!(limits.in_use(), 0, "not held");
+        let (data, _) = read_all(&mut first).await;
+        assert_eq!(data, b"hello", "still sent");
+        assert!(!recording.replayable());
+        assert!(recording.replay().is_none());
+        drop(recording);
+        assert_eq!(limits.in_use(), 0);
+    }
+}
