@@ -1,5 +1,6 @@
 //! The ordered stack: [`ResilientChannel`] and [`ResilienceLayer`].
 
+use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -60,7 +61,23 @@ pub(crate) struct Layers {
 }
 
 impl Layers {
-    fn build<S: Clone>(&self, service: S) -> Inner<S> {
+    /// The call's deadline layer over `S`. Over a tonic `Channel`, which
+    /// enforces the `grpc-timeout` every attempt is sent with, the head is
+    /// left to the channel's timer and only the body keeps this layer's
+    /// (one timer per call, not two); everything between this layer and
+    /// the channel bounds its waits by the call's deadline (the retry
+    /// layer's readiness wait and backoff, a per-attempt timeout), except a
+    /// bulkhead's queue, so with a bulkhead this layer keeps its own.
+    pub(crate) fn deadline_for<S: 'static>(&self) -> TimeoutLayer {
+        let channel = TypeId::of::<S>() == TypeId::of::<tonic::transport::Channel>();
+        if channel && self.bulkhead.is_none() {
+            self.deadline.clone().rely_on_channel_for_head()
+        } else {
+            self.deadline.clone()
+        }
+    }
+
+    fn build<S: Clone + 'static>(&self, service: S) -> Inner<S> {
         let service = match &self.attempt {
             Some(layer) => Attempt::On(layer.layer(service)),
             None => Attempt::Off(service),
@@ -75,13 +92,13 @@ impl Layers {
             keyed: self.retry_keyed.layer(service.clone()),
             strict: self.retry_strict.layer(service),
         };
-        self.deadline.layer(service)
+        self.deadline_for::<S>().layer(service)
     }
 }
 
 /// What reload swaps, and what every clone of a stack shares.
 pub(crate) struct StackShared {
-    layers: ArcSwap<Layers>,
+    pub(crate) layers: ArcSwap<Layers>,
     config: ArcSwap<ResilienceConfig>,
     registry: BreakerRegistry,
     choice: BreakerChoice,
@@ -509,7 +526,7 @@ impl ResilienceLayer {
     }
 }
 
-impl<S: Clone> Layer<S> for ResilienceLayer {
+impl<S: Clone + 'static> Layer<S> for ResilienceLayer {
     type Service = ResilientChannel<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -556,7 +573,7 @@ impl<S> fmt::Debug for ResilientChannel<S> {
     }
 }
 
-impl<S: Clone> ResilientChannel<S> {
+impl<S: Clone + 'static> ResilientChannel<S> {
     /// `inner` with the stack `config` describes; see
     /// [`ResilienceLayer::new`].
     ///

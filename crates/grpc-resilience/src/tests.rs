@@ -421,3 +421,30 @@ async fn a_reload_keeps_an_unchanged_bulkhead_and_its_calls_in_flight() {
         .expect("bounded")
         .unwrap();
 }
+
+#[tokio::test]
+async fn over_a_channel_without_a_bulkhead_the_head_is_left_to_the_channels_timer() {
+    let config = ResilienceConfig::new().with_timeout_default(Duration::from_secs(5));
+    let shared = ResilientChannel::new(Backend::default(), &config).unwrap();
+    let layers = shared.shared().layers.load();
+    assert!(layers.deadline_for::<Backend>().times_the_head());
+    assert!(
+        !layers
+            .deadline_for::<tonic::transport::Channel>()
+            .times_the_head()
+    );
+    // A bulkhead's queue is a wait the channel's timer does not bound.
+    let with_bulkhead = config.with_bulkhead_default(
+        crate::BulkheadSettings::new()
+            .with_max_concurrent(4)
+            .with_max_queue(4)
+            .with_max_wait(Duration::from_secs(1)),
+    );
+    let shared = ResilientChannel::new(Backend::default(), &with_bulkhead).unwrap();
+    let layers = shared.shared().layers.load();
+    assert!(
+        layers
+            .deadline_for::<tonic::transport::Channel>()
+            .times_the_head()
+    );
+}
