@@ -6,6 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
@@ -99,6 +100,9 @@ impl Layers {
 /// What reload swaps, and what every clone of a stack shares.
 pub(crate) struct StackShared {
     pub(crate) layers: ArcSwap<Layers>,
+    // The generation of `layers`, stored after them: a call reads this one
+    // atomic, not the `ArcSwap`, to see whether its layers are current.
+    generation: AtomicU64,
     config: ArcSwap<ResilienceConfig>,
     registry: BreakerRegistry,
     choice: BreakerChoice,
@@ -255,6 +259,7 @@ impl StackShared {
         let layers = Self::layers(compiled, &registry, &choice, &limiters, None, 0);
         StackShared {
             layers: ArcSwap::from_pointee(layers),
+            generation: AtomicU64::new(0),
             config: ArcSwap::from_pointee(config.clone()),
             registry,
             choice,
@@ -350,6 +355,7 @@ impl StackShared {
         *lock(&self.limiters) = limiters;
         self.config.store(Arc::new(config.clone()));
         self.layers.store(Arc::new(layers));
+        self.generation.store(generation, Ordering::Release);
         generation
     }
 
@@ -686,8 +692,8 @@ where
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        let layers = self.shared.layers.load();
-        if layers.generation != self.generation {
+        if self.shared.generation.load(Ordering::Acquire) != self.generation {
+            let layers = self.shared.layers.load();
             self.local = layers.build(self.base.clone());
             self.generation = layers.generation;
         }
