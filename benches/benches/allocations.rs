@@ -177,6 +177,31 @@ fn retry_stub_rows() -> Vec<(&'static str, f64)> {
     ]
 }
 
+/// Allocations per call for requests exactly as a generated stub sends
+/// them (1 KiB body, `tonic::GrpcMethod` extension), beyond building the
+/// request.
+fn per_stub_call_1k<S, B>(mut service: S, payload: &bytes::Bytes) -> f64
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let rt = runtime();
+    let requests = RequestFactory::default();
+    let make = || requests.stub_grpc_request(payload);
+    grpc_resilience_benches::drive_with(&rt, &mut service, make, 100);
+    let baseline = allocation_counter::measure(|| {
+        for _ in 0..CALLS {
+            std::hint::black_box(make());
+        }
+    });
+    let total = allocation_counter::measure(|| {
+        grpc_resilience_benches::drive_with(&rt, &mut service, make, CALLS);
+    });
+    (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; this binary takes no other options.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -394,6 +419,86 @@ fn main() {
         "stub-shaped request (GrpcMethod, ~1 KiB)", "allocations/call", "vs bare"
     );
     for (name, allocs) in stub_rows {
+        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
+    }
+    println!();
+    let stub_1k_rows = [
+        ("bare", per_stub_call_1k(Bare, &payload)),
+        (
+            "tower::timeout::Timeout",
+            per_stub_call_1k(
+                ServiceBuilder::new()
+                    .timeout(Duration::from_secs(3))
+                    .service(Bare),
+                &payload,
+            ),
+        ),
+        (
+            "grpc_timeout::Timeout",
+            per_stub_call_1k(
+                ServiceBuilder::new()
+                    .layer(TimeoutLayer::new(
+                        TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
+                    ))
+                    .service(Bare),
+                &payload,
+            ),
+        ),
+        (
+            "tower-resilience circuit breaker",
+            per_stub_call_1k(
+                ServiceBuilder::new()
+                    .layer(
+                        tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+                            .build()
+                            .expect("a breaker"),
+                    )
+                    .service(Bare),
+                &payload,
+            ),
+        ),
+        (
+            "grpc_circuit_breaker (closed)",
+            per_stub_call_1k(
+                ServiceBuilder::new()
+                    .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                    .service(Bare),
+                &payload,
+            ),
+        ),
+        (
+            "Timeout > Retry > CircuitBreaker",
+            per_stub_call_1k(
+                ServiceBuilder::new()
+                    .layer(TimeoutLayer::new(
+                        TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
+                    ))
+                    .layer(RetryLayer::new(
+                        RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
+                    ))
+                    .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                    .service(Bare),
+                &payload,
+            ),
+        ),
+        (
+            "grpc_resilience::ResilientChannel",
+            per_stub_call_1k(
+                grpc_resilience::ResilientChannel::new(
+                    Bare,
+                    &grpc_resilience_benches::facade_config(),
+                )
+                .expect("a config"),
+                &payload,
+            ),
+        ),
+    ];
+    let bare = stub_1k_rows[0].1;
+    println!(
+        "{:<44} {:>18} {:>12}",
+        "as a generated stub sends (GrpcMethod, 1 KiB)", "allocations/call", "vs bare"
+    );
+    for (name, allocs) in stub_1k_rows {
         println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p grpc-resilience-benches --bench loopback`
 //! (`LOOPBACK_SECONDS` sets each phase's length, default 3;
-//! `LOOPBACK_ONLY=budget,tail` runs only the named sections: `throughput`,
+//! `LOOPBACK_ONLY=budget,tail` runs only the named sections: `throughput`, `cpu`,
 //! `faults`, `down`, `outage`, `budget`, `tail`).
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // wall-clock measurements
@@ -292,6 +292,10 @@ fn main() {
             );
         }
 
+        }
+
+        if runs("cpu") {
+            cpu_section(&server, length).await;
         }
 
         if runs("faults") {
@@ -660,5 +664,86 @@ impl tower::Service<http::Request<tonic::body::Body>> for CollectBody {
             let req = http::Request::from_parts(parts, http_body_util::Full::new(bytes));
             tower::Service::call(&mut ready, req).await
         })
+    }
+}
+
+/// CPU time of this whole process (client and server), user and system,
+/// from `/proc/self/stat`; `None` where there is no such file.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces): state is the
+    // 3rd field, utime the 14th, stime the 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // The kernel's USER_HZ, 100 on Linux.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU per call (process CPU time / calls) and throughput at concurrency
+/// 64: bare channel, the three layers, and the facade over the channel
+/// (which leaves the response head to the channel's own timer), in
+/// alternating rounds, with bare's run-to-run spread.
+async fn cpu_section(server: &Server1, length: Duration) {
+    const CONCURRENCY: usize = 64;
+    let seconds = length.as_secs();
+    println!(
+        "\n## CPU per call, healthy server, concurrency {CONCURRENCY} ({ROUNDS} alternating {seconds} s rounds; client and server share the process, so compare with bare)\n"
+    );
+    // Like `bare` and `stack`, a channel per task.
+    let facade = |addr| {
+        QueryServiceClient::new(
+            grpc_resilience::ResilientChannel::new(
+                channel(addr),
+                &grpc_resilience_benches::facade_config(),
+            )
+            .expect("a config"),
+        )
+    };
+    let mut rows: [(&str, Vec<(f64, f64)>); 3] = [
+        ("bare channel", Vec::new()),
+        ("Timeout > Retry > CircuitBreaker", Vec::new()),
+        ("`ResilientChannel` (telemetry, one timer)", Vec::new()),
+    ];
+    for _ in 0..ROUNDS {
+        for (i, row) in rows.iter_mut().enumerate() {
+            let Some(before) = process_cpu() else {
+                println!("(no /proc/self/stat: CPU time not measured)");
+                return;
+            };
+            let run = match i {
+                0 => drive!(bare(server.addr), CONCURRENCY, length),
+                1 => drive!(
+                    stack(server.addr, RetryPolicy::default()),
+                    CONCURRENCY,
+                    length
+                ),
+                _ => drive!(facade(server.addr), CONCURRENCY, length),
+            };
+            let cpu = process_cpu().unwrap_or(before).saturating_sub(before);
+            assert_eq!(run.failed, 0, "a healthy server answers every call");
+            let per_call_us = us(cpu) / run.calls.max(1) as f64;
+            row.1.push((per_call_us, run.throughput()));
+        }
+    }
+    let median = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let (bare_cpu, bare_tput) = (median(&rows[0].1, |r| r.0), median(&rows[0].1, |r| r.1));
+    println!(
+        "| client | CPU µs per call | over bare | calls/s | vs bare | every round's CPU µs per call |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, runs) in &rows {
+        let (cpu, tput) = (median(runs, |r| r.0), median(runs, |r| r.1));
+        let each: Vec<String> = runs.iter().map(|r| format!("{:.1}", r.0)).collect();
+        println!(
+            "| {name} | {cpu:.1} | {:+.1} | {tput:.0} | {:.3} | {} |",
+            cpu - bare_cpu,
+            tput / bare_tput,
+            each.join(", "),
+        );
     }
 }

@@ -372,11 +372,78 @@ fn tracing_rows(
     });
 }
 
+/// Every layer against its peers with requests exactly as a generated
+/// stub sends them (a 1 KiB body and the `tonic::GrpcMethod` extension),
+/// all awaited on a current-thread runtime, in one group so that every
+/// ratio is from the same run.
+fn stub(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let requests = RequestFactory::default();
+    let payload = payload_1k();
+    let make = || requests.stub_grpc_request(&payload);
+    let mut group = c.benchmark_group("stub");
+
+    let mut bare = Bare;
+    group.bench_function("bare", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut bare, make, n))
+    });
+    let mut tower_timeout = ServiceBuilder::new()
+        .timeout(Duration::from_secs(3))
+        .service(Bare);
+    group.bench_function("tower::timeout::Timeout", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut tower_timeout, make, n))
+    });
+    let policy = TimeoutPolicy::new(Duration::from_secs(5))
+        .and_then(|p| p.with_operation("ListProducts", Duration::from_secs(10)))
+        .and_then(|p| p.with_operation("GetProduct", Duration::from_secs(3)))
+        .expect("a valid policy");
+    let mut timeout = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(policy))
+        .service(Bare);
+    group.bench_function("grpc_timeout::Timeout", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut timeout, make, n))
+    });
+    let mut theirs = ServiceBuilder::new()
+        .layer(
+            tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+                .build()
+                .expect("a breaker"),
+        )
+        .service(Bare);
+    group.bench_function("tower-resilience breaker", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut theirs, make, n))
+    });
+    let mut breaker = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+        .service(Bare);
+    group.bench_function("grpc_circuit_breaker", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut breaker, make, n))
+    });
+    let timeouts = TimeoutPolicy::new(Duration::from_secs(5)).expect("a valid policy");
+    let mut ours = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(timeouts))
+        .layer(seed_retry())
+        .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+        .service(Bare);
+    group.bench_function("Timeout > Retry > CircuitBreaker", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut ours, make, n))
+    });
+    // The same three layers from a config, with the facade's call
+    // telemetry in front (no recorder or subscriber installed).
+    let mut facade =
+        ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config()).expect("a config");
+    group.bench_function("grpc_resilience::ResilientChannel", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut facade, make, n))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = timeout, breaker, retry, retry_stub, bulkhead, stack
+    targets = timeout, breaker, retry, retry_stub, bulkhead, stack, stub
 }
 criterion_main!(benches);

@@ -291,3 +291,26 @@ pub fn facade_config() -> grpc_resilience::ResilienceConfig {
         .with_timeout_default(std::time::Duration::from_secs(5))
         .with_retry_default(grpc_resilience::RetrySettings::new())
 }
+
+/// The `tonic::GrpcMethod` a generated stub inserts for [`PATH`].
+pub fn stub_method() -> tonic::GrpcMethod<'static> {
+    tonic::GrpcMethod::new("catalog.v1.QueryService", "GetProduct")
+}
+
+impl RequestFactory {
+    /// A request exactly as a generated stub sends it: [`request`](Self::request)
+    /// plus the `tonic::GrpcMethod` extension the stub inserts.
+    pub fn stub_request(&self) -> Request<Empty<Bytes>> {
+        let mut request = self.request();
+        request.extensions_mut().insert(stub_method());
+        request
+    }
+
+    /// [`grpc_request`](Self::grpc_request) with the `tonic::GrpcMethod`
+    /// extension a generated stub inserts.
+    pub fn stub_grpc_request(&self, payload: &Bytes) -> Request<tonic::body::Body> {
+        let mut request = self.grpc_request(payload);
+        request.extensions_mut().insert(stub_method());
+        request
+    }
+}

@@ -133,6 +133,17 @@ impl Shared {
         }
     }
 
+    /// The calling thread's stripe of the breaker for a key, from the
+    /// shared map, without taking a reference to the entry (whose count
+    /// every thread would share).
+    #[inline]
+    pub(crate) fn lookup_stripe(&self, key: &str) -> Arc<Stripe> {
+        if let Some(entry) = self.entries.load().get(key) {
+            return entry.stripe().clone();
+        }
+        self.insert(key).stripe().clone()
+    }
+
     /// The breaker for a key, from the shared map.
     pub(crate) fn lookup(&self, key: &str) -> Arc<Entry> {
         match self.entries.load().get(key) {

@@ -24,6 +24,8 @@ pub struct CircuitBreaker<S> {
     inner: S,
     shared: Arc<Shared>,
     local: [Option<Arc<Entry>>; LOCAL_KEYS],
+    // Whether this service (this clone) has made a call yet.
+    called: bool,
 }
 
 impl<S> CircuitBreaker<S> {
@@ -32,6 +34,7 @@ impl<S> CircuitBreaker<S> {
             inner,
             shared,
             local: Default::default(),
+            called: false,
         }
     }
 
@@ -45,6 +48,14 @@ impl<S> CircuitBreaker<S> {
         };
         if let Some(entry) = self.local.iter().flatten().find(|e| &*e.key == key) {
             return Some(entry.stripe().clone());
+        }
+        if !self.called {
+            // A service's first call: it may be a clone made for this one
+            // call (a retry layer clones its inner service per call), so
+            // remember nothing yet; the shared map's entry is not
+            // referenced (its count is shared by every thread).
+            self.called = true;
+            return Some(self.shared.lookup_stripe(key));
         }
         let entry = self.shared.lookup(key);
         let stripe = entry.stripe().clone();

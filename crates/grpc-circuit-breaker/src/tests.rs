@@ -963,3 +963,33 @@ async fn reconfiguring_keeps_the_counts_when_the_window_keeps_its_shape() {
     let query = registry.snapshot()["query"];
     assert_eq!((query.failures(), query.calls_in_window()), (0, Some(0)));
 }
+
+/// A retry layer calls a fresh clone of its inner service per call: each
+/// clone's first call finds its breaker in the shared map, and the
+/// breakers stay per service.
+#[tokio::test(start_paused = true)]
+async fn a_fresh_clone_per_call_reaches_each_services_breaker() {
+    let registry = registry();
+    let (template, mut handle) = setup(&registry);
+    let template = template.into_inner();
+    for (path, code) in [
+        (GET, Code::Unavailable),
+        (CREATE, Code::Ok),
+        (GET, Code::Unavailable),
+        (CREATE, Code::Unavailable),
+        (GET, Code::Unavailable),
+    ] {
+        let mut service = mock::Spawn::new(template.clone());
+        call(&mut service, &mut handle, path, trailers_only(code))
+            .await
+            .unwrap();
+    }
+    let status = registry.status();
+    assert_eq!(status["query"], State::Open);
+    assert_eq!(status["command"], State::Closed);
+    let mut service = mock::Spawn::new(template.clone());
+    assert_eq!(
+        rejected(&mut service, &mut handle, GET).await.breaker(),
+        "query"
+    );
+}

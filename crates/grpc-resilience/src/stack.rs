@@ -1,10 +1,12 @@
 //! The ordered stack: [`ResilientChannel`] and [`ResilienceLayer`].
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
@@ -58,7 +60,26 @@ pub(crate) struct Layers {
 }
 
 impl Layers {
-    fn build<S: Clone>(&self, service: S) -> Inner<S> {
+    /// The call's deadline layer over `service`. Over a tonic `Channel`
+    /// (or a named channel with one endpoint), which enforces the
+    /// `grpc-timeout` every attempt is sent with, the head is left to the
+    /// channel's timer and only the body keeps this layer's (one timer per
+    /// call, not two); everything between this layer and the channel bounds
+    /// its waits by the call's deadline (the retry layer's readiness wait
+    /// and backoff, a per-attempt timeout), except a bulkhead's queue, so
+    /// with a bulkhead this layer keeps its own. So does a balanced
+    /// channel: a call handed to its balancer can wait there for a ready
+    /// endpoint before any channel's timer starts.
+    pub(crate) fn deadline_for<S: 'static>(&self, service: &S) -> TimeoutLayer {
+        if enforces_grpc_timeout(service) && self.bulkhead.is_none() {
+            self.deadline.clone().rely_on_channel_for_head()
+        } else {
+            self.deadline.clone()
+        }
+    }
+
+    fn build<S: Clone + 'static>(&self, service: S) -> Inner<S> {
+        let deadline = self.deadline_for(&service);
         let service = match &self.attempt {
             Some(layer) => Attempt::On(layer.layer(service)),
             None => Attempt::Off(service),
@@ -73,13 +94,28 @@ impl Layers {
             keyed: self.retry_keyed.layer(service.clone()),
             strict: self.retry_strict.layer(service),
         };
-        self.deadline.layer(service)
+        deadline.layer(service)
     }
+}
+
+/// Whether `service` times the response head to the `grpc-timeout` it is
+/// sent with by itself, with nothing before it that can wait unbounded: a
+/// tonic `Channel`, or a named channel with one endpoint (a balanced one
+/// queues calls for a ready endpoint first).
+fn enforces_grpc_timeout<S: 'static>(service: &S) -> bool {
+    let service: &dyn Any = service;
+    service.is::<tonic::transport::Channel>()
+        || service
+            .downcast_ref::<crate::NamedChannel>()
+            .is_some_and(|named| matches!(named, crate::NamedChannel::Single(_)))
 }
 
 /// What reload swaps, and what every clone of a stack shares.
 pub(crate) struct StackShared {
-    layers: ArcSwap<Layers>,
+    pub(crate) layers: ArcSwap<Layers>,
+    // The generation of `layers`, stored after them: a call reads this one
+    // atomic, not the `ArcSwap`, to see whether its layers are current.
+    generation: AtomicU64,
     config: ArcSwap<ResilienceConfig>,
     registry: BreakerRegistry,
     choice: BreakerChoice,
@@ -268,6 +304,7 @@ impl StackShared {
         let layers = Self::layers(compiled, &registry, &choice, &limiters, 0);
         StackShared {
             layers: ArcSwap::from_pointee(layers),
+            generation: AtomicU64::new(0),
             config: ArcSwap::from_pointee(config.clone()),
             registry,
             choice,
@@ -358,6 +395,7 @@ impl StackShared {
         *lock(&self.limiters) = limiters;
         self.config.store(Arc::new(config.clone()));
         self.layers.store(Arc::new(layers));
+        self.generation.store(generation, Ordering::Release);
         generation
     }
 
@@ -534,7 +572,7 @@ impl ResilienceLayer {
     }
 }
 
-impl<S: Clone> Layer<S> for ResilienceLayer {
+impl<S: Clone + 'static> Layer<S> for ResilienceLayer {
     type Service = ResilientChannel<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -581,7 +619,7 @@ impl<S> fmt::Debug for ResilientChannel<S> {
     }
 }
 
-impl<S: Clone> ResilientChannel<S> {
+impl<S: Clone + 'static> ResilientChannel<S> {
     /// `inner` with the stack `config` describes; see
     /// [`ResilienceLayer::new`].
     ///
@@ -702,8 +740,8 @@ where
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        let layers = self.shared.layers.load();
-        if layers.generation != self.generation {
+        if self.shared.generation.load(Ordering::Acquire) != self.generation {
+            let layers = self.shared.layers.load();
             self.local = layers.build(self.base.clone());
             self.generation = layers.generation;
         }

@@ -247,3 +247,47 @@ async fn a_grpc_service_config_drives_the_stack() {
         "{sent:?}"
     );
 }
+
+/// Over a `Channel` the facade leaves the response head to the channel's
+/// own `grpc-timeout` timer (one timer per call): a stalled server must
+/// still fail the call with DEADLINE_EXCEEDED at the deadline, reported
+/// as the facade's own expiry, and see the call cancelled.
+#[tokio::test]
+async fn a_stalled_server_gets_deadline_exceeded_at_the_deadline_with_one_timer() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .always(
+            "GetProduct",
+            Fault::pass().with_delay(Duration::from_secs(30)),
+        )
+        .unwrap();
+    let config = ResilienceConfig::from_toml(
+        "[timeouts]\ndefault = 5000\n[timeouts.operations]\nget_product = 300\n",
+    )
+    .unwrap();
+    let channel = ResilientChannel::new(server.channel(), &config).unwrap();
+    let mut client = QueryServiceClient::new(channel);
+    let start = Instant::now();
+    let status = client.get_product(get()).await.unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("GetProduct") && status.message().contains("deadline"),
+        "{status:?}"
+    );
+    // At the deadline (the header is rounded down by under a microsecond),
+    // not at the server's 30 s.
+    assert!(took >= Duration::from_millis(299), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        grpc_resilience_tests::eventually(Duration::from_secs(5), || server
+            .faults
+            .stats("GetProduct")
+            .unwrap()
+            .cancelled
+            == 1)
+        .await,
+        "the server should see the call cancelled"
+    );
+}

@@ -77,18 +77,26 @@ pin_project! {
         // `None` for a call whose deadline had passed before it was sent.
         #[pin]
         inner: Option<F>,
+        // Armed only once the inner future has to wait, so a response that
+        // is there at once costs no timer; kept in place (not boxed), so
+        // arming it allocates nothing.
         #[pin]
         sleep: Option<Sleep>,
         deadline: Option<Deadline>,
+        // Whether this layer times the response head itself; off when the
+        // inner service enforces the `grpc-timeout` it is sent (a tonic
+        // `Channel`, see `TimeoutLayer::rely_on_channel_for_head`).
+        head_timer: bool,
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(inner: F, deadline: Option<Deadline>) -> Self {
+    pub(crate) fn new(inner: F, deadline: Option<Deadline>, head_timer: bool) -> Self {
         ResponseFuture {
             inner: Some(inner),
-            sleep: deadline.as_ref().map(|d| sleep_until(d.at)),
+            sleep: None,
             deadline,
+            head_timer,
         }
     }
 
@@ -99,6 +107,7 @@ impl<F> ResponseFuture<F> {
             inner: None,
             sleep: None,
             deadline: Some(deadline),
+            head_timer: false,
         }
     }
 }
@@ -158,13 +167,19 @@ where
                 }
                 Poll::Ready(Err(with_transport_status(err)))
             }
-            Poll::Pending => match this.sleep.as_mut().as_pin_mut() {
-                Some(sleep) => {
-                    ready!(sleep.poll(cx));
-                    Poll::Ready(elapsed(this.deadline))
+            Poll::Pending => {
+                let Some(deadline) = this.deadline.as_ref().filter(|_| *this.head_timer) else {
+                    return Poll::Pending;
+                };
+                if this.sleep.is_none() {
+                    this.sleep.set(Some(sleep_until(deadline.at)));
                 }
-                None => Poll::Pending,
-            },
+                let Some(sleep) = this.sleep.as_mut().as_pin_mut() else {
+                    return Poll::Pending;
+                };
+                ready!(sleep.poll(cx));
+                Poll::Ready(elapsed(this.deadline))
+            }
         }
     }
 }
@@ -173,9 +188,12 @@ pin_project! {
     /// A response body that ends with `DEADLINE_EXCEEDED` when the call's
     /// deadline passes before the body's end.
     ///
-    /// The deadline is checked on every poll, so it also cuts a body whose
-    /// next frame is always ready (a consumer slower than the server), and
-    /// a timer wakes a reader waiting for data. When the deadline passes,
+    /// The deadline is checked on every message read (one clock read), so
+    /// it also cuts a body whose next frame is always ready (a consumer
+    /// slower than the server), and a timer, made only once the body has to
+    /// wait, wakes a reader waiting for data. Trailers and the end of the
+    /// body that are already there pass without a clock read: the server
+    /// has finished the call. When the deadline passes,
     /// the inner body is dropped at once, which resets the HTTP/2 stream:
     /// the server sees the call cancelled.
     ///
@@ -224,23 +242,29 @@ where
         let Some(inner) = this.inner.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
-        // One clock read per poll: a frame that is ready does not outrun
-        // the deadline.
-        if let Some(deadline) = this.deadline.as_ref()
-            && Instant::now() >= deadline.at
-        {
-            return Poll::Ready(Some(Err(cut(this.inner, this.deadline))));
-        }
         if let Poll::Ready(frame) = inner.poll_frame(cx) {
-            return Poll::Ready(frame.map(|frame| match frame {
-                Ok(mut frame) => {
+            return Poll::Ready(match frame {
+                // One clock read per message: a message that is ready does
+                // not outrun the deadline. The trailers and the end of the
+                // body are the call's completion, which the server reached
+                // already: they pass without a clock read.
+                Some(Ok(frame)) if frame.is_data() => {
+                    if let Some(deadline) = this.deadline.as_ref()
+                        && Instant::now() >= deadline.at
+                    {
+                        return Poll::Ready(Some(Err(cut(this.inner, this.deadline))));
+                    }
+                    Some(Ok(frame))
+                }
+                Some(Ok(mut frame)) => {
                     if let Some(trailers) = frame.trailers_mut() {
                         headers::sanitize_status_details(trailers);
                     }
-                    Ok(frame)
+                    Some(Ok(frame))
                 }
-                Err(err) => Err(with_transport_status(err.into())),
-            }));
+                Some(Err(err)) => Some(Err(with_transport_status(err.into()))),
+                None => None,
+            });
         }
         let Some(deadline) = this.deadline.as_ref() else {
             return Poll::Pending;

@@ -9,6 +9,7 @@ use crate::{Scope, Timeout, TimeoutPolicy};
 pub struct TimeoutLayer {
     policy: Arc<TimeoutPolicy>,
     scope: Scope,
+    head_timer: bool,
 }
 
 impl TimeoutLayer {
@@ -17,6 +18,7 @@ impl TimeoutLayer {
         TimeoutLayer {
             policy: Arc::new(policy),
             scope: Scope::Call,
+            head_timer: true,
         }
     }
 
@@ -31,6 +33,25 @@ impl TimeoutLayer {
         self
     }
 
+    /// Leaves the response head's deadline to the inner service, which must
+    /// enforce the `grpc-timeout` header this layer writes, as a tonic
+    /// `Channel` does; keeps the timer that bounds the response body. Saves
+    /// a second timer per call that waits. See
+    /// [One timer with a tonic `Channel`](crate#one-timer-with-a-tonic-channel)
+    /// for when this is safe. The channel's expiry (`tonic::TimeoutExpired`)
+    /// is reported as this layer's `DEADLINE_EXCEEDED`, counted and logged
+    /// as its own would be.
+    pub fn rely_on_channel_for_head(mut self) -> Self {
+        self.head_timer = false;
+        self
+    }
+
+    /// Whether this layer arms its own timer for the response head (it
+    /// does unless [`TimeoutLayer::rely_on_channel_for_head`] was used).
+    pub fn times_the_head(&self) -> bool {
+        self.head_timer
+    }
+
     /// The policy this layer enforces.
     pub fn policy(&self) -> &TimeoutPolicy {
         &self.policy
@@ -41,6 +62,6 @@ impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Timeout::from_parts(inner, self.policy.clone(), self.scope)
+        Timeout::from_parts(inner, self.policy.clone(), self.scope, self.head_timer)
     }
 }

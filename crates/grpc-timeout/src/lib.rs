@@ -23,8 +23,8 @@
 //! * it also bounds a streaming response: a server stream that runs past
 //!   the deadline ends with `DEADLINE_EXCEEDED`, and the stream is reset so
 //!   the server sees the call cancelled. The deadline is checked on every
-//!   read of the body (one clock read), so it holds even when the next
-//!   message is always already there;
+//!   message read from the body (one clock read), so it holds even when
+//!   the next message is always already there;
 //! * a malformed `grpc-timeout` from the caller is dropped, with a WARN,
 //!   rather than forwarded; a transport failure keeps the code of its
 //!   HTTP/2 reason ([`grpc_resilience_core::error::transport_code`]); a
@@ -66,6 +66,27 @@
 //! now plus the per-try timeout, and it is recorded on the attempt's
 //! request.
 //!
+//! # One timer with a tonic `Channel`
+//!
+//! A tonic `Channel` enforces the `grpc-timeout` it is sent with a timer
+//! of its own, failing the call when the response head has not come in
+//! time (this layer reports that as `DEADLINE_EXCEEDED`, as if its own
+//! timer had fired). Directly over a `Channel`, or over layers that bound
+//! their own waits by the call's [`CallDeadline`] (the retry layer's
+//! readiness wait and backoff do), a second timer for the head is
+//! redundant: [`TimeoutLayer::rely_on_channel_for_head`] drops it and keeps
+//! only the body's timer, which the channel does not have (it bounds the
+//! head only). Do not use it over a service that does not enforce
+//! `grpc-timeout`, or over anything that can wait without a bound before
+//! the request reaches the channel (a bulkhead's queue): the head would
+//! then have no local deadline. The `grpc-resilience` facade turns it on
+//! when the service it wraps is a `Channel` (or one of its named channels
+//! with a single endpoint; not a balanced one, whose balancer can hold a
+//! call for a ready endpoint) and no bulkhead is configured.
+//!
+//! A head timer is made only once the inner service's future has to wait:
+//! a response that is there at once costs no timer.
+//!
 //! # Telemetry
 //!
 //! Each expiry increments the counter `grpc.timeout.count` (labels
@@ -83,11 +104,13 @@ use std::task::{Context, Poll};
 
 pub use grpc_resilience_core::CallDeadline;
 use grpc_resilience_core::{BoxError, MethodId, timeout_header};
+use http::uri::PathAndQuery;
 use tokio::time::Instant;
 use tower_service::Service;
 
 pub use error::Elapsed;
 pub use layer::TimeoutLayer;
+use policy::Entry;
 pub use policy::{MAX_TIMEOUT, TimeoutConfigError, TimeoutPolicy};
 
 use future::{Deadline, ResponseFuture, TimeoutBody};
@@ -117,19 +140,54 @@ pub struct Timeout<S> {
     inner: S,
     policy: Arc<TimeoutPolicy>,
     scope: Scope,
+    head_timer: bool,
+    // The last method called and its configured timeout: a stub calls
+    // with a static path, so a repeat call matches it by address, with no
+    // parse and no lookup.
+    last: Option<(PathAndQuery, Option<Entry>)>,
+}
+
+/// The configured timeout for the request's method, remembered in `last`.
+fn configured<'a>(
+    policy: &'a TimeoutPolicy,
+    last: &'a mut Option<(PathAndQuery, Option<Entry>)>,
+    uri: &http::Uri,
+) -> Option<&'a Entry> {
+    let Some(path) = uri.path_and_query() else {
+        return policy.entry(None);
+    };
+    let hit = last.as_ref().is_some_and(|(seen, _)| {
+        let (a, b) = (seen.as_str(), path.as_str());
+        std::ptr::eq(a, b) || a == b
+    });
+    if !hit {
+        let found = match MethodId::from_path(path.path()) {
+            Ok(method) => policy.entry(Some(&method)),
+            Err(_) => policy.entry(None),
+        };
+        *last = Some((path.clone(), found.cloned()));
+    }
+    last.as_ref().and_then(|(_, entry)| entry.as_ref())
 }
 
 impl<S> Timeout<S> {
     /// Wraps `inner`, enforcing `policy` per call.
     pub fn new(inner: S, policy: TimeoutPolicy) -> Self {
-        Self::from_parts(inner, Arc::new(policy), Scope::Call)
+        Self::from_parts(inner, Arc::new(policy), Scope::Call, true)
     }
 
-    pub(crate) fn from_parts(inner: S, policy: Arc<TimeoutPolicy>, scope: Scope) -> Self {
+    pub(crate) fn from_parts(
+        inner: S,
+        policy: Arc<TimeoutPolicy>,
+        scope: Scope,
+        head_timer: bool,
+    ) -> Self {
         Timeout {
             inner,
             policy,
             scope,
+            head_timer,
+            last: None,
         }
     }
 
@@ -163,10 +221,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let configured = match MethodId::from_request(&request) {
-            Ok(method) => self.policy.entry(Some(&method)),
-            Err(_) => self.policy.entry(None),
-        };
+        let configured = configured(&self.policy, &mut self.last, request.uri());
         // One clock read per call: the deadlines below and the grpc-timeout
         // written are all from this instant, taken as the inner service is
         // called.
@@ -208,7 +263,7 @@ where
                 }
                 caller
             }
-            (None, _) => return ResponseFuture::new(self.inner.call(request), None),
+            (None, _) => return ResponseFuture::new(self.inner.call(request), None, false),
         };
         let info = Deadline {
             at: deadline.instant(),
@@ -223,7 +278,7 @@ where
         if recorded != Some(deadline) {
             deadline.insert_into(&mut request);
         }
-        ResponseFuture::new(self.inner.call(request), Some(info))
+        ResponseFuture::new(self.inner.call(request), Some(info), self.head_timer)
     }
 }
 

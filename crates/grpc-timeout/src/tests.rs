@@ -590,3 +590,92 @@ async fn a_reset_keeps_the_code_of_its_reason() {
     assert_eq!(status.code(), Code::Cancelled, "{status:?}");
     assert!(grpc_resilience_core::error::find_error::<h2::Error>(&status).is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn relying_on_the_channel_leaves_the_head_to_it_and_keeps_the_body_timer() {
+    let layer = TimeoutLayer::new(catalog_policy()).rely_on_channel_for_head();
+    assert!(!layer.times_the_head());
+    let (mut service, mut handle) = setup(layer);
+    let (req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    // The channel is told the deadline, and enforces it.
+    assert_eq!(req.headers()[GRPC_TIMEOUT], "3000000u");
+    let mut fut = tokio_test::task::spawn(fut);
+    assert!(fut.poll().is_pending());
+    advance(Duration::from_secs(4)).await;
+    // No timer of this layer's: past the deadline, still the channel's to end.
+    assert!(fut.poll().is_pending());
+    send.send_error(tonic::TimeoutExpired(()));
+    match fut.poll() {
+        Poll::Ready(Err(err)) => {
+            assert!(err.downcast_ref::<Elapsed>().is_some(), "{err}");
+            assert_eq!(code_of(err), Code::DeadlineExceeded);
+        }
+        other => panic!(
+            "expected the channel's expiry, got {:?}",
+            other.map(|r| r.map(|_| ()))
+        ),
+    }
+
+    // The body, which the channel does not bound, is still cut.
+    let start = Instant::now();
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    let (_tx, response) = streaming_response();
+    send.send_response(response);
+    let response = fut.await.expect("the head in time");
+    let err = response.into_body().frame().await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert!(err.downcast_ref::<Elapsed>().unwrap().during_body());
+    assert_eq!(code_of(err), Code::DeadlineExceeded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn trailers_already_there_at_the_deadline_end_the_call_normally() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    let (tx, response) = streaming_response();
+    send.send_response(response);
+    let response = fut.await.expect("in time");
+    let mut body = std::pin::pin!(response.into_body());
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"m"))))
+        .await
+        .unwrap();
+    tx.send(Ok(http_body::Frame::trailers(trailers)))
+        .await
+        .unwrap();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert!(frame.is_data());
+    advance(Duration::from_secs(3)).await;
+    // The server finished before the deadline; its trailers were waiting.
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_trailers().unwrap()["grpc-status"], "0");
+    // A message waiting at the deadline is not delivered.
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    let (tx, response) = streaming_response();
+    send.send_response(response);
+    let response = fut.await.expect("in time");
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"m"))))
+        .await
+        .unwrap();
+    advance(Duration::from_secs(3)).await;
+    let err = response.into_body().frame().await.unwrap().unwrap_err();
+    assert_eq!(code_of(err), Code::DeadlineExceeded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_method_gets_its_own_timeout_on_one_service_in_any_order() {
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    for (path, sent) in [
+        (GET, "3000000u"),
+        (GET, "3000000u"),
+        (LIST, "10000000u"),
+        (GET, "3000000u"),
+        ("/catalog.v1.CommandService/CreateProduct", "5000000u"),
+        ("/healthz", "5000000u"),
+        (LIST, "10000000u"),
+    ] {
+        let (req, _fut, _send) = forwarded(&mut service, &mut handle, request(path, None)).await;
+        assert_eq!(req.headers()[GRPC_TIMEOUT], sent, "{path}");
+    }
+}
