@@ -681,9 +681,8 @@ fn process_cpu() -> Option<Duration> {
 }
 
 /// CPU per call (process CPU time / calls) and throughput at concurrency
-/// 64: bare channel, the three layers, and the facade over the channel
-/// (which leaves the response head to the channel's own timer), in
-/// alternating rounds, with bare's run-to-run spread.
+/// 64: bare channel, the three layers, and the facade over the channel,
+/// in alternating rounds, with bare's run-to-run spread.
 async fn cpu_section(server: &Server1, length: Duration) {
     const CONCURRENCY: usize = 64;
     let seconds = length.as_secs();
@@ -703,7 +702,7 @@ async fn cpu_section(server: &Server1, length: Duration) {
     let mut rows: [(&str, Vec<(f64, f64)>); 3] = [
         ("bare channel", Vec::new()),
         ("Timeout > Retry > CircuitBreaker", Vec::new()),
-        ("`ResilientChannel` (telemetry, one timer)", Vec::new()),
+        ("`ResilientChannel` (telemetry)", Vec::new()),
     ];
     for _ in 0..ROUNDS {
         for (i, row) in rows.iter_mut().enumerate() {

@@ -47,15 +47,12 @@
 //!    and sends each attempt with the time actually left in
 //!    `grpc-timeout`. Below it, each attempt would get the full budget and
 //!    a call could take `max_attempts` times its deadline plus the backoff.
-//!    Over a tonic `Channel` (or a named channel with one endpoint), which
-//!    enforces the `grpc-timeout` each attempt is sent with, this layer leaves the response head to the channel's
-//!    timer and keeps only its own timer for the response body (one timer
-//!    per call, not two; see
-//!    [`TimeoutLayer::rely_on_channel_for_head`](grpc_timeout::TimeoutLayer::rely_on_channel_for_head)).
-//!    With a `[bulkhead]` it keeps its own head timer too, since a call
-//!    waiting in the bulkhead's queue has not reached the channel yet, and
-//!    so it does over a balanced channel, whose balancer can hold a call
-//!    for a ready endpoint.
+//!    It keeps its own timer for the response head even over a tonic
+//!    `Channel`, which enforces the `grpc-timeout` each attempt is sent
+//!    with, because the channel's timer starts only once a connection is
+//!    up (see
+//!    [`TimeoutLayer::rely_on_channel_for_head`](grpc_timeout::TimeoutLayer::rely_on_channel_for_head)
+//!    for the option of one timer, and when it is safe).
 //! 3. **Retry** ([`grpc_retry::RetryLayer`]): attempts (or gRFC A6
 //!    hedges, `[hedging]`), backoff, body replay, throttling and the retry
 //!    budget (`[retry.throttle]`, `[retry.budget]`: with both, a retry goes

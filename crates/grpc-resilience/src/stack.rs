@@ -1,6 +1,5 @@
 //! The ordered stack: [`ResilientChannel`] and [`ResilienceLayer`].
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -60,26 +59,17 @@ pub(crate) struct Layers {
 }
 
 impl Layers {
-    /// The call's deadline layer over `service`. Over a tonic `Channel`
-    /// (or a named channel with one endpoint), which enforces the
-    /// `grpc-timeout` every attempt is sent with, the head is left to the
-    /// channel's timer and only the body keeps this layer's (one timer per
-    /// call, not two); everything between this layer and the channel bounds
-    /// its waits by the call's deadline (the retry layer's readiness wait
-    /// and backoff, a per-attempt timeout), except a bulkhead's queue, so
-    /// with a bulkhead this layer keeps its own. So does a balanced
-    /// channel: a call handed to its balancer can wait there for a ready
-    /// endpoint before any channel's timer starts.
-    pub(crate) fn deadline_for<S: 'static>(&self, service: &S) -> TimeoutLayer {
-        if enforces_grpc_timeout(service) && self.bulkhead.is_none() {
-            self.deadline.clone().rely_on_channel_for_head()
-        } else {
-            self.deadline.clone()
-        }
+    /// The call's deadline layer. It keeps its own timer for the
+    /// response head even over a tonic `Channel`, whose `grpc-timeout`
+    /// timer starts only once a connection is up: a call that waits in the
+    /// channel for a connection that never completes (a host that drops
+    /// every packet) would otherwise outlive its deadline.
+    #[cfg(test)]
+    pub(crate) fn deadline(&self) -> &TimeoutLayer {
+        &self.deadline
     }
 
     fn build<S: Clone + 'static>(&self, service: S) -> Inner<S> {
-        let deadline = self.deadline_for(&service);
         let service = match &self.attempt {
             Some(layer) => Attempt::On(layer.layer(service)),
             None => Attempt::Off(service),
@@ -94,20 +84,8 @@ impl Layers {
             keyed: self.retry_keyed.layer(service.clone()),
             strict: self.retry_strict.layer(service),
         };
-        deadline.layer(service)
+        self.deadline.layer(service)
     }
-}
-
-/// Whether `service` times the response head to the `grpc-timeout` it is
-/// sent with by itself, with nothing before it that can wait unbounded: a
-/// tonic `Channel`, or a named channel with one endpoint (a balanced one
-/// queues calls for a ready endpoint first).
-fn enforces_grpc_timeout<S: 'static>(service: &S) -> bool {
-    let service: &dyn Any = service;
-    service.is::<tonic::transport::Channel>()
-        || service
-            .downcast_ref::<crate::NamedChannel>()
-            .is_some_and(|named| matches!(named, crate::NamedChannel::Single(_)))
 }
 
 /// What reload swaps, and what every clone of a stack shares.

@@ -423,36 +423,12 @@ async fn a_reload_keeps_an_unchanged_bulkhead_and_its_calls_in_flight() {
 }
 
 #[tokio::test]
-async fn over_a_channel_without_a_bulkhead_the_head_is_left_to_the_channels_timer() {
+async fn the_deadline_layer_keeps_its_own_head_timer() {
+    // Even over a tonic `Channel`: the channel's `grpc-timeout` timer
+    // starts only once a connection is up (the loopback test
+    // `a_connection_that_never_completes_still_fails_at_the_deadline`).
     let config = ResilienceConfig::new().with_timeout_default(Duration::from_secs(5));
-    let shared = ResilientChannel::new(Backend::default(), &config).unwrap();
-    let layers = shared.shared().layers.load();
     let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-    let single = crate::NamedChannel::Single(channel.clone());
-    let balanced = crate::NamedChannel::Balanced(
-        grpc_balance::BalancedChannel::from_endpoints(
-            grpc_balance::BalanceConfig::new("query"),
-            grpc_circuit_breaker::BreakerRegistry::new(),
-            [tonic::transport::Endpoint::from_static(
-                "http://127.0.0.1:1",
-            )],
-        )
-        .unwrap(),
-    );
-    assert!(layers.deadline_for(&Backend::default()).times_the_head());
-    assert!(!layers.deadline_for(&channel).times_the_head());
-    assert!(!layers.deadline_for(&single).times_the_head());
-    // A balancer can hold a call for a ready endpoint before any
-    // channel's timer starts.
-    assert!(layers.deadline_for(&balanced).times_the_head());
-    // A bulkhead's queue is a wait the channel's timer does not bound.
-    let with_bulkhead = config.with_bulkhead_default(
-        crate::BulkheadSettings::new()
-            .with_max_concurrent(4)
-            .with_max_queue(4)
-            .with_max_wait(Duration::from_secs(1)),
-    );
-    let shared = ResilientChannel::new(Backend::default(), &with_bulkhead).unwrap();
-    let layers = shared.shared().layers.load();
-    assert!(layers.deadline_for(&channel).times_the_head());
+    let shared = ResilientChannel::new(channel, &config).unwrap();
+    assert!(shared.shared().layers.load().deadline().times_the_head());
 }

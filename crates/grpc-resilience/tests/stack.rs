@@ -248,12 +248,12 @@ async fn a_grpc_service_config_drives_the_stack() {
     );
 }
 
-/// Over a `Channel` the facade leaves the response head to the channel's
-/// own `grpc-timeout` timer (one timer per call): a stalled server must
-/// still fail the call with DEADLINE_EXCEEDED at the deadline, reported
-/// as the facade's own expiry, and see the call cancelled.
+/// A stalled server: the call fails with DEADLINE_EXCEEDED at the
+/// deadline, reported as the facade's own expiry (whichever of its timer
+/// and the channel's `grpc-timeout` timer fires first), and the server
+/// sees the call cancelled.
 #[tokio::test]
-async fn a_stalled_server_gets_deadline_exceeded_at_the_deadline_with_one_timer() {
+async fn a_stalled_server_gets_deadline_exceeded_at_the_deadline() {
     let server = TestServer::start().await;
     server
         .faults
@@ -290,4 +290,32 @@ async fn a_stalled_server_gets_deadline_exceeded_at_the_deadline_with_one_timer(
         .await,
         "the server should see the call cancelled"
     );
+}
+
+/// A host that drops every packet: tonic's channel waits for the
+/// connection before its own `grpc-timeout` timer starts (that timer sits
+/// below its buffer, per connection), so the call's deadline must still be
+/// kept by the facade's own timer.
+#[tokio::test]
+async fn a_connection_that_never_completes_still_fails_at_the_deadline() {
+    let never = tower::service_fn(|_: http::Uri| {
+        std::future::pending::<Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>, std::io::Error>>(
+        )
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9")
+        .connect_with_connector_lazy(never);
+    let config = ResilienceConfig::from_toml(
+        "[timeouts]\ndefault = 5000\n[timeouts.operations]\nget_product = 300\n",
+    )
+    .unwrap();
+    let mut client = QueryServiceClient::new(ResilientChannel::new(channel, &config).unwrap());
+    let start = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), client.get_product(get()))
+        .await
+        .expect("the call must end at its deadline, not wait for the connection")
+        .unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(took >= Duration::from_millis(299), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
 }

@@ -71,18 +71,21 @@
 //! A tonic `Channel` enforces the `grpc-timeout` it is sent with a timer
 //! of its own, failing the call when the response head has not come in
 //! time (this layer reports that as `DEADLINE_EXCEEDED`, as if its own
-//! timer had fired). Directly over a `Channel`, or over layers that bound
-//! their own waits by the call's [`CallDeadline`] (the retry layer's
-//! readiness wait and backoff do), a second timer for the head is
-//! redundant: [`TimeoutLayer::rely_on_channel_for_head`] drops it and keeps
-//! only the body's timer, which the channel does not have (it bounds the
-//! head only). Do not use it over a service that does not enforce
-//! `grpc-timeout`, or over anything that can wait without a bound before
-//! the request reaches the channel (a bulkhead's queue): the head would
-//! then have no local deadline. The `grpc-resilience` facade turns it on
-//! when the service it wraps is a `Channel` (or one of its named channels
-//! with a single endpoint; not a balanced one, whose balancer can hold a
-//! call for a ready endpoint) and no bulkhead is configured.
+//! timer had fired). [`TimeoutLayer::rely_on_channel_for_head`] drops this
+//! layer's head timer and keeps only the body's, which the channel does
+//! not have (it bounds the head only), saving a timer per call.
+//!
+//! It is off by default, and the `grpc-resilience` facade leaves it off,
+//! because the channel's timer does not cover everything: it starts only
+//! once the channel has a connection (it sits below the channel's buffer,
+//! per connection), so a call that waits for a connection that never
+//! completes (a host that drops every packet, with no
+//! `Endpoint::connect_timeout`) would outlive its deadline. Turn it on only
+//! where connecting is bounded well below your deadlines
+//! (`Endpoint::connect_timeout`), over nothing that can wait without a
+//! bound before the request reaches the channel (a bulkhead's queue, a
+//! balancer waiting for a ready endpoint), and over a service that does
+//! enforce `grpc-timeout`.
 //!
 //! A head timer is made only once the inner service's future has to wait:
 //! a response that is there at once costs no timer.
