@@ -127,11 +127,20 @@ impl CallDeadline {
     }
 
     /// Writes `grpc-timeout` with the time left at `now`, replacing any
-    /// value there.
+    /// value there, unless the value there already states that time to the
+    /// header's own precision ([`timeout_header::states`]): a layer above
+    /// that wrote it an instant ago saves this one an encode, an allocation
+    /// and an insert.
     pub fn write_header(&self, headers: &mut HeaderMap, now: Instant) {
+        let remaining = self.remaining_at(now);
+        if crate::headers::get(headers, &timeout_header::GRPC_TIMEOUT)
+            .is_some_and(|v| timeout_header::states(v.as_bytes(), remaining))
+        {
+            return;
+        }
         headers.insert(
             timeout_header::GRPC_TIMEOUT,
-            timeout_header::encode(self.remaining_at(now)),
+            timeout_header::encode(remaining),
         );
     }
 }
@@ -139,6 +148,7 @@ impl CallDeadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn request(timeout: Option<&str>) -> Request<()> {
         let mut builder = Request::builder().uri("/p.S/M");
@@ -187,6 +197,29 @@ mod tests {
         assert!(deadline.has_passed_at(Instant::now()));
         deadline.write_header(&mut headers, Instant::now());
         assert_eq!(headers["grpc-timeout"], "0n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_header_that_states_the_time_left_is_kept_and_any_other_replaced() {
+        let deadline = CallDeadline::after(Duration::from_secs(5)).unwrap();
+        let mut headers = HeaderMap::new();
+        // A layer above wrote the full 5 s an instant ago.
+        let written = HeaderValue::from_static("5000000u");
+        headers.insert("grpc-timeout", written.clone());
+        tokio::time::advance(Duration::from_nanos(300)).await;
+        deadline.write_header(&mut headers, Instant::now());
+        assert_eq!(headers["grpc-timeout"], "5000000u");
+        // A millisecond later it would overstate by 1,000 units.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        deadline.write_header(&mut headers, Instant::now());
+        assert_eq!(headers["grpc-timeout"], "4998999u");
+        // A header that understates (a caller's shorter value), or that
+        // does not parse, is replaced too.
+        for other in ["1S", "abc", "4998997u"] {
+            headers.insert("grpc-timeout", HeaderValue::from_static(other));
+            deadline.write_header(&mut headers, Instant::now());
+            assert_eq!(headers["grpc-timeout"], "4998999u", "after {other}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -46,15 +46,55 @@ pub fn encode(timeout: Duration) -> HeaderValue {
 }
 
 /// Writes the encoding of `timeout` into `buf`, returning its length.
-fn encode_to(timeout: Duration, buf: &mut [u8; 9]) -> usize {
+/// The value and unit letter `timeout` is encoded with: the finest unit
+/// whose value fits in 8 digits, rounded down.
+fn value_and_unit(timeout: Duration) -> (u64, u8) {
     let nanos = timeout.as_nanos();
-    let (value, unit) = UNITS
+    UNITS
         .iter()
         .find_map(|&(unit, per)| {
             let value = u64::try_from(nanos / per).ok()?;
             (value <= MAX_VALUE).then_some((value, unit))
         })
-        .unwrap_or((MAX_VALUE, b'H'));
+        .unwrap_or((MAX_VALUE, b'H'))
+}
+
+/// Whether a `grpc-timeout` value already states `timeout` as precisely as
+/// [`encode`]`(timeout)` would: it decodes to within one unit of that
+/// encoding (the format's own precision, about one part in 10^7) of
+/// `timeout`, above or below.
+///
+/// A layer that must send a request with the time left at this moment
+/// keeps a header that passes, and so skips encoding and inserting a new
+/// one (an allocation), when a layer above wrote it an instant ago. The
+/// server reads the same deadline to within what the header can express.
+///
+/// ```
+/// use std::time::Duration;
+/// use grpc_resilience_core::timeout_header::states;
+///
+/// // Written as 5 s; 200 ns later, 4.9999998 s are left: one microsecond
+/// // is the unit a fresh header would use, and the old one is within it.
+/// let left = Duration::from_secs(5) - Duration::from_nanos(200);
+/// assert!(states(b"5000000u", left));
+/// // 2 ms later the old header overstates by 2,000 units: rewrite it.
+/// assert!(!states(b"5000000u", left - Duration::from_millis(2)));
+/// assert!(!states(b"garbage", left));
+/// ```
+pub fn states(value: &[u8], timeout: Duration) -> bool {
+    let Ok(stated) = decode(value) else {
+        return false;
+    };
+    let (_, unit) = value_and_unit(timeout);
+    let per = UNITS
+        .iter()
+        .find_map(|&(u, per)| (u == unit).then_some(per))
+        .unwrap_or(1);
+    stated.abs_diff(timeout).as_nanos() < per
+}
+
+fn encode_to(timeout: Duration, buf: &mut [u8; 9]) -> usize {
+    let (value, unit) = value_and_unit(timeout);
     // Render the digits right to left.
     let mut digits = [0u8; 8];
     let mut n = value;
@@ -218,6 +258,27 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_fresh_encoding_states_its_timeout_and_a_stated_one_is_as_precise(
+            nanos in any::<u64>(),
+            drift in 0u64..2_000,
+        ) {
+            let t = Duration::from_nanos(nanos);
+            let fresh = encode(t);
+            prop_assert!(states(fresh.as_bytes(), t));
+            // The same header a moment later: kept only while it is within
+            // one unit of what a fresh encoding would say.
+            let later = t.saturating_sub(Duration::from_nanos(drift));
+            if states(fresh.as_bytes(), later) {
+                let again = decode(encode(later).as_bytes()).unwrap();
+                let stated = decode(fresh.as_bytes()).unwrap();
+                let (_, unit) = value_and_unit(later);
+                let per = UNITS.iter().find(|u| u.0 == unit).unwrap().1;
+                prop_assert!(stated.abs_diff(later).as_nanos() < per);
+                prop_assert!(again.abs_diff(later).as_nanos() < per);
+            }
+        }
+
         #[test]
         fn encoding_never_exceeds_and_round_trips(nanos in any::<u64>(), secs in 0u64..1u64 << 50) {
             for d in [Duration::from_nanos(nanos), Duration::from_secs(secs)] {
