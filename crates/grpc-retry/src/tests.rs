@@ -713,3 +713,52 @@ async fn a_callers_idempotency_key_lets_a_non_idempotent_method_be_retried() {
     .await;
     assert_eq!((seen.len(), code_of(result)), (1, Code::Unavailable));
 }
+
+/// The policy remembered for the last method is that method's: calls that
+/// alternate between two methods (by static path, as stubs send them, and
+/// by equal paths from other strings) each get their own.
+#[tokio::test(start_paused = true)]
+async fn each_method_gets_its_own_policy_when_calls_alternate() {
+    use std::sync::{Arc, Mutex};
+    use tower::{Service, ServiceExt};
+
+    let policies = RetryPolicies::new(no_jitter().with_max_attempts(4))
+        .unwrap()
+        .with_operation("CreateProduct", no_jitter().with_max_attempts(2))
+        .unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let inner = tower::service_fn({
+        let seen = seen.clone();
+        move |req: Req| {
+            seen.lock().unwrap().push(req.uri().path().to_owned());
+            async move { Ok::<_, BoxError>(trailers_only(Code::Unavailable)) }
+        }
+    });
+    let mut service = Retry::new(inner, policies);
+    let static_request = |path: &'static str| {
+        let mut parts = http::Uri::from_static("http://catalog").into_parts();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+        let mut req = request("", b"x");
+        *req.uri_mut() = http::Uri::from_parts(parts).unwrap();
+        req
+    };
+    let mut attempts = Vec::new();
+    for req in [
+        static_request(GET),
+        static_request(GET),
+        static_request(CREATE),
+        request(GET, b"x"),
+        request(CREATE, b"x"),
+        static_request(CREATE),
+        static_request(GET),
+    ] {
+        let path = req.uri().path().to_owned();
+        let before = seen.lock().unwrap().len();
+        let response = service.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "14");
+        let calls = seen.lock().unwrap()[before..].to_vec();
+        assert!(calls.iter().all(|p| *p == path), "{calls:?}");
+        attempts.push(calls.len());
+    }
+    assert_eq!(attempts, [4, 4, 2, 4, 2, 2, 4]);
+}
