@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use grpc_resilience_core::error::{find_error, with_transport_status};
 use grpc_resilience_core::{BoxError, MethodId, headers};
@@ -19,7 +18,9 @@ use crate::error::{Elapsed, When};
 #[derive(Clone, Debug)]
 pub(crate) struct Deadline {
     pub(crate) at: Instant,
-    pub(crate) timeout: Duration,
+    // When the call was sent: the timeout it was given is `at` minus this,
+    // worked out only if it expires.
+    pub(crate) sent: Instant,
     pub(crate) scope: Scope,
     // For the error message and metric labels; a clone of tonic's static
     // path, so it costs no allocation.
@@ -32,7 +33,8 @@ impl Deadline {
         let path = self.path.as_ref().map_or("", PathAndQuery::path);
         let (service, method) =
             MethodId::from_path(path).map_or(("", ""), |m| (m.service(), m.method()));
-        let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout = self.at.saturating_duration_since(self.sent);
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let scope = self.scope.as_str();
         metrics::counter!(
             "grpc.timeout.count",
@@ -66,7 +68,7 @@ impl Deadline {
         } else {
             path
         };
-        Box::new(Elapsed::new(self.timeout, self.scope, when, name))
+        Box::new(Elapsed::new(timeout, self.scope, when, name))
     }
 }
 

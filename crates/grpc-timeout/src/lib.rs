@@ -270,7 +270,7 @@ where
         };
         let info = Deadline {
             at: deadline.instant(),
-            timeout: deadline.remaining_at(now),
+            sent: now,
             scope: self.scope,
             path: request.uri().path_and_query().cloned(),
         };
