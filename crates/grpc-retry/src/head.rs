@@ -60,7 +60,7 @@ impl Head {
 
     /// The head of `parts`. With `has_deadline`, `grpc-timeout` is left
     /// out: every attempt writes the time left when it is sent.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn of(parts: &http::request::Parts, has_deadline: bool) -> Self {
         Head {
             method: parts.method.clone(),
@@ -103,24 +103,34 @@ impl Head {
 }
 
 impl Headers {
+    // Filled where it is returned (one value, no early return), so the
+    // inline pairs are not built aside and copied in.
+    #[inline(always)]
     fn of(headers: &HeaderMap, has_deadline: bool) -> Self {
-        let mut pairs: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS] = Default::default();
-        let mut slots = pairs.iter_mut();
-        for (name, value) in headers {
-            if has_deadline && name == GRPC_TIMEOUT {
-                continue;
-            }
-            let Some(slot) = slots.next() else {
-                // Too many to keep inline.
-                let mut map = headers.clone();
-                if has_deadline {
-                    map.remove(GRPC_TIMEOUT);
+        let mut kept = Headers::Inline(Default::default());
+        let mut overflow = false;
+        if let Headers::Inline(pairs) = &mut kept {
+            let mut slots = pairs.iter_mut();
+            for (name, value) in headers {
+                if has_deadline && name == GRPC_TIMEOUT {
+                    continue;
                 }
-                return Headers::Map(map);
-            };
-            *slot = Some((name.clone(), value.clone()));
+                let Some(slot) = slots.next() else {
+                    overflow = true;
+                    break;
+                };
+                *slot = Some((name.clone(), value.clone()));
+            }
         }
-        Headers::Inline(pairs)
+        if overflow {
+            // Too many to keep inline.
+            let mut map = headers.clone();
+            if has_deadline {
+                map.remove(GRPC_TIMEOUT);
+            }
+            kept = Headers::Map(map);
+        }
+        kept
     }
 }
 

@@ -445,7 +445,20 @@ impl<B> fmt::Debug for Recording<B> {
     }
 }
 
+/// What [`ReplayBody::capture`] kept of a call's body, to be joined with
+/// the request head into the call's [`Recording`].
+pub(crate) struct Captured<B>(RecordingKind<B>);
+
 impl<B> Recording<B> {
+    /// The call's recording: its head and its captured body.
+    #[inline(always)]
+    pub(crate) fn new(head: Head, captured: Captured<B>) -> Self {
+        Recording {
+            head,
+            kind: captured.0,
+        }
+    }
+
     /// The head of the original request.
     pub(crate) fn head(&self) -> &Head {
         &self.head
@@ -627,32 +640,41 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    /// The first attempt's body and the call's recording. A body that is
-    /// one frame ready now (a unary call's encoded message) is read at
-    /// once and kept as it is, within the buffer limits: no shared
-    /// recording, no lock per frame. Any other body is recorded as the
-    /// attempts read it, starting with what was read here.
+    /// The first attempt's body and what the call's recording keeps of
+    /// it. A body that is one frame ready now (a unary call's encoded
+    /// message) is read at once and kept as it is, within the buffer
+    /// limits: no shared recording, no lock per frame. Any other body is
+    /// recorded as the attempts read it, starting with what was read here.
+    ///
+    /// The request head is not taken here: the caller builds the
+    /// [`Recording`] ([`Recording::new`]) where it is stored, so the
+    /// kept head (hundreds of bytes, inline) is not moved through the
+    /// returns on the way.
     #[inline]
-    pub(crate) fn capture(
+    pub(crate) fn capture(original: B, limits: Arc<Limits>) -> (Self, Captured<B>) {
+        let original = match Prefixed::read_ready(original) {
+            Ok(data) => {
+                let fits = data.len() <= limits.per_call && limits.reserve(data.len());
+                let kind = RecordingKind::Ready {
+                    data: fits.then(|| data.clone()),
+                    limits,
+                };
+                return (ReplayBody::ready(data), Captured(kind));
+            }
+            Err(original) => original,
+        };
+        Self::record(original, limits)
+    }
+
+    /// [`capture`](Self::capture) with the recording built at once.
+    #[cfg(test)]
+    pub(crate) fn capture_with(
         original: B,
         limits: Arc<Limits>,
         head: impl FnOnce() -> Head,
     ) -> (Self, Recording<B>) {
-        let original = match Prefixed::read_ready(original) {
-            Ok(data) => {
-                let fits = data.len() <= limits.per_call && limits.reserve(data.len());
-                let recording = Recording {
-                    head: head(),
-                    kind: RecordingKind::Ready {
-                        data: fits.then(|| data.clone()),
-                        limits,
-                    },
-                };
-                return (ReplayBody::ready(data), recording);
-            }
-            Err(original) => original,
-        };
-        Self::record(original, limits, head())
+        let (body, captured) = Self::capture(original, limits);
+        (body, Recording::new(head(), captured))
     }
 }
 
@@ -661,10 +683,11 @@ impl<B> ReplayBody<B> {
     /// recording.
     #[cfg(test)]
     pub(crate) fn first(original: B, limits: Arc<Limits>, head: Head) -> (Self, Recording<B>) {
-        Self::record(Prefixed::new(original), limits, head)
+        let (body, captured) = Self::record(Prefixed::new(original), limits);
+        (body, Recording::new(head, captured))
     }
 
-    fn record(original: Prefixed<B>, limits: Arc<Limits>, head: Head) -> (Self, Recording<B>) {
+    fn record(original: Prefixed<B>, limits: Arc<Limits>) -> (Self, Captured<B>) {
         let waiters = Arc::new(Waiters::default());
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
@@ -693,13 +716,7 @@ impl<B> ReplayBody<B> {
             pos: 0,
             trailers_sent: false,
         });
-        (
-            body,
-            Recording {
-                head,
-                kind: RecordingKind::Shared(inner),
-            },
-        )
+        (body, Captured(RecordingKind::Shared(inner)))
     }
 }
 

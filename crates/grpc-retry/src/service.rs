@@ -15,7 +15,7 @@ use crate::head::Head;
 use crate::hedge::{Hedge, hedge};
 use crate::layer::RetryLayer;
 use crate::policy::MethodPolicy;
-use crate::replay::{Limits, ReplayBody as Replay, ReplayableBody};
+use crate::replay::{Limits, Recording, ReplayBody as Replay, ReplayableBody};
 use crate::{ResponseBody, RetryBudget, RetryOverride, RetryPolicies, RetryPolicy, RetryThrottle};
 
 /// The header that carries the idempotency key.
@@ -99,6 +99,23 @@ fn deadline_passed() -> BoxError {
 fn idempotency_key() -> http::HeaderValue {
     let n: u128 = rand::random();
     http::HeaderValue::from_str(&format!("{n:032x}")).expect("hex digits are a valid header value")
+}
+
+/// The first attempt's request: the call's head and body, with the call's
+/// deadline recorded for the layers below unless it already was.
+#[inline]
+fn first_request<B: ReplayableBody>(
+    mut parts: http::request::Parts,
+    body: Replay<B>,
+    recorded: Option<CallDeadline>,
+    deadline: Option<CallDeadline>,
+) -> Request<B> {
+    if recorded.is_none()
+        && let Some(deadline) = deadline
+    {
+        parts.extensions.insert(deadline);
+    }
+    Request::from_parts(parts, B::from_replay(body))
 }
 
 impl<S, B, R> Service<Request<B>> for Retry<S>
@@ -195,32 +212,25 @@ where
         if idempotency_keys && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
         }
-        // The head is kept (built where it is stored) before the deadline
-        // is recorded: retries record it on each attempt themselves.
-        let (body, recording) = Replay::capture(body, self.shared.limits.clone(), || {
-            Head::of(&parts, deadline.is_some())
-        });
-        if recorded.is_none()
-            && let Some(deadline) = deadline
-        {
-            // For the layers below.
-            parts.extensions.insert(deadline);
-        }
-        let request = Request::from_parts(parts, B::from_replay(body));
-
+        let (body, captured) = Replay::capture(body, self.shared.limits.clone());
         // Call the service that was made ready; keep a clone for retries.
         let fresh = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, fresh);
+        // The head is kept before the deadline is recorded (retries record
+        // it on each attempt themselves), and built where it is stored:
+        // in the context's literal, not moved in from elsewhere.
+        let has_deadline = deadline.is_some();
         let policy = match policy {
             MethodPolicy::Retry(policy) => policy,
             MethodPolicy::Hedge(policy) => {
                 let mut h = Hedge {
                     service,
-                    recording,
+                    recording: Recording::new(Head::of(&parts, has_deadline), captured),
                     policy,
                     shared: self.shared.clone(),
                     deadline,
                 };
+                let request = first_request(parts, body, recorded, deadline);
                 let span = h.span(1);
                 let fut = {
                     let _entered = span.enter();
@@ -231,7 +241,7 @@ where
         };
         let mut ctx = Ctx {
             service,
-            recording,
+            recording: Recording::new(Head::of(&parts, has_deadline), captured),
             policy,
             shared: self.shared.clone(),
             attempts: 1,
@@ -240,6 +250,7 @@ where
             first_ended: None,
             last_retry: LastRetry::default(),
         };
+        let request = first_request(parts, body, recorded, deadline);
         // The attempt's span is entered while the service is called, so a
         // layer below sees it as the current span.
         let span = ctx.span(None, None);

@@ -187,7 +187,7 @@ fn a_stub_request_is_captured_whole_before_the_first_attempt() {
     let limits = Arc::new(crate::replay::Limits::new(1024, 4096));
     let (parts, body) = stub_request().into_parts();
     let head = crate::head::Head::of(&parts, true);
-    let (first, recording) = ReplayBody::capture(body, limits.clone(), || head);
+    let (first, recording) = ReplayBody::capture_with(body, limits.clone(), || head);
     assert!(recording.is_ready(), "no shared recording for a unary body");
     assert_eq!(limits.in_use(), framed(b"p1").len());
     drop(first);

@@ -796,7 +796,7 @@ async fn a_body_with_more_to_come_is_recorded_from_its_first_frame() {
     tx.try_send(Ok(Frame::data(Bytes::from_static(b"one,"))))
         .unwrap();
     let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let (mut first, recording) = ReplayBody::capture(body, limits.clone(), Head::empty);
+    let (mut first, recording) = ReplayBody::capture_with(body, limits.clone(), Head::empty);
     assert!(!recording.is_ready());
     assert!(!first.is_end_stream());
     assert_eq!(first.size_hint().lower(), 4);
@@ -828,7 +828,7 @@ async fn a_body_with_two_ready_frames_is_recorded_whole() {
     ];
     // Ends after its frames: the sender is gone.
     let body = original(frames);
-    let (mut first, recording) = ReplayBody::capture(body, limits, Head::empty);
+    let (mut first, recording) = ReplayBody::capture_with(body, limits, Head::empty);
     assert!(!recording.is_ready());
     let (data, _) = read_all(&mut first).await;
     assert_eq!(data, b"abc");
@@ -839,7 +839,7 @@ async fn a_body_with_two_ready_frames_is_recorded_whole() {
 #[tokio::test]
 async fn a_body_with_only_trailers_is_recorded() {
     let limits = Arc::new(Limits::new(1024, 4096));
-    let (mut first, recording) = ReplayBody::capture(
+    let (mut first, recording) = ReplayBody::capture_with(
         original(vec![Frame::trailers(trailers())]),
         limits,
         Head::empty,
@@ -858,7 +858,7 @@ async fn a_body_that_fails_at_once_fails_its_first_attempt_and_is_not_replayed()
     let (tx, rx) = mpsc::channel(1);
     tx.try_send(Err(std::io::Error::other("broken"))).unwrap();
     let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let (mut first, recording) = ReplayBody::capture(body, limits, Head::empty);
+    let (mut first, recording) = ReplayBody::capture_with(body, limits, Head::empty);
     let err = first.frame().await.unwrap().unwrap_err();
     assert_eq!(err.to_string(), "broken");
     assert!(!recording.replayable());
@@ -869,7 +869,7 @@ async fn a_body_that_fails_at_once_fails_its_first_attempt_and_is_not_replayed()
 async fn a_ready_body_is_sent_whole_and_replayed_without_a_shared_recording() {
     let limits = Arc::new(Limits::new(1024, 4096));
     let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
-    let (mut first, recording) = ReplayBody::capture(body, limits.clone(), Head::empty);
+    let (mut first, recording) = ReplayBody::capture_with(body, limits.clone(), Head::empty);
     assert!(recording.is_ready());
     assert_eq!(first.size_hint().exact(), Some(5));
     assert_eq!(limits.in_use(), 5, "held for replay");
@@ -893,7 +893,7 @@ async fn a_ready_body_is_sent_whole_and_replayed_without_a_shared_recording() {
 async fn an_empty_body_is_ready_and_ends_at_once() {
     let limits = Arc::new(Limits::new(1024, 4096));
     let body = http_body_util::Empty::<Bytes>::new();
-    let (first, recording) = ReplayBody::capture(body, limits, Head::empty);
+    let (first, recording) = ReplayBody::capture_with(body, limits, Head::empty);
     assert!(recording.is_ready());
     assert!(first.is_end_stream());
     assert!(recording.replay().unwrap().is_end_stream());
@@ -904,7 +904,7 @@ async fn a_ready_body_over_a_limit_is_sent_once() {
     for limits in [Limits::new(4, 4096), Limits::new(1024, 4)] {
         let limits = Arc::new(limits);
         let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
-        let (mut first, recording) = ReplayBody::capture(body, limits.clone(), Head::empty);
+        let (mut first, recording) = ReplayBody::capture_with(body, limits.clone(), Head::empty);
         assert_eq!(limits.in_use(), 0, "not held");
         let (data, _) = read_all(&mut first).await;
         assert_eq!(data, b"hello", "still sent");
