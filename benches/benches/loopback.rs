@@ -6,7 +6,8 @@
 //! `cargo bench -p grpc-resilience-benches --bench loopback`
 //! (`LOOPBACK_SECONDS` sets each phase's length, default 3;
 //! `LOOPBACK_ONLY=budget,tail` runs only the named sections: `throughput`, `cpu`,
-//! `faults`, `down`, `outage`, `budget`, `tail`).
+//! `faults`, `down`, `outage`, `budget`, `tail`; `LOOPBACK_ROUNDS` sets the
+//! `cpu` section's number of alternating rounds, default 3).
 
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)] // wall-clock measurements
 
@@ -31,6 +32,15 @@ use tower::ServiceBuilder;
 
 /// Alternating runs per row of the throughput table.
 const ROUNDS: usize = 3;
+
+/// Rounds of the CPU section: `LOOPBACK_ROUNDS`, 1 to 30 (default 3).
+fn cpu_rounds() -> usize {
+    std::env::var("LOOPBACK_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|n| (1..=30).contains(n))
+        .unwrap_or(ROUNDS)
+}
 
 /// Upper bound on calls per task, whatever the time bound says.
 const MAX_CALLS_PER_TASK: u64 = 5_000_000;
@@ -295,7 +305,7 @@ fn main() {
         }
 
         if runs("cpu") {
-            cpu_section(&server, length).await;
+            cpu_section(&server, length, cpu_rounds()).await;
         }
 
         if runs("faults") {
@@ -680,14 +690,17 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// CPU per call (process CPU time / calls) and throughput at concurrency
-/// 64: bare channel, the three layers, and the facade over the channel,
-/// in alternating rounds, with bare's run-to-run spread.
-async fn cpu_section(server: &Server1, length: Duration) {
+/// CPU per call (process CPU time / calls), throughput and p99 at
+/// concurrency 64: bare channel, the three layers, and the facade over the
+/// channel, in `rounds` alternating rounds. Each row's ratios to bare are
+/// taken round by round (the rounds next to each other share the machine's
+/// state), and bare's own spread across rounds is printed beside them, so
+/// an effect can be read against the noise.
+async fn cpu_section(server: &Server1, length: Duration, rounds: usize) {
     const CONCURRENCY: usize = 64;
     let seconds = length.as_secs();
     println!(
-        "\n## CPU per call, healthy server, concurrency {CONCURRENCY} ({ROUNDS} alternating {seconds} s rounds; client and server share the process, so compare with bare)\n"
+        "\n## CPU per call, healthy server, concurrency {CONCURRENCY} ({rounds} alternating {seconds} s rounds; client and server share the process, so compare with bare)\n"
     );
     // Like `bare` and `stack`, a channel per task.
     let facade = |addr| {
@@ -699,12 +712,13 @@ async fn cpu_section(server: &Server1, length: Duration) {
             .expect("a config"),
         )
     };
-    let mut rows: [(&str, Vec<(f64, f64)>); 3] = [
+    // Per round: CPU µs per call, calls/s, p99 µs.
+    let mut rows: [(&str, Vec<[f64; 3]>); 3] = [
         ("bare channel", Vec::new()),
         ("Timeout > Retry > CircuitBreaker", Vec::new()),
         ("`ResilientChannel` (telemetry)", Vec::new()),
     ];
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         for (i, row) in rows.iter_mut().enumerate() {
             let Some(before) = process_cpu() else {
                 println!("(no /proc/self/stat: CPU time not measured)");
@@ -722,27 +736,49 @@ async fn cpu_section(server: &Server1, length: Duration) {
             let cpu = process_cpu().unwrap_or(before).saturating_sub(before);
             assert_eq!(run.failed, 0, "a healthy server answers every call");
             let per_call_us = us(cpu) / run.calls.max(1) as f64;
-            row.1.push((per_call_us, run.throughput()));
+            row.1
+                .push([per_call_us, run.throughput(), us(run.percentile(0.99))]);
         }
     }
-    let median = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
+    let median = |mut x: Vec<f64>| {
         x.sort_by(f64::total_cmp);
         x[x.len() / 2]
     };
-    let (bare_cpu, bare_tput) = (median(&rows[0].1, |r| r.0), median(&rows[0].1, |r| r.1));
+    let range = |x: &[f64]| {
+        let (lo, hi) = x
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        format!("{lo:.3} to {hi:.3}")
+    };
+    let column = |runs: &[[f64; 3]], k: usize| runs.iter().map(|r| r[k]).collect::<Vec<_>>();
+    let bare = rows[0].1.clone();
+    let bare_cpu = column(&bare, 0);
+    let (lo, hi) = bare_cpu
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    let bare_median = median(bare_cpu.clone());
     println!(
-        "| client | CPU µs per call | over bare | calls/s | vs bare | every round's CPU µs per call |"
+        "bare's CPU per call across rounds: {lo:.1} to {hi:.1} µs (median {bare_median:.1}; spread {:.1}% of the median)\n",
+        (hi - lo) / bare_median * 100.0
+    );
+    println!(
+        "| client | CPU µs per call | over bare | calls/s vs bare (median; range over rounds) | p99 µs | p99 vs bare (median; range) |"
     );
     println!("|---|---|---|---|---|---|");
     for (name, runs) in &rows {
-        let (cpu, tput) = (median(runs, |r| r.0), median(runs, |r| r.1));
-        let each: Vec<String> = runs.iter().map(|r| format!("{:.1}", r.0)).collect();
+        // Round by round against bare's run of the same round.
+        let per_round =
+            |k: usize| -> Vec<f64> { runs.iter().zip(&bare).map(|(r, b)| r[k] / b[k]).collect() };
+        let (tput, p99) = (per_round(1), per_round(2));
         println!(
-            "| {name} | {cpu:.1} | {:+.1} | {tput:.0} | {:.3} | {} |",
-            cpu - bare_cpu,
-            tput / bare_tput,
-            each.join(", "),
+            "| {name} | {:.1} | {:+.1} | {:.3}; {} | {:.0} | {:.3}; {} |",
+            median(column(runs, 0)),
+            median(column(runs, 0)) - bare_median,
+            median(tput.clone()),
+            range(&tput),
+            median(column(runs, 2)),
+            median(p99.clone()),
+            range(&p99),
         );
     }
 }
