@@ -82,6 +82,26 @@ fn bare(addr: std::net::SocketAddr) -> QueryServiceClient<Channel> {
     QueryServiceClient::new(channel(addr))
 }
 
+/// A bare channel whose calls carry the stack's 5 s deadline, as tonic's
+/// own `Request::set_timeout` sends it: the `grpc-timeout` header makes the
+/// channel and the server each run a timer per call, which any
+/// deadline-carrying client pays, with this library or without.
+fn bare_with_deadline(addr: std::net::SocketAddr) -> QueryServiceClient<WithDeadline> {
+    fn five_seconds(
+        mut request: http::Request<tonic::body::Body>,
+    ) -> http::Request<tonic::body::Body> {
+        request
+            .headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("5000000u"));
+        request
+    }
+    QueryServiceClient::new(tower::util::MapRequest::new(channel(addr), five_seconds))
+}
+
+type WithDeadline = tower::util::MapRequest<
+    Channel,
+    fn(http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body>,
+>;
 type Full = Timeout<Retry<CircuitBreaker<Channel>>>;
 type NoBreaker = Timeout<Retry<Channel>>;
 
@@ -691,7 +711,8 @@ fn process_cpu() -> Option<Duration> {
 }
 
 /// CPU per call (process CPU time / calls), throughput and p99 at
-/// concurrency 64: bare channel, the three layers, and the facade over the
+/// concurrency 64: bare channel (also with a deadline on every call, as
+/// tonic sends one itself), the three layers, and the facade over the
 /// channel, in `rounds` alternating rounds. Each row's ratios to bare are
 /// taken round by round (the rounds next to each other share the machine's
 /// state), and bare's own spread across rounds is printed beside them, so
@@ -713,8 +734,9 @@ async fn cpu_section(server: &Server1, length: Duration, rounds: usize) {
         )
     };
     // Per round: CPU µs per call, calls/s, p99 µs.
-    let mut rows: [(&str, Vec<[f64; 3]>); 3] = [
+    let mut rows: [(&str, Vec<[f64; 3]>); 4] = [
         ("bare channel", Vec::new()),
+        ("bare channel, calls with a 5 s `grpc-timeout`", Vec::new()),
         ("Timeout > Retry > CircuitBreaker", Vec::new()),
         ("`ResilientChannel` (telemetry)", Vec::new()),
     ];
@@ -726,7 +748,8 @@ async fn cpu_section(server: &Server1, length: Duration, rounds: usize) {
             };
             let run = match i {
                 0 => drive!(bare(server.addr), CONCURRENCY, length),
-                1 => drive!(
+                1 => drive!(bare_with_deadline(server.addr), CONCURRENCY, length),
+                2 => drive!(
                     stack(server.addr, RetryPolicy::default()),
                     CONCURRENCY,
                     length
