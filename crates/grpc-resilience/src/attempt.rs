@@ -1,6 +1,13 @@
 //! The per-attempt timeout's place in the stack: a
 //! [`grpc_timeout::Timeout`] when `[timeouts] per_attempt` is set, and
 //! nothing at all (no header parse, no timer) when it is not.
+//!
+//! When it is on, its future and body are boxed (two allocations per
+//! attempt): the stack's future and response are types fixed at compile
+//! time, so an inline timeout state would make every call's future and
+//! response larger, and every move of them dearer, whether the timeout is
+//! configured or not (about 530 instructions per call in the facade's
+//! default stack, measured with the `instructions` bench under callgrind).
 
 use std::fmt;
 use std::future::Future;
@@ -57,7 +64,7 @@ where
                 inner: s.call(request),
             },
             Attempt::On(t) => AttemptFuture::On {
-                inner: t.call(request),
+                inner: Box::pin(t.call(request)),
             },
         }
     }
@@ -71,7 +78,7 @@ pin_project! {
         /// Without a per-attempt timeout.
         Off { #[pin] inner: F },
         /// With one.
-        On { #[pin] inner: TimeoutFuture<F> },
+        On { inner: Pin<Box<TimeoutFuture<F>>> },
     }
 }
 
@@ -97,9 +104,13 @@ where
                 Ok(response) => Ok(response.map(|body| AttemptBody::Off { body })),
                 Err(e) => Err(e.into()),
             }),
-            AttemptFutureProj::On { inner } => inner
-                .poll(cx)
-                .map(|r| r.map(|response| response.map(|body| AttemptBody::On { body }))),
+            AttemptFutureProj::On { inner } => inner.as_mut().poll(cx).map(|r| {
+                r.map(|response| {
+                    response.map(|body| AttemptBody::On {
+                        body: Box::pin(body),
+                    })
+                })
+            }),
         }
     }
 }
@@ -112,7 +123,7 @@ pin_project! {
         /// Without a per-attempt timeout.
         Off { #[pin] body: R },
         /// With one.
-        On { #[pin] body: TimeoutBody<R> },
+        On { body: Pin<Box<TimeoutBody<R>>> },
     }
 }
 
@@ -141,7 +152,7 @@ where
             AttemptBodyProj::Off { body } => body
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map_err(Into::into))),
-            AttemptBodyProj::On { body } => body.poll_frame(cx),
+            AttemptBodyProj::On { body } => body.as_mut().poll_frame(cx),
         }
     }
 

@@ -1650,7 +1650,11 @@ impl ResilienceConfig {
         self
     }
 
-    /// Sets `[timeouts] per_attempt`.
+    /// Sets `[timeouts] per_attempt`: each attempt, below the retry layer,
+    /// ends with `DEADLINE_EXCEEDED` after `timeout`, and the retry policy
+    /// decides whether to try again within the call's deadline. Each
+    /// attempt then costs two small allocations (its timer state is boxed,
+    /// so that calls without a per-attempt timeout carry none).
     pub fn with_per_attempt_timeout(mut self, timeout: Duration) -> Self {
         self.timeouts.per_attempt = Some(timeout);
         self
