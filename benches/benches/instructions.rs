@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience::ResilientChannel;
-use grpc_resilience_benches::{Bare, Reading, RequestFactory, drive_with, payload_1k, runtime};
-use grpc_retry::{Jitter, RetryLayer, RetryPolicies, RetryPolicy};
+use grpc_resilience_benches::{
+    Bare, CloneStubRequest, Reading, RequestFactory, drive_with, payload_1k, runtime, seed_retry,
+};
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use http::{Request, Response};
 use http_body::Body;
@@ -45,39 +46,6 @@ const ROWS: &[&str] = &[
     "retry_stub/tower::retry::Retry (cloned request)",
     "retry_stub/grpc_retry::Retry (success)",
 ];
-
-type FullRequest = Request<http_body_util::Full<bytes::Bytes>>;
-
-/// tower's retry over stub-shaped requests, as in `overhead`: the request
-/// is cloned for every call, from a `Full` body.
-#[derive(Clone, Copy)]
-struct CloneStubRequest;
-
-impl<Res, E> tower::retry::Policy<FullRequest, Res, E> for CloneStubRequest {
-    type Future = std::future::Ready<()>;
-
-    fn retry(&mut self, _: &mut FullRequest, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        result.is_err().then(|| std::future::ready(()))
-    }
-
-    fn clone_request(&mut self, req: &FullRequest) -> Option<FullRequest> {
-        let mut clone = Request::new(req.body().clone());
-        *clone.method_mut() = req.method().clone();
-        *clone.uri_mut() = req.uri().clone();
-        *clone.version_mut() = req.version();
-        *clone.headers_mut() = req.headers().clone();
-        *clone.extensions_mut() = req.extensions().clone();
-        Some(clone)
-    }
-}
-
-fn seed_retry() -> RetryLayer {
-    let policy = RetryPolicy::default()
-        .with_initial_delay(Duration::from_millis(1))
-        .with_max_delay(Duration::from_millis(1))
-        .with_jitter(Jitter::None);
-    RetryLayer::new(RetryPolicies::new(policy).expect("a valid policy"))
-}
 
 /// The counted calls: callgrind collects only inside this function.
 #[inline(never)]

@@ -10,10 +10,9 @@ use grpc_bulkhead::{BulkheadConfig, BulkheadLayer, Gradient};
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience::ResilientChannel;
 use grpc_resilience_benches::{
-    Bare, Reading, RequestFactory, call_once, drive, drive_parallel, drive_with, paused_runtime,
-    payload_1k, runtime,
+    Bare, CloneStubRequest, FullRequest, Reading, RequestFactory, call_once, drive, drive_parallel,
+    drive_with, paused_runtime, payload_1k, runtime, seed_retry,
 };
-use grpc_retry::{Jitter, RetryLayer, RetryPolicies, RetryPolicy};
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::ServiceBuilder;
 
@@ -101,8 +100,6 @@ fn breaker(c: &mut Criterion) {
 #[derive(Clone, Copy)]
 struct CloneEveryCall;
 
-type FullRequest = http::Request<http_body_util::Full<bytes::Bytes>>;
-
 impl<Res, E> tower::retry::Policy<FullRequest, Res, E> for CloneEveryCall {
     type Future = std::future::Ready<()>;
 
@@ -117,14 +114,6 @@ impl<Res, E> tower::retry::Policy<FullRequest, Res, E> for CloneEveryCall {
         *clone.headers_mut() = req.headers().clone();
         Some(clone)
     }
-}
-
-fn seed_retry() -> RetryLayer {
-    let policy = RetryPolicy::default()
-        .with_initial_delay(Duration::from_millis(1))
-        .with_max_delay(Duration::from_millis(1))
-        .with_jitter(Jitter::None);
-    RetryLayer::new(RetryPolicies::new(policy).expect("a valid policy"))
 }
 
 fn retry(c: &mut Criterion) {
@@ -153,30 +142,6 @@ fn retry(c: &mut Criterion) {
         b.iter_custom(|n| drive_with(&rt, &mut ours, || requests.grpc_request(&payload), n))
     });
     group.finish();
-}
-
-/// tower's retry over stub-shaped requests: the request is rebuilt for every
-/// call (tonic's body cannot be cloned), from a 1 KiB `Full` body and a clone
-/// of the head, extensions included, as a tower user must.
-#[derive(Clone, Copy)]
-struct CloneStubRequest;
-
-impl<Res, E> tower::retry::Policy<FullRequest, Res, E> for CloneStubRequest {
-    type Future = std::future::Ready<()>;
-
-    fn retry(&mut self, _: &mut FullRequest, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        result.is_err().then(|| std::future::ready(()))
-    }
-
-    fn clone_request(&mut self, req: &FullRequest) -> Option<FullRequest> {
-        let mut clone = http::Request::new(req.body().clone());
-        *clone.method_mut() = req.method().clone();
-        *clone.uri_mut() = req.uri().clone();
-        *clone.version_mut() = req.version();
-        *clone.headers_mut() = req.headers().clone();
-        *clone.extensions_mut() = req.extensions().clone();
-        Some(clone)
-    }
 }
 
 /// The retry rows over requests exactly as a generated stub sends them

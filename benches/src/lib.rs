@@ -314,3 +314,41 @@ impl RequestFactory {
         request
     }
 }
+
+/// A request with a body tower's `Retry` can clone, for its rows.
+pub type FullRequest = Request<http_body_util::Full<Bytes>>;
+
+/// tower's retry over stub-shaped requests: the request is rebuilt for
+/// every call (tonic's body cannot be cloned), from a 1 KiB `Full` body and
+/// a clone of the head, extensions included, as a tower user must.
+#[derive(Clone, Copy, Debug)]
+pub struct CloneStubRequest;
+
+impl<Res, E> tower::retry::Policy<FullRequest, Res, E> for CloneStubRequest {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _: &mut FullRequest, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        result.is_err().then(|| ready(()))
+    }
+
+    fn clone_request(&mut self, req: &FullRequest) -> Option<FullRequest> {
+        let mut clone = Request::new(req.body().clone());
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.version_mut() = req.version();
+        *clone.headers_mut() = req.headers().clone();
+        *clone.extensions_mut() = req.extensions().clone();
+        Some(clone)
+    }
+}
+
+/// The retry layer of the retry rows: the design's policy with a 1 ms
+/// backoff and no jitter.
+pub fn seed_retry() -> grpc_retry::RetryLayer {
+    use grpc_retry::{Jitter, RetryLayer, RetryPolicies, RetryPolicy};
+    let policy = RetryPolicy::default()
+        .with_initial_delay(std::time::Duration::from_millis(1))
+        .with_max_delay(std::time::Duration::from_millis(1))
+        .with_jitter(Jitter::None);
+    RetryLayer::new(RetryPolicies::new(policy).expect("a valid policy"))
+}
