@@ -40,6 +40,7 @@ const ROWS: &[&str] = &[
     "stub/grpc_timeout::Timeout",
     "stub/tower-resilience breaker",
     "stub/grpc_circuit_breaker",
+    "stub/grpc_circuit_breaker, latency_metric off",
     "stub/Timeout > Retry > CircuitBreaker",
     "stub/grpc_resilience::ResilientChannel",
     "retry_stub/bare",
@@ -123,6 +124,18 @@ fn row(name: &str, calls: u64) -> Option<Duration> {
         "stub/grpc_circuit_breaker" => run(
             &mut ServiceBuilder::new()
                 .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                .service(Bare),
+            make,
+            calls,
+        ),
+        "stub/grpc_circuit_breaker, latency_metric off" => run(
+            &mut ServiceBuilder::new()
+                .layer(CircuitBreakerLayer::new(
+                    BreakerRegistry::with_default_config(
+                        grpc_circuit_breaker::BreakerConfig::default().with_latency_metric(false),
+                    )
+                    .expect("a breaker config"),
+                ))
                 .service(Bare),
             make,
             calls,

@@ -398,6 +398,17 @@ fn stub(c: &mut Criterion) {
     group.bench_function("grpc_circuit_breaker", |b| {
         b.iter_custom(|n| drive_with(&rt, &mut breaker, make, n))
     });
+    let mut untimed = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(
+            BreakerRegistry::with_default_config(
+                grpc_circuit_breaker::BreakerConfig::default().with_latency_metric(false),
+            )
+            .expect("a breaker config"),
+        ))
+        .service(Bare);
+    group.bench_function("grpc_circuit_breaker, latency_metric off", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut untimed, make, n))
+    });
     let timeouts = TimeoutPolicy::new(Duration::from_secs(5)).expect("a valid policy");
     let mut ours = ServiceBuilder::new()
         .layer(TimeoutLayer::new(timeouts))

@@ -58,7 +58,8 @@ pub(crate) fn verdict(
 pub struct Permit {
     stripe: Arc<Stripe>,
     admission: Admission,
-    start: Instant,
+    // When the call was sent; `None` when nobody reads its latency.
+    start: Option<Instant>,
     // The time to the response headers, once they came.
     latency: Option<Duration>,
     deadline: Option<CallDeadline>,
@@ -69,7 +70,7 @@ impl Permit {
     pub(crate) fn new(
         stripe: Arc<Stripe>,
         admission: Admission,
-        start: Instant,
+        start: Option<Instant>,
         deadline: Option<CallDeadline>,
     ) -> Self {
         Permit {
@@ -84,7 +85,9 @@ impl Permit {
 
     /// The response headers came: the call's latency is known.
     fn answered(&mut self) {
-        self.latency = Some(Instant::now().saturating_duration_since(self.start));
+        if let Some(start) = self.start {
+            self.latency = Some(Instant::now().saturating_duration_since(start));
+        }
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -95,9 +98,10 @@ impl Permit {
         let hot = core.hot();
         let verdict = verdict(outcome, hot, self.deadline, Instant::now);
         // Without headers (an error, a cancellation), the time until then.
-        let latency = self
-            .latency
-            .unwrap_or_else(|| Instant::now().saturating_duration_since(self.start));
+        let latency = self.latency.or_else(|| {
+            self.start
+                .map(|start| Instant::now().saturating_duration_since(start))
+        });
         core.record(hot, self.admission, verdict, latency, Instant::now);
     }
 }

@@ -83,7 +83,10 @@
 //! installed (before or after the breaker is made: the handles follow the
 //! current recorder):
 //! `circuit_breaker.call.count` (labels `breaker`, `state`, `outcome` =
-//! success, failure or ignored), `circuit_breaker.call.latency` (seconds),
+//! success, failure or ignored), `circuit_breaker.call.latency` (seconds;
+//! off with [`BreakerConfig::with_latency_metric`]`(false)`, which also
+//! spares each call its two clock reads unless a slow-call threshold needs
+//! them),
 //! `circuit_breaker.rejected.count` (`breaker`, `state`),
 //! `circuit_breaker.state` (a gauge per state: 1 for the current one, 0 for
 //! the others) and `circuit_breaker.transitions.count` (`breaker`, `from`,

@@ -155,7 +155,12 @@ mod imp {
 
         /// Counts an admitted call; true when the gauge needs setting.
         #[inline]
-        pub(crate) fn call(&self, admitted_in: State, verdict: Verdict, latency_s: f64) -> bool {
+        pub(crate) fn call(
+            &self,
+            admitted_in: State,
+            verdict: Verdict,
+            latency_s: Option<f64>,
+        ) -> bool {
             let (h, registered) = self.handles();
             let row = match admitted_in {
                 State::Closed => 0,
@@ -163,7 +168,9 @@ mod imp {
                 _ => 2,
             };
             h.calls[row][verdict as usize].increment(1);
-            h.latency.record(latency_s);
+            if let Some(latency_s) = latency_s {
+                h.latency.record(latency_s);
+            }
             registered
         }
 
@@ -231,7 +238,7 @@ mod imp {
         pub(crate) fn check_recorder(&self) -> bool {
             false
         }
-        pub(crate) fn call(&self, _: State, _: Verdict, _: f64) -> bool {
+        pub(crate) fn call(&self, _: State, _: Verdict, _: Option<f64>) -> bool {
             false
         }
         pub(crate) fn rejected(&self, _: State) -> bool {

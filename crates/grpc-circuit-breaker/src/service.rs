@@ -127,7 +127,9 @@ where
                 ResponseFuture::rejected(BreakerOpen::new(core.name().clone(), state))
             }
             Ok(admission) => {
-                let start = Instant::now();
+                // Timed only when the latency histogram or a slow-call
+                // threshold reads it.
+                let start = core.hot().timed().then(Instant::now);
                 // The deadline an upper layer recorded, or the caller's
                 // grpc-timeout from now.
                 let deadline = CallDeadline::of_request(&request);

@@ -167,6 +167,10 @@ pub(crate) struct Settings {
 pub(crate) struct Hot(u64);
 
 const RATE_MODE: u64 = 1 << 32;
+// Calls are timed (the latency histogram or a slow-call threshold).
+const TIMED: u64 = 1 << 33;
+// The latency histogram is recorded.
+const LATENCY_METRIC: u64 = 1 << 34;
 
 impl Hot {
     fn of(config: &BreakerConfig) -> Self {
@@ -174,12 +178,11 @@ impl Hot {
             .failure_codes
             .iter()
             .fold(0u64, |m, code| m | 1 << (code as i32 as u32 & 31));
-        let rate = if config.failure_rate.is_some() {
-            RATE_MODE
-        } else {
-            0
-        };
-        Hot(mask | rate)
+        let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+        Hot(mask
+            | flag(config.failure_rate.is_some(), RATE_MODE)
+            | flag(config.times_calls(), TIMED)
+            | flag(config.latency_metric, LATENCY_METRIC))
     }
 
     /// Whether `code` counts as a failure.
@@ -191,6 +194,23 @@ impl Hot {
     fn rate_mode(self) -> bool {
         self.0 & RATE_MODE != 0
     }
+
+    /// Whether calls are timed: the latency histogram or a slow-call
+    /// threshold reads their latency.
+    #[inline]
+    pub(crate) fn timed(self) -> bool {
+        self.0 & TIMED != 0
+    }
+
+    fn latency_metric(self) -> bool {
+        self.0 & LATENCY_METRIC != 0
+    }
+}
+
+/// Whether a call of `latency` (none when the call was not timed: the
+/// settings changed after it was admitted) is slow under `threshold`.
+fn is_slow(threshold: Option<Duration>, latency: Option<Duration>) -> bool {
+    threshold.is_some_and(|d| latency.is_some_and(|l| l >= d))
 }
 
 /// What the registry reports about a breaker.
@@ -389,13 +409,13 @@ impl Core {
         hot: Hot,
         admission: Admission,
         verdict: Verdict,
-        latency: Duration,
+        latency: Option<Duration>,
         now: impl Fn() -> Instant,
     ) {
-        if self
-            .metrics
-            .call(admission.state, verdict, latency.as_secs_f64())
-        {
+        let histogram = latency
+            .filter(|_| hot.latency_metric())
+            .map(|l| l.as_secs_f64());
+        if self.metrics.call(admission.state, verdict, histogram) {
             self.publish();
         }
         let word = self.word.0.load(Ordering::Acquire);
@@ -425,7 +445,7 @@ impl Core {
         word: u64,
         admission: Admission,
         verdict: Verdict,
-        latency: Duration,
+        latency: Option<Duration>,
         now: impl Fn() -> Instant,
     ) {
         // Counts of another CLOSED period (a reset came between): not ours.
@@ -435,7 +455,7 @@ impl Core {
         let failure = verdict == Verdict::Failure;
         match (&*settings.counts, &settings.config.failure_rate) {
             (Counts::Rate(ring), Some(rate)) => {
-                let slow = rate.slow_call_duration.is_some_and(|d| latency >= d);
+                let slow = is_slow(rate.slow_call_duration, latency);
                 let counts = ring.push(failure, slow);
                 if counts.calls < rate.minimum_calls {
                     return;
@@ -461,7 +481,7 @@ impl Core {
         word: u64,
         admission: Admission,
         verdict: Verdict,
-        latency: Duration,
+        latency: Option<Duration>,
         now: impl Fn() -> Instant,
     ) {
         let config = &settings.config;
@@ -474,9 +494,7 @@ impl Core {
             self.transition(word, State::Open, now(), Trigger::ProbeFailed);
             return;
         }
-        let slow = rate
-            .and_then(|r| r.slow_call_duration)
-            .is_some_and(|d| latency >= d);
+        let slow = is_slow(rate.and_then(|r| r.slow_call_duration), latency);
         let mut current = self.probe_results.load(Ordering::Acquire);
         let results = loop {
             let mut results = ProbeResults::unpack(current);

@@ -993,3 +993,88 @@ async fn a_fresh_clone_per_call_reaches_each_services_breaker() {
         "query"
     );
 }
+
+/// What a debugging recorder got since its last snapshot: the latencies in
+/// `circuit_breaker.call.latency` and the successes counted in CLOSED.
+fn latencies_and_successes(snapshotter: &metrics_util::debugging::Snapshotter) -> (Vec<f64>, u64) {
+    use metrics_util::debugging::DebugValue;
+    let (mut latencies, mut successes) = (Vec::new(), 0);
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let label = |name: &str| {
+            key.labels()
+                .find(|l| l.key() == name)
+                .map(|l| l.value().to_owned())
+        };
+        match (key.name(), value) {
+            ("circuit_breaker.call.latency", DebugValue::Histogram(values)) => {
+                latencies.extend(values.into_iter().map(|v| v.into_inner()));
+            }
+            ("circuit_breaker.call.count", DebugValue::Counter(n))
+                if label("state").as_deref() == Some("closed")
+                    && label("outcome").as_deref() == Some("success") =>
+            {
+                successes += n;
+            }
+            _ => {}
+        }
+    }
+    (latencies, successes)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_latency_metric_is_recorded_unless_turned_off_and_slow_calls_count_either_way() {
+    use metrics_util::debugging::DebuggingRecorder;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = ::metrics::set_default_local_recorder(&recorder);
+    let answered_after_300ms = |registry: &BreakerRegistry| {
+        let (mut service, mut handle) = setup(registry);
+        async move {
+            long_stream(
+                &mut service,
+                &mut handle,
+                Duration::from_millis(300),
+                Duration::ZERO,
+            )
+            .await;
+        }
+    };
+
+    // On by default: each call's time to its headers.
+    answered_after_300ms(&registry()).await;
+    assert_eq!(latencies_and_successes(&snapshotter), (vec![0.3], 1));
+
+    // Off: calls are counted, not timed.
+    let off =
+        BreakerRegistry::with_default_config(BreakerConfig::default().with_latency_metric(false))
+            .unwrap();
+    answered_after_300ms(&off).await;
+    assert_eq!(latencies_and_successes(&snapshotter), (vec![], 1));
+
+    // Off, with a slow-call threshold: still timed for it (slow calls open
+    // the breaker), still no histogram.
+    let slow = BreakerConfig::default()
+        .with_latency_metric(false)
+        .with_failure_rate(FailureRate {
+            window: 4,
+            minimum_calls: 4,
+            failure_rate: 100.0,
+            slow_call_duration: Some(Duration::from_secs(1)),
+            slow_call_rate: 100.0,
+        });
+    let registry = BreakerRegistry::with_default_config(slow).unwrap();
+    let (mut service, mut handle) = setup(&registry);
+    for _ in 0..4 {
+        long_stream(
+            &mut service,
+            &mut handle,
+            Duration::from_secs(2),
+            Duration::ZERO,
+        )
+        .await;
+    }
+    assert_eq!(registry.state("query"), Some(State::Open));
+    assert_eq!(latencies_and_successes(&snapshotter), (vec![], 4));
+}

@@ -16,7 +16,7 @@ use crate::events::Hub;
 
 /// Records a result the way a finished call does.
 fn rec(core: &Core, admission: Admission, verdict: Verdict, now: Instant, latency: Duration) {
-    core.record(core.hot(), admission, verdict, latency, || now);
+    core.record(core.hot(), admission, verdict, Some(latency), || now);
 }
 
 fn model(f: impl Fn() + Sync + Send + 'static) {

@@ -22,7 +22,7 @@ fn core(config: BreakerConfig) -> Core {
 
 /// Records a result the way a finished call does.
 fn rec(core: &Core, admission: Admission, verdict: Verdict, now: Instant, latency: Duration) {
-    core.record(core.hot(), admission, verdict, latency, || now);
+    core.record(core.hot(), admission, verdict, Some(latency), || now);
 }
 
 /// A clock the tests move by hand.

@@ -522,3 +522,22 @@ fn grpc_service_config_mistakes_are_named() {
         );
     }
 }
+
+#[test]
+fn a_breaker_can_go_without_its_latency_metric() {
+    let text = "[circuit_breakers.query]\nlatency_metric = false\n";
+    let config = ResilienceConfig::from_toml(text).unwrap();
+    assert_eq!(config.breakers()["query"].latency_metric(), Some(false));
+    assert_eq!(
+        config.compile().unwrap().breakers["query"],
+        BreakerConfig::default().with_latency_metric(false)
+    );
+    assert_eq!(
+        ResilienceConfig::from_toml(&config.to_toml()).unwrap(),
+        config
+    );
+    assert_eq!(
+        error_of("[circuit_breakers.query]\nlatency_metric = \"no\"\n").to_string(),
+        "bad.toml:2: circuit_breakers.query.latency_metric = \"no\": invalid type: string \"no\", expected a boolean"
+    );
+}
