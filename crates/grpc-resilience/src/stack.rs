@@ -27,7 +27,7 @@ use crate::attempt::{Attempt, AttemptBody};
 use crate::bulk::{Bulk, BulkBody};
 use crate::config::{BudgetSettings, BulkheadSpec, Compiled, ThrottleSettings};
 use crate::per_call::PerCall;
-use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, ServerAddress, call_span};
+use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, ServerAddress};
 use crate::{ConfigError, ResilienceConfig};
 use grpc_bulkhead::BulkheadLayer;
 
@@ -727,23 +727,24 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let recorder = match MethodId::from_request(&request) {
-            Ok(id) => {
-                let metrics = match &self.last_method {
-                    Some(m) if m.path() == id.path() => m.clone(),
-                    _ => {
-                        let m = self.shared.metrics.get(&id);
-                        self.last_method = Some(m.clone());
-                        m
-                    }
-                };
-                Some(CallRecorder::new(
-                    metrics,
-                    call_span(&id, self.shared.server.as_ref()),
-                ))
-            }
-            Err(_) => None,
+        // The method's metrics, remembered for the last method called: a
+        // repeat call compares its path and parses nothing.
+        let path = request.uri().path();
+        let metrics = match &self.last_method {
+            Some(m) if m.path() == path => Some(m.clone()),
+            _ => match MethodId::from_path(path) {
+                Ok(id) => {
+                    let m = self.shared.metrics.get(&id);
+                    self.last_method = Some(m.clone());
+                    Some(m)
+                }
+                Err(_) => None,
+            },
         };
+        let recorder = metrics.map(|m| {
+            let span = m.call_span(self.shared.server.as_ref());
+            CallRecorder::new(m, span)
+        });
         let inner = match &recorder {
             Some(r) => r.span().in_scope(|| self.local.call(request)),
             None => self.local.call(request),

@@ -42,6 +42,11 @@ impl MethodMetrics {
         &self.path
     }
 
+    /// The call's span, named from the method these metrics are for.
+    pub(crate) fn call_span(&self, server: Option<&ServerAddress>) -> Span {
+        call_span(&self.service, &self.method, server)
+    }
+
     fn handles(&self, code: tonic::Code) -> &(Counter, Histogram) {
         let index = (code as usize).min(CODES - 1);
         self.by_code[index].get_or_init(|| {
@@ -137,13 +142,13 @@ impl ServerAddress {
 }
 
 /// The span of one logical call, with OpenTelemetry's RPC fields.
-pub(crate) fn call_span(id: &MethodId<'_>, server: Option<&ServerAddress>) -> Span {
+fn call_span(service: &str, method: &str, server: Option<&ServerAddress>) -> Span {
     let span = tracing::info_span!(
         "grpc_call",
         otel.kind = "client",
         rpc.system = "grpc",
-        rpc.service = id.service(),
-        rpc.method = id.method(),
+        rpc.service = service,
+        rpc.method = method,
         rpc.grpc.status_code = tracing::field::Empty,
         server.address = tracing::field::Empty,
         server.port = tracing::field::Empty,
