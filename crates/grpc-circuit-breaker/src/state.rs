@@ -160,9 +160,9 @@ pub(crate) struct Settings {
     counts: Arc<Counts>,
 }
 
-/// The failure codes of the current settings as a bit mask, and whether
-/// the breaker counts by rate: all a successful CLOSED call needs, in one
-/// atomic word.
+/// The failure codes of the current settings as a bit mask, whether the
+/// breaker counts by rate, and whether calls are timed and their latency
+/// recorded: all a successful CLOSED call needs, in one atomic word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Hot(u64);
 
