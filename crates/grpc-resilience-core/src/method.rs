@@ -167,9 +167,124 @@ impl fmt::Display for InvalidMethodPath<'_> {
 
 impl std::error::Error for InvalidMethodPath<'_> {}
 
+/// What a layer worked out for the last method it was called with (its
+/// policy, its metric handles), remembered by the request's path.
+///
+/// A generated stub calls with a static path (`PathAndQuery::from_static`),
+/// so a repeat call matches the remembered one by address: no parse and no
+/// lookup. Another path is compared as a string; a new method is parsed
+/// and worked out once, replacing the last one. `compute` gets `None` for
+/// a path that is not a gRPC method.
+///
+/// ```
+/// use grpc_resilience_core::LastMethod;
+///
+/// let mut last = LastMethod::default();
+/// let uri = http::Uri::from_static("http://catalog/catalog.v1.QueryService/GetProduct");
+/// let mut parsed = 0;
+/// for _ in 0..3 {
+///     let method = last.get_or_insert_with(&uri, |id| {
+///         parsed += 1;
+///         id.map(|id| id.method().to_owned())
+///     });
+///     assert_eq!(method.as_deref(), Some("GetProduct"));
+/// }
+/// assert_eq!(parsed, 1);
+/// ```
+#[derive(Clone, Debug)]
+pub struct LastMethod<T> {
+    last: Option<(http::uri::PathAndQuery, T)>,
+}
+
+impl<T> Default for LastMethod<T> {
+    fn default() -> Self {
+        LastMethod { last: None }
+    }
+}
+
+impl<T> LastMethod<T> {
+    /// What `compute` made of `uri`'s method, computed now unless `uri` has
+    /// the path of the last call.
+    #[inline]
+    pub fn get_or_insert_with(
+        &mut self,
+        uri: &http::Uri,
+        compute: impl FnOnce(Option<MethodId<'_>>) -> T,
+    ) -> &T {
+        let key = uri.path_and_query();
+        let hit = match (&self.last, key) {
+            (Some((seen, _)), Some(key)) => {
+                let (a, b) = (seen.as_str(), key.as_str());
+                std::ptr::eq(a, b) || a == b
+            }
+            _ => false,
+        };
+        if !hit {
+            self.last = None;
+        }
+        let (_, value) = self.last.get_or_insert_with(|| {
+            // A URI without a path is keyed as `/`: no method either.
+            let key = key
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            (key, compute(MethodId::from_path(uri.path()).ok()))
+        });
+        value
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_method_is_worked_out_once_and_each_method_gets_its_own() {
+        let mut last = LastMethod::default();
+        let mut computed = Vec::new();
+        let stub = |path: &'static str| {
+            let mut parts = http::Uri::from_static("http://catalog").into_parts();
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+            http::Uri::from_parts(parts).unwrap()
+        };
+        let get = "/catalog.v1.QueryService/GetProduct";
+        let create = "/catalog.v1.CommandService/CreateProduct";
+        let uris = [
+            stub(get),
+            stub(get),
+            format!("http://catalog{get}").parse().unwrap(),
+            stub(create),
+            stub(get),
+            "http://catalog/healthz".parse().unwrap(),
+            "http://catalog".parse().unwrap(),
+            stub(create),
+        ];
+        let seen: Vec<Option<String>> = uris
+            .iter()
+            .map(|uri| {
+                last.get_or_insert_with(uri, |id| {
+                    computed.push(uri.to_string());
+                    id.map(|id| id.method().to_owned())
+                })
+                .clone()
+            })
+            .collect();
+        let method = |m: &str| Some(m.to_owned());
+        assert_eq!(
+            seen,
+            [
+                method("GetProduct"),
+                method("GetProduct"),
+                method("GetProduct"),
+                method("CreateProduct"),
+                method("GetProduct"),
+                None,
+                None,
+                method("CreateProduct"),
+            ]
+        );
+        // Worked out again only when the path changed.
+        assert_eq!(computed.len(), 6, "{computed:?}");
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -14,7 +14,7 @@ use grpc_circuit_breaker::{
     BreakerConfig, BreakerRegistry, CircuitBreaker, CircuitBreakerLayer, Keying, State,
 };
 use grpc_resilience_core::error::error_code;
-use grpc_resilience_core::{BoxError, MethodId, Outcome, OutcomeBody};
+use grpc_resilience_core::{BoxError, LastMethod, Outcome, OutcomeBody};
 use grpc_retry::{ReplayableBody, RetryBudget, RetryLayer, RetryThrottle};
 use grpc_timeout::future::TimeoutBody;
 use grpc_timeout::{Timeout, TimeoutLayer};
@@ -573,7 +573,7 @@ pub struct ResilientChannel<S> {
     generation: u64,
     // The metric handles of the method last called through this clone, so
     // the usual call finds them without touching shared memory.
-    last_method: Option<Arc<MethodMetrics>>,
+    last_method: LastMethod<Option<Arc<MethodMetrics>>>,
 }
 
 impl<S: Clone> Clone for ResilientChannel<S> {
@@ -615,7 +615,7 @@ impl<S: Clone + 'static> ResilientChannel<S> {
             generation: layers.generation,
             base,
             shared,
-            last_method: None,
+            last_method: LastMethod::default(),
         }
     }
 }
@@ -727,20 +727,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The method's metrics, remembered for the last method called: a
-        // repeat call compares its path and parses nothing.
-        let path = request.uri().path();
-        let metrics = match &self.last_method {
-            Some(m) if m.path() == path => Some(m.clone()),
-            _ => match MethodId::from_path(path) {
-                Ok(id) => {
-                    let m = self.shared.metrics.get(&id);
-                    self.last_method = Some(m.clone());
-                    Some(m)
-                }
-                Err(_) => None,
-            },
-        };
+        // The method's metrics, remembered for the last method called.
+        let cache = &self.shared.metrics;
+        let metrics = self
+            .last_method
+            .get_or_insert_with(request.uri(), |id| id.map(|id| cache.get(&id)))
+            .clone();
         let recorder = metrics.map(|m| {
             let span = m.call_span(self.shared.server.as_ref());
             CallRecorder::new(m, span)

@@ -22,7 +22,6 @@ const CODES: usize = 17;
 /// The metric handles of one method, registered once per status code seen.
 #[derive(Debug)]
 pub(crate) struct MethodMetrics {
-    path: Box<str>,
     service: Box<str>,
     method: Box<str>,
     by_code: [OnceLock<(Counter, Histogram)>; CODES],
@@ -31,15 +30,10 @@ pub(crate) struct MethodMetrics {
 impl MethodMetrics {
     fn new(id: &MethodId<'_>) -> Self {
         MethodMetrics {
-            path: id.path().into(),
             service: id.service().into(),
             method: id.method().into(),
             by_code: Default::default(),
         }
-    }
-
-    pub(crate) fn path(&self) -> &str {
-        &self.path
     }
 
     /// The call's span, named from the method these metrics are for.

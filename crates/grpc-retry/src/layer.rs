@@ -111,7 +111,7 @@ impl<S> Layer<S> for RetryLayer {
         Retry {
             inner,
             shared: self.shared.clone(),
-            last: None,
+            last: Default::default(),
         }
     }
 }

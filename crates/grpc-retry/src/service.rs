@@ -4,9 +4,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use grpc_resilience_core::error::LocalRejection;
-use grpc_resilience_core::{BoxError, CallDeadline, MethodId};
+use grpc_resilience_core::{BoxError, CallDeadline, LastMethod};
 use http::Request;
-use http::uri::PathAndQuery;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -34,34 +33,8 @@ pub(crate) struct Shared {
 pub struct Retry<S> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
-    // The last method called and its policy: a stub calls with a static
-    // path, so a repeat call matches it by address, with no parse and no
-    // lookup.
-    pub(crate) last: Option<(PathAndQuery, Option<MethodPolicy>)>,
-}
-
-/// The configured policy for the request's method, remembered in `last`.
-fn configured(
-    policies: &RetryPolicies,
-    last: &mut Option<(PathAndQuery, Option<MethodPolicy>)>,
-    uri: &http::Uri,
-) -> Option<MethodPolicy> {
-    let Some(path) = uri.path_and_query() else {
-        return MethodId::from_path(uri.path())
-            .ok()
-            .and_then(|method| policies.get(&method).copied());
-    };
-    if let Some((seen, policy)) = last.as_ref() {
-        let (a, b) = (seen.as_str(), path.as_str());
-        if std::ptr::eq(a, b) || a == b {
-            return *policy;
-        }
-    }
-    let found = MethodId::from_path(path.path())
-        .ok()
-        .and_then(|method| policies.get(&method).copied());
-    *last = Some((path.clone(), found));
-    found
+    // The last method called and its policy.
+    pub(crate) last: LastMethod<Option<MethodPolicy>>,
 }
 
 impl<S> Retry<S> {
@@ -135,7 +108,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let configured = configured(&self.shared.policies, &mut self.last, request.uri());
+        let policies = &self.shared.policies;
+        let configured = *self.last.get_or_insert_with(request.uri(), |id| {
+            id.and_then(|m| policies.get(&m).copied())
+        });
         let policy = match request.extensions().get::<RetryOverride>() {
             None => configured,
             Some(o) if o.disabled => None,

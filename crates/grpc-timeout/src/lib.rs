@@ -106,8 +106,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 pub use grpc_resilience_core::CallDeadline;
-use grpc_resilience_core::{BoxError, MethodId, timeout_header};
-use http::uri::PathAndQuery;
+use grpc_resilience_core::{BoxError, LastMethod, timeout_header};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -144,33 +143,8 @@ pub struct Timeout<S> {
     policy: Arc<TimeoutPolicy>,
     scope: Scope,
     head_timer: bool,
-    // The last method called and its configured timeout: a stub calls
-    // with a static path, so a repeat call matches it by address, with no
-    // parse and no lookup.
-    last: Option<(PathAndQuery, Option<Entry>)>,
-}
-
-/// The configured timeout for the request's method, remembered in `last`.
-fn configured<'a>(
-    policy: &'a TimeoutPolicy,
-    last: &'a mut Option<(PathAndQuery, Option<Entry>)>,
-    uri: &http::Uri,
-) -> Option<&'a Entry> {
-    let Some(path) = uri.path_and_query() else {
-        return policy.entry(None);
-    };
-    let hit = last.as_ref().is_some_and(|(seen, _)| {
-        let (a, b) = (seen.as_str(), path.as_str());
-        std::ptr::eq(a, b) || a == b
-    });
-    if !hit {
-        let found = match MethodId::from_path(path.path()) {
-            Ok(method) => policy.entry(Some(&method)),
-            Err(_) => policy.entry(None),
-        };
-        *last = Some((path.clone(), found.cloned()));
-    }
-    last.as_ref().and_then(|(_, entry)| entry.as_ref())
+    // The last method called and its configured timeout.
+    last: LastMethod<Option<Entry>>,
 }
 
 impl<S> Timeout<S> {
@@ -190,7 +164,7 @@ impl<S> Timeout<S> {
             policy,
             scope,
             head_timer,
-            last: None,
+            last: LastMethod::default(),
         }
     }
 
@@ -224,7 +198,11 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let configured = configured(&self.policy, &mut self.last, request.uri());
+        let policy = &self.policy;
+        let configured = self
+            .last
+            .get_or_insert_with(request.uri(), |id| policy.entry(id.as_ref()).cloned())
+            .as_ref();
         // One clock read per call: the deadlines below and the grpc-timeout
         // written are all from this instant, taken as the inner service is
         // called.
