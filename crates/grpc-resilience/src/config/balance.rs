@@ -46,20 +46,6 @@ pub struct OutlierSettings {
     success_rate: Option<SuccessRateSettings>,
 }
 
-macro_rules! option_field {
-    ($(#[$doc:meta])* $field:ident, $with:ident, $ty:ty) => {
-        $(#[$doc])*
-        pub fn $with(mut self, value: $ty) -> Self {
-            self.$field = Some(value);
-            self
-        }
-        /// The value set, if any.
-        pub fn $field(&self) -> Option<$ty> {
-            self.$field.clone()
-        }
-    };
-}
-
 impl OutlierSettings {
     /// Everything at its default.
     pub fn new() -> Self {

@@ -119,6 +119,21 @@
 //! [`TimeoutPolicy`], [`RetryThrottle::new`]), so a config built in code
 //! and one read from a file pass the same checks.
 
+/// A builder setter and a getter for an optional settings field.
+macro_rules! option_field {
+    ($(#[$doc:meta])* $field:ident, $with:ident, $ty:ty) => {
+        $(#[$doc])*
+        pub fn $with(mut self, value: $ty) -> Self {
+            self.$field = Some(value);
+            self
+        }
+        /// The value set, if any.
+        pub fn $field(&self) -> Option<$ty> {
+            self.$field.clone()
+        }
+    };
+}
+
 mod balance;
 mod grpc_service_config;
 mod selector;
@@ -270,20 +285,6 @@ pub struct RetrySettings {
     idempotent: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     idempotency_keys: Option<bool>,
-}
-
-macro_rules! option_field {
-    ($(#[$doc:meta])* $field:ident, $with:ident, $ty:ty) => {
-        $(#[$doc])*
-        pub fn $with(mut self, value: $ty) -> Self {
-            self.$field = Some(value);
-            self
-        }
-        /// The value set, if any.
-        pub fn $field(&self) -> Option<$ty> {
-            self.$field.clone()
-        }
-    };
 }
 
 impl RetrySettings {
