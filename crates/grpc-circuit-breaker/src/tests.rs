@@ -580,15 +580,21 @@ async fn long_stream(
     response.into_body().collect().await.unwrap();
 }
 
-#[tokio::test(start_paused = true)]
-async fn slow_calls_are_slow_to_answer_not_long_streams() {
-    let slow = BreakerConfig::default().with_failure_rate(FailureRate {
+/// A window of 4 calls that opens when all 4 were slow (headers after 1 s
+/// or more).
+fn four_slow_calls_open() -> FailureRate {
+    FailureRate {
         window: 4,
         minimum_calls: 4,
         failure_rate: 100.0,
         slow_call_duration: Some(Duration::from_secs(1)),
         slow_call_rate: 100.0,
-    });
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_are_slow_to_answer_not_long_streams() {
+    let slow = BreakerConfig::default().with_failure_rate(four_slow_calls_open());
     let registry = BreakerRegistry::with_default_config(slow).unwrap();
     let (mut service, mut handle) = setup(&registry);
     // Answers at once, then streams for 2 s: not slow.
@@ -1057,13 +1063,7 @@ async fn the_latency_metric_is_recorded_unless_turned_off_and_slow_calls_count_e
     // the breaker), still no histogram.
     let slow = BreakerConfig::default()
         .with_latency_metric(false)
-        .with_failure_rate(FailureRate {
-            window: 4,
-            minimum_calls: 4,
-            failure_rate: 100.0,
-            slow_call_duration: Some(Duration::from_secs(1)),
-            slow_call_rate: 100.0,
-        });
+        .with_failure_rate(four_slow_calls_open());
     let registry = BreakerRegistry::with_default_config(slow).unwrap();
     let (mut service, mut handle) = setup(&registry);
     for _ in 0..4 {
@@ -1076,5 +1076,55 @@ async fn the_latency_metric_is_recorded_unless_turned_off_and_slow_calls_count_e
         .await;
     }
     assert_eq!(registry.state("query"), Some(State::Open));
+    assert_eq!(latencies_and_successes(&snapshotter), (vec![], 4));
+}
+
+/// A call admitted under one setting and ending under another: the one it
+/// was admitted with decides whether it was timed, the current one whether
+/// its latency goes to the histogram, and a call that was not timed is
+/// never counted slow.
+#[tokio::test(start_paused = true)]
+async fn the_latency_setting_changing_while_a_call_runs() {
+    use metrics_util::debugging::DebuggingRecorder;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = ::metrics::set_default_local_recorder(&recorder);
+    let registry = registry();
+    let (mut service, mut handle) = setup(&registry);
+
+    // Timed at admission, the metric turned off before the answer.
+    assert!(service.poll_ready().is_ready());
+    let fut = service.call(request(GET));
+    let (_, send) = handle.next_request().await.unwrap();
+    registry
+        .configure("query", BreakerConfig::default().with_latency_metric(false))
+        .unwrap();
+    tokio::time::advance(Duration::from_millis(300)).await;
+    send.send_response(trailers_only(Code::Ok));
+    fut.await.unwrap().into_body().collect().await.unwrap();
+    assert_eq!(latencies_and_successes(&snapshotter), (vec![], 1));
+
+    // Not timed at admission; then slow calls count and the metric is on.
+    // Four slow answers: not counted slow, so the breaker stays closed.
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        assert!(service.poll_ready().is_ready());
+        let fut = service.call(request(GET));
+        let (_, send) = handle.next_request().await.unwrap();
+        sent.push((fut, send));
+    }
+    registry
+        .configure(
+            "query",
+            BreakerConfig::default().with_failure_rate(four_slow_calls_open()),
+        )
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(2)).await;
+    for (fut, send) in sent {
+        send.send_response(trailers_only(Code::Ok));
+        fut.await.unwrap().into_body().collect().await.unwrap();
+    }
+    assert_eq!(registry.state("query"), Some(State::Closed));
     assert_eq!(latencies_and_successes(&snapshotter), (vec![], 4));
 }
