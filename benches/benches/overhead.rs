@@ -91,6 +91,25 @@ fn breaker(c: &mut Criterion) {
     group.bench_function("grpc_circuit_breaker, 2 threads", |b| {
         b.iter_custom(|n| drive_parallel(&ours, &requests, n, 2))
     });
+
+    // Failure-rate mode: every call, success or not, goes into the one
+    // shared ring of the last `window` calls, so two threads write the
+    // same cache lines on every call. These rows show what that costs.
+    let rate = BreakerRegistry::with_default_config(
+        grpc_circuit_breaker::BreakerConfig::default()
+            .with_failure_rate(grpc_circuit_breaker::FailureRate::default()),
+    )
+    .expect("a valid breaker config");
+    let ours_rate = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(rate))
+        .service(Bare);
+    let mut svc = ours_rate.clone();
+    group.bench_function("grpc_circuit_breaker, failure rate", |b| {
+        b.iter_custom(|n| drive(&rt, &mut svc, &requests, n))
+    });
+    group.bench_function("grpc_circuit_breaker, failure rate, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel(&ours_rate, &requests, n, 2))
+    });
     group.finish();
 }
 

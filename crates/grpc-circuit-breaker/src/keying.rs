@@ -1,12 +1,14 @@
 //! Which breaker a call goes through, and the lock-free map from a key to
 //! its breaker.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
+use grpc_resilience_core::MethodId;
+use http::uri::PathAndQuery;
 use rustc_hash::FxHashMap;
 
 use crate::future::Stripe;
@@ -67,14 +69,12 @@ const STRIPES: usize = 8;
 /// A breaker with the handles calls take.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub(crate) key: Box<str>,
     stripes: [Arc<Stripe>; STRIPES],
 }
 
 impl Entry {
-    fn new(key: &str, core: Arc<Core>) -> Self {
+    fn new(core: Arc<Core>) -> Self {
         Entry {
-            key: key.into(),
             stripes: std::array::from_fn(|_| Arc::new(Stripe(core.clone()))),
         }
     }
@@ -102,9 +102,42 @@ fn stripe_index() -> usize {
     })
 }
 
+/// How many (layer, path) pairs each thread remembers the breaker of.
+const REMEMBERED: usize = 4;
+
+/// The breaker stripe a thread last found for a call path through one
+/// layer's services.
+struct Remembered {
+    layer: u64,
+    path: PathAndQuery,
+    stripe: Weak<Stripe>,
+}
+
+thread_local! {
+    // Per thread, not per service clone: a retry layer calls a fresh clone
+    // of its inner service per call, so a per-clone memory would always be
+    // empty. Per thread, a hit touches no memory another thread writes.
+    static REMEMBERED_STRIPES: RefCell<[Option<Remembered>; REMEMBERED]> =
+        const { RefCell::new([const { None }; REMEMBERED]) };
+}
+
+/// Ids for [`Shared`]: a thread's memory keys on a layer's id, never on an
+/// address a later layer could reuse.
+static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Whether two call paths are the same: by address for a stub's static
+/// path, else by content.
+#[inline]
+fn same_path(a: &PathAndQuery, b: &PathAndQuery) -> bool {
+    let (a, b) = (a.as_str(), b.as_str());
+    std::ptr::eq(a, b) || a == b
+}
+
 /// What every clone of a layer's services shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// Unique to this `Shared` for the life of the process.
+    id: u64,
     pub(crate) registry: BreakerRegistry,
     pub(crate) keying: Keying,
     pub(crate) names: FxHashMap<String, String>,
@@ -121,10 +154,11 @@ impl Shared {
         names: FxHashMap<String, String>,
     ) -> Self {
         let single = match &keying {
-            Keying::Single(name) => Some(Entry::new(name, registry.core(name))),
+            Keying::Single(name) => Some(Entry::new(registry.core(name))),
             _ => None,
         };
         Shared {
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             keying,
             names,
@@ -144,12 +178,50 @@ impl Shared {
         self.insert(key).stripe().clone()
     }
 
-    /// The breaker for a key, from the shared map.
-    pub(crate) fn lookup(&self, key: &str) -> Arc<Entry> {
-        match self.entries.load().get(key) {
-            Some(entry) => entry.clone(),
-            None => self.insert(key),
+    /// The calling thread's stripe of the per-service breaker for a call
+    /// to `uri`; `None` when its path names no gRPC method.
+    ///
+    /// A repeat of one of the thread's last few (layer, path) pairs parses
+    /// nothing and looks nothing up: a stub's static path matches by
+    /// address. A miss parses the path, finds the breaker in the shared
+    /// map and remembers it.
+    #[inline]
+    pub(crate) fn service_stripe(&self, uri: &http::Uri) -> Option<Arc<Stripe>> {
+        let path = uri.path_and_query()?;
+        let hit = REMEMBERED_STRIPES.try_with(|remembered| {
+            let remembered = remembered.try_borrow().ok()?;
+            remembered
+                .iter()
+                .flatten()
+                .find(|r| r.layer == self.id && same_path(&r.path, path))?
+                .stripe
+                .upgrade()
+        });
+        if let Ok(Some(stripe)) = hit {
+            return Some(stripe);
         }
+        self.service_stripe_miss(path)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn service_stripe_miss(&self, path: &PathAndQuery) -> Option<Arc<Stripe>> {
+        let key = MethodId::from_path(path.path()).ok()?.service();
+        // Found with no borrow of the thread's memory held: making a
+        // breaker can run code (a registry subscriber) that makes a call.
+        let stripe = self.lookup_stripe(key);
+        // During the thread's teardown, or re-entered: just not remembered.
+        let _ = REMEMBERED_STRIPES.try_with(|remembered| {
+            if let Ok(mut remembered) = remembered.try_borrow_mut() {
+                remembered.rotate_right(1);
+                remembered[0] = Some(Remembered {
+                    layer: self.id,
+                    path: path.clone(),
+                    stripe: Arc::downgrade(&stripe),
+                });
+            }
+        });
+        Some(stripe)
     }
 
     #[cold]
@@ -162,7 +234,7 @@ impl Shared {
                 .unwrap_or_else(|| service_breaker_name(key)),
             _ => key.to_owned(),
         };
-        let entry = Arc::new(Entry::new(key, self.registry.core(&name)));
+        let entry = Arc::new(Entry::new(self.registry.core(&name)));
         self.entries.rcu(|map| {
             let mut map = FxHashMap::clone(map);
             map.entry(key.into()).or_insert_with(|| entry.clone());

@@ -3,66 +3,40 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use grpc_resilience_core::{BoxError, CallDeadline, MethodId};
+use grpc_resilience_core::{BoxError, CallDeadline};
 use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::error::BreakerOpen;
 use crate::future::{Permit, ResponseBody, ResponseFuture, Stripe};
-use crate::keying::{Entry, Keying, Shared};
+use crate::keying::{Keying, Shared};
 use crate::layer::CircuitBreakerLayer;
 use crate::registry::BreakerRegistry;
 use crate::state::State;
-
-/// How many keys each service clone remembers, so the usual call finds
-/// its breaker without touching shared memory.
-const LOCAL_KEYS: usize = 4;
 
 /// Circuit breakers for gRPC calls; see the [crate docs](crate).
 #[derive(Clone, Debug)]
 pub struct CircuitBreaker<S> {
     inner: S,
     shared: Arc<Shared>,
-    local: [Option<Arc<Entry>>; LOCAL_KEYS],
-    // Whether this service (this clone) has made a call yet.
-    called: bool,
 }
 
 impl<S> CircuitBreaker<S> {
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        CircuitBreaker {
-            inner,
-            shared,
-            local: Default::default(),
-            called: false,
-        }
+        CircuitBreaker { inner, shared }
     }
 
     /// The handle of the breaker for this request, if one applies.
     #[inline]
-    fn stripe<B>(&mut self, request: &http::Request<B>) -> Option<Arc<Stripe>> {
-        let key = match &self.shared.keying {
-            Keying::Single(_) => return self.shared.single.as_ref().map(|e| e.stripe().clone()),
-            Keying::PerService => MethodId::from_request(request).ok()?.service(),
-            Keying::Custom(f) => f(request.uri(), request.headers())?,
-        };
-        if let Some(entry) = self.local.iter().flatten().find(|e| &*e.key == key) {
-            return Some(entry.stripe().clone());
+    fn stripe<B>(&self, request: &http::Request<B>) -> Option<Arc<Stripe>> {
+        match &self.shared.keying {
+            Keying::Single(_) => self.shared.single.as_ref().map(|e| e.stripe().clone()),
+            Keying::PerService => self.shared.service_stripe(request.uri()),
+            Keying::Custom(f) => Some(
+                self.shared
+                    .lookup_stripe(f(request.uri(), request.headers())?),
+            ),
         }
-        if !self.called {
-            // A service's first call: it may be a clone made for this one
-            // call (a retry layer clones its inner service per call), so
-            // remember nothing yet; the shared map's entry is not
-            // referenced (its count is shared by every thread).
-            self.called = true;
-            return Some(self.shared.lookup_stripe(key));
-        }
-        let entry = self.shared.lookup(key);
-        let stripe = entry.stripe().clone();
-        // Remember it, evicting the oldest.
-        self.local.rotate_right(1);
-        self.local[0] = Some(entry);
-        Some(stripe)
     }
 
     /// Wraps `inner` with one breaker per gRPC service from `registry`.

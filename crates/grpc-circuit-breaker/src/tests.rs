@@ -1128,3 +1128,82 @@ async fn the_latency_setting_changing_while_a_call_runs() {
     assert_eq!(registry.state("query"), Some(State::Closed));
     assert_eq!(latencies_and_successes(&snapshotter), (vec![], 4));
 }
+
+/// A request with a static path, as a generated stub sends it.
+fn static_request(path: &'static str) -> Req {
+    let mut parts = http::Uri::from_static("http://catalog").into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+    http::Request::builder()
+        .uri(http::Uri::from_parts(parts).unwrap())
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// Whether the breaker lets `request` through (answered OK) or rejects it.
+async fn admitted(service: &mut Svc, handle: &mut Handle, request: Req) -> bool {
+    assert!(service.poll_ready().is_ready());
+    let fut = service.call(request);
+    match handle.poll_request() {
+        std::task::Poll::Ready(Some((_, send))) => {
+            send.send_response(trailers_only(Code::Ok));
+            fut.await.unwrap();
+            true
+        }
+        _ => {
+            let err = fut.await.unwrap_err();
+            err.downcast::<BreakerOpen>().expect("a BreakerOpen");
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_thread_alternating_layers_and_services_reaches_each_ones_own_breaker() {
+    // More services than a thread remembers, through two layers with their
+    // own registries, on one thread: each call must find its own layer's
+    // breaker for its own service, whatever the thread last used.
+    const PATHS: [&str; 6] = [
+        "/test.Svc0/Call",
+        "/test.Svc1/Call",
+        "/test.Svc2/Call",
+        "/test.Svc3/Call",
+        "/test.Svc4/Call",
+        "/test.Svc5/Call",
+    ];
+    let (a, b) = (registry(), registry());
+    for i in 0..PATHS.len() {
+        let name = format!("svc{i}");
+        let opened = if i % 2 == 1 { &a } else { &b };
+        opened.get_or_create(&name);
+        opened.force_open(&name).unwrap();
+    }
+    let (mut svc_a, mut handle_a) = setup(&a);
+    let (mut svc_b, mut handle_b) = setup(&b);
+    for _round in 0..2 {
+        for (i, path) in PATHS.into_iter().enumerate() {
+            let open_in_a = i % 2 == 1;
+            for request in [static_request, |p: &'static str| request(p)] {
+                assert_eq!(
+                    admitted(&mut svc_a, &mut handle_a, request(path)).await,
+                    !open_in_a,
+                    "{path} through the first layer"
+                );
+                assert_eq!(
+                    admitted(&mut svc_b, &mut handle_b, request(path)).await,
+                    open_in_a,
+                    "{path} through the second layer"
+                );
+            }
+            // A path that names no gRPC method has no breaker.
+            assert!(admitted(&mut svc_a, &mut handle_a, request("/healthz")).await);
+        }
+    }
+    // A layer made after one is dropped gets its own breakers.
+    drop((svc_b, handle_b));
+    let c = registry();
+    let (mut svc_c, mut handle_c) = setup(&c);
+    assert!(admitted(&mut svc_c, &mut handle_c, static_request(PATHS[0])).await);
+    c.force_open("svc0").unwrap();
+    assert!(!admitted(&mut svc_c, &mut handle_c, static_request(PATHS[0])).await);
+    assert!(admitted(&mut svc_a, &mut handle_a, static_request(PATHS[0])).await);
+}

@@ -2,7 +2,7 @@
 
 use std::task::{Context, Poll};
 
-use grpc_resilience_core::BoxError;
+use grpc_resilience_core::{BoxError, headers};
 use grpc_retry::{IDEMPOTENCY_KEY, ReplayableBody, Retry, RetryOverride};
 use tower_service::Service;
 
@@ -106,7 +106,7 @@ where
         let chosen = match request.extensions().get::<Idempotent>() {
             Some(Idempotent(true)) => &mut self.keyed,
             Some(Idempotent(false)) => &mut self.strict,
-            None if request.headers().contains_key(IDEMPOTENCY_KEY) => &mut self.keyed,
+            None if headers::get(request.headers(), &IDEMPOTENCY_KEY).is_some() => &mut self.keyed,
             None => return self.normal.call(request),
         };
         // The service made ready is the normal variant's: hand it over.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use grpc_resilience_core::error::LocalRejection;
-use grpc_resilience_core::{BoxError, CallDeadline, LastMethod};
+use grpc_resilience_core::{BoxError, CallDeadline, LastMethod, headers};
 use http::Request;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -137,7 +137,7 @@ where
         let policy = policy.map(|p| match p {
             MethodPolicy::Retry(mut p)
                 if !p.retries_statuses()
-                    && request.headers().contains_key(IDEMPOTENCY_KEY)
+                    && headers::get(request.headers(), &IDEMPOTENCY_KEY).is_some()
                     && request
                         .extensions()
                         .get::<RetryOverride>()
@@ -185,7 +185,7 @@ where
             MethodPolicy::Retry(p) => p.idempotency_keys,
             MethodPolicy::Hedge(p) => p.idempotency_keys,
         };
-        if idempotency_keys && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
+        if idempotency_keys && headers::get(&parts.headers, &IDEMPOTENCY_KEY).is_none() {
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
         }
         let (body, captured) = Replay::capture(body, self.shared.limits.clone());
