@@ -117,7 +117,18 @@ impl Ring {
         let bits = u8::from(failure) | (u8::from(slow) << 1);
         let n = self.cursor.fetch_add(1, Ordering::AcqRel);
         let len = self.slots.len() as u64;
-        let old = self.slots[(n % len) as usize].swap(bits, Ordering::AcqRel);
+        let slot = &self.slots[(n % len) as usize];
+        // A slot that already holds these bits (a success where a success
+        // was, the usual case) is only read: two cores reading a cache line
+        // can both keep it, while each write takes it from the other core.
+        // Skipping a write of the value already there is the swap placed at
+        // the moment of the read, so the counts stay those of the slots.
+        let seen = slot.load(Ordering::Acquire);
+        let old = if seen == bits {
+            seen
+        } else {
+            slot.swap(bits, Ordering::AcqRel)
+        };
         let adjust = |counter: &AtomicI32, was: bool, is: bool| match (was, is) {
             (false, true) => counter.fetch_add(1, Ordering::AcqRel).wrapping_add(1),
             (true, false) => counter.fetch_sub(1, Ordering::AcqRel).wrapping_sub(1),
@@ -173,6 +184,53 @@ impl Counts {
             (Some(x), Some(y)) => x.window == y.window,
             (None, None) => a.reset_timeout == b.reset_timeout,
             _ => false,
+        }
+    }
+}
+
+#[cfg(all(test, grpc_resilience_loom))]
+mod loom_tests {
+    //! `RUSTFLAGS="--cfg grpc_resilience_loom" cargo test --release -p grpc-circuit-breaker --lib loom`
+
+    use loom::sync::Arc;
+    use loom::thread;
+
+    use super::*;
+
+    /// Two calls land on the one slot of a one-call window: one writes
+    /// the bits the slot holds (and so only reads it, if it comes first),
+    /// the other changes them; and a write that differs from the slot in
+    /// one bit only. In every order the counts end equal to the slot's.
+    #[test]
+    fn loom_ring_counts_match_the_slots_when_pushes_race() {
+        // (the slot before, the other thread's call, this thread's call),
+        // each as (failure, slow).
+        let cases = [
+            ((true, false), (true, false), (false, false)),
+            ((true, true), (true, true), (false, true)),
+            ((true, false), (true, true), (false, false)),
+        ];
+        for (before, first, second) in cases {
+            loom::model(move || {
+                let ring = Arc::new(Ring::new(1));
+                ring.push(before.0, before.1);
+                let other = ring.clone();
+                let t = thread::spawn(move || {
+                    other.push(first.0, first.1);
+                });
+                ring.push(second.0, second.1);
+                t.join().unwrap();
+                let bits = ring.slots[0].load(Ordering::Acquire);
+                let counts = ring.counts();
+                assert_eq!(counts.calls, 1);
+                assert_eq!(counts.failures, u32::from(bits & 1 != 0));
+                assert_eq!(counts.slow, u32::from(bits & 2 != 0));
+                assert_eq!(
+                    ring.failures.load(Ordering::Acquire),
+                    i32::from(bits & 1 != 0)
+                );
+                assert_eq!(ring.slow.load(Ordering::Acquire), i32::from(bits & 2 != 0));
+            });
         }
     }
 }
