@@ -11,7 +11,7 @@ use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience::ResilientChannel;
 use grpc_resilience_benches::{
     Bare, CloneStubRequest, FullRequest, Reading, RequestFactory, call_once, drive, drive_parallel,
-    drive_with, paused_runtime, payload_1k, runtime, seed_retry,
+    drive_parallel_with, drive_with, paused_runtime, payload_1k, runtime, seed_retry,
 };
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::ServiceBuilder;
@@ -190,6 +190,29 @@ fn retry_stub(c: &mut Criterion) {
         .service(Reading::default());
     group.bench_function("grpc_retry::Retry (success)", |b| {
         b.iter_custom(|n| drive_with(&rt, &mut ours, || stubs.request(), n))
+    });
+    // Two threads, each with its own clone of one layer: what the layer's
+    // shared state (its policies' handle, the replay memory count) costs
+    // when two cores call through it at once.
+    let stubs = &stubs;
+    let make = || move || stubs.request();
+    // Each thread clones its own payload: threads sharing one would bounce
+    // its reference count, which no real caller's threads do.
+    let full = || {
+        let payload = bytes::Bytes::copy_from_slice(&payload);
+        move || {
+            let (parts, _) = stubs.request().into_parts();
+            http::Request::from_parts(parts, http_body_util::Full::new(payload.clone()))
+        }
+    };
+    group.bench_function("bare, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel_with(&bare, make, n, 2))
+    });
+    group.bench_function("tower::retry::Retry (cloned request), 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel_with(&theirs, full, n, 2))
+    });
+    group.bench_function("grpc_retry::Retry (success), 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel_with(&ours, make, n, 2))
     });
     group.finish();
 }
@@ -443,6 +466,24 @@ fn stub(c: &mut Criterion) {
         ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config()).expect("a config");
     group.bench_function("grpc_resilience::ResilientChannel", |b| {
         b.iter_custom(|n| drive_with(&rt, &mut facade, make, n))
+    });
+    // Two threads, each with its own clone: what shared state costs when
+    // two cores call through one stack at once. Each thread has its own
+    // payload: threads sharing one would bounce its reference count, which
+    // no real caller's threads do.
+    let per_thread = || {
+        let payload = bytes::Bytes::copy_from_slice(&payload);
+        let requests = requests.clone();
+        move || requests.stub_grpc_request(&payload)
+    };
+    group.bench_function("bare, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel_with(&bare, per_thread, n, 2))
+    });
+    group.bench_function("Timeout > Retry > CircuitBreaker, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel_with(&ours, per_thread, n, 2))
+    });
+    group.bench_function("grpc_resilience::ResilientChannel, 2 threads", |b| {
+        b.iter_custom(|n| drive_parallel_with(&facade, per_thread, n, 2))
     });
     group.finish();
 }

@@ -244,17 +244,39 @@ where
     B: Body,
     B::Error: std::fmt::Debug,
 {
+    drive_parallel_with(service, || || requests.request(), iters, threads)
+}
+
+/// Like [`drive_with`], on `threads` threads at once, each with its own
+/// clone of `service`, its own runtime and its own request maker from
+/// `per_thread` (so that threads share no request data, such as one
+/// payload's reference count, that a real caller's threads would not);
+/// returns the mean time per thread.
+pub fn drive_parallel_with<S, R, B, M>(
+    service: &S,
+    per_thread: impl Fn() -> M + Sync,
+    iters: u64,
+    threads: usize,
+) -> std::time::Duration
+where
+    S: Service<Request<R>, Response = Response<B>> + Clone + Send,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+    M: FnMut() -> Request<R>,
+{
     let barrier = std::sync::Barrier::new(threads);
+    let per_thread = &per_thread;
     let total: std::time::Duration = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 let mut service = service.clone();
-                let requests = requests.clone();
                 let barrier = &barrier;
                 s.spawn(move || {
                     let rt = runtime();
+                    let make = per_thread();
                     barrier.wait();
-                    drive(&rt, &mut service, &requests, iters)
+                    drive_with(&rt, &mut service, make, iters)
                 })
             })
             .collect();

@@ -17,10 +17,7 @@ use crate::state::{Admission, Core, Hot, Verdict};
 
 /// One of a breaker's reference-counted handles; calls on different threads
 /// use different handles, so they do not bounce one counter between cores.
-/// Aligned so two handles' counters never share a cache line.
-#[derive(Debug)]
-#[repr(align(128))]
-pub(crate) struct Stripe(pub(crate) Arc<Core>);
+pub(crate) type Stripe = grpc_resilience_core::Stripe<Core>;
 
 /// How a call that ended with `outcome` counts. A cancelled call counts
 /// as `DEADLINE_EXCEEDED` when its deadline had passed (`now()` is read
@@ -94,7 +91,7 @@ impl Permit {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let core = &self.stripe.0;
+        let core: &Core = &self.stripe;
         let hot = core.hot();
         let verdict = verdict(outcome, hot, self.deadline, Instant::now);
         // Without headers (an error, a cancellation), the time until then.

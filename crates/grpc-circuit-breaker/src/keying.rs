@@ -1,13 +1,13 @@
 //! Which breaker a call goes through, and the lock-free map from a key to
 //! its breaker.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
-use grpc_resilience_core::MethodId;
+use grpc_resilience_core::{MethodId, Striped};
 use http::uri::PathAndQuery;
 use rustc_hash::FxHashMap;
 
@@ -64,42 +64,23 @@ pub fn service_breaker_name(service: &str) -> String {
     name
 }
 
-const STRIPES: usize = 8;
-
-/// A breaker with the handles calls take.
+/// A breaker with the handles calls take, one per thread stripe.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    stripes: [Arc<Stripe>; STRIPES],
+    stripes: Striped<Core>,
 }
 
 impl Entry {
     fn new(core: Arc<Core>) -> Self {
         Entry {
-            stripes: std::array::from_fn(|_| Arc::new(Stripe(core.clone()))),
+            stripes: Striped::new(core),
         }
     }
 
     #[inline]
     pub(crate) fn stripe(&self) -> &Arc<Stripe> {
-        &self.stripes[stripe_index()]
+        self.stripes.handle()
     }
-}
-
-thread_local! {
-    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
-}
-
-#[inline]
-fn stripe_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    STRIPE.with(|s| {
-        let mut i = s.get();
-        if i == usize::MAX {
-            i = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
-            s.set(i);
-        }
-        i
-    })
 }
 
 /// How many (layer, path) pairs each thread remembers the breaker of.

@@ -12,7 +12,7 @@ use crate::future::{Permit, ResponseBody, ResponseFuture, Stripe};
 use crate::keying::{Keying, Shared};
 use crate::layer::CircuitBreakerLayer;
 use crate::registry::BreakerRegistry;
-use crate::state::State;
+use crate::state::{Core, State};
 
 /// Circuit breakers for gRPC calls; see the [crate docs](crate).
 #[derive(Clone, Debug)]
@@ -87,7 +87,7 @@ where
         let Some(stripe) = self.stripe(&request) else {
             return ResponseFuture::called(self.inner.call(request), None);
         };
-        let core = &stripe.0;
+        let core: &Core = &stripe;
         let admitted = core.admit(Instant::now);
         record_admission(match &admitted {
             Ok(admission) => admission.state,

@@ -25,6 +25,9 @@
 //! * [`CodeSet`]: sets of status codes (retryable, failure), parsed from
 //!   names such as `UNAVAILABLE` with typed errors.
 //! * [`headers`]: header lookups tuned for the small maps gRPC calls carry.
+//! * [`Striped`]: a shared value with a handle per thread, so calls on
+//!   different cores that each keep a handle do not bounce one reference
+//!   count between them.
 //!
 //! Time, wherever a layer needs it, is `tokio::time::Instant`, so tests run
 //! on paused time.
@@ -60,6 +63,7 @@ pub mod headers;
 mod method;
 mod outcome;
 mod policy;
+pub mod striped;
 pub mod timeout_header;
 
 pub use codes::CodeSet;
@@ -68,3 +72,4 @@ pub use error::BoxError;
 pub use method::{InvalidMethodPath, LastMethod, MethodId};
 pub use outcome::{OnOutcome, Outcome, OutcomeBody, classify_head, classify_trailers};
 pub use policy::{DuplicateSelector, InvalidSelector, MatchedBy, MethodMap, Selector};
+pub use striped::{Stripe, Striped};

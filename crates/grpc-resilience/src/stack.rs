@@ -27,7 +27,7 @@ use crate::attempt::{Attempt, AttemptBody};
 use crate::bulk::{Bulk, BulkBody};
 use crate::config::{BudgetSettings, BulkheadSpec, Compiled, ThrottleSettings};
 use crate::per_call::PerCall;
-use crate::telemetry::{CallRecorder, MethodMetrics, MetricsCache, ServerAddress};
+use crate::telemetry::{CallRecorder, MetricsCache, ServerAddress, SharedMetrics};
 use crate::{ConfigError, ResilienceConfig};
 use grpc_bulkhead::BulkheadLayer;
 
@@ -573,7 +573,7 @@ pub struct ResilientChannel<S> {
     generation: u64,
     // The metric handles of the method last called through this clone, so
     // the usual call finds them without touching shared memory.
-    last_method: LastMethod<Option<Arc<MethodMetrics>>>,
+    last_method: LastMethod<Option<SharedMetrics>>,
 }
 
 impl<S: Clone> Clone for ResilientChannel<S> {
@@ -732,7 +732,8 @@ where
         let metrics = self
             .last_method
             .get_or_insert_with(request.uri(), |id| id.map(|id| cache.get(&id)))
-            .clone();
+            .as_ref()
+            .map(|m| m.handle().clone());
         let recorder = metrics.map(|m| {
             let span = m.call_span(self.shared.server.as_ref());
             CallRecorder::new(m, span)

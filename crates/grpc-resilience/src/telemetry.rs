@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use grpc_resilience_core::codes::code_name;
-use grpc_resilience_core::{MethodId, OnOutcome, Outcome};
+use grpc_resilience_core::{MethodId, OnOutcome, Outcome, Stripe, Striped};
 use metrics::{Counter, Histogram};
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
@@ -57,15 +57,19 @@ impl MethodMetrics {
     }
 }
 
+/// A method's metric handles, with a handle per thread stripe for calls to
+/// keep (see [`Striped`]).
+pub(crate) type SharedMetrics = Arc<Striped<MethodMetrics>>;
+
 /// Metric handles per method path, shared by every clone of a channel;
 /// read without locks.
 #[derive(Debug, Default)]
 pub(crate) struct MetricsCache {
-    methods: ArcSwap<FxHashMap<Box<str>, Arc<MethodMetrics>>>,
+    methods: ArcSwap<FxHashMap<Box<str>, SharedMetrics>>,
 }
 
 impl MetricsCache {
-    pub(crate) fn get(&self, id: &MethodId<'_>) -> Arc<MethodMetrics> {
+    pub(crate) fn get(&self, id: &MethodId<'_>) -> SharedMetrics {
         if let Some(m) = self.methods.load().get(id.path()) {
             return m.clone();
         }
@@ -73,8 +77,8 @@ impl MetricsCache {
     }
 
     #[cold]
-    fn insert(&self, id: &MethodId<'_>) -> Arc<MethodMetrics> {
-        let fresh = Arc::new(MethodMetrics::new(id));
+    fn insert(&self, id: &MethodId<'_>) -> SharedMetrics {
+        let fresh = Arc::new(Striped::new(Arc::new(MethodMetrics::new(id))));
         self.methods.rcu(|map| {
             let mut map = FxHashMap::clone(map);
             map.entry(id.path().into()).or_insert_with(|| fresh.clone());
@@ -87,13 +91,14 @@ impl MetricsCache {
 /// Records a logical call's outcome once: metrics and the span's status.
 #[derive(Debug)]
 pub struct CallRecorder {
-    metrics: Arc<MethodMetrics>,
+    // This thread's handle: no count shared with other cores is written.
+    metrics: Arc<Stripe<MethodMetrics>>,
     start: Instant,
     span: Span,
 }
 
 impl CallRecorder {
-    pub(crate) fn new(metrics: Arc<MethodMetrics>, span: Span) -> Self {
+    pub(crate) fn new(metrics: Arc<Stripe<MethodMetrics>>, span: Span) -> Self {
         CallRecorder {
             metrics,
             start: Instant::now(),

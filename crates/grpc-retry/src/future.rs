@@ -9,7 +9,7 @@ use std::time::Duration;
 use grpc_resilience_core::codes::code_name;
 use grpc_resilience_core::error::{error_code, find_status, with_transport_status};
 use grpc_resilience_core::headers::sanitize_status_details;
-use grpc_resilience_core::{BoxError, CallDeadline, MethodId, classify_head};
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId, Stripe, classify_head};
 use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -33,7 +33,7 @@ pub(crate) struct Ctx<S, B> {
     // Dropping it (the call is over) releases what no attempt still needs.
     pub(crate) recording: Recording<B>,
     pub(crate) policy: RetryPolicy,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Stripe<Shared>>,
     pub(crate) attempts: u32,
     // Retries since the backoff was last reset (by a pushback).
     pub(crate) backoff_n: u32,

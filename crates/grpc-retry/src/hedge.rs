@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use grpc_resilience_core::error::with_transport_status;
-use grpc_resilience_core::{BoxError, CallDeadline, MethodId};
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId, Stripe};
 use http::{Request, Response};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -23,7 +23,7 @@ pub(crate) struct Hedge<S, B> {
     pub(crate) service: S,
     pub(crate) recording: Recording<B>,
     pub(crate) policy: HedgingPolicy,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Stripe<Shared>>,
     pub(crate) deadline: Option<CallDeadline>,
 }
 

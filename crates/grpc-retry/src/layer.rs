@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use grpc_resilience_core::Striped;
 use tower_layer::Layer;
 
 use crate::replay::Limits;
@@ -13,7 +14,8 @@ pub const DEFAULT_TOTAL_BUFFER: usize = 16 * 1024 * 1024;
 /// Applies [`Retry`] to a service.
 #[derive(Clone, Debug)]
 pub struct RetryLayer {
-    shared: Arc<Shared>,
+    // Each call keeps a handle of its thread's stripe (see `Striped`).
+    shared: Arc<Striped<Shared>>,
 }
 
 impl RetryLayer {
@@ -21,12 +23,15 @@ impl RetryLayer {
     /// replay limits.
     pub fn new(policies: RetryPolicies) -> Self {
         RetryLayer {
-            shared: Arc::new(Shared {
+            shared: Arc::new(Striped::new(Arc::new(Shared {
                 policies,
                 throttle: None,
                 budget: None,
-                limits: Arc::new(Limits::new(DEFAULT_PER_CALL_BUFFER, DEFAULT_TOTAL_BUFFER)),
-            }),
+                limits: Arc::new(Striped::new(Arc::new(Limits::new(
+                    DEFAULT_PER_CALL_BUFFER,
+                    DEFAULT_TOTAL_BUFFER,
+                )))),
+            }))),
         }
     }
 
@@ -72,7 +77,9 @@ impl RetryLayer {
                 "must be at least the per-call limit",
             ));
         }
-        Ok(self.rebuild(|s| s.limits = Arc::new(Limits::new(per_call, total))))
+        Ok(self.rebuild(|s| {
+            s.limits = Arc::new(Striped::new(Arc::new(Limits::new(per_call, total))));
+        }))
     }
 
     fn rebuild(self, f: impl FnOnce(&mut Shared)) -> Self {
@@ -84,7 +91,7 @@ impl RetryLayer {
         };
         f(&mut shared);
         RetryLayer {
-            shared: Arc::new(shared),
+            shared: Arc::new(Striped::new(Arc::new(shared))),
         }
     }
 

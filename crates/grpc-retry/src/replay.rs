@@ -41,6 +41,9 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 use grpc_resilience_core::BoxError;
+#[cfg(test)]
+use grpc_resilience_core::striped::Striped;
+use grpc_resilience_core::striped::{STRIPES, Stripe, stripe_index};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
@@ -102,28 +105,112 @@ impl fmt::Display for ReplayUnavailable {
 impl Error for ReplayUnavailable {}
 
 /// How much request data may be held for replay.
+///
+/// Every call of a layer takes from one count of the bytes held and gives
+/// back to it, which on two cores would move that count's cache line
+/// between them on every call. So each thread stripe keeps a small
+/// *credit*: bytes taken from the shared count ahead of need, which its
+/// calls use and give back to without touching the shared count. The
+/// shared count is the bytes held plus the credits, and never exceeds
+/// `total`, so the bytes held never do; a call refused while stripes hold
+/// credit takes that credit back and tries once more.
 #[derive(Debug)]
 pub(crate) struct Limits {
     pub(crate) per_call: usize,
     pub(crate) total: usize,
+    // What a stripe takes from `in_use` as credit at a time (0: none).
+    chunk: usize,
     in_use: AtomicUsize,
+    credits: [Credit; STRIPES],
 }
+
+/// One stripe's credit, on its own cache line.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Credit(AtomicUsize);
+
+/// A call's handle on its layer's [`Limits`] (see [`Striped`]).
+pub(crate) type LimitsHandle = Arc<Stripe<Limits>>;
 
 impl Limits {
     pub(crate) fn new(per_call: usize, total: usize) -> Self {
         Limits {
             per_call,
             total,
+            // At most 1/256 of the total, so the credits (at most two
+            // chunks per stripe) are a small part of it.
+            chunk: (total / 256).min(64 * 1024),
             in_use: AtomicUsize::new(0),
+            credits: std::array::from_fn(|_| Credit(AtomicUsize::new(0))),
         }
     }
 
-    /// Bytes held for replay by every call now.
+    /// A handle on new limits, for tests.
+    #[cfg(test)]
+    pub(crate) fn handle(per_call: usize, total: usize) -> LimitsHandle {
+        Striped::new(Arc::new(Limits::new(per_call, total)))
+            .handle()
+            .clone()
+    }
+
+    /// Bytes held for replay by every call now (exact when no call is
+    /// taking or giving back at the same moment).
     pub(crate) fn in_use(&self) -> usize {
-        self.in_use.load(Ordering::Relaxed)
+        let credit: usize = self
+            .credits
+            .iter()
+            .map(|c| c.0.load(Ordering::Acquire))
+            .sum();
+        self.in_use.load(Ordering::Acquire).saturating_sub(credit)
     }
 
     fn reserve(&self, n: usize) -> bool {
+        self.reserve_in(stripe_index(), n)
+    }
+
+    fn release(&self, n: usize) {
+        self.release_in(stripe_index(), n);
+    }
+
+    /// Reserves `n` bytes for a call on stripe `i`.
+    pub(crate) fn reserve_in(&self, i: usize, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let credit = &self.credits[i].0;
+        if credit
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(n))
+            .is_ok()
+        {
+            return true;
+        }
+        if self.chunk > 0 && self.take(n + self.chunk) {
+            credit.fetch_add(self.chunk, Ordering::AcqRel);
+            return true;
+        }
+        self.take(n) || (self.reclaim() && self.take(n))
+    }
+
+    /// Gives back `n` bytes a call on stripe `i` held; credit over two
+    /// chunks goes back to the shared count, down to one chunk.
+    pub(crate) fn release_in(&self, i: usize, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let credit = &self.credits[i].0;
+        let after = credit.fetch_add(n, Ordering::AcqRel) + n;
+        if after > 2 * self.chunk {
+            let chunk = self.chunk;
+            if let Ok(before) = credit.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                (c > chunk).then_some(chunk)
+            }) {
+                self.in_use.fetch_sub(before - chunk, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Takes `n` from the shared count if it stays within `total`.
+    fn take(&self, n: usize) -> bool {
         // One compare-and-swap: two calls near the limit never both see
         // the other's bytes and are refused for a sum that never held.
         self.in_use
@@ -133,10 +220,19 @@ impl Limits {
             .is_ok()
     }
 
-    fn release(&self, n: usize) {
-        if n > 0 {
-            self.in_use.fetch_sub(n, Ordering::AcqRel);
+    /// Gives every stripe's credit back to the shared count; whether there
+    /// was any.
+    #[cold]
+    fn reclaim(&self) -> bool {
+        let mut any = false;
+        for credit in &self.credits {
+            let c = credit.0.swap(0, Ordering::AcqRel);
+            if c > 0 {
+                self.in_use.fetch_sub(c, Ordering::AcqRel);
+                any = true;
+            }
         }
+        any
     }
 }
 
@@ -384,7 +480,7 @@ impl Wake for Waiters {
 /// What the attempts of one call share: the body as recorded.
 struct Inner<B> {
     state: Mutex<State<B>>,
-    limits: Arc<Limits>,
+    limits: LimitsHandle,
     waiters: Arc<Waiters>,
     // Wakes every waiter: the waker the original is polled with.
     fanout: Waker,
@@ -420,7 +516,7 @@ enum RecordingKind<B> {
     /// is over.
     Ready {
         data: Option<Bytes>,
-        limits: Arc<Limits>,
+        limits: LimitsHandle,
     },
     /// The body is recorded as the attempts read it.
     Shared(Arc<Inner<B>>),
@@ -651,7 +747,7 @@ where
     /// kept head (hundreds of bytes, inline) is not moved through the
     /// returns on the way.
     #[inline]
-    pub(crate) fn capture(original: B, limits: Arc<Limits>) -> (Self, Captured<B>) {
+    pub(crate) fn capture(original: B, limits: LimitsHandle) -> (Self, Captured<B>) {
         let original = match Prefixed::read_ready(original) {
             Ok(data) => {
                 let fits = data.len() <= limits.per_call && limits.reserve(data.len());
@@ -670,7 +766,7 @@ where
     #[cfg(test)]
     pub(crate) fn capture_with(
         original: B,
-        limits: Arc<Limits>,
+        limits: LimitsHandle,
         head: impl FnOnce() -> Head,
     ) -> (Self, Recording<B>) {
         let (body, captured) = Self::capture(original, limits);
@@ -682,12 +778,12 @@ impl<B> ReplayBody<B> {
     /// The first attempt's body, reading from `original`, and the call's
     /// recording.
     #[cfg(test)]
-    pub(crate) fn first(original: B, limits: Arc<Limits>, head: Head) -> (Self, Recording<B>) {
+    pub(crate) fn first(original: B, limits: LimitsHandle, head: Head) -> (Self, Recording<B>) {
         let (body, captured) = Self::record(Prefixed::new(original), limits);
         (body, Recording::new(head, captured))
     }
 
-    fn record(original: Prefixed<B>, limits: Arc<Limits>) -> (Self, Captured<B>) {
+    fn record(original: Prefixed<B>, limits: LimitsHandle) -> (Self, Captured<B>) {
         let waiters = Arc::new(Waiters::default());
         let inner = Arc::new(Inner {
             state: Mutex::new(State {

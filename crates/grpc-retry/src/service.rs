@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use grpc_resilience_core::error::LocalRejection;
-use grpc_resilience_core::{BoxError, CallDeadline, LastMethod, headers};
+use grpc_resilience_core::{BoxError, CallDeadline, LastMethod, Striped, headers};
 use http::Request;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -25,14 +25,15 @@ pub(crate) struct Shared {
     pub(crate) policies: RetryPolicies,
     pub(crate) throttle: Option<RetryThrottle>,
     pub(crate) budget: Option<RetryBudget>,
-    pub(crate) limits: Arc<Limits>,
+    pub(crate) limits: Arc<Striped<Limits>>,
 }
 
 /// Retries gRPC calls; see the [crate docs](crate).
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     pub(crate) inner: S,
-    pub(crate) shared: Arc<Shared>,
+    // Each call keeps a handle of its thread's stripe (see `Striped`).
+    pub(crate) shared: Arc<Striped<Shared>>,
     // The last method called and its policy.
     pub(crate) last: LastMethod<Option<MethodPolicy>>,
 }
@@ -188,7 +189,7 @@ where
         if idempotency_keys && headers::get(&parts.headers, &IDEMPOTENCY_KEY).is_none() {
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
         }
-        let (body, captured) = Replay::capture(body, self.shared.limits.clone());
+        let (body, captured) = Replay::capture(body, self.shared.limits.handle().clone());
         // Call the service that was made ready; keep a clone for retries.
         let fresh = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, fresh);
@@ -203,7 +204,7 @@ where
                     service,
                     recording: Recording::new(Head::of(&parts, has_deadline), captured),
                     policy,
-                    shared: self.shared.clone(),
+                    shared: self.shared.handle().clone(),
                     deadline,
                 };
                 let request = first_request(parts, body, recorded, deadline);
@@ -219,7 +220,7 @@ where
             service,
             recording: Recording::new(Head::of(&parts, has_deadline), captured),
             policy,
-            shared: self.shared.clone(),
+            shared: self.shared.handle().clone(),
             attempts: 1,
             backoff_n: 0,
             deadline,

@@ -1,8 +1,6 @@
 //! A retried attempt carries the original head, kept without copying its
 //! maps, and the body a stub encodes, read before the first attempt.
 
-use std::sync::Arc;
-
 use bytes::{BufMut, Bytes};
 use http_body_util::BodyExt;
 use tonic::Code;
@@ -184,7 +182,7 @@ async fn a_retry_carries_many_headers() {
 
 #[test]
 fn a_stub_request_is_captured_whole_before_the_first_attempt() {
-    let limits = Arc::new(crate::replay::Limits::new(1024, 4096));
+    let limits = crate::replay::Limits::handle(1024, 4096);
     let (parts, body) = stub_request().into_parts();
     let head = crate::head::Head::of(&parts, true);
     let (first, recording) = ReplayBody::capture_with(body, limits.clone(), || head);

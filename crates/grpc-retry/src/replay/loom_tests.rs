@@ -110,8 +110,8 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 fn started(
     original: Script,
     per_call: usize,
-) -> (Arc<Limits>, ReplayBody<Script>, Recording<Script>) {
-    let limits = Arc::new(Limits::new(per_call, 1024));
+) -> (LimitsHandle, ReplayBody<Script>, Recording<Script>) {
+    let limits = Limits::handle(per_call, 1024);
     let (mut first, recording) = ReplayBody::first(original, limits.clone(), Head::empty());
     assert_eq!(read(&mut first, 1).0, b"ab");
     (limits, first, recording)
@@ -436,7 +436,7 @@ fn loom_a_replay_reads_on_while_an_older_attempt_neither_polls_nor_drops() {
         // send window) after it had polled the original once more; it is
         // not dropped. The retry must read the original itself and be
         // woken by its frames.
-        let limits = Arc::new(Limits::new(1024, 1024));
+        let limits = Limits::handle(1024, 1024);
         let feed = Feed::default();
         feed.push(b"ab");
         let (mut first, recording) = ReplayBody::first(feed.clone(), limits.clone(), Head::empty());
@@ -472,6 +472,38 @@ fn loom_a_replay_reads_on_while_an_older_attempt_neither_polls_nor_drops() {
         assert_eq!(data, BODY);
         producer.join().unwrap();
         drop((first, second, recording));
+        assert_eq!(limits.in_use(), 0);
+    });
+}
+
+/// Two calls on two stripes reserve at once while one stripe holds credit:
+/// the bytes held never pass the total, a refusal can take the credit back,
+/// and once both are done nothing is counted as held.
+#[test]
+fn loom_stripe_credit_keeps_the_bytes_held_within_the_total() {
+    loom::model(|| {
+        // A total of 512: credit comes 2 bytes at a time.
+        let limits = loom::sync::Arc::new(Limits::new(usize::MAX, 512));
+        limits.reserve_in(0, 10);
+        limits.release_in(0, 10);
+        // What the calls hold, counted apart from the limits.
+        let held = loom::sync::Arc::new(AtomicUsize::new(0));
+        let hold = |limits: &Limits, held: &AtomicUsize, stripe: usize, n: usize| {
+            if limits.reserve_in(stripe, n) {
+                let now = held.fetch_add(n, Ordering::AcqRel) + n;
+                assert!(now <= 512, "{now} bytes held");
+                held.fetch_sub(n, Ordering::AcqRel);
+                limits.release_in(stripe, n);
+                true
+            } else {
+                false
+            }
+        };
+        let (l, h) = (limits.clone(), held.clone());
+        let other = thread::spawn(move || hold(&l, &h, 0, 300));
+        let mine = hold(&limits, &held, 1, 511);
+        let theirs = other.join().unwrap();
+        assert!(mine || theirs, "one of them fits alone");
         assert_eq!(limits.in_use(), 0);
     });
 }

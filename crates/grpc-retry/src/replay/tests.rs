@@ -36,7 +36,7 @@ fn trailers() -> HeaderMap {
 
 #[tokio::test]
 async fn a_replay_is_byte_identical_with_trailers() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let frames = vec![
         Frame::data(Bytes::from_static(b"hello ")),
         Frame::data(Bytes::from_static(b"world")),
@@ -64,7 +64,7 @@ async fn a_replay_is_byte_identical_with_trailers() {
 async fn a_replay_continues_where_the_first_attempt_stopped() {
     // The response came before the request body was done: the first
     // attempt read one frame, then was dropped.
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let (tx, rx) = mpsc::channel(4);
     let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     let (mut first, shared) = ReplayBody::first(body, limits, Head::empty());
@@ -100,7 +100,7 @@ async fn a_replay_continues_where_the_first_attempt_stopped() {
 
 #[tokio::test]
 async fn a_body_over_the_per_call_cap_is_sent_but_not_replayable() {
-    let limits = Arc::new(Limits::new(8, 4096));
+    let limits = Limits::handle(8, 4096);
     let frames = vec![
         Frame::data(Bytes::from_static(b"12345")),
         Frame::data(Bytes::from_static(b"67890")),
@@ -115,7 +115,7 @@ async fn a_body_over_the_per_call_cap_is_sent_but_not_replayable() {
 
 #[tokio::test]
 async fn the_layer_total_cap_is_shared_by_calls() {
-    let limits = Arc::new(Limits::new(100, 10));
+    let limits = Limits::handle(100, 10);
     let (mut a, shared_a) = ReplayBody::first(
         original(vec![Frame::data(Bytes::from_static(b"123456"))]),
         limits.clone(),
@@ -137,7 +137,7 @@ async fn the_layer_total_cap_is_shared_by_calls() {
 
 #[tokio::test]
 async fn a_broken_body_is_not_replayable() {
-    let limits = Arc::new(Limits::new(100, 1000));
+    let limits = Limits::handle(100, 1000);
     let (tx, rx) = mpsc::channel(2);
     tx.try_send(Ok(Frame::data(Bytes::from_static(b"abc"))))
         .unwrap();
@@ -205,7 +205,7 @@ where
 
 #[tokio::test]
 async fn a_waiting_replay_is_woken_when_the_original_is_read_to_its_end() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let (tx, body) = channel_body(4);
     let (mut first, shared) = ReplayBody::first(body, limits, Head::empty());
     push(&tx, b"one,").await;
@@ -242,7 +242,7 @@ async fn a_waiting_replay_is_woken_when_the_original_is_read_to_its_end() {
 
 #[tokio::test]
 async fn a_waiting_replay_is_woken_and_fails_when_the_original_fails() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let (tx, body) = channel_body(4);
     let (mut first, shared) = ReplayBody::first(body, limits.clone(), Head::empty());
     push(&tx, b"one,").await;
@@ -275,7 +275,7 @@ async fn a_waiting_replay_is_woken_and_fails_when_the_original_fails() {
 
 #[tokio::test]
 async fn a_replay_in_flight_fails_rather_than_end_early_when_the_original_crosses_the_cap() {
-    let limits = Arc::new(Limits::new(8, 4096));
+    let limits = Limits::handle(8, 4096);
     let (tx, body) = channel_body(4);
     let (mut first, shared) = ReplayBody::first(body, limits.clone(), Head::empty());
     push(&tx, b"1234").await;
@@ -319,7 +319,7 @@ async fn a_replay_in_flight_fails_rather_than_end_early_when_the_original_crosse
 
 #[tokio::test]
 async fn a_replay_never_reads_on_past_a_gap_when_the_original_is_handed_back() {
-    let limits = Arc::new(Limits::new(8, 4096));
+    let limits = Limits::handle(8, 4096);
     let (tx, body) = channel_body(4);
     let (mut first, shared) = ReplayBody::first(body, limits.clone(), Head::empty());
     push(&tx, b"1234").await;
@@ -353,7 +353,7 @@ async fn a_replay_never_reads_on_past_a_gap_when_the_original_is_handed_back() {
 
 #[tokio::test]
 async fn a_call_committed_on_a_lagging_replay_keeps_only_what_it_has_not_sent() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let (tx, body) = channel_body(4);
     let (mut first, recording) = ReplayBody::first(body, limits.clone(), Head::empty());
     push(&tx, b"ab").await;
@@ -753,7 +753,7 @@ async fn a_replay_does_not_wait_for_an_attempt_that_stopped_reading() {
     // The first attempt's server answered (Trailers-Only UNAVAILABLE) but
     // hyper stopped polling its body (full send window) without dropping
     // it: the retry must read the original itself, not wait for it.
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let (tx, rx) = mpsc::channel(4);
     let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     let (mut first, shared) = ReplayBody::first(body, limits, Head::empty());
@@ -791,7 +791,7 @@ async fn a_replay_does_not_wait_for_an_attempt_that_stopped_reading() {
 async fn a_body_with_more_to_come_is_recorded_from_its_first_frame() {
     // One frame is ready when the call starts, the rest comes later: the
     // body is recorded, and the frame read at the start is sent first.
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let (tx, rx) = mpsc::channel(4);
     tx.try_send(Ok(Frame::data(Bytes::from_static(b"one,"))))
         .unwrap();
@@ -820,7 +820,7 @@ async fn a_body_with_more_to_come_is_recorded_from_its_first_frame() {
 
 #[tokio::test]
 async fn a_body_with_two_ready_frames_is_recorded_whole() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let frames = vec![
         Frame::data(Bytes::from_static(b"a")),
         Frame::data(Bytes::from_static(b"b")),
@@ -838,7 +838,7 @@ async fn a_body_with_two_ready_frames_is_recorded_whole() {
 
 #[tokio::test]
 async fn a_body_with_only_trailers_is_recorded() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let (mut first, recording) = ReplayBody::capture_with(
         original(vec![Frame::trailers(trailers())]),
         limits,
@@ -854,7 +854,7 @@ async fn a_body_with_only_trailers_is_recorded() {
 
 #[tokio::test]
 async fn a_body_that_fails_at_once_fails_its_first_attempt_and_is_not_replayed() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let (tx, rx) = mpsc::channel(1);
     tx.try_send(Err(std::io::Error::other("broken"))).unwrap();
     let body: Original = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -867,7 +867,7 @@ async fn a_body_that_fails_at_once_fails_its_first_attempt_and_is_not_replayed()
 
 #[tokio::test]
 async fn a_ready_body_is_sent_whole_and_replayed_without_a_shared_recording() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
     let (mut first, recording) = ReplayBody::capture_with(body, limits.clone(), Head::empty);
     assert!(recording.is_ready());
@@ -891,7 +891,7 @@ async fn a_ready_body_is_sent_whole_and_replayed_without_a_shared_recording() {
 
 #[tokio::test]
 async fn an_empty_body_is_ready_and_ends_at_once() {
-    let limits = Arc::new(Limits::new(1024, 4096));
+    let limits = Limits::handle(1024, 4096);
     let body = http_body_util::Empty::<Bytes>::new();
     let (first, recording) = ReplayBody::capture_with(body, limits, Head::empty);
     assert!(recording.is_ready());
@@ -901,8 +901,7 @@ async fn an_empty_body_is_ready_and_ends_at_once() {
 
 #[tokio::test]
 async fn a_ready_body_over_a_limit_is_sent_once() {
-    for limits in [Limits::new(4, 4096), Limits::new(1024, 4)] {
-        let limits = Arc::new(limits);
+    for limits in [Limits::handle(4, 4096), Limits::handle(1024, 4)] {
         let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
         let (mut first, recording) = ReplayBody::capture_with(body, limits.clone(), Head::empty);
         assert_eq!(limits.in_use(), 0, "not held");
@@ -912,5 +911,52 @@ async fn a_ready_body_over_a_limit_is_sent_once() {
         assert!(recording.replay().is_none());
         drop(recording);
         assert_eq!(limits.in_use(), 0);
+    }
+}
+
+#[test]
+fn stripe_credit_never_lets_the_bytes_held_pass_the_total_and_a_refusal_takes_it_back() {
+    // A total of 512 bytes: stripes take credit 2 bytes at a time.
+    let limits = Limits::new(4096, 512);
+    assert!(limits.reserve_in(0, 500));
+    assert_eq!(limits.in_use(), 500);
+    limits.release_in(0, 500);
+    assert_eq!(limits.in_use(), 0, "credit is not counted as held");
+    // Stripe 0 keeps 2 bytes of credit, so 511 more do not fit in the
+    // shared count at once: the refusal takes the credit back first.
+    assert!(limits.reserve_in(1, 511));
+    assert_eq!(limits.in_use(), 511);
+    assert!(!limits.reserve_in(2, 2), "511 + 2 bytes would pass 512");
+    assert!(limits.reserve_in(3, 1));
+    assert_eq!(limits.in_use(), 512);
+    limits.release_in(1, 511);
+    limits.release_in(3, 1);
+    assert_eq!(limits.in_use(), 0);
+}
+
+proptest::proptest! {
+    /// One thread at a time, the credits change nothing a caller sees: a
+    /// reservation succeeds exactly when the bytes held plus it fit in the
+    /// total, and `in_use` is the bytes held.
+    #[test]
+    fn stripe_credit_is_exact_one_call_at_a_time(
+        total in 0usize..4096,
+        ops in proptest::collection::vec((0..STRIPES, 0usize..600, proptest::bool::ANY), 1..60),
+    ) {
+        let limits = Limits::new(usize::MAX, total);
+        // What each reservation holds, in order.
+        let mut held: Vec<usize> = Vec::new();
+        for (stripe, n, reserve) in ops {
+            if reserve || held.is_empty() {
+                let fits = held.iter().sum::<usize>() + n <= total;
+                proptest::prop_assert_eq!(limits.reserve_in(stripe, n), fits);
+                if fits {
+                    held.push(n);
+                }
+            } else {
+                limits.release_in(stripe, held.remove(n % held.len()));
+            }
+            proptest::prop_assert_eq!(limits.in_use(), held.iter().sum::<usize>());
+        }
     }
 }
