@@ -54,6 +54,14 @@ impl RetryLayer {
     /// together (`total`) may hold for replay. A call over either limit is
     /// still sent; it is just not retried.
     ///
+    /// The bytes held never exceed `total`. So that calls on different
+    /// cores do not all update one shared count, each thread takes a little
+    /// of the total ahead of need (at most 2 × `total` / 256, and 128 KiB)
+    /// and uses it for its calls; a call that does not fit while other
+    /// threads hold such credit takes it back before it is refused: a call
+    /// is refused only when the bytes held, and any credit another thread
+    /// takes at that same moment, leave no room for it.
+    ///
     /// # Errors
     ///
     /// [`RetryConfigError`] if `per_call` is zero or `total` is less than
