@@ -205,15 +205,19 @@ fn retry_stub(c: &mut Criterion) {
             http::Request::from_parts(parts, http_body_util::Full::new(payload.clone()))
         }
     };
-    group.bench_function("bare, 2 threads", |b| {
-        b.iter_custom(|n| drive_parallel_with(&bare, make, n, 2))
-    });
-    group.bench_function("tower::retry::Retry (cloned request), 2 threads", |b| {
-        b.iter_custom(|n| drive_parallel_with(&theirs, full, n, 2))
-    });
-    group.bench_function("grpc_retry::Retry (success), 2 threads", |b| {
-        b.iter_custom(|n| drive_parallel_with(&ours, make, n, 2))
-    });
+    two_threads(&mut group, "bare, 2 threads", &bare, make);
+    two_threads(
+        &mut group,
+        "tower::retry::Retry (cloned request), 2 threads",
+        &theirs,
+        full,
+    );
+    two_threads(
+        &mut group,
+        "grpc_retry::Retry (success), 2 threads",
+        &ours,
+        make,
+    );
     group.finish();
 }
 
@@ -476,16 +480,31 @@ fn stub(c: &mut Criterion) {
         let requests = requests.clone();
         move || requests.stub_grpc_request(&payload)
     };
-    group.bench_function("bare, 2 threads", |b| {
-        b.iter_custom(|n| drive_parallel_with(&bare, per_thread, n, 2))
-    });
-    group.bench_function("Timeout > Retry > CircuitBreaker, 2 threads", |b| {
-        b.iter_custom(|n| drive_parallel_with(&ours, per_thread, n, 2))
-    });
-    group.bench_function("grpc_resilience::ResilientChannel, 2 threads", |b| {
-        b.iter_custom(|n| drive_parallel_with(&facade, per_thread, n, 2))
-    });
+    two_threads(&mut group, "bare, 2 threads", &bare, per_thread);
+    let stack = "Timeout > Retry > CircuitBreaker, 2 threads";
+    two_threads(&mut group, stack, &ours, per_thread);
+    let channel = "grpc_resilience::ResilientChannel, 2 threads";
+    two_threads(&mut group, channel, &facade, per_thread);
     group.finish();
+}
+
+/// A row that calls `service` on two threads at once, each with its own
+/// clone and its own request maker from `per_thread`.
+fn two_threads<S, R, B, M>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    service: &S,
+    per_thread: impl Fn() -> M + Sync + Copy,
+) where
+    S: tower::Service<http::Request<R>, Response = http::Response<B>> + Clone + Send,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+    M: FnMut() -> http::Request<R>,
+{
+    group.bench_function(name, |b| {
+        b.iter_custom(|n| drive_parallel_with(service, per_thread, n, 2))
+    });
 }
 
 criterion_group! {

@@ -88,6 +88,10 @@ const REMEMBERED: usize = 4;
 
 /// The breaker stripe a thread last found for a call path through one
 /// layer's services.
+///
+/// The path is a clone: a stub's static path costs nothing to keep, a
+/// path parsed from bytes keeps those bytes (at most one header block)
+/// until four other paths have replaced it or the thread ends.
 struct Remembered {
     layer: u64,
     path: PathAndQuery,

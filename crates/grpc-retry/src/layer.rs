@@ -56,8 +56,9 @@ impl RetryLayer {
     ///
     /// The bytes held never exceed `total`. So that calls on different
     /// cores do not all update one shared count, each thread takes a little
-    /// of the total ahead of need (at most 2 × `total` / 256, and 128 KiB)
-    /// and uses it for its calls; a call that does not fit while other
+    /// of the total ahead of need and uses it for its calls (each of eight
+    /// stripes of threads keeps at most 2 × `total` / 256, and 128 KiB,
+    /// once its calls settle); a call that does not fit while other
     /// threads hold such credit takes it back before it is refused: a call
     /// is refused only when the bytes held, and any credit another thread
     /// takes at that same moment, leave no room for it.
@@ -113,7 +114,9 @@ impl RetryLayer {
         self.shared.budget.as_ref()
     }
 
-    /// Request bytes held for replay by this layer's calls now.
+    /// Request bytes held for replay by this layer's calls now. Exact when
+    /// no call is starting or ending at that moment; else it may be off by
+    /// what those calls are taking or giving back.
     pub fn buffered_bytes(&self) -> usize {
         self.shared.limits.in_use()
     }

@@ -153,8 +153,9 @@ impl Limits {
             .clone()
     }
 
-    /// Bytes held for replay by every call now (exact when no call is
-    /// taking or giving back at the same moment).
+    /// Bytes held for replay by every call now: exact when no call is
+    /// taking or giving back bytes at that moment, else off by what those
+    /// calls are moving (a few chunks).
     pub(crate) fn in_use(&self) -> usize {
         let credit: usize = self
             .credits
@@ -185,19 +186,22 @@ impl Limits {
             return true;
         }
         if self.chunk > 0 && self.take(n + self.chunk) {
-            credit.fetch_add(self.chunk, Ordering::AcqRel);
+            self.add_credit(credit, self.chunk);
             return true;
         }
         self.take(n) || (self.reclaim() && self.take(n))
     }
 
-    /// Gives back `n` bytes a call on stripe `i` held; credit over two
-    /// chunks goes back to the shared count, down to one chunk.
+    /// Gives back `n` bytes a call on stripe `i` held.
     pub(crate) fn release_in(&self, i: usize, n: usize) {
-        if n == 0 {
-            return;
+        if n > 0 {
+            self.add_credit(&self.credits[i].0, n);
         }
-        let credit = &self.credits[i].0;
+    }
+
+    /// Adds `n` to a stripe's credit; credit over two chunks goes back to
+    /// the shared count, down to one chunk.
+    fn add_credit(&self, credit: &AtomicUsize, n: usize) {
         let after = credit.fetch_add(n, Ordering::AcqRel) + n;
         if after > 2 * self.chunk {
             let chunk = self.chunk;

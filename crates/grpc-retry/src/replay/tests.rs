@@ -932,6 +932,15 @@ fn stripe_credit_never_lets_the_bytes_held_pass_the_total_and_a_refusal_takes_it
     limits.release_in(1, 511);
     limits.release_in(3, 1);
     assert_eq!(limits.in_use(), 0);
+
+    // A stripe's credit settles at two chunks at most, however its calls
+    // take and give back.
+    let limits = Limits::new(4096, 512);
+    assert!(limits.reserve_in(0, 3));
+    limits.release_in(0, 2);
+    assert!(limits.reserve_in(0, 5));
+    assert!(limits.credits[0].0.load(Ordering::Acquire) <= 4);
+    assert_eq!(limits.in_use(), 6);
 }
 
 proptest::proptest! {
@@ -957,6 +966,9 @@ proptest::proptest! {
                 limits.release_in(stripe, held.remove(n % held.len()));
             }
             proptest::prop_assert_eq!(limits.in_use(), held.iter().sum::<usize>());
+            for credit in &limits.credits {
+                proptest::prop_assert!(credit.0.load(Ordering::Acquire) <= 2 * limits.chunk);
+            }
         }
     }
 }
