@@ -582,6 +582,13 @@ async fn long_stream(
 
 /// A window of 4 calls that opens when all 4 were slow (headers after 1 s
 /// or more).
+/// Four calls whose headers take 2 s: slow by [`four_slow_calls_open`].
+async fn four_slow_calls(service: &mut Svc, handle: &mut Handle) {
+    for _ in 0..4 {
+        long_stream(service, handle, Duration::from_secs(2), Duration::ZERO).await;
+    }
+}
+
 fn four_slow_calls_open() -> FailureRate {
     FailureRate {
         window: 4,
@@ -609,15 +616,7 @@ async fn slow_calls_are_slow_to_answer_not_long_streams() {
     }
     assert_eq!(registry.state("query"), Some(State::Closed));
     // Headers after 2 s: slow.
-    for _ in 0..4 {
-        long_stream(
-            &mut service,
-            &mut handle,
-            Duration::from_secs(2),
-            Duration::ZERO,
-        )
-        .await;
-    }
+    four_slow_calls(&mut service, &mut handle).await;
     assert_eq!(registry.state("query"), Some(State::Open));
 }
 
@@ -1066,15 +1065,7 @@ async fn the_latency_metric_is_recorded_unless_turned_off_and_slow_calls_count_e
         .with_failure_rate(four_slow_calls_open());
     let registry = BreakerRegistry::with_default_config(slow).unwrap();
     let (mut service, mut handle) = setup(&registry);
-    for _ in 0..4 {
-        long_stream(
-            &mut service,
-            &mut handle,
-            Duration::from_secs(2),
-            Duration::ZERO,
-        )
-        .await;
-    }
+    four_slow_calls(&mut service, &mut handle).await;
     assert_eq!(registry.state("query"), Some(State::Open));
     assert_eq!(latencies_and_successes(&snapshotter), (vec![], 4));
 }
