@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
-use grpc_resilience_core::{MethodId, Striped};
+use grpc_resilience_core::{MethodId, Striped, same_path};
 use http::uri::PathAndQuery;
 use rustc_hash::FxHashMap;
 
@@ -109,14 +109,6 @@ thread_local! {
 /// Ids for [`Shared`]: a thread's memory keys on a layer's id, never on an
 /// address a later layer could reuse.
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(0);
-
-/// Whether two call paths are the same: by address for a stub's static
-/// path, else by content.
-#[inline]
-fn same_path(a: &PathAndQuery, b: &PathAndQuery) -> bool {
-    let (a, b) = (a.as_str(), b.as_str());
-    std::ptr::eq(a, b) || a == b
-}
 
 /// What every clone of a layer's services shares.
 #[derive(Debug)]

@@ -69,7 +69,7 @@ pub mod timeout_header;
 pub use codes::CodeSet;
 pub use deadline::CallDeadline;
 pub use error::BoxError;
-pub use method::{InvalidMethodPath, LastMethod, MethodId};
+pub use method::{InvalidMethodPath, LastMethod, MethodId, same_path};
 pub use outcome::{OnOutcome, Outcome, OutcomeBody, classify_head, classify_trailers};
 pub use policy::{DuplicateSelector, InvalidSelector, MatchedBy, MethodMap, Selector};
 pub use striped::{Stripe, Striped};

@@ -213,10 +213,7 @@ impl<T> LastMethod<T> {
     ) -> &T {
         let key = uri.path_and_query();
         let hit = match (&self.last, key) {
-            (Some((seen, _)), Some(key)) => {
-                let (a, b) = (seen.as_str(), key.as_str());
-                std::ptr::eq(a, b) || a == b
-            }
+            (Some((seen, _)), Some(key)) => same_path(seen, key),
             _ => false,
         };
         if !hit {
@@ -231,6 +228,16 @@ impl<T> LastMethod<T> {
         });
         value
     }
+}
+
+/// Whether two request paths are the same: by address first (a generated
+/// stub's path is a `&'static str`, the same for every call of a method),
+/// else by content. Sound for a path kept as a clone: the clone keeps its
+/// bytes alive, so an equal address cannot be another path's.
+#[inline]
+pub fn same_path(a: &http::uri::PathAndQuery, b: &http::uri::PathAndQuery) -> bool {
+    let (a, b) = (a.as_str(), b.as_str());
+    std::ptr::eq(a, b) || a == b
 }
 
 #[cfg(test)]
