@@ -202,6 +202,130 @@ where
     (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
 }
 
+/// Calls counted per loopback row.
+const LOOPBACK_CALLS: u64 = 2_000;
+
+/// Allocations per call of a generated stub's `GetProduct` against a real
+/// tonic server on 127.0.0.1, client and server on one current-thread
+/// runtime, so every allocation of the call (stub, layers, channel, h2 on
+/// both ends, the server's handler) is counted on this thread. Compare the
+/// rows with the bare channel's: the difference is what the layers cost a
+/// call on the wire, where a body has to wait and timers are armed, which
+/// the in-process rows above never do.
+fn loopback_rows() -> Vec<(&'static str, f64)> {
+    use catalog_proto::query_service_client::QueryServiceClient;
+    use catalog_proto::{GetProductRequest, InMemoryCatalog};
+    use tonic::transport::{Channel, Server};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let addr = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("an address");
+        let catalog = InMemoryCatalog::with_products(5);
+        tokio::spawn(
+            Server::builder()
+                .add_service(catalog.query_service())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    });
+    let channel = || {
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("a URI")
+            .connect_lazy()
+    };
+    // Counts `LOOPBACK_CALLS` sequential calls, after a warm-up that
+    // connects and fills the lazy maps.
+    macro_rules! count {
+        ($client:expr) => {{
+            let mut client = $client;
+            let mut calls = |n: u64| {
+                rt.block_on(async {
+                    for _ in 0..n {
+                        let request = GetProductRequest { id: "p1".into() };
+                        client.get_product(request).await.expect("a product");
+                    }
+                })
+            };
+            calls(200);
+            let total = allocation_counter::measure(|| calls(LOOPBACK_CALLS));
+            total.count_total as f64 / LOOPBACK_CALLS as f64
+        }};
+    }
+    let _guard = rt.enter();
+    let stack = || {
+        ServiceBuilder::new()
+            .layer(TimeoutLayer::new(
+                TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
+            ))
+            .layer(RetryLayer::new(
+                RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
+            ))
+            .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+            .service(channel())
+    };
+    vec![
+        ("bare Channel", count!(QueryServiceClient::new(channel()))),
+        (
+            "bare Channel, 5 s grpc-timeout",
+            count!(QueryServiceClient::with_interceptor(
+                channel(),
+                |mut request: tonic::Request<()>| {
+                    request.set_timeout(Duration::from_secs(5));
+                    Ok(request)
+                },
+            )),
+        ),
+        (
+            "grpc_timeout::Timeout",
+            count!(QueryServiceClient::new(
+                ServiceBuilder::new()
+                    .layer(TimeoutLayer::new(
+                        TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
+                    ))
+                    .service(channel())
+            )),
+        ),
+        (
+            "grpc_retry::Retry, success",
+            count!(QueryServiceClient::new(
+                ServiceBuilder::new()
+                    .layer(RetryLayer::new(
+                        RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
+                    ))
+                    .service(channel())
+            )),
+        ),
+        (
+            "grpc_circuit_breaker (closed)",
+            count!(QueryServiceClient::new(
+                ServiceBuilder::new()
+                    .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                    .service(channel())
+            )),
+        ),
+        (
+            "Timeout > Retry > CircuitBreaker",
+            count!(QueryServiceClient::new(stack())),
+        ),
+        (
+            "grpc_resilience::ResilientChannel",
+            count!(QueryServiceClient::new(
+                grpc_resilience::ResilientChannel::new(
+                    channel(),
+                    &grpc_resilience_benches::facade_config(),
+                )
+                .expect("a config")
+            )),
+        ),
+    ]
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; this binary takes no other options.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -499,6 +623,16 @@ fn main() {
         "as a generated stub sends (GrpcMethod, 1 KiB)", "allocations/call", "vs bare"
     );
     for (name, allocs) in stub_1k_rows {
+        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
+    }
+    println!();
+    let loopback = loopback_rows();
+    let bare = loopback[0].1;
+    println!(
+        "{:<44} {:>18} {:>12}",
+        "loopback: stub, tonic server, one thread", "allocations/call", "vs bare"
+    );
+    for (name, allocs) in loopback {
         println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
     }
 }

@@ -303,6 +303,9 @@ struct State<B> {
     // The original body (behind any frames read before the first attempt
     // was sent), unless it ended or an attempt polls it right now.
     rest: Option<Prefixed<B>>,
+    // Whether the original body stated its exact size: a replay states
+    // its own only then (see `size_hint`).
+    exact: bool,
     // The attempt polling the original right now, if any.
     reader: Option<u32>,
     // The call is over (the recording was dropped): only `survivor` may
@@ -521,6 +524,9 @@ enum RecordingKind<B> {
     Ready {
         data: Option<Bytes>,
         limits: LimitsHandle,
+        // Whether the original body stated its exact size (see
+        // `ReplayBody::size_hint`).
+        exact: bool,
     },
     /// The body is recorded as the attempts read it.
     Shared(Arc<Inner<B>>),
@@ -580,7 +586,9 @@ impl<B> Recording<B> {
     /// with a gap.
     pub(crate) fn replay(&self) -> Option<ReplayBody<B>> {
         let inner = match &self.kind {
-            RecordingKind::Ready { data, .. } => return data.clone().map(ReplayBody::ready),
+            RecordingKind::Ready { data, exact, .. } => {
+                return data.clone().map(|d| ReplayBody::ready(d, *exact));
+            }
             RecordingKind::Shared(inner) => inner,
         };
         let mut state = inner.lock();
@@ -690,15 +698,16 @@ pub struct ReplayBody<B> {
 }
 
 enum BodyKind<B> {
-    /// A body read whole before the first attempt: sent as it is.
-    Ready(Option<Bytes>),
+    /// A body read whole before the first attempt: sent as it is. The
+    /// flag: whether the original body stated its exact size.
+    Ready(Option<Bytes>, bool),
     Shared(SharedBody<B>),
 }
 
 impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            BodyKind::Ready(data) => f
+            BodyKind::Ready(data, _) => f
                 .debug_struct("ReplayBody")
                 .field("ready", &data.as_ref().map(Bytes::len))
                 .finish(),
@@ -712,9 +721,9 @@ impl<B> fmt::Debug for ReplayBody<B> {
 }
 
 impl<B> ReplayBody<B> {
-    fn ready(data: Bytes) -> Self {
+    fn ready(data: Bytes, exact: bool) -> Self {
         ReplayBody {
-            kind: BodyKind::Ready(Some(data).filter(|d| !d.is_empty())),
+            kind: BodyKind::Ready(Some(data).filter(|d| !d.is_empty()), exact),
         }
     }
 
@@ -752,18 +761,20 @@ where
     /// returns on the way.
     #[inline]
     pub(crate) fn capture(original: B, limits: LimitsHandle) -> (Self, Captured<B>) {
+        let exact = original.size_hint().exact().is_some();
         let original = match Prefixed::read_ready(original) {
             Ok(data) => {
                 let fits = data.len() <= limits.per_call && limits.reserve(data.len());
                 let kind = RecordingKind::Ready {
                     data: fits.then(|| data.clone()),
                     limits,
+                    exact,
                 };
-                return (ReplayBody::ready(data), Captured(kind));
+                return (ReplayBody::ready(data, exact), Captured(kind));
             }
             Err(original) => original,
         };
-        Self::record(original, limits)
+        Self::record(original, limits, exact)
     }
 
     /// [`capture`](Self::capture) with the recording built at once.
@@ -782,12 +793,16 @@ impl<B> ReplayBody<B> {
     /// The first attempt's body, reading from `original`, and the call's
     /// recording.
     #[cfg(test)]
-    pub(crate) fn first(original: B, limits: LimitsHandle, head: Head) -> (Self, Recording<B>) {
-        let (body, captured) = Self::record(Prefixed::new(original), limits);
+    pub(crate) fn first(original: B, limits: LimitsHandle, head: Head) -> (Self, Recording<B>)
+    where
+        B: Body,
+    {
+        let exact = original.size_hint().exact().is_some();
+        let (body, captured) = Self::record(Prefixed::new(original), limits, exact);
         (body, Recording::new(head, captured))
     }
 
-    fn record(original: Prefixed<B>, limits: LimitsHandle) -> (Self, Captured<B>) {
+    fn record(original: Prefixed<B>, limits: LimitsHandle, exact: bool) -> (Self, Captured<B>) {
         let waiters = Arc::new(Waiters::default());
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
@@ -797,6 +812,7 @@ impl<B> ReplayBody<B> {
                 read: 0,
                 end: End::Open,
                 rest: Some(original),
+                exact,
                 reader: None,
                 over: false,
                 keep: Keep::All,
@@ -1049,22 +1065,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
-            BodyKind::Ready(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            BodyKind::Ready(data, _) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             BodyKind::Shared(body) => body.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            BodyKind::Ready(data) => data.is_none(),
+            BodyKind::Ready(data, _) => data.is_none(),
             BodyKind::Shared(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            BodyKind::Ready(data) => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            BodyKind::Ready(data, exact) => {
+                size_hint(data.as_ref().map_or(0, |d| d.len() as u64), *exact)
             }
             BodyKind::Shared(body) => body.size_hint(),
         }
@@ -1166,7 +1182,23 @@ where
                 None => return SizeHint::default(),
             }
         }
+        size_hint(left, state.exact)
+    }
+}
+
+/// The size hint of a replay with `left` bytes to send: exact only if the
+/// original body's was. A replay knows its size, but an exact hint makes
+/// hyper add a `content-length` header the caller's body never had (a
+/// tonic stub's body states no size): bytes on the wire and allocations
+/// on both ends for every attempt, and a request that differs from the
+/// one sent without this layer.
+fn size_hint(left: u64, exact: bool) -> SizeHint {
+    if exact {
         SizeHint::with_exact(left)
+    } else {
+        let mut hint = SizeHint::new();
+        hint.set_lower(left);
+        hint
     }
 }
 

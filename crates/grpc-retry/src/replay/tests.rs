@@ -13,6 +13,25 @@ fn original(frames: Vec<Frame<Bytes>>) -> Original {
     StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// `B` stating `size` as its exact size, as a body of known length does.
+struct Exact<B>(B, u64);
+
+impl<B: Body + Unpin> Body for Exact<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.1)
+    }
+}
+
 async fn read_all<B: Body<Data = Bytes> + Unpin>(body: &mut B) -> (Vec<u8>, Option<HeaderMap>)
 where
     B::Error: fmt::Debug,
@@ -51,7 +70,10 @@ async fn a_replay_is_byte_identical_with_trailers() {
     assert_eq!(limits.in_use(), 11);
     for _ in 0..3 {
         let mut again = shared.replay().unwrap();
-        assert_eq!(again.size_hint().exact(), Some(11));
+        // The size is known, but stated as exact only if the original's
+        // was (this stream's was not).
+        assert_eq!(again.size_hint().lower(), 11);
+        assert_eq!(again.size_hint().exact(), None);
         let (data, t) = read_all(&mut again).await;
         assert_eq!(data, b"hello world");
         assert_eq!(t, Some(trailers()));
@@ -971,4 +993,39 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn a_replay_states_an_exact_size_only_if_the_original_did() {
+    let limits = Limits::handle(1024, 4096);
+    // One frame, ready: kept as it is.
+    let one = || vec![Frame::data(Bytes::from_static(b"hello"))];
+    for (exact, hint) in [(false, None), (true, Some(5))] {
+        let (first, recording) = if exact {
+            let (body, c) = ReplayBody::capture(Exact(original(one()), 5), limits.clone());
+            let replay = Recording::new(Head::empty(), c).replay();
+            (body.size_hint(), replay.map(|r| r.size_hint()))
+        } else {
+            let (body, c) = ReplayBody::capture(original(one()), limits.clone());
+            let replay = Recording::new(Head::empty(), c).replay();
+            (body.size_hint(), replay.map(|r| r.size_hint()))
+        };
+        assert_eq!((first.lower(), first.exact()), (5, hint), "exact: {exact}");
+        let again = recording.expect("a replay");
+        assert_eq!((again.lower(), again.exact()), (5, hint), "exact: {exact}");
+    }
+    // Recorded as read: a replay of the whole body.
+    let two = vec![
+        Frame::data(Bytes::from_static(b"hello ")),
+        Frame::data(Bytes::from_static(b"world")),
+    ];
+    let (mut first, shared) =
+        ReplayBody::first(Exact(original(two), 11), limits.clone(), Head::empty());
+    read_all(&mut first).await;
+    drop(first);
+    let again = shared.replay().expect("a replay");
+    assert_eq!(again.size_hint().exact(), Some(11));
+    drop(again);
+    drop(shared);
+    assert_eq!(limits.in_use(), 0, "released with the call");
 }
