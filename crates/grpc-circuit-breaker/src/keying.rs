@@ -99,9 +99,11 @@ struct Remembered {
 }
 
 thread_local! {
-    // Per thread, not per service clone: a retry layer calls a fresh clone
-    // of its inner service per call, so a per-clone memory would always be
-    // empty. Per thread, a hit touches no memory another thread writes.
+    // Per thread, not per service clone: callers often call through a
+    // fresh clone per call (a client cloned per request or task; the
+    // breaker's own clone after a rejection; a retry's clone for its
+    // retries), which a per-clone memory would always find empty. Per
+    // thread, a hit touches no memory another thread writes.
     static REMEMBERED_STRIPES: RefCell<[Option<Remembered>; REMEMBERED]> =
         const { RefCell::new([const { None }; REMEMBERED]) };
 }

@@ -969,9 +969,9 @@ async fn reconfiguring_keeps_the_counts_when_the_window_keeps_its_shape() {
     assert_eq!((query.failures(), query.calls_in_window()), (0, Some(0)));
 }
 
-/// A retry layer calls a fresh clone of its inner service per call: each
-/// clone's first call finds its breaker in the shared map, and the
-/// breakers stay per service.
+/// A caller may call through a fresh clone per call (a client cloned per
+/// request): each clone's first call finds its breaker in the shared map,
+/// and the breakers stay per service.
 #[tokio::test(start_paused = true)]
 async fn a_fresh_clone_per_call_reaches_each_services_breaker() {
     let registry = registry();

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::ResponseBody;
 use crate::decide::{Ended, Pushback, answered, ended};
 use crate::replay::{Recording, ReplayableBody};
+use crate::spare::Spare;
 use crate::{RetryPolicy, Shared, backoff};
 
 /// The header that tells the server how many attempts came before.
@@ -28,7 +29,8 @@ pub(crate) const PREVIOUS_ATTEMPTS: http::HeaderName =
 /// Everything the retries of one call need.
 #[derive(Debug)]
 pub(crate) struct Ctx<S, B> {
-    pub(crate) service: S,
+    // Where a retry gets its service (a clone made only then).
+    pub(crate) spare: Spare<S>,
     // The request head (inline, see `Head`) and the body's recording.
     // Dropping it (the call is over) releases what no attempt still needs.
     pub(crate) recording: Recording<B>,
@@ -520,12 +522,15 @@ async fn retry_loop<S, B, R>(
     first: Result<Response<R>, BoxError>,
 ) -> Result<Response<ResponseBody<R>>, BoxError>
 where
-    S: Service<Request<B>, Response = Response<R>> + Send,
+    S: Service<Request<B>, Response = Response<R>> + Clone + Send,
     S::Error: Into<BoxError>,
     S::Future: Send,
     B: ReplayableBody,
 {
     let mut last = first;
+    // The service the retries go through: a clone, made now that one is
+    // due, and made ready before each attempt.
+    let mut service = ctx.spare.make();
     loop {
         tokio::time::sleep(delay).await;
         // The body may have outgrown the replay limit during the backoff:
@@ -535,7 +540,7 @@ where
             return deliver(&ctx, last, Next::Return);
         }
         // Wait for the service, but never past the deadline.
-        let ready = std::future::poll_fn(|cx| ctx.service.poll_ready(cx));
+        let ready = std::future::poll_fn(|cx| service.poll_ready(cx));
         let ready = match ctx.deadline {
             None => ready.await,
             Some(deadline) => match tokio::time::timeout_at(deadline.instant(), ready).await {
@@ -579,7 +584,7 @@ where
                 let span = ctx.span(Some(delay), Some(now));
                 let fut = {
                     let _entered = span.enter();
-                    ctx.service.call(request)
+                    service.call(request)
                 };
                 let result = fut.instrument(span.clone()).await.map_err(Into::into);
                 record_result(&span, &result);
@@ -675,7 +680,7 @@ where
 
 impl<S, B, R> Future for ResponseFuture<S, B, R>
 where
-    S: Service<Request<B>, Response = Response<R>> + Send + 'static,
+    S: Service<Request<B>, Response = Response<R>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send,
     B: ReplayableBody,

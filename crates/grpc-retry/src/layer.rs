@@ -4,6 +4,7 @@ use grpc_resilience_core::Striped;
 use tower_layer::Layer;
 
 use crate::replay::Limits;
+use crate::spare::Prototype;
 use crate::{Retry, RetryBudget, RetryConfigError, RetryPolicies, RetryThrottle, Shared};
 
 /// The default per-call replay limit: 256 KiB, as grpc-go and grpc-core.
@@ -122,11 +123,12 @@ impl RetryLayer {
     }
 }
 
-impl<S> Layer<S> for RetryLayer {
+impl<S: Clone> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Retry {
+            prototype: Prototype::of(&inner),
             inner,
             shared: self.shared.clone(),
             last: Default::default(),

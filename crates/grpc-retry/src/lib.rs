@@ -75,8 +75,15 @@
 //!   copies neither its header map nor its extension map: the head a retry
 //!   needs is kept inline (a few header values, and the extensions a
 //!   generated stub adds; a request with other extensions keeps a clone of
-//!   its map, so every attempt carries every extension). Dropping the call
-//!   future stops everything.
+//!   its map, so every attempt carries every extension). Nor does it clone
+//!   the inner service (over a tonic `Channel`, a clone allocates, and so
+//!   does the next readiness check of the clone): the first attempt goes
+//!   through the service made ready, and retries and hedges through a
+//!   clone of the service as the layer wrapped it, made only when one is
+//!   due. The request the server sees is the one the caller sent: a
+//!   replayed body states an exact size only if the caller's did, so no
+//!   `content-length` is added to a stub's call. Dropping the call future
+//!   stops everything.
 //!
 //! [`CallDeadline`]: grpc_resilience_core::CallDeadline
 //!
@@ -189,6 +196,7 @@ mod policy;
 mod replay;
 mod retry_override;
 mod service;
+mod spare;
 mod sync;
 mod throttle;
 

@@ -15,6 +15,7 @@ use crate::hedge::{Hedge, hedge};
 use crate::layer::RetryLayer;
 use crate::policy::MethodPolicy;
 use crate::replay::{Limits, Recording, ReplayBody as Replay, ReplayableBody};
+use crate::spare::Prototype;
 use crate::{ResponseBody, RetryBudget, RetryOverride, RetryPolicies, RetryPolicy, RetryThrottle};
 
 /// The header that carries the idempotency key.
@@ -29,9 +30,16 @@ pub(crate) struct Shared {
 }
 
 /// Retries gRPC calls; see the [crate docs](crate).
+///
+/// A call is sent through the wrapped service itself; its retries and
+/// hedges go through clones of the service as it was when the layer
+/// wrapped it, made only when one is due (see
+/// [`RetryLayer`](crate::RetryLayer)).
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     pub(crate) inner: S,
+    // What retries are sent through, cloned only when one is due.
+    pub(crate) prototype: Prototype<S>,
     // Each call keeps a handle of its thread's stripe (see `Striped`).
     pub(crate) shared: Arc<Striped<Shared>>,
     // The last method called and its policy.
@@ -40,7 +48,10 @@ pub struct Retry<S> {
 
 impl<S> Retry<S> {
     /// Wraps `inner`, retrying as `policies` say.
-    pub fn new(inner: S, policies: RetryPolicies) -> Self {
+    pub fn new(inner: S, policies: RetryPolicies) -> Self
+    where
+        S: Clone,
+    {
         tower_layer::Layer::layer(&RetryLayer::new(policies), inner)
     }
 
@@ -190,9 +201,6 @@ where
             parts.headers.insert(IDEMPOTENCY_KEY, idempotency_key());
         }
         let (body, captured) = Replay::capture(body, self.shared.limits.handle().clone());
-        // Call the service that was made ready; keep a clone for retries.
-        let fresh = self.inner.clone();
-        let service = std::mem::replace(&mut self.inner, fresh);
         // The head is kept before the deadline is recorded (retries record
         // it on each attempt themselves), and built where it is stored:
         // in the context's literal, not moved in from elsewhere.
@@ -200,8 +208,9 @@ where
         let policy = match policy {
             MethodPolicy::Retry(policy) => policy,
             MethodPolicy::Hedge(policy) => {
-                let mut h = Hedge {
-                    service,
+                let h = Hedge {
+                    // Hedges run at once: the clone for them is made now.
+                    service: self.prototype.spare().make(),
                     recording: Recording::new(Head::of(&parts, has_deadline), captured),
                     policy,
                     shared: self.shared.handle().clone(),
@@ -211,13 +220,13 @@ where
                 let span = h.span(1);
                 let fut = {
                     let _entered = span.enter();
-                    h.service.call(request)
+                    self.inner.call(request)
                 };
                 return ResponseFuture::boxed(Box::pin(hedge(h, fut, span)));
             }
         };
-        let mut ctx = Ctx {
-            service,
+        let ctx = Ctx {
+            spare: self.prototype.spare(),
             recording: Recording::new(Head::of(&parts, has_deadline), captured),
             policy,
             shared: self.shared.handle().clone(),
@@ -231,9 +240,11 @@ where
         // The attempt's span is entered while the service is called, so a
         // layer below sees it as the current span.
         let span = ctx.span(None, None);
+        // The first attempt goes through the service that was made ready;
+        // a retry, if one is due, through a clone made then.
         let fut = {
             let _entered = span.enter();
-            ctx.service.call(request)
+            self.inner.call(request)
         };
         ResponseFuture::first(fut, span, ctx)
     }

@@ -762,3 +762,79 @@ async fn each_method_gets_its_own_policy_when_calls_alternate() {
     }
     assert_eq!(attempts, [4, 4, 2, 4, 2, 2, 4]);
 }
+
+/// A service that answers each attempt with the next code of its script
+/// (then OK) and counts how often it is cloned.
+#[derive(Debug)]
+struct Scripted {
+    codes: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Code>>>,
+    clones: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Clone for Scripted {
+    fn clone(&self) -> Self {
+        self.clones
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Scripted {
+            codes: self.codes.clone(),
+            clones: self.clones.clone(),
+        }
+    }
+}
+
+impl tower_service::Service<Req> for Scripted {
+    type Response = Res;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Res, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Req) -> Self::Future {
+        let code = self.codes.lock().unwrap().pop_front().unwrap_or(Code::Ok);
+        std::future::ready(Ok(trailers_only(code)))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_clones_the_inner_service_only_when_a_retry_is_due() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tower::ServiceExt;
+    use tower_service::Service;
+    let codes = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let clones = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let inner = Scripted {
+        codes: codes.clone(),
+        clones: clones.clone(),
+    };
+    let mut service = tower_layer::Layer::layer(&layer(no_jitter()), inner);
+    let made = clones.load(Relaxed);
+    for _ in 0..10 {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request(GET, b"x"))
+            .await;
+        assert_eq!(response.unwrap().headers()["grpc-status"], "0");
+    }
+    assert_eq!(clones.load(Relaxed), made, "ten successes clone nothing");
+
+    codes
+        .lock()
+        .unwrap()
+        .extend([Code::Unavailable, Code::Unavailable]);
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(GET, b"x"))
+        .await;
+    assert_eq!(response.unwrap().headers()["grpc-status"], "0");
+    assert!(codes.lock().unwrap().is_empty(), "three attempts");
+    assert_eq!(clones.load(Relaxed), made + 1, "one clone for both retries");
+}
