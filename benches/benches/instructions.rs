@@ -21,7 +21,8 @@ use std::time::Duration;
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience::ResilientChannel;
 use grpc_resilience_benches::{
-    Bare, CloneStubRequest, Reading, RequestFactory, drive_with, payload_1k, runtime, seed_retry,
+    Bare, CloneStubRequest, Reading, RequestFactory, alternating, drive_with, payload_1k, runtime,
+    seed_retry,
 };
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use http::{Request, Response};
@@ -43,6 +44,9 @@ const ROWS: &[&str] = &[
     "stub/grpc_circuit_breaker, latency_metric off",
     "stub/Timeout > Retry > CircuitBreaker",
     "stub/grpc_resilience::ResilientChannel",
+    "stub/bare, 2 methods alternating",
+    "stub/Timeout > Retry > CircuitBreaker, 2 methods alternating",
+    "stub/grpc_resilience::ResilientChannel, 2 methods alternating",
     "retry_stub/bare",
     "retry_stub/tower::retry::Retry (cloned request)",
     "retry_stub/grpc_retry::Retry (success)",
@@ -155,6 +159,24 @@ fn row(name: &str, calls: u64) -> Option<Duration> {
             &mut ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config())
                 .expect("a config"),
             make,
+            calls,
+        ),
+        "stub/bare, 2 methods alternating" => run(&mut Bare, alternating(), calls),
+        "stub/Timeout > Retry > CircuitBreaker, 2 methods alternating" => run(
+            &mut ServiceBuilder::new()
+                .layer(TimeoutLayer::new(
+                    TimeoutPolicy::new(Duration::from_secs(5)).expect("a valid policy"),
+                ))
+                .layer(seed_retry())
+                .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+                .service(Bare),
+            alternating(),
+            calls,
+        ),
+        "stub/grpc_resilience::ResilientChannel, 2 methods alternating" => run(
+            &mut ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config())
+                .expect("a config"),
+            alternating(),
             calls,
         ),
         "retry_stub/bare" => run(&mut Reading::default(), || stubs.request(), calls),

@@ -10,8 +10,9 @@ use grpc_bulkhead::{BulkheadConfig, BulkheadLayer, Gradient};
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience::ResilientChannel;
 use grpc_resilience_benches::{
-    Bare, CloneStubRequest, FullRequest, Reading, RequestFactory, call_once, drive, drive_parallel,
-    drive_parallel_with, drive_with, paused_runtime, payload_1k, runtime, seed_retry,
+    Bare, CloneStubRequest, FullRequest, Reading, RequestFactory, alternating, call_once, drive,
+    drive_parallel, drive_parallel_with, drive_with, paused_runtime, payload_1k, runtime,
+    seed_retry,
 };
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use tower::ServiceBuilder;
@@ -471,6 +472,20 @@ fn stub(c: &mut Criterion) {
     group.bench_function("grpc_resilience::ResilientChannel", |b| {
         b.iter_custom(|n| drive_with(&rt, &mut facade, make, n))
     });
+    // A client that calls two methods in turn: each layer works out a
+    // method's facts once, not on every call.
+    let mut alternate = alternating();
+    group.bench_function("bare, 2 methods alternating", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut bare, &mut alternate, n))
+    });
+    group.bench_function(
+        "Timeout > Retry > CircuitBreaker, 2 methods alternating",
+        |b| b.iter_custom(|n| drive_with(&rt, &mut ours, &mut alternate, n)),
+    );
+    group.bench_function(
+        "grpc_resilience::ResilientChannel, 2 methods alternating",
+        |b| b.iter_custom(|n| drive_with(&rt, &mut facade, &mut alternate, n)),
+    );
     // Two threads, each with its own clone: what shared state costs when
     // two cores call through one stack at once. Each thread has its own
     // payload: threads sharing one would bounce its reference count, which

@@ -31,6 +31,14 @@ impl Default for RequestFactory {
 }
 
 impl RequestFactory {
+    /// Requests to `uri` instead of [`PATH`] (a static URI, as a stub's
+    /// path is).
+    pub fn with_uri(uri: &'static str) -> Self {
+        RequestFactory {
+            uri: Uri::from_static(uri),
+        }
+    }
+
     /// A fresh request.
     pub fn request(&self) -> Request<Empty<Bytes>> {
         let mut request = Request::new(Empty::new());
@@ -373,4 +381,29 @@ pub fn seed_retry() -> grpc_retry::RetryLayer {
         .with_max_delay(std::time::Duration::from_millis(1))
         .with_jitter(Jitter::None);
     RetryLayer::new(RetryPolicies::new(policy).expect("a valid policy"))
+}
+
+/// Stub-shaped requests (1 KiB body, the `tonic::GrpcMethod` extension)
+/// that alternate between two methods of one service, as a client calling
+/// more than one method does: a layer that remembers only the last method
+/// works each call out again.
+pub fn alternating() -> impl FnMut() -> Request<tonic::body::Body> {
+    let get = RequestFactory::default();
+    let list =
+        RequestFactory::with_uri("http://127.0.0.1:50051/catalog.v1.QueryService/ListProducts");
+    let payload = payload_1k();
+    let mut odd = false;
+    move || {
+        odd = !odd;
+        let (factory, method) = if !odd {
+            (&get, "GetProduct")
+        } else {
+            (&list, "ListProducts")
+        };
+        let mut request = factory.grpc_request(&payload);
+        request
+            .extensions_mut()
+            .insert(tonic::GrpcMethod::new("catalog.v1.QueryService", method));
+        request
+    }
 }
