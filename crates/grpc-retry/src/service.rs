@@ -60,7 +60,9 @@ impl<S> Retry<S> {
         &self.inner
     }
 
-    /// The wrapped service, mutably.
+    /// The wrapped service, mutably. A change made here is seen by the
+    /// first attempts of later calls; retries and hedges go through clones
+    /// of the service as the layer wrapped it.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
