@@ -127,25 +127,49 @@ fn timeout_layer() -> TimeoutLayer {
 /// this load at a 20% error rate) and stays open 1 s, so recovery shows
 /// within a run.
 fn stack(addr: std::net::SocketAddr, retry: RetryPolicy) -> QueryServiceClient<Full> {
-    let rate = FailureRate {
-        window: 100,
-        minimum_calls: 20,
-        failure_rate: 50.0,
-        ..FailureRate::default()
-    };
-    let registry = BreakerRegistry::with_default_config(
-        BreakerConfig::default()
-            .with_timeout(Duration::from_secs(1))
-            .with_failure_rate(rate),
-    )
-    .expect("a breaker config");
-    QueryServiceClient::new(
-        ServiceBuilder::new()
-            .layer(timeout_layer())
-            .layer(retry_layer(retry, true))
-            .layer(CircuitBreakerLayer::new(registry))
-            .service(channel(addr)),
-    )
+    StackLayers::new(retry).client(addr)
+}
+
+/// The layers of [`stack`], made once: clients made from one set share
+/// its breakers and throttle, as an application's clients of one
+/// downstream service do.
+struct StackLayers {
+    timeout: TimeoutLayer,
+    retry: RetryLayer,
+    breaker: CircuitBreakerLayer,
+}
+
+impl StackLayers {
+    fn new(retry: RetryPolicy) -> Self {
+        let rate = FailureRate {
+            window: 100,
+            minimum_calls: 20,
+            failure_rate: 50.0,
+            ..FailureRate::default()
+        };
+        let registry = BreakerRegistry::with_default_config(
+            BreakerConfig::default()
+                .with_timeout(Duration::from_secs(1))
+                .with_failure_rate(rate),
+        )
+        .expect("a breaker config");
+        StackLayers {
+            timeout: timeout_layer(),
+            retry: retry_layer(retry, true),
+            breaker: CircuitBreakerLayer::new(registry),
+        }
+    }
+
+    /// A client of its own channel to `addr` through these layers.
+    fn client(&self, addr: std::net::SocketAddr) -> QueryServiceClient<Full> {
+        QueryServiceClient::new(
+            ServiceBuilder::new()
+                .layer(self.timeout.clone())
+                .layer(self.retry.clone())
+                .layer(self.breaker.clone())
+                .service(channel(addr)),
+        )
+    }
 }
 
 /// Retries without a budget and without a breaker.
@@ -733,12 +757,21 @@ async fn cpu_section(server: &Server1, length: Duration, rounds: usize) {
             .expect("a config"),
         )
     };
-    // Per round: CPU µs per call, calls/s, p99 µs.
-    let mut rows: [(&str, Vec<[f64; 3]>); 4] = [
+    // Per round: CPU µs per call, calls/s, p99 µs. The first stack and
+    // facade rows build a whole stack per task (its own breakers, throttle
+    // and metric handles); the "shared" rows make the layers once per
+    // run and give each task a client of its own channel through them, as
+    // an application with one stack per downstream service does.
+    let mut rows: [(&str, Vec<[f64; 3]>); 6] = [
         ("bare channel", Vec::new()),
         ("bare channel, calls with a 5 s `grpc-timeout`", Vec::new()),
         ("Timeout > Retry > CircuitBreaker", Vec::new()),
         ("`ResilientChannel` (telemetry)", Vec::new()),
+        (
+            "Timeout > Retry > CircuitBreaker, layers shared",
+            Vec::new(),
+        ),
+        ("`ResilientChannel`, layer shared", Vec::new()),
     ];
     for _ in 0..rounds {
         for (i, row) in rows.iter_mut().enumerate() {
@@ -754,7 +787,22 @@ async fn cpu_section(server: &Server1, length: Duration, rounds: usize) {
                     CONCURRENCY,
                     length
                 ),
-                _ => drive!(facade(server.addr), CONCURRENCY, length),
+                3 => drive!(facade(server.addr), CONCURRENCY, length),
+                4 => {
+                    let layers = StackLayers::new(RetryPolicy::default());
+                    drive!(layers.client(server.addr), CONCURRENCY, length)
+                }
+                _ => {
+                    let layer = grpc_resilience::ResilienceLayer::new(
+                        &grpc_resilience_benches::facade_config(),
+                    )
+                    .expect("a config");
+                    drive!(
+                        QueryServiceClient::new(tower::Layer::layer(&layer, channel(server.addr))),
+                        CONCURRENCY,
+                        length
+                    )
+                }
             };
             let cpu = process_cpu().unwrap_or(before).saturating_sub(before);
             assert_eq!(run.failed, 0, "a healthy server answers every call");
