@@ -192,6 +192,30 @@ fn retry_stub(c: &mut Criterion) {
     group.bench_function("grpc_retry::Retry (success)", |b| {
         b.iter_custom(|n| drive_with(&rt, &mut ours, || stubs.request(), n))
     });
+    // The same over a `tower::buffer::Buffer`, which is what a tonic
+    // `Channel` is: cloning one allocates, and so does a fresh clone's
+    // first readiness check. tower's `Retry` clones its service for every
+    // call; ours only when a retry is due.
+    {
+        let _entered = rt.enter();
+        let mut bare = tower::buffer::Buffer::new(Reading::default(), 1024);
+        group.bench_function("bare over a Buffer", |b| {
+            b.iter_custom(|n| drive_with(&rt, &mut bare, || stubs.request(), n))
+        });
+        let mut theirs = tower::retry::Retry::new(
+            CloneStubRequest,
+            tower::buffer::Buffer::new(Reading::default(), 1024),
+        );
+        group.bench_function("tower::retry::Retry (cloned request) over a Buffer", |b| {
+            b.iter_custom(|n| drive_with(&rt, &mut theirs, full, n))
+        });
+        let mut ours = ServiceBuilder::new()
+            .layer(seed_retry())
+            .service(tower::buffer::Buffer::new(Reading::default(), 1024));
+        group.bench_function("grpc_retry::Retry (success) over a Buffer", |b| {
+            b.iter_custom(|n| drive_with(&rt, &mut ours, || stubs.request(), n))
+        });
+    }
     // Two threads, each with its own clone of one layer: what the layer's
     // shared state (its policies' handle, the replay memory count) costs
     // when two cores call through it at once.
