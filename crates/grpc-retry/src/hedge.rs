@@ -15,12 +15,16 @@ use tracing::Instrument;
 use crate::decide::{Ended, Pushback, answered, ended};
 use crate::future::{attempt_span, record_attempt, record_result, replay_request, sanitize};
 use crate::replay::{Recording, ReplayableBody};
+use crate::spare::Spare;
 use crate::{HedgingPolicy, ResponseBody, Shared};
 
 /// Everything a hedged call needs.
 #[derive(Debug)]
 pub(crate) struct Hedge<S, B> {
-    pub(crate) service: S,
+    // Where the hedges get their service: a clone, made when the first
+    // hedge is due (most hedged calls answer before the hedging delay).
+    pub(crate) spare: Spare<S>,
+    pub(crate) service: Option<S>,
     pub(crate) recording: Recording<B>,
     pub(crate) policy: HedgingPolicy,
     pub(crate) shared: Arc<Stripe<Shared>>,
@@ -82,7 +86,7 @@ pub(crate) async fn hedge<S, B, R>(
     first_span: tracing::Span,
 ) -> Result<Response<ResponseBody<R>>, BoxError>
 where
-    S: Service<Request<B>, Response = Response<R>> + Send,
+    S: Service<Request<B>, Response = Response<R>> + Clone + Send,
     S::Error: Into<BoxError>,
     S::Future: Send,
     B: ReplayableBody,
@@ -169,7 +173,9 @@ where
                         next_at = None;
                         continue;
                     }
-                    match h.service.poll_ready(cx) {
+                    let Hedge { spare, service, .. } = &mut h;
+                    let service = service.get_or_insert_with(|| spare.make());
+                    match service.poll_ready(cx) {
                         Poll::Pending => {
                             // Woken by the service, or at the deadline.
                             if let Some(deadline) = h.deadline {
@@ -212,7 +218,11 @@ where
                     let span = h.span(sent);
                     let fut = {
                         let _entered = span.enter();
-                        h.service.call(request)
+                        match h.service.as_mut() {
+                            Some(service) => service.call(request),
+                            // Made ready just above.
+                            None => continue,
+                        }
                     };
                     let fut = fut.instrument(span);
                     inflight.push((sent, Box::pin(fut)));

@@ -211,8 +211,8 @@ where
             MethodPolicy::Retry(policy) => policy,
             MethodPolicy::Hedge(policy) => {
                 let h = Hedge {
-                    // Hedges run at once: the clone for them is made now.
-                    service: self.prototype.spare().make(),
+                    spare: self.prototype.spare(),
+                    service: None,
                     recording: Recording::new(Head::of(&parts, has_deadline), captured),
                     policy,
                     shared: self.shared.handle().clone(),

@@ -51,8 +51,9 @@ pub(crate) struct Spare<S>(Arc<Stripe<Mutex<S>>>);
 
 impl<S: Clone> Spare<S> {
     /// A fresh clone of the prototype, not yet ready: the caller polls its
-    /// readiness before each attempt. The lock is held only while cloning,
-    /// and only on a retry or a hedge.
+    /// readiness before each attempt. Every stripe reaches the one
+    /// prototype behind one lock, held only while cloning, and only when a
+    /// retry or a hedge is due.
     pub(crate) fn make(&self) -> S {
         self.0
             .lock()

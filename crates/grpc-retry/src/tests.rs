@@ -838,3 +838,50 @@ async fn a_call_clones_the_inner_service_only_when_a_retry_is_due() {
     assert!(codes.lock().unwrap().is_empty(), "three attempts");
     assert_eq!(clones.load(Relaxed), made + 1, "one clone for both retries");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hedged_call_clones_the_inner_service_only_when_a_hedge_is_due() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tower::ServiceExt;
+    use tower_service::Service;
+    let codes = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let clones = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let inner = Scripted {
+        codes: codes.clone(),
+        clones: clones.clone(),
+    };
+    let policy = HedgingPolicy::default()
+        .with_non_fatal_codes(grpc_resilience_core::CodeSet::of(&[Code::Unavailable]));
+    let layer = RetryLayer::new(RetryPolicies::none().with_hedging("*", policy).unwrap());
+    let mut service = tower_layer::Layer::layer(&layer, inner);
+    let made = clones.load(Relaxed);
+    // Answered before the hedging delay: no hedge, no clone.
+    for _ in 0..5 {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request(GET, b"x"))
+            .await;
+        assert_eq!(response.unwrap().headers()["grpc-status"], "0");
+    }
+    assert_eq!(
+        clones.load(Relaxed),
+        made,
+        "five unhedged calls clone nothing"
+    );
+    // A non-fatal failure sends the next hedge at once, through one clone.
+    codes
+        .lock()
+        .unwrap()
+        .extend([Code::Unavailable, Code::Unavailable]);
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(GET, b"x"))
+        .await;
+    assert_eq!(response.unwrap().headers()["grpc-status"], "0");
+    assert!(codes.lock().unwrap().is_empty(), "three attempts");
+    assert_eq!(clones.load(Relaxed), made + 1, "one clone for both hedges");
+}
