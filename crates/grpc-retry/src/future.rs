@@ -9,7 +9,7 @@ use std::time::Duration;
 use grpc_resilience_core::codes::code_name;
 use grpc_resilience_core::error::{error_code, find_status, with_transport_status};
 use grpc_resilience_core::headers::sanitize_status_details;
-use grpc_resilience_core::{BoxError, CallDeadline, MethodId, Stripe, classify_head};
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId, classify_head};
 use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -19,8 +19,8 @@ use tracing::Instrument;
 use crate::ResponseBody;
 use crate::decide::{Ended, Pushback, answered, ended};
 use crate::replay::{Recording, ReplayableBody};
-use crate::spare::Spare;
-use crate::{RetryPolicy, Shared, backoff};
+use crate::spare::Handle;
+use crate::{RetryPolicy, backoff};
 
 /// The header that tells the server how many attempts came before.
 pub(crate) const PREVIOUS_ATTEMPTS: http::HeaderName =
@@ -29,13 +29,13 @@ pub(crate) const PREVIOUS_ATTEMPTS: http::HeaderName =
 /// Everything the retries of one call need.
 #[derive(Debug)]
 pub(crate) struct Ctx<S, B> {
-    // Where a retry gets its service (a clone made only then).
-    pub(crate) spare: Spare<S>,
     // The request head (inline, see `Head`) and the body's recording.
     // Dropping it (the call is over) releases what no attempt still needs.
     pub(crate) recording: Recording<B>,
     pub(crate) policy: RetryPolicy,
-    pub(crate) shared: Arc<Stripe<Shared>>,
+    // The layer's shared state, and the prototype a retry's service is
+    // cloned from (only then).
+    pub(crate) shared: Handle<S>,
     pub(crate) attempts: u32,
     // Retries since the backoff was last reset (by a pushback).
     pub(crate) backoff_n: u32,
@@ -530,7 +530,7 @@ where
     let mut last = first;
     // The service the retries go through: a clone, made now that one is
     // due, and made ready before each attempt.
-    let mut service = ctx.spare.make();
+    let mut service = ctx.shared.make();
     loop {
         tokio::time::sleep(delay).await;
         // The body may have outgrown the replay limit during the backoff:

@@ -2,11 +2,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::Poll;
 
 use grpc_resilience_core::error::with_transport_status;
-use grpc_resilience_core::{BoxError, CallDeadline, MethodId, Stripe};
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId};
 use http::{Request, Response};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -15,19 +14,19 @@ use tracing::Instrument;
 use crate::decide::{Ended, Pushback, answered, ended};
 use crate::future::{attempt_span, record_attempt, record_result, replay_request, sanitize};
 use crate::replay::{Recording, ReplayableBody};
-use crate::spare::Spare;
-use crate::{HedgingPolicy, ResponseBody, Shared};
+use crate::spare::Handle;
+use crate::{HedgingPolicy, ResponseBody};
 
 /// Everything a hedged call needs.
 #[derive(Debug)]
 pub(crate) struct Hedge<S, B> {
-    // Where the hedges get their service: a clone, made when the first
-    // hedge is due (most hedged calls answer before the hedging delay).
-    pub(crate) spare: Spare<S>,
+    // The hedges' service: a clone of the prototype in `shared`, made
+    // when the first hedge is due (most hedged calls answer before the
+    // hedging delay).
     pub(crate) service: Option<S>,
     pub(crate) recording: Recording<B>,
     pub(crate) policy: HedgingPolicy,
-    pub(crate) shared: Arc<Stripe<Shared>>,
+    pub(crate) shared: Handle<S>,
     pub(crate) deadline: Option<CallDeadline>,
 }
 
@@ -173,8 +172,10 @@ where
                         next_at = None;
                         continue;
                     }
-                    let Hedge { spare, service, .. } = &mut h;
-                    let service = service.get_or_insert_with(|| spare.make());
+                    let Hedge {
+                        shared, service, ..
+                    } = &mut h;
+                    let service = service.get_or_insert_with(|| shared.make());
                     match service.poll_ready(cx) {
                         Poll::Pending => {
                             // Woken by the service, or at the deadline.

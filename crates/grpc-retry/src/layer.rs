@@ -4,7 +4,7 @@ use grpc_resilience_core::Striped;
 use tower_layer::Layer;
 
 use crate::replay::Limits;
-use crate::spare::Prototype;
+use crate::spare::PerService;
 use crate::{Retry, RetryBudget, RetryConfigError, RetryPolicies, RetryThrottle, Shared};
 
 /// The default per-call replay limit: 256 KiB, as grpc-go and grpc-core.
@@ -105,6 +105,11 @@ impl RetryLayer {
         }
     }
 
+    /// The state every service of this layer shares.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        self.shared.shared()
+    }
+
     /// The throttle, if any, to read its tokens.
     pub fn throttle(&self) -> Option<&RetryThrottle> {
         self.shared.throttle.as_ref()
@@ -128,9 +133,8 @@ impl<S: Clone> Layer<S> for RetryLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         Retry {
-            prototype: Prototype::of(&inner),
+            shared: PerService::new(self.shared().clone(), &inner),
             inner,
-            shared: self.shared.clone(),
             last: Default::default(),
         }
     }

@@ -15,7 +15,7 @@ use crate::hedge::{Hedge, hedge};
 use crate::layer::RetryLayer;
 use crate::policy::MethodPolicy;
 use crate::replay::{Limits, Recording, ReplayBody as Replay, ReplayableBody};
-use crate::spare::Prototype;
+use crate::spare::PerService;
 use crate::{ResponseBody, RetryBudget, RetryOverride, RetryPolicies, RetryPolicy, RetryThrottle};
 
 /// The header that carries the idempotency key.
@@ -38,10 +38,9 @@ pub(crate) struct Shared {
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     pub(crate) inner: S,
-    // What retries are sent through, cloned only when one is due.
-    pub(crate) prototype: Prototype<S>,
-    // Each call keeps a handle of its thread's stripe (see `Striped`).
-    pub(crate) shared: Arc<Striped<Shared>>,
+    // The layer's shared state and the prototype retries are cloned from;
+    // each call keeps a handle of its thread's stripe (see `Striped`).
+    pub(crate) shared: Arc<Striped<PerService<S>>>,
     // The last method called and its policy.
     pub(crate) last: LastMethod<Option<MethodPolicy>>,
 }
@@ -211,7 +210,6 @@ where
             MethodPolicy::Retry(policy) => policy,
             MethodPolicy::Hedge(policy) => {
                 let h = Hedge {
-                    spare: self.prototype.spare(),
                     service: None,
                     recording: Recording::new(Head::of(&parts, has_deadline), captured),
                     policy,
@@ -228,7 +226,6 @@ where
             }
         };
         let ctx = Ctx {
-            spare: self.prototype.spare(),
             recording: Recording::new(Head::of(&parts, has_deadline), captured),
             policy,
             shared: self.shared.handle().clone(),
