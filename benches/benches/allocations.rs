@@ -202,6 +202,16 @@ where
     (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
 }
 
+/// Prints one table of rows, each with its difference from the first
+/// row's (the group's bare service).
+fn print_table(title: &str, rows: &[(&str, f64)]) {
+    let bare = rows.first().map_or(0.0, |r| r.1);
+    println!("{title:<44} {:>18} {:>12}", "allocations/call", "vs bare");
+    for (name, allocs) in rows {
+        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
+    }
+}
+
 /// Calls counted per loopback row.
 const LOOPBACK_CALLS: u64 = 2_000;
 
@@ -415,7 +425,6 @@ fn main() {
             ),
         ),
     ];
-    let bare = rows[0].1;
     let payload = grpc_resilience_benches::payload_1k();
     let retry_rows = [
         (
@@ -510,41 +519,14 @@ fn main() {
             ),
         ),
     ];
-    println!(
-        "{:<36} {:>18} {:>12}",
-        "service", "allocations/call", "vs bare"
-    );
-    for (name, allocs) in rows {
-        println!("{name:<36} {allocs:>18.2} {:>+12.2}", allocs - bare);
-    }
+    print_table("service", &rows);
     println!();
-    let bare = retry_rows[0].1;
-    println!(
-        "{:<44} {:>18} {:>12}",
-        "service (1 KiB request body)", "allocations/call", "vs bare"
-    );
-    for (name, allocs) in retry_rows {
-        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
-    }
+    print_table("service (1 KiB request body)", &retry_rows);
     println!();
-    let bare = idempotency_rows[0].1;
-    println!(
-        "{:<44} {:>18} {:>12}",
-        "server side, 1 KiB request", "allocations/call", "vs bare"
-    );
-    for (name, allocs) in idempotency_rows {
-        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
-    }
+    print_table("server side, 1 KiB request", &idempotency_rows);
     println!();
     let stub_rows = retry_stub_rows();
-    let bare = stub_rows[0].1;
-    println!(
-        "{:<44} {:>18} {:>12}",
-        "stub-shaped request (GrpcMethod, ~1 KiB)", "allocations/call", "vs bare"
-    );
-    for (name, allocs) in stub_rows {
-        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
-    }
+    print_table("stub-shaped request (GrpcMethod, ~1 KiB)", &stub_rows);
     println!();
     let stub_1k_rows = [
         ("bare", per_stub_call_1k(Bare, &payload)),
@@ -617,22 +599,11 @@ fn main() {
             ),
         ),
     ];
-    let bare = stub_1k_rows[0].1;
-    println!(
-        "{:<44} {:>18} {:>12}",
-        "as a generated stub sends (GrpcMethod, 1 KiB)", "allocations/call", "vs bare"
+    print_table(
+        "as a generated stub sends (GrpcMethod, 1 KiB)",
+        &stub_1k_rows,
     );
-    for (name, allocs) in stub_1k_rows {
-        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
-    }
     println!();
     let loopback = loopback_rows();
-    let bare = loopback[0].1;
-    println!(
-        "{:<44} {:>18} {:>12}",
-        "loopback: stub, tonic server, one thread", "allocations/call", "vs bare"
-    );
-    for (name, allocs) in loopback {
-        println!("{name:<44} {allocs:>18.2} {:>+12.2}", allocs - bare);
-    }
+    print_table("loopback: stub, tonic server, one thread", &loopback);
 }

@@ -83,6 +83,22 @@ where
     measured(&rt, service, make, calls)
 }
 
+/// Timeout > Retry > CircuitBreaker over [`Bare`], as the stack rows
+/// build it.
+fn stack() -> impl Service<
+    Request<tonic::body::Body>,
+    Response = Response<impl Body<Error: std::fmt::Debug>>,
+    Error: std::fmt::Debug,
+> {
+    ServiceBuilder::new()
+        .layer(TimeoutLayer::new(
+            TimeoutPolicy::new(Duration::from_secs(5)).expect("a valid policy"),
+        ))
+        .layer(seed_retry())
+        .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+        .service(Bare)
+}
+
 fn row(name: &str, calls: u64) -> Option<Duration> {
     let requests = RequestFactory::default();
     let payload = payload_1k();
@@ -144,17 +160,7 @@ fn row(name: &str, calls: u64) -> Option<Duration> {
             make,
             calls,
         ),
-        "stub/Timeout > Retry > CircuitBreaker" => run(
-            &mut ServiceBuilder::new()
-                .layer(TimeoutLayer::new(
-                    TimeoutPolicy::new(Duration::from_secs(5)).expect("a valid policy"),
-                ))
-                .layer(seed_retry())
-                .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
-                .service(Bare),
-            make,
-            calls,
-        ),
+        "stub/Timeout > Retry > CircuitBreaker" => run(&mut stack(), make, calls),
         "stub/grpc_resilience::ResilientChannel" => run(
             &mut ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config())
                 .expect("a config"),
@@ -162,17 +168,9 @@ fn row(name: &str, calls: u64) -> Option<Duration> {
             calls,
         ),
         "stub/bare, 2 methods alternating" => run(&mut Bare, alternating(), calls),
-        "stub/Timeout > Retry > CircuitBreaker, 2 methods alternating" => run(
-            &mut ServiceBuilder::new()
-                .layer(TimeoutLayer::new(
-                    TimeoutPolicy::new(Duration::from_secs(5)).expect("a valid policy"),
-                ))
-                .layer(seed_retry())
-                .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
-                .service(Bare),
-            alternating(),
-            calls,
-        ),
+        "stub/Timeout > Retry > CircuitBreaker, 2 methods alternating" => {
+            run(&mut stack(), alternating(), calls)
+        }
         "stub/grpc_resilience::ResilientChannel, 2 methods alternating" => run(
             &mut ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config())
                 .expect("a config"),

@@ -96,6 +96,22 @@ impl TestServer {
     pub fn channel(&self) -> Channel {
         self.endpoint().connect_lazy()
     }
+
+    /// The header names each call so far carried, sorted, in the order
+    /// the calls came: what a test compares to see that a layer added (or
+    /// dropped) nothing it should not have.
+    pub fn header_names(&self) -> Vec<Vec<String>> {
+        self.faults
+            .calls()
+            .iter()
+            .map(|c| {
+                let mut names: Vec<String> =
+                    c.headers.keys().map(|k| k.as_str().to_owned()).collect();
+                names.sort();
+                names
+            })
+            .collect()
+    }
 }
 
 impl Drop for TestServer {

@@ -320,27 +320,13 @@ async fn a_connection_that_never_completes_still_fails_at_the_deadline() {
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
-/// The header names the server saw on each call, sorted.
-fn header_names(server: &TestServer) -> Vec<Vec<String>> {
-    server
-        .faults
-        .calls()
-        .iter()
-        .map(|c| {
-            let mut names: Vec<String> = c.headers.keys().map(|k| k.as_str().to_owned()).collect();
-            names.sort();
-            names
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn the_server_sees_the_stubs_headers_and_only_what_the_stack_adds_on_purpose() {
     // What a stub sends without the stack.
     let server = TestServer::start().await;
     let mut bare = QueryServiceClient::new(server.channel());
     bare.get_product(get()).await.unwrap();
-    let sent = header_names(&server).remove(0);
+    let sent = server.header_names().remove(0);
 
     // Through the facade: a first attempt that fails, and its retry. Each
     // carries the stub's headers plus the deadline; the retry also says
@@ -363,7 +349,7 @@ async fn the_server_sees_the_stubs_headers_and_only_what_the_stack_adds_on_purpo
     // Trace context is propagated only for a call inside a sampled span
     // (none here), so `traceparent` is not expected.
     assert_eq!(
-        header_names(&server),
+        server.header_names(),
         [
             with(&["grpc-timeout"]),
             with(&["grpc-previous-rpc-attempts", "grpc-timeout"]),

@@ -800,8 +800,11 @@ impl tower_service::Service<Req> for Scripted {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_call_clones_the_inner_service_only_when_a_retry_is_due() {
+/// Calls through `layer` over a [`Scripted`] service: `quick` calls that
+/// succeed at once, then one whose first two attempts fail with
+/// UNAVAILABLE. Returns the clones made by the quick calls, then by the
+/// one that failed twice.
+async fn clones_made(layer: &RetryLayer, quick: usize) -> (usize, usize) {
     use std::sync::atomic::Ordering::Relaxed;
     use tower::ServiceExt;
     use tower_service::Service;
@@ -811,9 +814,8 @@ async fn a_call_clones_the_inner_service_only_when_a_retry_is_due() {
         codes: codes.clone(),
         clones: clones.clone(),
     };
-    let mut service = tower_layer::Layer::layer(&layer(no_jitter()), inner);
-    let made = clones.load(Relaxed);
-    for _ in 0..10 {
+    let mut service = tower_layer::Layer::layer(layer, inner);
+    let mut call = async || {
         let response = service
             .ready()
             .await
@@ -821,67 +823,38 @@ async fn a_call_clones_the_inner_service_only_when_a_retry_is_due() {
             .call(request(GET, b"x"))
             .await;
         assert_eq!(response.unwrap().headers()["grpc-status"], "0");
+    };
+    let made = clones.load(Relaxed);
+    for _ in 0..quick {
+        call().await;
     }
-    assert_eq!(clones.load(Relaxed), made, "ten successes clone nothing");
-
+    let quick_clones = clones.load(Relaxed) - made;
     codes
         .lock()
         .unwrap()
         .extend([Code::Unavailable, Code::Unavailable]);
-    let response = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(GET, b"x"))
-        .await;
-    assert_eq!(response.unwrap().headers()["grpc-status"], "0");
+    call().await;
     assert!(codes.lock().unwrap().is_empty(), "three attempts");
-    assert_eq!(clones.load(Relaxed), made + 1, "one clone for both retries");
+    (quick_clones, clones.load(Relaxed) - made - quick_clones)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_clones_the_inner_service_only_when_a_retry_is_due() {
+    let (quick, retried) = clones_made(&layer(no_jitter()), 10).await;
+    assert_eq!(quick, 0, "ten successes clone nothing");
+    assert_eq!(retried, 1, "one clone for both retries");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_hedged_call_clones_the_inner_service_only_when_a_hedge_is_due() {
-    use std::sync::atomic::Ordering::Relaxed;
-    use tower::ServiceExt;
-    use tower_service::Service;
-    let codes = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
-    let clones = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let inner = Scripted {
-        codes: codes.clone(),
-        clones: clones.clone(),
-    };
+    // A non-fatal failure sends the next hedge at once.
     let policy = HedgingPolicy::default()
         .with_non_fatal_codes(grpc_resilience_core::CodeSet::of(&[Code::Unavailable]));
     let layer = RetryLayer::new(RetryPolicies::none().with_hedging("*", policy).unwrap());
-    let mut service = tower_layer::Layer::layer(&layer, inner);
-    let made = clones.load(Relaxed);
-    // Answered before the hedging delay: no hedge, no clone.
-    for _ in 0..5 {
-        let response = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request(GET, b"x"))
-            .await;
-        assert_eq!(response.unwrap().headers()["grpc-status"], "0");
-    }
+    let (quick, hedged) = clones_made(&layer, 5).await;
     assert_eq!(
-        clones.load(Relaxed),
-        made,
-        "five unhedged calls clone nothing"
+        quick, 0,
+        "calls answered before the hedging delay clone nothing"
     );
-    // A non-fatal failure sends the next hedge at once, through one clone.
-    codes
-        .lock()
-        .unwrap()
-        .extend([Code::Unavailable, Code::Unavailable]);
-    let response = service
-        .ready()
-        .await
-        .unwrap()
-        .call(request(GET, b"x"))
-        .await;
-    assert_eq!(response.unwrap().headers()["grpc-status"], "0");
-    assert!(codes.lock().unwrap().is_empty(), "three attempts");
-    assert_eq!(clones.load(Relaxed), made + 1, "one clone for both hedges");
+    assert_eq!(hedged, 1, "one clone for both hedges");
 }
