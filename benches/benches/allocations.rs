@@ -202,6 +202,22 @@ where
     (total.count_total.saturating_sub(baseline.count_total)) as f64 / CALLS as f64
 }
 
+/// Timeout > Retry > CircuitBreaker over `inner`: a 5 s deadline, the
+/// default retry policy, a breaker per service.
+fn stack<S: Clone>(
+    inner: S,
+) -> grpc_timeout::Timeout<grpc_retry::Retry<grpc_circuit_breaker::CircuitBreaker<S>>> {
+    ServiceBuilder::new()
+        .layer(TimeoutLayer::new(
+            TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
+        ))
+        .layer(RetryLayer::new(
+            RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
+        ))
+        .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
+        .service(inner)
+}
+
 /// Prints one table of rows, each with its difference from the first
 /// row's (the group's bare service).
 fn print_table(title: &str, rows: &[(&str, f64)]) {
@@ -268,17 +284,6 @@ fn loopback_rows() -> Vec<(&'static str, f64)> {
         }};
     }
     let _guard = rt.enter();
-    let stack = || {
-        ServiceBuilder::new()
-            .layer(TimeoutLayer::new(
-                TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
-            ))
-            .layer(RetryLayer::new(
-                RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
-            ))
-            .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
-            .service(channel())
-    };
     vec![
         ("bare Channel", count!(QueryServiceClient::new(channel()))),
         (
@@ -321,7 +326,7 @@ fn loopback_rows() -> Vec<(&'static str, f64)> {
         ),
         (
             "Timeout > Retry > CircuitBreaker",
-            count!(QueryServiceClient::new(stack())),
+            count!(QueryServiceClient::new(stack(channel()))),
         ),
         (
             "grpc_resilience::ResilientChannel",
@@ -453,18 +458,7 @@ fn main() {
         ),
         (
             "Timeout > Retry > CircuitBreaker",
-            per_grpc_call(
-                ServiceBuilder::new()
-                    .layer(TimeoutLayer::new(
-                        TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
-                    ))
-                    .layer(RetryLayer::new(
-                        RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
-                    ))
-                    .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
-                    .service(grpc_resilience_benches::Reading::default()),
-                &payload,
-            ),
+            per_grpc_call(stack(grpc_resilience_benches::Reading::default()), &payload),
         ),
         (
             "grpc_resilience::ResilientChannel",
@@ -574,18 +568,7 @@ fn main() {
         ),
         (
             "Timeout > Retry > CircuitBreaker",
-            per_stub_call_1k(
-                ServiceBuilder::new()
-                    .layer(TimeoutLayer::new(
-                        TimeoutPolicy::new(Duration::from_secs(5)).expect("a policy"),
-                    ))
-                    .layer(RetryLayer::new(
-                        RetryPolicies::new(RetryPolicy::default()).expect("a policy"),
-                    ))
-                    .layer(CircuitBreakerLayer::new(BreakerRegistry::new()))
-                    .service(Bare),
-                &payload,
-            ),
+            per_stub_call_1k(stack(Bare), &payload),
         ),
         (
             "grpc_resilience::ResilientChannel",
