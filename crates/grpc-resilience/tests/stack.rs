@@ -346,8 +346,8 @@ async fn the_server_sees_the_stubs_headers_and_only_what_the_stack_adds_on_purpo
         names.sort();
         names
     };
-    // Trace context is propagated only for a call inside a sampled span
-    // (none here), so `traceparent` is not expected.
+    // No tracing subscriber is installed here, and no `traceparent` was
+    // seen: the expected lists do not name it.
     assert_eq!(
         server.header_names(),
         [

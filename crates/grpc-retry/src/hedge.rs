@@ -20,10 +20,6 @@ use crate::{HedgingPolicy, ResponseBody};
 /// Everything a hedged call needs.
 #[derive(Debug)]
 pub(crate) struct Hedge<S, B> {
-    // The hedges' service: a clone of the prototype in `shared`, made
-    // when the first hedge is due (most hedged calls answer before the
-    // hedging delay).
-    pub(crate) service: Option<S>,
     pub(crate) recording: Recording<B>,
     pub(crate) policy: HedgingPolicy,
     pub(crate) shared: Handle<S>,
@@ -80,7 +76,7 @@ impl<S, B> Hedge<S, B> {
 
 /// Runs a hedged call whose first attempt, `first`, was sent.
 pub(crate) async fn hedge<S, B, R>(
-    mut h: Hedge<S, B>,
+    h: Hedge<S, B>,
     first: S::Future,
     first_span: tracing::Span,
 ) -> Result<Response<ResponseBody<R>>, BoxError>
@@ -97,6 +93,10 @@ where
     // The latest non-fatal failure, returned if nothing commits.
     let mut last: Option<Result<Response<R>, BoxError>> = None;
     let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
+    // The hedges' service: a clone of the prototype in `h.shared`, made
+    // when the first hedge is due (most hedged calls answer before the
+    // hedging delay).
+    let mut service: Option<S> = None;
 
     let (winner, result) = std::future::poll_fn(|cx| {
         loop {
@@ -172,11 +172,8 @@ where
                         next_at = None;
                         continue;
                     }
-                    let Hedge {
-                        shared, service, ..
-                    } = &mut h;
-                    let service = service.get_or_insert_with(|| shared.make());
-                    match service.poll_ready(cx) {
+                    let hedges = service.get_or_insert_with(|| h.shared.make());
+                    match hedges.poll_ready(cx) {
                         Poll::Pending => {
                             // Woken by the service, or at the deadline.
                             if let Some(deadline) = h.deadline {
@@ -219,11 +216,7 @@ where
                     let span = h.span(sent);
                     let fut = {
                         let _entered = span.enter();
-                        match h.service.as_mut() {
-                            Some(service) => service.call(request),
-                            // Made ready just above.
-                            None => continue,
-                        }
+                        hedges.call(request)
                     };
                     let fut = fut.instrument(span);
                     inflight.push((sent, Box::pin(fut)));

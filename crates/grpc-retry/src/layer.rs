@@ -15,8 +15,9 @@ pub const DEFAULT_TOTAL_BUFFER: usize = 16 * 1024 * 1024;
 /// Applies [`Retry`] to a service.
 #[derive(Clone, Debug)]
 pub struct RetryLayer {
-    // Each call keeps a handle of its thread's stripe (see `Striped`).
-    shared: Arc<Striped<Shared>>,
+    // What every service of this layer shares; each wrapped service keeps
+    // it beside its prototype, striped per thread (`spare::PerService`).
+    shared: Arc<Shared>,
 }
 
 impl RetryLayer {
@@ -24,7 +25,7 @@ impl RetryLayer {
     /// replay limits.
     pub fn new(policies: RetryPolicies) -> Self {
         RetryLayer {
-            shared: Arc::new(Striped::new(Arc::new(Shared {
+            shared: Arc::new(Shared {
                 policies,
                 throttle: None,
                 budget: None,
@@ -32,7 +33,7 @@ impl RetryLayer {
                     DEFAULT_PER_CALL_BUFFER,
                     DEFAULT_TOTAL_BUFFER,
                 )))),
-            }))),
+            }),
         }
     }
 
@@ -101,13 +102,13 @@ impl RetryLayer {
         };
         f(&mut shared);
         RetryLayer {
-            shared: Arc::new(Striped::new(Arc::new(shared))),
+            shared: Arc::new(shared),
         }
     }
 
     /// The state every service of this layer shares.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
-        self.shared.shared()
+        &self.shared
     }
 
     /// The throttle, if any, to read its tokens.

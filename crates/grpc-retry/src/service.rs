@@ -210,7 +210,6 @@ where
             MethodPolicy::Retry(policy) => policy,
             MethodPolicy::Hedge(policy) => {
                 let h = Hedge {
-                    service: None,
                     recording: Recording::new(Head::of(&parts, has_deadline), captured),
                     policy,
                     shared: self.shared.handle().clone(),
