@@ -70,6 +70,9 @@ pub use codes::CodeSet;
 pub use deadline::CallDeadline;
 pub use error::BoxError;
 pub use method::{InvalidMethodPath, LastMethod, MethodId, same_path};
-pub use outcome::{OnOutcome, Outcome, OutcomeBody, classify_head, classify_trailers};
+pub use outcome::{
+    OnOutcome, Outcome, OutcomeBody, Unobserved, classify_head, classify_trailers, observe_head,
+    outcome_of_frame,
+};
 pub use policy::{DuplicateSelector, InvalidSelector, MatchedBy, MethodMap, Selector};
 pub use striped::{Stripe, Striped};

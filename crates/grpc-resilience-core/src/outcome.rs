@@ -97,11 +97,57 @@ pub fn classify_trailers(trailers: &HeaderMap) -> Outcome {
 pub trait OnOutcome {
     /// Called exactly once with the call's final outcome.
     fn on_outcome(self, outcome: Outcome);
+
+    /// The span the call runs in, if any. A layer that carries the
+    /// observer in its own response future (as
+    /// `grpc_timeout::Timeout::call_observed` does) enters it while it
+    /// polls the call, so what the layers below log, and the spans they
+    /// open, belong to the call.
+    fn span(&self) -> Option<&tracing::Span> {
+        None
+    }
 }
 
 impl<F: FnOnce(Outcome)> OnOutcome for F {
     fn on_outcome(self, outcome: Outcome) {
         self(outcome)
+    }
+}
+
+/// The observer of a call nobody observes: it has no value, so an
+/// `Option<Unobserved>` is always `None`, takes no space, and the code
+/// that would report to it compiles to nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unobserved {}
+
+impl OnOutcome for Unobserved {
+    fn on_outcome(self, _: Outcome) {
+        match self {}
+    }
+}
+
+/// Reports a response head's outcome to `observer` when the head holds it
+/// (see [`classify_head`]); otherwise gives `observer` back, to be told
+/// once the body ends.
+pub fn observe_head<B, F: OnOutcome>(response: &http::Response<B>, observer: F) -> Option<F> {
+    match classify_head(response.status(), response.headers()) {
+        Some(outcome) => {
+            observer.on_outcome(outcome);
+            None
+        }
+        None => Some(observer),
+    }
+}
+
+/// The outcome a body's frame (as a body's `poll_frame` returns it)
+/// settles: the trailers' status, a body error's code, or `UNKNOWN` for a
+/// body that ended without trailers. `None` for a message: the call goes
+/// on.
+pub fn outcome_of_frame<D>(frame: &Option<Result<Frame<D>, BoxError>>) -> Option<Outcome> {
+    match frame {
+        Some(Ok(frame)) => frame.trailers_ref().map(classify_trailers),
+        Some(Err(err)) => Some(Outcome::Error(error_code(&**err))),
+        None => Some(Outcome::Status(Code::Unknown)),
     }
 }
 
@@ -174,13 +220,8 @@ impl<B, F: OnOutcome> OutcomeBody<B, F> {
     /// [`headers::sanitize_status_details`].
     pub fn wrap_response(mut response: http::Response<B>, on_outcome: F) -> http::Response<Self> {
         headers::sanitize_status_details(response.headers_mut());
-        match classify_head(response.status(), response.headers()) {
-            Some(outcome) => {
-                on_outcome.on_outcome(outcome);
-                response.map(Self::reported)
-            }
-            None => response.map(|body| Self::new(body, on_outcome)),
-        }
+        let on_outcome = observe_head(&response, on_outcome);
+        response.map(|inner| OutcomeBody { inner, on_outcome })
     }
 
     /// Whether the outcome has been reported.
@@ -208,22 +249,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let (result, outcome) = match ready!(this.inner.poll_frame(cx)) {
-            Some(Ok(mut frame)) => {
-                let outcome = frame.trailers_mut().map(|trailers| {
-                    headers::sanitize_status_details(trailers);
-                    classify_trailers(trailers)
-                });
-                (Some(Ok(frame)), outcome)
-            }
-            Some(Err(err)) => {
-                let err: BoxError = err.into();
-                let outcome = Outcome::Error(error_code(&*err));
-                (Some(Err(err)), Some(outcome))
-            }
-            None => (None, Some(Outcome::Status(Code::Unknown))),
-        };
-        if let Some(outcome) = outcome
+        let mut result = ready!(this.inner.poll_frame(cx)).map(|r| r.map_err(Into::into));
+        if let Some(Ok(frame)) = &mut result
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            headers::sanitize_status_details(trailers);
+        }
+        if this.on_outcome.is_some()
+            && let Some(outcome) = outcome_of_frame(&result)
             && let Some(f) = this.on_outcome.take()
         {
             f.on_outcome(outcome);

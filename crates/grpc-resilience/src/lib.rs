@@ -177,6 +177,8 @@ mod stack;
 pub mod telemetry;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_outcome;
 
 pub use channels::{ResilientChannels, ResilientChannelsBuilder, UnknownChannel};
 pub use config::{

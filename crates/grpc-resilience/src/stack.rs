@@ -13,8 +13,7 @@ use arc_swap::ArcSwap;
 use grpc_circuit_breaker::{
     BreakerConfig, BreakerRegistry, CircuitBreaker, CircuitBreakerLayer, Keying, State,
 };
-use grpc_resilience_core::error::error_code;
-use grpc_resilience_core::{BoxError, LastMethod, Outcome, OutcomeBody};
+use grpc_resilience_core::{BoxError, LastMethod};
 use grpc_retry::{ReplayableBody, RetryBudget, RetryLayer, RetryThrottle};
 use grpc_timeout::future::TimeoutBody;
 use grpc_timeout::{Timeout, TimeoutLayer};
@@ -714,6 +713,7 @@ where
                 B,
                 BulkBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>,
             >,
+            CallRecorder,
         >,
     >;
 
@@ -738,17 +738,20 @@ where
             let span = m.call_span(self.shared.server.as_ref());
             CallRecorder::new(m, span)
         });
-        let inner = match &recorder {
-            Some(r) => r.span().in_scope(|| self.local.call(request)),
-            None => self.local.call(request),
-        };
-        ResponseFuture { inner, recorder }
+        // The deadline layer carries the recorder: it enters the call's
+        // span while the call is made and polled, and reports the outcome
+        // from its own future and body (one level each, not two).
+        ResponseFuture {
+            inner: self.local.call_observed(request, recorder),
+        }
     }
 }
 
-/// The response body type of inner body `R` after the stack.
+/// The response body type of inner body `R` after the stack, reporting
+/// the call's outcome to its recorder.
 type StackBody<R> = TimeoutBody<
     grpc_retry::ResponseBody<BulkBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>>,
+    CallRecorder,
 >;
 
 pin_project! {
@@ -756,7 +759,7 @@ pin_project! {
     /// with the deadline and outcome tracking of the stack.
     pub struct ResilientBody<R> {
         #[pin]
-        inner: OutcomeBody<StackBody<R>, CallRecorder>,
+        inner: StackBody<R>,
     }
 }
 
@@ -795,7 +798,6 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        recorder: Option<CallRecorder>,
     }
 }
 
@@ -811,30 +813,9 @@ where
 {
     type Output = Result<http::Response<ResilientBody<R>>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = match this.recorder.as_ref() {
-            Some(r) => {
-                let _entered = r.span().enter();
-                ready!(this.inner.poll(cx))
-            }
-            None => ready!(this.inner.poll(cx)),
-        };
-        Poll::Ready(match (result, this.recorder.take()) {
-            (Ok(response), Some(recorder)) => {
-                Ok(OutcomeBody::wrap_response(response, recorder)
-                    .map(|inner| ResilientBody { inner }))
-            }
-            (Ok(response), None) => Ok(response.map(|body| ResilientBody {
-                inner: OutcomeBody::reported(body),
-            })),
-            (Err(err), recorder) => {
-                if let Some(recorder) = recorder {
-                    use grpc_resilience_core::OnOutcome;
-                    recorder.on_outcome(Outcome::Error(error_code(&*err)));
-                }
-                Err(err)
-            }
-        })
+        let response = ready!(self.project().inner.poll(cx))?;
+        Poll::Ready(Ok(response.map(|inner| ResilientBody { inner })))
     }
 }

@@ -105,13 +105,13 @@ impl CallRecorder {
             span,
         }
     }
-
-    pub(crate) fn span(&self) -> &Span {
-        &self.span
-    }
 }
 
 impl OnOutcome for CallRecorder {
+    fn span(&self) -> Option<&Span> {
+        Some(&self.span)
+    }
+
     fn on_outcome(self, outcome: Outcome) {
         let code = outcome.code();
         let (count, duration) = self.metrics.handles(code);

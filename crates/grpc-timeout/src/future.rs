@@ -4,8 +4,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use grpc_resilience_core::error::error_code;
 use grpc_resilience_core::error::{find_error, with_transport_status};
-use grpc_resilience_core::{BoxError, MethodId, headers};
+use grpc_resilience_core::{
+    BoxError, MethodId, OnOutcome, Outcome, Unobserved, headers, observe_head, outcome_of_frame,
+};
 use http::uri::PathAndQuery;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -73,9 +76,12 @@ impl Deadline {
 }
 
 pin_project! {
-    /// The response future of [`Timeout`](crate::Timeout).
+    /// The response future of [`Timeout`](crate::Timeout). With an
+    /// observer `O` (see [`Timeout::call_observed`](crate::Timeout::call_observed))
+    /// it also reports the call's outcome, and its body carries the
+    /// observer on.
     #[derive(Debug)]
-    pub struct ResponseFuture<F> {
+    pub struct ResponseFuture<F, O = Unobserved> {
         // `None` for a call whose deadline had passed before it was sent.
         #[pin]
         inner: Option<F>,
@@ -89,68 +95,94 @@ pin_project! {
         // inner service enforces the `grpc-timeout` it is sent (a tonic
         // `Channel`, see `TimeoutLayer::rely_on_channel_for_head`).
         head_timer: bool,
+        // Told the outcome of a call that fails before its response; else
+        // handed to the response's body.
+        observer: Option<O>,
     }
 }
 
-impl<F> ResponseFuture<F> {
-    pub(crate) fn new(inner: F, deadline: Option<Deadline>, head_timer: bool) -> Self {
+impl<F, O> ResponseFuture<F, O> {
+    pub(crate) fn new(
+        inner: F,
+        deadline: Option<Deadline>,
+        head_timer: bool,
+        observer: Option<O>,
+    ) -> Self {
         ResponseFuture {
             inner: Some(inner),
             sleep: None,
             deadline,
             head_timer,
+            observer,
         }
     }
 
     /// A call that fails with `DEADLINE_EXCEEDED` when first polled, never
     /// sent.
-    pub(crate) fn expired(deadline: Deadline) -> Self {
+    pub(crate) fn expired(deadline: Deadline, observer: Option<O>) -> Self {
         ResponseFuture {
             inner: None,
             sleep: None,
             deadline: Some(deadline),
             head_timer: false,
+            observer,
         }
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F>
+impl<F, B, E, O> Future for ResponseFuture<F, O>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
     E: Into<BoxError>,
+    O: OnOutcome,
 {
-    type Output = Result<http::Response<TimeoutBody<B>>, BoxError>;
+    type Output = Result<http::Response<TimeoutBody<B, O>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
+        let (mut sleep, deadline, observer) = (this.sleep, this.deadline, this.observer);
+        // The observer's span (the call's) is the current span while the
+        // layers below are polled and while an expiry is logged.
+        let entered = observer
+            .as_ref()
+            .and_then(OnOutcome::span)
+            .map(tracing::Span::enter);
         let elapsed = |deadline: &mut Option<Deadline>| match deadline.take() {
-            Some(d) => Err(d.expire(When::BeforeResponse)),
-            None => Err("deadline exceeded".into()),
+            Some(d) => d.expire(When::BeforeResponse),
+            None => "deadline exceeded".into(),
         };
-        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(match this.deadline.take() {
-                Some(d) => Err(d.expire(When::BeforeSending)),
-                None => Err("response future polled after completion".into()),
-            });
+        let fired = |sleep: &Pin<&mut Option<Sleep>>| {
+            sleep
+                .as_ref()
+                .get_ref()
+                .as_ref()
+                .is_some_and(Sleep::is_elapsed)
         };
-        match inner.poll(cx) {
+        let Some(inner) = this.inner.as_pin_mut() else {
+            let err = match deadline.take() {
+                Some(d) => d.expire(When::BeforeSending),
+                None => "response future polled after completion".into(),
+            };
+            drop(entered);
+            return Poll::Ready(Err(report(observer, err)));
+        };
+        let err = match inner.poll(cx) {
             Poll::Ready(Ok(mut response)) => {
                 // A response that lands after the timer fired does not win
                 // the race: the caller is told its deadline passed, whatever
                 // the server said (tonic servers answer CANCELLED then).
-                if this
-                    .sleep
-                    .as_ref()
-                    .get_ref()
-                    .as_ref()
-                    .is_some_and(Sleep::is_elapsed)
-                {
-                    return Poll::Ready(elapsed(this.deadline));
+                if fired(&sleep) {
+                    elapsed(deadline)
+                } else {
+                    // tonic panics on undecodable status details.
+                    headers::sanitize_status_details(response.headers_mut());
+                    drop(entered);
+                    let observer = observer.take().and_then(|o| observe_head(&response, o));
+                    let deadline = deadline.take();
+                    return Poll::Ready(Ok(
+                        response.map(|body| TimeoutBody::new(body, deadline, observer))
+                    ));
                 }
-                // tonic panics on undecodable status details.
-                headers::sanitize_status_details(response.headers_mut());
-                let deadline = this.deadline.take();
-                Poll::Ready(Ok(response.map(|body| TimeoutBody::new(body, deadline))))
             }
             Poll::Ready(Err(err)) => {
                 let err: BoxError = err.into();
@@ -158,32 +190,37 @@ where
                 // with its own timer, and fails the call as CANCELLED
                 // (`TimeoutExpired`); it may fire a moment before ours.
                 let channel_timed_out = find_error::<tonic::TimeoutExpired>(&*err).is_some();
-                let fired = this
-                    .sleep
-                    .as_ref()
-                    .get_ref()
-                    .as_ref()
-                    .is_some_and(Sleep::is_elapsed);
-                if this.deadline.is_some() && (channel_timed_out || fired) {
-                    return Poll::Ready(elapsed(this.deadline));
+                if deadline.is_some() && (channel_timed_out || fired(&sleep)) {
+                    elapsed(deadline)
+                } else {
+                    with_transport_status(err)
                 }
-                Poll::Ready(Err(with_transport_status(err)))
             }
             Poll::Pending => {
-                let Some(deadline) = this.deadline.as_ref().filter(|_| *this.head_timer) else {
+                let Some(at) = deadline.as_ref().filter(|_| *this.head_timer).map(|d| d.at) else {
                     return Poll::Pending;
                 };
-                if this.sleep.is_none() {
-                    this.sleep.set(Some(sleep_until(deadline.at)));
+                if sleep.is_none() {
+                    sleep.set(Some(sleep_until(at)));
                 }
-                let Some(sleep) = this.sleep.as_mut().as_pin_mut() else {
+                let Some(timer) = sleep.as_mut().as_pin_mut() else {
                     return Poll::Pending;
                 };
-                ready!(sleep.poll(cx));
-                Poll::Ready(elapsed(this.deadline))
+                ready!(timer.poll(cx));
+                elapsed(deadline)
             }
-        }
+        };
+        drop(entered);
+        Poll::Ready(Err(report(observer, err)))
     }
+}
+
+/// Tells the observer, if any, that the call failed with `err`.
+fn report<O: OnOutcome>(observer: &mut Option<O>, err: BoxError) -> BoxError {
+    if let Some(observer) = observer.take() {
+        observer.on_outcome(Outcome::Error(error_code(&*err)));
+    }
+    err
 }
 
 pin_project! {
@@ -201,8 +238,15 @@ pin_project! {
     ///
     /// A `grpc-status-details-bin` trailer that is not valid base64 is
     /// removed, since tonic panics on one.
+    ///
+    /// With an observer `O` (a call made with
+    /// [`Timeout::call_observed`](crate::Timeout::call_observed)), the body
+    /// reports the call's outcome once, as
+    /// [`OutcomeBody`](grpc_resilience_core::OutcomeBody) would: from the
+    /// trailers, an error (the deadline's among them), the body's end, or
+    /// `CANCELLED` when it is dropped before its end.
     #[derive(Debug)]
-    pub struct TimeoutBody<B> {
+    pub struct TimeoutBody<B, O: OnOutcome = Unobserved> {
         #[pin]
         inner: Option<B>,
         // Made only once the body has to wait, so a response read without
@@ -210,15 +254,25 @@ pin_project! {
         // moved through the response path.
         sleep: Option<Pin<Box<Sleep>>>,
         deadline: Option<Deadline>,
+        observer: Option<O>,
+    }
+
+    impl<B, O: OnOutcome> PinnedDrop for TimeoutBody<B, O> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(observer) = this.project().observer.take() {
+                observer.on_outcome(Outcome::Cancelled);
+            }
+        }
     }
 }
 
-impl<B> TimeoutBody<B> {
-    fn new(inner: B, deadline: Option<Deadline>) -> Self {
+impl<B, O: OnOutcome> TimeoutBody<B, O> {
+    fn new(inner: B, deadline: Option<Deadline>, observer: Option<O>) -> Self {
         TimeoutBody {
             inner: Some(inner),
             sleep: None,
             deadline,
+            observer,
         }
     }
 
@@ -228,10 +282,11 @@ impl<B> TimeoutBody<B> {
     }
 }
 
-impl<B> Body for TimeoutBody<B>
+impl<B, O> Body for TimeoutBody<B, O>
 where
     B: Body,
     B::Error: Into<BoxError>,
+    O: OnOutcome,
 {
     type Data = B::Data;
     type Error = BoxError;
@@ -240,42 +295,15 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
-        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(None);
-        };
-        if let Poll::Ready(frame) = inner.poll_frame(cx) {
-            return Poll::Ready(match frame {
-                // One clock read per message: a message that is ready does
-                // not outrun the deadline. The trailers and the end of the
-                // body are the call's completion, which the server reached
-                // already: they pass without a clock read.
-                Some(Ok(frame)) if frame.is_data() => {
-                    if let Some(deadline) = this.deadline.as_ref()
-                        && Instant::now() >= deadline.at
-                    {
-                        return Poll::Ready(Some(Err(cut(this.inner, this.deadline))));
-                    }
-                    Some(Ok(frame))
-                }
-                Some(Ok(mut frame)) => {
-                    if let Some(trailers) = frame.trailers_mut() {
-                        headers::sanitize_status_details(trailers);
-                    }
-                    Some(Ok(frame))
-                }
-                Some(Err(err)) => Some(Err(with_transport_status(err.into()))),
-                None => None,
-            });
+        let this = self.project();
+        let frame = ready!(poll_body(this.inner, this.sleep, this.deadline, cx));
+        if this.observer.is_some()
+            && let Some(outcome) = outcome_of_frame(&frame)
+            && let Some(observer) = this.observer.take()
+        {
+            observer.on_outcome(outcome);
         }
-        let Some(deadline) = this.deadline.as_ref() else {
-            return Poll::Pending;
-        };
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(sleep_until(deadline.at)));
-        ready!(sleep.as_mut().poll(cx));
-        Poll::Ready(Some(Err(cut(this.inner, this.deadline))))
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -287,6 +315,53 @@ where
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
+}
+
+/// The body's next frame, cut at the deadline.
+#[inline(always)]
+fn poll_body<B>(
+    mut inner: Pin<&mut Option<B>>,
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    deadline: &mut Option<Deadline>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<B::Data>, BoxError>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let Some(body) = inner.as_mut().as_pin_mut() else {
+        return Poll::Ready(None);
+    };
+    if let Poll::Ready(frame) = body.poll_frame(cx) {
+        return Poll::Ready(match frame {
+            // One clock read per message: a message that is ready does not
+            // outrun the deadline. The trailers and the end of the body are
+            // the call's completion, which the server reached already: they
+            // pass without a clock read.
+            Some(Ok(frame)) if frame.is_data() => {
+                if let Some(d) = deadline.as_ref()
+                    && Instant::now() >= d.at
+                {
+                    return Poll::Ready(Some(Err(cut(inner, deadline))));
+                }
+                Some(Ok(frame))
+            }
+            Some(Ok(mut frame)) => {
+                if let Some(trailers) = frame.trailers_mut() {
+                    headers::sanitize_status_details(trailers);
+                }
+                Some(Ok(frame))
+            }
+            Some(Err(err)) => Some(Err(with_transport_status(err.into()))),
+            None => None,
+        });
+    }
+    let Some(at) = deadline.as_ref().map(|d| d.at) else {
+        return Poll::Pending;
+    };
+    let timer = sleep.get_or_insert_with(|| Box::pin(sleep_until(at)));
+    ready!(timer.as_mut().poll(cx));
+    Poll::Ready(Some(Err(cut(inner, deadline))))
 }
 
 /// Ends a body at its deadline: drops the inner body (resetting the

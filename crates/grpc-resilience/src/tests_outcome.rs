@@ -1,0 +1,261 @@
+//! The call's outcome, as the facade's telemetry records it: once per
+//! call, from wherever the status is (the response head, the trailers, an
+//! error, the deadline, a caller that stopped reading).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use grpc_resilience_core::BoxError;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use tonic::Code;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use crate::{ResilienceConfig, ResilientChannel};
+
+/// One step of a scripted response body.
+#[derive(Clone, Debug)]
+enum Step {
+    Data(&'static str),
+    Trailers(Code),
+    Fail(Code),
+    /// Never ready again.
+    Stall,
+}
+
+/// A response body that plays its steps.
+#[derive(Debug)]
+struct Steps(VecDeque<Step>);
+
+impl Body for Steps {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        Poll::Ready(match self.0.pop_front() {
+            None => None,
+            Some(Step::Data(data)) => Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))),
+            Some(Step::Trailers(code)) => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", (code as i32).into());
+                Some(Ok(Frame::trailers(trailers)))
+            }
+            Some(Step::Fail(code)) => Some(Err(tonic::Status::new(code, "scripted"))),
+            Some(Step::Stall) => {
+                self.0.push_front(Step::Stall);
+                return Poll::Pending;
+            }
+        })
+    }
+}
+
+/// What the backend does with the next call.
+#[derive(Clone, Debug)]
+enum Answer {
+    /// A response head (`Some(code)`: Trailers-Only, with that status),
+    /// then the body's steps.
+    Respond(Option<Code>, Vec<Step>),
+    /// The call fails with this status before any response.
+    Error(Code),
+    /// No response, ever.
+    Stall,
+}
+
+#[derive(Clone, Default)]
+struct Backend {
+    answers: Arc<Mutex<VecDeque<Answer>>>,
+}
+
+impl Service<http::Request<tonic::body::Body>> for Backend {
+    type Response = http::Response<Steps>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        let answer = self
+            .answers
+            .lock()
+            .unwrap()
+            .pop_front()
+            .expect("a scripted answer");
+        Box::pin(async move {
+            match answer {
+                Answer::Respond(head, steps) => {
+                    let mut response =
+                        http::Response::builder().header("content-type", "application/grpc");
+                    if let Some(code) = head {
+                        response = response.header("grpc-status", code as i32);
+                    }
+                    Ok(response.body(Steps(steps.into())).unwrap())
+                }
+                Answer::Error(code) => {
+                    Err(Box::new(tonic::Status::new(code, "scripted")) as BoxError)
+                }
+                Answer::Stall => std::future::pending().await,
+            }
+        })
+    }
+}
+
+fn request(path: &str) -> http::Request<tonic::body::Body> {
+    http::Request::builder()
+        .uri(format!("http://backend{path}"))
+        .body(tonic::body::Body::empty())
+        .unwrap()
+}
+
+const GET: &str = "/catalog.v1.QueryService/GetProduct";
+
+/// Runs `calls` (each a script and how far the caller reads the body)
+/// through one facade with a 1 s deadline and no retries, and returns the
+/// `grpc.client.call.count` per code.
+fn record(calls: Vec<(Answer, Read)>) -> Vec<(String, u64)> {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let config = ResilienceConfig::from_toml("[timeouts]\ndefault = 1000\n").unwrap();
+            let backend = Backend::default();
+            let channel = ResilientChannel::new(backend.clone(), &config).unwrap();
+            for (answer, read) in calls {
+                backend.answers.lock().unwrap().push_back(answer);
+                let result = channel.clone().oneshot(request(GET)).await;
+                match (result, read) {
+                    (Err(_), _) => {}
+                    (Ok(response), Read::Drop) => drop(response),
+                    (Ok(response), Read::First) => {
+                        let mut body = response.into_body();
+                        let first = body.frame().await;
+                        assert!(matches!(first, Some(Ok(_))), "the first message: {first:?}");
+                    }
+                    (Ok(response), Read::All) => {
+                        let _ = response.into_body().collect().await;
+                    }
+                }
+            }
+        })
+    });
+    let mut counts: Vec<(String, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == crate::telemetry::CALL_COUNT)
+        .filter_map(|(key, _, _, value)| {
+            let code = key
+                .key()
+                .labels()
+                .find(|l| l.key() == "code")?
+                .value()
+                .to_owned();
+            match value {
+                DebugValue::Counter(n) if n > 0 => Some((code, n)),
+                _ => None,
+            }
+        })
+        .collect();
+    counts.sort();
+    counts
+}
+
+/// How far the caller reads a response.
+#[derive(Clone, Copy, Debug)]
+enum Read {
+    Drop,
+    First,
+    All,
+}
+
+fn once(code: &str) -> Vec<(String, u64)> {
+    vec![(code.to_owned(), 1)]
+}
+
+#[test]
+fn a_trailers_only_status_is_recorded_from_the_head() {
+    let answer = Answer::Respond(Some(Code::NotFound), vec![]);
+    assert_eq!(record(vec![(answer, Read::All)]), once("NOT_FOUND"));
+}
+
+#[test]
+fn a_status_in_the_trailers_is_recorded_once_the_body_ends() {
+    let answer = Answer::Respond(None, vec![Step::Data("a"), Step::Trailers(Code::Ok)]);
+    assert_eq!(record(vec![(answer, Read::All)]), once("OK"));
+}
+
+#[test]
+fn a_body_that_ends_without_trailers_is_unknown() {
+    let answer = Answer::Respond(None, vec![Step::Data("a")]);
+    assert_eq!(record(vec![(answer, Read::All)]), once("UNKNOWN"));
+}
+
+#[test]
+fn a_body_error_is_recorded_with_its_code() {
+    let answer = Answer::Respond(None, vec![Step::Data("a"), Step::Fail(Code::DataLoss)]);
+    assert_eq!(record(vec![(answer, Read::All)]), once("DATA_LOSS"));
+}
+
+#[test]
+fn a_body_cut_by_the_deadline_is_deadline_exceeded() {
+    let answer = Answer::Respond(None, vec![Step::Data("a"), Step::Stall]);
+    assert_eq!(record(vec![(answer, Read::All)]), once("DEADLINE_EXCEEDED"));
+}
+
+#[test]
+fn a_caller_that_stops_reading_is_cancelled() {
+    let answer = || Answer::Respond(None, vec![Step::Data("a"), Step::Trailers(Code::Ok)]);
+    assert_eq!(
+        record(vec![(answer(), Read::First), (answer(), Read::Drop)]),
+        vec![("CANCELLED".to_owned(), 2)]
+    );
+}
+
+#[test]
+fn an_error_before_the_response_is_recorded_with_its_code() {
+    assert_eq!(
+        record(vec![(Answer::Error(Code::Unavailable), Read::All)]),
+        once("UNAVAILABLE")
+    );
+}
+
+#[test]
+fn no_response_by_the_deadline_is_deadline_exceeded() {
+    assert_eq!(
+        record(vec![(Answer::Stall, Read::All)]),
+        once("DEADLINE_EXCEEDED")
+    );
+}
+
+#[test]
+fn each_call_is_recorded_once_whatever_ends_it() {
+    let calls = vec![
+        (Answer::Respond(Some(Code::NotFound), vec![]), Read::Drop),
+        (
+            Answer::Respond(None, vec![Step::Trailers(Code::Ok)]),
+            Read::All,
+        ),
+        (
+            Answer::Respond(None, vec![Step::Data("a"), Step::Stall]),
+            Read::All,
+        ),
+        (Answer::Respond(None, vec![Step::Data("a")]), Read::First),
+        (Answer::Error(Code::Internal), Read::All),
+    ];
+    let counts = record(calls);
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 5, "{counts:?}");
+}
