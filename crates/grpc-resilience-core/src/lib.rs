@@ -61,6 +61,7 @@ mod deadline;
 pub mod error;
 pub mod headers;
 mod method;
+mod method_table;
 mod outcome;
 mod policy;
 pub mod striped;
@@ -70,6 +71,7 @@ pub use codes::CodeSet;
 pub use deadline::CallDeadline;
 pub use error::BoxError;
 pub use method::{InvalidMethodPath, LastMethod, MethodId, same_path};
+pub use method_table::MethodTable;
 pub use outcome::{
     OnOutcome, Outcome, OutcomeBody, Unobserved, classify_head, classify_trailers, observe_head,
     outcome_of_frame,

@@ -211,6 +211,33 @@ impl<T> LastMethod<T> {
         uri: &http::Uri,
         compute: impl FnOnce(Option<MethodId<'_>>) -> T,
     ) -> &T {
+        self.get_or_insert_by(uri, |key| compute(MethodId::from_path(key.path()).ok()))
+    }
+
+    /// Like [`get_or_insert_with`](Self::get_or_insert_with), but a path
+    /// that is not the last one is looked up in `table` (shared by the
+    /// layer's clones) before it is worked out: each method is worked out
+    /// once per table, however calls alternate between methods.
+    #[inline]
+    pub fn get_or_insert_from(
+        &mut self,
+        uri: &http::Uri,
+        table: &crate::MethodTable<T>,
+        compute: impl FnOnce(Option<MethodId<'_>>) -> T,
+    ) -> &T
+    where
+        T: Clone,
+    {
+        self.get_or_insert_by(uri, |key| table.get_or_insert_with(key, compute))
+    }
+
+    /// The value for `uri`'s path: the last one's, else `miss`'s.
+    #[inline(always)]
+    fn get_or_insert_by(
+        &mut self,
+        uri: &http::Uri,
+        miss: impl FnOnce(&http::uri::PathAndQuery) -> T,
+    ) -> &T {
         let key = uri.path_and_query();
         let hit = match (&self.last, key) {
             (Some((seen, _)), Some(key)) => same_path(seen, key),
@@ -224,7 +251,8 @@ impl<T> LastMethod<T> {
             let key = key
                 .cloned()
                 .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-            (key, compute(MethodId::from_path(uri.path()).ok()))
+            let value = miss(&key);
+            (key, value)
         });
         value
     }

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use grpc_circuit_breaker::{
     BreakerConfig, BreakerRegistry, CircuitBreaker, CircuitBreakerLayer, Keying, State,
 };
-use grpc_resilience_core::{BoxError, LastMethod};
+use grpc_resilience_core::{BoxError, LastMethod, MethodTable};
 use grpc_retry::{ReplayableBody, RetryBudget, RetryLayer, RetryThrottle};
 use grpc_timeout::future::TimeoutBody;
 use grpc_timeout::{Timeout, TimeoutLayer};
@@ -98,6 +98,9 @@ pub(crate) struct StackShared {
     choice: BreakerChoice,
     limiters: Mutex<Limiters>,
     metrics: MetricsCache,
+    // Each method's metric handles, found without a parse or a hash by
+    // every clone (backed by `metrics`, which keeps any number of methods).
+    methods: MethodTable<Option<SharedMetrics>>,
     reloading: Mutex<()>,
     /// Where the calls go, when known (a named channel's endpoint).
     server: Option<ServerAddress>,
@@ -287,6 +290,7 @@ impl StackShared {
             choice,
             limiters: Mutex::new(limiters),
             metrics: MetricsCache::default(),
+            methods: MethodTable::default(),
             reloading: Mutex::new(()),
             server: None,
         }
@@ -727,11 +731,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The method's metrics, remembered for the last method called.
-        let cache = &self.shared.metrics;
+        // The method's metrics: the last method's, else from the table
+        // every clone shares.
+        let StackShared {
+            metrics, methods, ..
+        } = &*self.shared;
         let metrics = self
             .last_method
-            .get_or_insert_with(request.uri(), |id| id.map(|id| cache.get(&id)))
+            .get_or_insert_from(request.uri(), methods, |id| id.map(|id| metrics.get(&id)))
             .as_ref()
             .map(|m| m.handle().clone());
         let recorder = metrics.map(|m| {

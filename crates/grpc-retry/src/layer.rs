@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use grpc_resilience_core::Striped;
+use grpc_resilience_core::{MethodTable, Striped};
 use tower_layer::Layer;
 
 use crate::replay::Limits;
@@ -27,6 +27,7 @@ impl RetryLayer {
         RetryLayer {
             shared: Arc::new(Shared {
                 policies,
+                methods: MethodTable::default(),
                 throttle: None,
                 budget: None,
                 limits: Arc::new(Striped::new(Arc::new(Limits::new(
@@ -96,6 +97,8 @@ impl RetryLayer {
     fn rebuild(self, f: impl FnOnce(&mut Shared)) -> Self {
         let mut shared = Shared {
             policies: self.shared.policies.clone(),
+            // Worked out afresh for the layer it builds.
+            methods: MethodTable::default(),
             throttle: self.shared.throttle.clone(),
             budget: self.shared.budget.clone(),
             limits: self.shared.limits.clone(),

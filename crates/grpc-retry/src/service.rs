@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use grpc_resilience_core::error::LocalRejection;
-use grpc_resilience_core::{BoxError, CallDeadline, LastMethod, Striped, headers};
+use grpc_resilience_core::{BoxError, CallDeadline, LastMethod, MethodTable, Striped, headers};
 use http::Request;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -24,6 +24,9 @@ pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("ide
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) policies: RetryPolicies,
+    // Each method's policy, worked out once per method for every service
+    // of the layer.
+    pub(crate) methods: MethodTable<Option<MethodPolicy>>,
     pub(crate) throttle: Option<RetryThrottle>,
     pub(crate) budget: Option<RetryBudget>,
     pub(crate) limits: Arc<Striped<Limits>>,
@@ -121,8 +124,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let policies = &self.shared.policies;
-        let configured = *self.last.get_or_insert_with(request.uri(), |id| {
+        let shared: &Shared = &self.shared;
+        let Shared {
+            policies, methods, ..
+        } = shared;
+        let configured = *self.last.get_or_insert_from(request.uri(), methods, |id| {
             id.and_then(|m| policies.get(&m).copied())
         });
         let policy = match request.extensions().get::<RetryOverride>() {

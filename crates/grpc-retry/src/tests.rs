@@ -858,3 +858,44 @@ async fn a_hedged_call_clones_the_inner_service_only_when_a_hedge_is_due() {
     );
     assert_eq!(hedged, 1, "one clone for both hedges");
 }
+
+/// A client that alternates methods (through clones of one service) gets
+/// each method's own policy on every call, worked out once per method for
+/// the whole layer, not again at each switch.
+#[tokio::test(start_paused = true)]
+async fn alternating_methods_each_get_their_own_policy_worked_out_once() {
+    use tower::ServiceExt;
+    use tower_service::Service;
+    const LIST: &str = "/catalog.v1.QueryService/ListProducts";
+    let policies = RetryPolicies::none()
+        .with_operation("GetProduct", no_jitter().with_max_attempts(3))
+        .and_then(|p| p.with_operation("ListProducts", no_jitter().with_max_attempts(2)))
+        .unwrap();
+    let layer = RetryLayer::new(policies);
+    let codes = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let inner = Scripted {
+        codes: codes.clone(),
+        clones: Default::default(),
+    };
+    let mut clones = [
+        tower_layer::Layer::layer(&layer, inner.clone()),
+        tower_layer::Layer::layer(&layer, inner),
+    ];
+    for round in 0..6 {
+        for (path, attempts) in [(GET, 3), (LIST, 2), (CREATE, 1)] {
+            codes.lock().unwrap().extend([Code::Unavailable; 3]);
+            let service = &mut clones[round % 2];
+            let response = service
+                .ready()
+                .await
+                .unwrap()
+                .call(request(path, b"x"))
+                .await
+                .unwrap();
+            assert_eq!(response.headers()["grpc-status"], "14");
+            let left = std::mem::take(&mut *codes.lock().unwrap()).len();
+            assert_eq!(3 - left, attempts, "{path} in round {round}");
+        }
+    }
+    assert_eq!(layer.shared().methods.len(), 3, "one entry per method");
+}

@@ -2,12 +2,12 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use crate::{Scope, Timeout, TimeoutPolicy};
+use crate::{Resolved, Scope, Timeout, TimeoutPolicy};
 
 /// Applies [`Timeout`] to a service.
 #[derive(Clone, Debug)]
 pub struct TimeoutLayer {
-    policy: Arc<TimeoutPolicy>,
+    policy: Arc<Resolved>,
     scope: Scope,
     head_timer: bool,
 }
@@ -16,7 +16,7 @@ impl TimeoutLayer {
     /// A layer enforcing `policy` as the deadline of each whole call.
     pub fn new(policy: TimeoutPolicy) -> Self {
         TimeoutLayer {
-            policy: Arc::new(policy),
+            policy: Arc::new(Resolved::new(policy)),
             scope: Scope::Call,
             head_timer: true,
         }
@@ -54,7 +54,15 @@ impl TimeoutLayer {
 
     /// The policy this layer enforces.
     pub fn policy(&self) -> &TimeoutPolicy {
-        &self.policy
+        &self.policy.policy
+    }
+
+    /// The methods worked out so far (one entry each), for tests.
+    #[cfg(test)]
+    pub(crate) fn methods(
+        &self,
+    ) -> &grpc_resilience_core::MethodTable<Option<crate::policy::Entry>> {
+        &self.policy.methods
     }
 }
 

@@ -106,7 +106,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 pub use grpc_resilience_core::CallDeadline;
-use grpc_resilience_core::{BoxError, LastMethod, OnOutcome, timeout_header};
+use grpc_resilience_core::{BoxError, LastMethod, MethodTable, OnOutcome, timeout_header};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -136,11 +136,28 @@ impl Scope {
     }
 }
 
+/// A layer's policy and each method's timeout, worked out once per method
+/// and shared by every service the layer makes.
+#[derive(Debug)]
+pub(crate) struct Resolved {
+    pub(crate) policy: TimeoutPolicy,
+    pub(crate) methods: MethodTable<Option<Entry>>,
+}
+
+impl Resolved {
+    pub(crate) fn new(policy: TimeoutPolicy) -> Self {
+        Resolved {
+            policy,
+            methods: MethodTable::default(),
+        }
+    }
+}
+
 /// Enforces per-method gRPC deadlines; see the [crate docs](crate).
 #[derive(Clone, Debug)]
 pub struct Timeout<S> {
     inner: S,
-    policy: Arc<TimeoutPolicy>,
+    policy: Arc<Resolved>,
     scope: Scope,
     head_timer: bool,
     // The last method called and its configured timeout.
@@ -150,12 +167,12 @@ pub struct Timeout<S> {
 impl<S> Timeout<S> {
     /// Wraps `inner`, enforcing `policy` per call.
     pub fn new(inner: S, policy: TimeoutPolicy) -> Self {
-        Self::from_parts(inner, Arc::new(policy), Scope::Call, true)
+        Self::from_parts(inner, Arc::new(Resolved::new(policy)), Scope::Call, true)
     }
 
     pub(crate) fn from_parts(
         inner: S,
-        policy: Arc<TimeoutPolicy>,
+        policy: Arc<Resolved>,
         scope: Scope,
         head_timer: bool,
     ) -> Self {
@@ -278,10 +295,12 @@ impl<S> Timeout<S> {
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
-        let policy = &self.policy;
+        let Resolved { policy, methods } = &*self.policy;
         let configured = self
             .last
-            .get_or_insert_with(request.uri(), |id| policy.entry(id.as_ref()).cloned())
+            .get_or_insert_from(request.uri(), methods, |id| {
+                policy.entry(id.as_ref()).cloned()
+            })
             .as_ref();
         // One clock read per call: the deadlines below and the grpc-timeout
         // written are all from this instant, taken as the inner service is

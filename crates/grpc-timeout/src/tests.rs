@@ -679,3 +679,30 @@ async fn each_method_gets_its_own_timeout_on_one_service_in_any_order() {
         assert_eq!(req.headers()[GRPC_TIMEOUT], sent, "{path}");
     }
 }
+
+/// A client that alternates methods gets each method's own timeout on
+/// every call, worked out once per method for the whole layer (all its
+/// services share it), not again at each switch.
+#[tokio::test(start_paused = true)]
+async fn alternating_methods_each_get_their_own_timeout_worked_out_once() {
+    let layer = TimeoutLayer::new(catalog_policy());
+    let (mut first, mut first_handle) = mock::spawn_layer(layer.clone());
+    let (mut second, mut second_handle) = mock::spawn_layer(layer.clone());
+    let other = "/catalog.v1.CommandService/CreateProduct";
+    for round in 0..6 {
+        let (service, handle) = if round % 2 == 0 {
+            (&mut first, &mut first_handle)
+        } else {
+            (&mut second, &mut second_handle)
+        };
+        for (path, timeout) in [(GET, "3000000u"), (LIST, "10000000u"), (other, "5000000u")] {
+            let (req, _fut, _send) = forwarded(service, handle, request(path, None)).await;
+            assert_eq!(
+                req.headers()[GRPC_TIMEOUT],
+                timeout,
+                "{path} in round {round}"
+            );
+        }
+    }
+    assert_eq!(layer.methods().len(), 3, "one entry per method");
+}
