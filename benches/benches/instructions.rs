@@ -21,8 +21,8 @@ use std::time::Duration;
 use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience::ResilientChannel;
 use grpc_resilience_benches::{
-    Bare, CloneStubRequest, Reading, RequestFactory, alternating, drive_with, payload_1k, runtime,
-    seed_retry,
+    Bare, CloneStubRequest, Reading, RequestFactory, alternating, drive_with, in_turn, payload_1k,
+    runtime, seed_retry,
 };
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
 use http::{Request, Response};
@@ -47,6 +47,9 @@ const ROWS: &[&str] = &[
     "stub/bare, 2 methods alternating",
     "stub/Timeout > Retry > CircuitBreaker, 2 methods alternating",
     "stub/grpc_resilience::ResilientChannel, 2 methods alternating",
+    "stub/bare, 6 methods in turn",
+    "stub/Timeout > Retry > CircuitBreaker, 6 methods in turn",
+    "stub/grpc_resilience::ResilientChannel, 6 methods in turn",
     "retry_stub/bare",
     "retry_stub/tower::retry::Retry (cloned request)",
     "retry_stub/grpc_retry::Retry (success)",
@@ -175,6 +178,16 @@ fn row(name: &str, calls: u64) -> Option<Duration> {
             &mut ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config())
                 .expect("a config"),
             alternating(),
+            calls,
+        ),
+        "stub/bare, 6 methods in turn" => run(&mut Bare, in_turn(6), calls),
+        "stub/Timeout > Retry > CircuitBreaker, 6 methods in turn" => {
+            run(&mut stack(), in_turn(6), calls)
+        }
+        "stub/grpc_resilience::ResilientChannel, 6 methods in turn" => run(
+            &mut ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config())
+                .expect("a config"),
+            in_turn(6),
             calls,
         ),
         "retry_stub/bare" => run(&mut Reading::default(), || stubs.request(), calls),

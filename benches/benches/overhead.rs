@@ -11,7 +11,7 @@ use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
 use grpc_resilience::ResilientChannel;
 use grpc_resilience_benches::{
     Bare, CloneStubRequest, FullRequest, Reading, RequestFactory, alternating, call_once, drive,
-    drive_parallel, drive_parallel_with, drive_with, paused_runtime, payload_1k, runtime,
+    drive_parallel, drive_parallel_with, drive_with, in_turn, paused_runtime, payload_1k, runtime,
     seed_retry,
 };
 use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
@@ -509,6 +509,20 @@ fn stub(c: &mut Criterion) {
     group.bench_function(
         "grpc_resilience::ResilientChannel, 2 methods alternating",
         |b| b.iter_custom(|n| drive_with(&rt, &mut facade, &mut alternate, n)),
+    );
+    // Six methods in turn: more than a memory of the last method holds,
+    // and more than the four (layer, path) pairs the breaker's per-thread
+    // memory held before it kept eight.
+    let mut six = in_turn(6);
+    group.bench_function("bare, 6 methods in turn", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut bare, &mut six, n))
+    });
+    group.bench_function("Timeout > Retry > CircuitBreaker, 6 methods in turn", |b| {
+        b.iter_custom(|n| drive_with(&rt, &mut ours, &mut six, n))
+    });
+    group.bench_function(
+        "grpc_resilience::ResilientChannel, 6 methods in turn",
+        |b| b.iter_custom(|n| drive_with(&rt, &mut facade, &mut six, n)),
     );
     // Two threads, each with its own clone: what shared state costs when
     // two cores call through one stack at once. Each thread has its own

@@ -383,23 +383,56 @@ pub fn seed_retry() -> grpc_retry::RetryLayer {
     RetryLayer::new(RetryPolicies::new(policy).expect("a valid policy"))
 }
 
+/// Methods of the catalog's query service (some made up), for the rows of
+/// a client that calls several in turn.
+const QUERY_METHODS: [(&str, &str); 6] = [
+    (
+        "http://127.0.0.1:50051/catalog.v1.QueryService/GetProduct",
+        "GetProduct",
+    ),
+    (
+        "http://127.0.0.1:50051/catalog.v1.QueryService/ListProducts",
+        "ListProducts",
+    ),
+    (
+        "http://127.0.0.1:50051/catalog.v1.QueryService/SearchProducts",
+        "SearchProducts",
+    ),
+    (
+        "http://127.0.0.1:50051/catalog.v1.QueryService/GetStock",
+        "GetStock",
+    ),
+    (
+        "http://127.0.0.1:50051/catalog.v1.QueryService/GetPrice",
+        "GetPrice",
+    ),
+    (
+        "http://127.0.0.1:50051/catalog.v1.QueryService/GetReviews",
+        "GetReviews",
+    ),
+];
+
 /// Stub-shaped requests (1 KiB body, the `tonic::GrpcMethod` extension)
 /// that alternate between two methods of one service, as a client calling
 /// more than one method does: a layer that remembers only the last method
 /// works each call out again.
 pub fn alternating() -> impl FnMut() -> Request<tonic::body::Body> {
-    let get = RequestFactory::default();
-    let list =
-        RequestFactory::with_uri("http://127.0.0.1:50051/catalog.v1.QueryService/ListProducts");
+    in_turn(2)
+}
+
+/// Like [`alternating`], with `methods` methods (at most 6) called in
+/// turn: more than a memory of the last few methods holds.
+pub fn in_turn(methods: usize) -> impl FnMut() -> Request<tonic::body::Body> {
+    let factories: Vec<_> = QUERY_METHODS
+        .iter()
+        .take(methods.clamp(1, QUERY_METHODS.len()))
+        .map(|&(uri, method)| (RequestFactory::with_uri(uri), method))
+        .collect();
     let payload = payload_1k();
-    let mut odd = false;
+    let mut next = 0;
     move || {
-        odd = !odd;
-        let (factory, method) = if !odd {
-            (&get, "GetProduct")
-        } else {
-            (&list, "ListProducts")
-        };
+        let (factory, method) = &factories[next];
+        next = (next + 1) % factories.len();
         let mut request = factory.grpc_request(&payload);
         request
             .extensions_mut()
