@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
-use grpc_resilience_core::{MethodId, Striped, same_path};
+use grpc_resilience_core::{MethodTable, Striped, same_path};
 use http::uri::PathAndQuery;
 use rustc_hash::FxHashMap;
 
@@ -84,14 +84,14 @@ impl Entry {
 }
 
 /// How many (layer, path) pairs each thread remembers the breaker of.
-const REMEMBERED: usize = 4;
+const REMEMBERED: usize = 8;
 
 /// The breaker stripe a thread last found for a call path through one
 /// layer's services.
 ///
 /// The path is a clone: a stub's static path costs nothing to keep, a
 /// path parsed from bytes keeps those bytes (at most one header block)
-/// until four other paths have replaced it or the thread ends.
+/// until eight other paths have replaced it or the thread ends.
 struct Remembered {
     layer: u64,
     path: PathAndQuery,
@@ -123,6 +123,9 @@ pub(crate) struct Shared {
     // Key (service or custom key) to breaker; copied on write, read without
     // locks.
     entries: ArcSwap<FxHashMap<Box<str>, Arc<Entry>>>,
+    // Method path to its service's breaker, for a thread whose memory of
+    // (layer, path) pairs missed: no parse, no hash.
+    methods: MethodTable<Option<Arc<Entry>>>,
     pub(crate) single: Option<Entry>,
 }
 
@@ -142,6 +145,7 @@ impl Shared {
             keying,
             names,
             entries: ArcSwap::default(),
+            methods: MethodTable::default(),
             single,
         }
     }
@@ -157,22 +161,37 @@ impl Shared {
         self.insert(key).stripe().clone()
     }
 
+    #[cfg(test)]
+    pub(crate) fn methods_kept(&self) -> usize {
+        self.methods.len()
+    }
+
+    /// The breaker for a key, made if new.
+    fn entry(&self, key: &str) -> Arc<Entry> {
+        match self.entries.load().get(key) {
+            Some(entry) => entry.clone(),
+            None => self.insert(key),
+        }
+    }
+
     /// The calling thread's stripe of the per-service breaker for a call
     /// to `uri`; `None` when its path names no gRPC method.
     ///
     /// A repeat of one of the thread's last few (layer, path) pairs parses
     /// nothing and looks nothing up: a stub's static path matches by
-    /// address. A miss parses the path, finds the breaker in the shared
-    /// map and remembers it.
+    /// address. A miss finds the breaker in the layer's table of methods
+    /// (each method's path parsed and its breaker looked up once per
+    /// layer) and remembers it.
     #[inline]
     pub(crate) fn service_stripe(&self, uri: &http::Uri) -> Option<Arc<Stripe>> {
         let path = uri.path_and_query()?;
         let hit = REMEMBERED_STRIPES.try_with(|remembered| {
             let remembered = remembered.try_borrow().ok()?;
-            remembered
-                .iter()
-                .flatten()
-                .find(|r| r.layer == self.id && same_path(&r.path, path))?
+            let ours = || remembered.iter().flatten().filter(|r| r.layer == self.id);
+            // By address first (a stub's static path), then by content.
+            ours()
+                .find(|r| std::ptr::eq(r.path.as_str(), path.as_str()))
+                .or_else(|| ours().find(|r| same_path(&r.path, path)))?
                 .stripe
                 .upgrade()
         });
@@ -185,10 +204,18 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn service_stripe_miss(&self, path: &PathAndQuery) -> Option<Arc<Stripe>> {
-        let key = MethodId::from_path(path.path()).ok()?.service();
         // Found with no borrow of the thread's memory held: making a
         // breaker can run code (a registry subscriber) that makes a call.
-        let stripe = self.lookup_stripe(key);
+        // A kept entry gives this thread's stripe without a reference to
+        // the entry itself (whose count every thread would share).
+        let stripe = match self
+            .methods
+            .get_or_try_insert_with(path, |id| id.map(|id| self.entry(id.service())))
+        {
+            Ok(kept) => kept.as_ref()?.stripe().clone(),
+            // More methods than the table keeps.
+            Err(entry) => entry?.stripe().clone(),
+        };
         // During the thread's teardown, or re-entered: just not remembered.
         let _ = REMEMBERED_STRIPES.try_with(|remembered| {
             if let Ok(mut remembered) = remembered.try_borrow_mut() {

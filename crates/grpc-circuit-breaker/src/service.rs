@@ -26,6 +26,12 @@ impl<S> CircuitBreaker<S> {
         CircuitBreaker { inner, shared }
     }
 
+    /// How many method paths the layer's table keeps.
+    #[cfg(test)]
+    pub(crate) fn methods_kept(&self) -> usize {
+        self.shared.methods_kept()
+    }
+
     /// The handle of the breaker for this request, if one applies.
     #[inline]
     fn stripe<B>(&self, request: &http::Request<B>) -> Option<Arc<Stripe>> {

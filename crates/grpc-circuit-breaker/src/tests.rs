@@ -1150,7 +1150,7 @@ async fn admitted(service: &mut Svc, handle: &mut Handle, request: Req) -> bool 
 
 #[tokio::test(flavor = "current_thread")]
 async fn one_thread_alternating_layers_and_services_reaches_each_ones_own_breaker() {
-    // More services than a thread remembers, through two layers with their
+    // More (layer, path) pairs than a thread remembers, through two layers with their
     // own registries, on one thread: each call must find its own layer's
     // breaker for its own service, whatever the thread last used.
     const PATHS: [&str; 6] = [
@@ -1189,6 +1189,10 @@ async fn one_thread_alternating_layers_and_services_reaches_each_ones_own_breake
             assert!(admitted(&mut svc_a, &mut handle_a, request("/healthz")).await);
         }
     }
+    // Each layer worked each path out once (the six methods and the path
+    // that names none), though the thread's memory holds fewer pairs.
+    assert_eq!(svc_a.get_ref().methods_kept(), PATHS.len() + 1);
+    assert_eq!(svc_b.get_ref().methods_kept(), PATHS.len());
     // A layer made after one is dropped gets its own breakers.
     drop((svc_b, handle_b));
     let c = registry();

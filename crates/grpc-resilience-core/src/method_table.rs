@@ -84,9 +84,9 @@ impl<T> MethodTable<T> {
         self.len() == 0
     }
 
-    /// What was worked out for `key`, if it is kept.
+    /// What was worked out for the method at `key`, if it is kept.
     #[inline]
-    fn find(&self, key: &PathAndQuery) -> Option<&T> {
+    pub fn get(&self, key: &PathAndQuery) -> Option<&T> {
         let kept = self.slots.get(..self.len()).unwrap_or_default();
         let entries = || kept.iter().filter_map(OnceLock::get);
         // By address first (a stub's static path), then by content.
@@ -94,6 +94,43 @@ impl<T> MethodTable<T> {
             .find(|entry| std::ptr::eq(entry.0.as_str(), key.as_str()))
             .or_else(|| entries().find(|entry| same_path(&entry.0, key)))
             .map(|entry| &entry.1)
+    }
+
+    /// What `compute` made of the method at `key`: the kept value, else
+    /// worked out now and kept (`Ok` either way), or, when the table is
+    /// full, worked out and given back (`Err`). `compute` gets `None` for a
+    /// path that is not a gRPC method.
+    pub fn get_or_try_insert_with(
+        &self,
+        key: &PathAndQuery,
+        compute: impl FnOnce(Option<MethodId<'_>>) -> T,
+    ) -> Result<&T, T> {
+        match self.get(key) {
+            Some(value) => Ok(value),
+            None => self.insert(key, compute),
+        }
+    }
+
+    #[cold]
+    fn insert(
+        &self,
+        key: &PathAndQuery,
+        compute: impl FnOnce(Option<MethodId<'_>>) -> T,
+    ) -> Result<&T, T> {
+        let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another clone may have added it meanwhile.
+        if let Some(value) = self.get(key) {
+            return Ok(value);
+        }
+        let value = compute(MethodId::from_path(key.path()).ok());
+        let len = self.len.load(Ordering::Relaxed);
+        let Some(slot) = self.slots.get(len) else {
+            return Err(value);
+        };
+        // Set only here, under the lock, at `len`: it is empty.
+        let kept = slot.get_or_init(|| Box::new((key.clone(), value)));
+        self.len.store(len + 1, Ordering::Release);
+        Ok(&kept.1)
     }
 }
 
@@ -106,27 +143,10 @@ impl<T: Clone> MethodTable<T> {
         key: &PathAndQuery,
         compute: impl FnOnce(Option<MethodId<'_>>) -> T,
     ) -> T {
-        if let Some(value) = self.find(key) {
-            return value.clone();
+        match self.get_or_try_insert_with(key, compute) {
+            Ok(kept) => kept.clone(),
+            Err(value) => value,
         }
-        self.insert(key, compute)
-    }
-
-    #[cold]
-    fn insert(&self, key: &PathAndQuery, compute: impl FnOnce(Option<MethodId<'_>>) -> T) -> T {
-        let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
-        // Another clone may have added it meanwhile.
-        if let Some(value) = self.find(key) {
-            return value.clone();
-        }
-        let value = compute(MethodId::from_path(key.path()).ok());
-        let len = self.len.load(Ordering::Relaxed);
-        if let Some(slot) = self.slots.get(len)
-            && slot.set(Box::new((key.clone(), value.clone()))).is_ok()
-        {
-            self.len.store(len + 1, Ordering::Release);
-        }
-        value
     }
 }
 
