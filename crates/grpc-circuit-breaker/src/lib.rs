@@ -42,7 +42,10 @@
 //! Every outcome carries the generation of the state that admitted it: a
 //! late result from an earlier state changes nothing. A probe whose future
 //! or body is dropped gives its slot back. The closed-state path is
-//! lock-free: atomics only, no allocation.
+//! lock-free: atomics only, no allocation. Each thread remembers the
+//! breakers of its last eight (layer, method) pairs; past those, a call
+//! finds its breaker in the layer's table of methods, where each method's
+//! path is parsed and its breaker looked up once.
 //!
 //! # Example
 //!

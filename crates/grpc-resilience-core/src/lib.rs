@@ -6,10 +6,16 @@
 //!   does (method, then service, then default; a bare method name, this
 //!   library's extension, ranks between service and default), with
 //!   allocation-free lookup.
+//! * [`LastMethod`] and [`MethodTable`]: what a layer worked out for a
+//!   method (its policy, its metric handles), remembered per clone for the
+//!   last method and per layer for every method, so that a call neither
+//!   parses its path nor looks its policy up again.
 //! * [`Outcome`] and [`OutcomeBody`]: a call's final status, read from
 //!   Trailers-Only headers or from the trailers at the end of the body,
 //!   reported exactly once, or [`Outcome::Cancelled`] when the caller drops
-//!   the response early.
+//!   the response early. A layer that already wraps a call's future and
+//!   body can carry the observer itself ([`observe_head`],
+//!   [`outcome_of_frame`]) instead of adding a level.
 //! * [`timeout_header`]: the `grpc-timeout` header, encoded and decoded per
 //!   the gRPC HTTP/2 protocol.
 //! * [`CallDeadline`]: a call's absolute deadline, worked out once by the

@@ -70,8 +70,10 @@
 //! * **Hostile headers.** A `grpc-status-details-bin` that is not valid
 //!   base64 (tonic 0.14 panics on one) is dropped from every response head
 //!   and trailers this layer returns.
-//! * **Cost.** Methods without a policy pass straight through: no
-//!   buffering, no allocation. A retried unary call that succeeds at once
+//! * **Cost.** A method's policy is worked out once per layer (its path
+//!   parsed, its policy looked up), shared by every service the layer
+//!   makes, however a client alternates between methods. Methods without
+//!   a policy pass straight through: no buffering, no allocation. A retried unary call that succeeds at once
 //!   copies neither its header map nor its extension map: the head a retry
 //!   needs is kept inline (a few header values, and the extensions a
 //!   generated stub adds; a request with other extensions keeps a clone of

@@ -96,6 +96,18 @@
 //! `service`, `method`, `scope` = `call` or `attempt`) and logs a `tracing`
 //! event: WARN for a call, DEBUG for an attempt. The success path records
 //! nothing and allocates nothing.
+//!
+//! To record each call's outcome (its own metrics, a span's status) around
+//! this layer, call it with [`Timeout::call_observed`]: the observer rides
+//! in this layer's future and body, so the call has no extra level to
+//! move and poll.
+//!
+//! # Cost
+//!
+//! A method's timeout is worked out once per layer (its path parsed, its
+//! policy looked up): every service the layer makes shares what it found
+//! for each method, and each remembers its last method by the address of
+//! the stub's static path.
 
 mod error;
 pub mod future;
