@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use grpc_resilience_core::BoxError;
@@ -144,13 +145,14 @@ fn record_by(calls: Vec<(&'static str, Answer, Read)>, label: &str) -> Vec<(Stri
             let mut clones = [channel.clone(), channel];
             for (i, (path, answer, read)) in calls.into_iter().enumerate() {
                 backend.answers.lock().unwrap().push_back(answer);
-                let result = clones[i % 2]
-                    .ready()
-                    .await
-                    .unwrap()
-                    .call(request(path))
-                    .await;
-                match (result, read) {
+                let call = clones[i % 2].ready().await.unwrap().call(request(path));
+                if let Read::GiveUp = read {
+                    // The caller's own 10 ms limit drops the call.
+                    let gave_up = tokio::time::timeout(Duration::from_millis(10), call).await;
+                    assert!(gave_up.is_err(), "no answer within 10 ms");
+                    continue;
+                }
+                match (call.await, read) {
                     (Err(_), _) => {}
                     (Ok(response), Read::Drop) => drop(response),
                     (Ok(response), Read::First) => {
@@ -158,7 +160,7 @@ fn record_by(calls: Vec<(&'static str, Answer, Read)>, label: &str) -> Vec<(Stri
                         let first = body.frame().await;
                         assert!(matches!(first, Some(Ok(_))), "the first message: {first:?}");
                     }
-                    (Ok(response), Read::All) => {
+                    (Ok(response), Read::All | Read::GiveUp) => {
                         let _ = response.into_body().collect().await;
                     }
                 }
@@ -190,9 +192,14 @@ fn record_by(calls: Vec<(&'static str, Answer, Read)>, label: &str) -> Vec<(Stri
 /// How far the caller reads a response.
 #[derive(Clone, Copy, Debug)]
 enum Read {
+    /// Drops the response at once.
     Drop,
+    /// Reads the first message, then drops the body.
     First,
+    /// Reads the body to its end.
     All,
+    /// Drops the call before its response comes.
+    GiveUp,
 }
 
 fn once(code: &str) -> Vec<(String, u64)> {
@@ -239,6 +246,14 @@ fn a_caller_that_stops_reading_is_cancelled() {
 }
 
 #[test]
+fn a_caller_that_gives_up_before_the_response_is_cancelled() {
+    assert_eq!(
+        record(vec![(Answer::Stall, Read::GiveUp)]),
+        once("CANCELLED")
+    );
+}
+
+#[test]
 fn an_error_before_the_response_is_recorded_with_its_code() {
     assert_eq!(
         record(vec![(Answer::Error(Code::Unavailable), Read::All)]),
@@ -268,9 +283,10 @@ fn each_call_is_recorded_once_whatever_ends_it() {
         ),
         (Answer::Respond(None, vec![Step::Data("a")]), Read::First),
         (Answer::Error(Code::Internal), Read::All),
+        (Answer::Stall, Read::GiveUp),
     ];
     let counts = record(calls);
-    assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 5, "{counts:?}");
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 6, "{counts:?}");
 }
 
 /// Every call moves the facade's future and response a few times (into

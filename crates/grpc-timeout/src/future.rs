@@ -81,7 +81,7 @@ pin_project! {
     /// it also reports the call's outcome, and its body carries the
     /// observer on.
     #[derive(Debug)]
-    pub struct ResponseFuture<F, O = Unobserved> {
+    pub struct ResponseFuture<F, O: OnOutcome = Unobserved> {
         // `None` for a call whose deadline had passed before it was sent.
         #[pin]
         inner: Option<F>,
@@ -95,13 +95,22 @@ pin_project! {
         // inner service enforces the `grpc-timeout` it is sent (a tonic
         // `Channel`, see `TimeoutLayer::rely_on_channel_for_head`).
         head_timer: bool,
-        // Told the outcome of a call that fails before its response; else
-        // handed to the response's body.
+        // Told the outcome of a call that fails before its response, or
+        // `CANCELLED` if the caller drops it first; else handed to the
+        // response's body.
         observer: Option<O>,
+    }
+
+    impl<F, O: OnOutcome> PinnedDrop for ResponseFuture<F, O> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(observer) = this.project().observer.take() {
+                observer.on_outcome(Outcome::Cancelled);
+            }
+        }
     }
 }
 
-impl<F, O> ResponseFuture<F, O> {
+impl<F, O: OnOutcome> ResponseFuture<F, O> {
     pub(crate) fn new(
         inner: F,
         deadline: Option<Deadline>,

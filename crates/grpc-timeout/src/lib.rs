@@ -234,9 +234,9 @@ where
 impl<S> Timeout<S> {
     /// Calls the service like [`Service::call`], with `observer` told the
     /// call's outcome once: from the response head, the body's trailers or
-    /// error, the deadline, or `CANCELLED` when the body is dropped before
-    /// its end (as [`OutcomeBody`](grpc_resilience_core::OutcomeBody)
-    /// reports it). While the future is polled, the observer's
+    /// error, the deadline, or `CANCELLED` when the caller drops the call
+    /// before its response or the body before its end (as
+    /// [`OutcomeBody`](grpc_resilience_core::OutcomeBody) reports it). While the future is polled, the observer's
     /// [`span`](OnOutcome::span) is entered.
     ///
     /// It is what a wrapper that records each call (metrics, a span's
