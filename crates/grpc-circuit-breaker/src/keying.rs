@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
-use grpc_resilience_core::{MethodTable, Striped, same_path};
+use grpc_resilience_core::{MethodId, MethodTable, Striped, same_path};
 use http::uri::PathAndQuery;
 use rustc_hash::FxHashMap;
 
@@ -205,16 +205,22 @@ impl Shared {
     #[inline(never)]
     fn service_stripe_miss(&self, path: &PathAndQuery) -> Option<Arc<Stripe>> {
         // Found with no borrow of the thread's memory held: making a
-        // breaker can run code (a registry subscriber) that makes a call.
+        // breaker can run code (a metrics recorder) that makes a call.
         // A kept entry gives this thread's stripe without a reference to
         // the entry itself (whose count every thread would share).
-        let stripe = match self
-            .methods
-            .get_or_try_insert_with(path, |id| id.map(|id| self.entry(id.service())))
-        {
-            Ok(kept) => kept.as_ref()?.stripe().clone(),
-            // More methods than the table keeps.
-            Err(entry) => entry?.stripe().clone(),
+        let stripe = if let Some(kept) = self.methods.get(path) {
+            kept.as_ref()?.stripe().clone()
+        } else if self.methods.is_full() {
+            // More paths than the table keeps: found as without it.
+            self.lookup_stripe(MethodId::from_path(path.path()).ok()?.service())
+        } else {
+            match self
+                .methods
+                .get_or_try_insert_with(path, |id| id.map(|id| self.entry(id.service())))
+            {
+                Ok(kept) => kept.as_ref()?.stripe().clone(),
+                Err(entry) => entry?.stripe().clone(),
+            }
         };
         // During the thread's teardown, or re-entered: just not remembered.
         let _ = REMEMBERED_STRIPES.try_with(|remembered| {

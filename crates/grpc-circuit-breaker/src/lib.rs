@@ -45,7 +45,8 @@
 //! lock-free: atomics only, no allocation. Each thread remembers the
 //! breakers of its last eight (layer, method) pairs; past those, a call
 //! finds its breaker in the layer's table of methods, where each method's
-//! path is parsed and its breaker looked up once.
+//! path is parsed and its breaker looked up once (for the first 64 paths
+//! a layer sees; others are looked up on each miss, without waiting).
 //!
 //! # Example
 //!

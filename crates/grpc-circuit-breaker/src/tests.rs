@@ -1202,3 +1202,32 @@ async fn one_thread_alternating_layers_and_services_reaches_each_ones_own_breake
     assert!(!admitted(&mut svc_c, &mut handle_c, static_request(PATHS[0])).await);
     assert!(admitted(&mut svc_a, &mut handle_a, static_request(PATHS[0])).await);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn more_paths_than_a_layer_keeps_still_reach_their_own_breakers() {
+    // 70 services: the layer's table keeps the first 64 paths; the rest
+    // are found as without it, and each call still reaches its own
+    // service's breaker.
+    let registry = registry();
+    let (mut service, mut handle) = setup(&registry);
+    for i in (0..70).step_by(3) {
+        let name = format!("svc{i}");
+        registry.get_or_create(&name);
+        registry.force_open(&name).unwrap();
+    }
+    for round in 0..2 {
+        for i in 0..70 {
+            let open = i % 3 == 0;
+            let path = format!("/test.Svc{i}/Call");
+            // A fresh coop budget: the mock's channel refuses to give a
+            // request to a task that has not yielded for a while.
+            tokio::task::yield_now().await;
+            assert_eq!(
+                admitted(&mut service, &mut handle, request(&path)).await,
+                !open,
+                "{path} in round {round}"
+            );
+        }
+    }
+    assert_eq!(service.get_ref().methods_kept(), 64);
+}

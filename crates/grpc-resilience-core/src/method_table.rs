@@ -19,10 +19,14 @@ use crate::method::{MethodId, same_path};
 /// clone's last finds it here by the address of its path (a generated
 /// stub's path is a `&'static str`), else by its content.
 ///
-/// The table keeps up to its capacity of methods (64 by default); past
-/// that, a method not in it is worked out on each call that misses, as
-/// without a table. Reading takes no lock and writes no shared memory;
-/// adding a method takes a lock, once per method.
+/// The table keeps up to its capacity of paths (64 by default, the first
+/// ones seen, a path that names no method included); past that, a path
+/// not in it is worked out on each call that misses, as without a table,
+/// and nothing waits. Reading takes no lock and writes no shared memory.
+/// A new path is worked out with no lock held (the making of a value may
+/// call through the same layer), then added under a lock; threads that
+/// meet a new path at once may each work it out, and the first to add it
+/// is kept.
 ///
 /// ```
 /// use grpc_resilience_core::{LastMethod, MethodTable};
@@ -84,6 +88,11 @@ impl<T> MethodTable<T> {
         self.len() == 0
     }
 
+    /// Whether it has no room for another path.
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.slots.len()
+    }
+
     /// What was worked out for the method at `key`, if it is kept.
     #[inline]
     pub fn get(&self, key: &PathAndQuery) -> Option<&T> {
@@ -117,12 +126,18 @@ impl<T> MethodTable<T> {
         key: &PathAndQuery,
         compute: impl FnOnce(Option<MethodId<'_>>) -> T,
     ) -> Result<&T, T> {
-        let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
-        // Another clone may have added it meanwhile.
-        if let Some(value) = self.get(key) {
-            return Ok(value);
-        }
+        // Worked out before the lock is taken: making a value may run code
+        // (a metrics recorder) that calls through the same layer, and a
+        // full table is then not waited on at all.
         let value = compute(MethodId::from_path(key.path()).ok());
+        if self.is_full() {
+            return Err(value);
+        }
+        let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another clone may have added it meanwhile: the first one stays.
+        if let Some(kept) = self.get(key) {
+            return Ok(kept);
+        }
         let len = self.len.load(Ordering::Relaxed);
         let Some(slot) = self.slots.get(len) else {
             return Err(value);
@@ -244,7 +259,49 @@ mod tests {
                 });
             }
         });
-        assert_eq!(worked_out.load(Ordering::Relaxed), 3);
+        // Threads that met a path at once may each have worked it out;
+        // after that, nobody did.
+        let worked_out = worked_out.load(Ordering::Relaxed);
+        assert!((3..=12).contains(&worked_out), "{worked_out}");
         assert_eq!(table.len(), 3);
+    }
+
+    /// Runs `f` on a thread and fails if it does not finish within 5 s
+    /// (a deadlock), without hanging the test run.
+    fn finishes<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(f());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("finished, not deadlocked")
+    }
+
+    #[test]
+    fn working_a_method_out_may_use_the_same_table() {
+        // A value whose making calls through the same layer (a metrics
+        // recorder that makes a call, say) must not deadlock.
+        let table = std::sync::Arc::new(MethodTable::default());
+        let inner = table.clone();
+        let value = finishes(move || {
+            table.get_or_insert_with(&PathAndQuery::from_static(GET), |_| {
+                inner.get_or_insert_with(&PathAndQuery::from_static(LIST), |_| 1) + 1
+            })
+        });
+        assert_eq!(value, 2);
+    }
+
+    #[test]
+    fn a_full_table_is_not_waited_on() {
+        let table = std::sync::Arc::new(MethodTable::with_capacity(1));
+        table.get_or_insert_with(&PathAndQuery::from_static(GET), |_| 0);
+        // Another thread adding (or stuck making a value) holds the lock:
+        // a miss on the full table works its method out without waiting.
+        let _adding = table.adding.lock().unwrap();
+        let other = table.clone();
+        let value =
+            finishes(move || other.get_or_insert_with(&PathAndQuery::from_static(LIST), |_| 7));
+        assert_eq!(value, 7);
     }
 }

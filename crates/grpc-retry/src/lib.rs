@@ -73,8 +73,8 @@
 //! * **Cost.** A method's policy is worked out once per layer (its path
 //!   parsed, its policy looked up), shared by every service the layer
 //!   makes, however a client alternates between methods. Methods without
-//!   a policy pass straight through: no buffering, no allocation. A retried unary call that succeeds at once
-//!   copies neither its header map nor its extension map: the head a retry
+//!   a policy pass straight through: no buffering, no allocation. A
+//!   retried unary call that succeeds at once copies neither its header map nor its extension map: the head a retry
 //!   needs is kept inline (a few header values, and the extensions a
 //!   generated stub adds; a request with other extensions keeps a clone of
 //!   its map, so every attempt carries every extension). Nor does it clone

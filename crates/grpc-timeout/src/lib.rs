@@ -236,7 +236,8 @@ impl<S> Timeout<S> {
     /// call's outcome once: from the response head, the body's trailers or
     /// error, the deadline, or `CANCELLED` when the caller drops the call
     /// before its response or the body before its end (as
-    /// [`OutcomeBody`](grpc_resilience_core::OutcomeBody) reports it). While the future is polled, the observer's
+    /// [`OutcomeBody`](grpc_resilience_core::OutcomeBody) reports it).
+    /// While the call is made and its future polled, the observer's
     /// [`span`](OnOutcome::span) is entered.
     ///
     /// It is what a wrapper that records each call (metrics, a span's
