@@ -96,6 +96,11 @@ impl<T> MethodTable<T> {
     /// What was worked out for the method at `key`, if it is kept.
     #[inline]
     pub fn get(&self, key: &PathAndQuery) -> Option<&T> {
+        // Each slot is its own synchronised cell: a slot below `len` that
+        // this thread cannot see set yet (it cannot, with `len` read with
+        // Acquire, but nothing depends on that) reads as a miss, which the
+        // insert path checks again under the lock. No unsafe code, and no
+        // order of events that returns a wrong value.
         let kept = self.slots.get(..self.len()).unwrap_or_default();
         let entries = || kept.iter().filter_map(OnceLock::get);
         // By address first (a stub's static path), then by content.
