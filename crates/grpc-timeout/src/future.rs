@@ -103,9 +103,7 @@ pin_project! {
 
     impl<F, O: OnOutcome> PinnedDrop for ResponseFuture<F, O> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(observer) = this.project().observer.take() {
-                observer.on_outcome(Outcome::Cancelled);
-            }
+            tell(this.project().observer, Outcome::Cancelled);
         }
     }
 }
@@ -226,10 +224,17 @@ where
 
 /// Tells the observer, if any, that the call failed with `err`.
 fn report<O: OnOutcome>(observer: &mut Option<O>, err: BoxError) -> BoxError {
-    if let Some(observer) = observer.take() {
-        observer.on_outcome(Outcome::Error(error_code(&*err)));
+    if observer.is_some() {
+        tell(observer, Outcome::Error(error_code(&*err)));
     }
     err
+}
+
+/// Tells the observer, if it is still there, the call's outcome.
+fn tell<O: OnOutcome>(observer: &mut Option<O>, outcome: Outcome) {
+    if let Some(observer) = observer.take() {
+        observer.on_outcome(outcome);
+    }
 }
 
 pin_project! {
@@ -268,9 +273,7 @@ pin_project! {
 
     impl<B, O: OnOutcome> PinnedDrop for TimeoutBody<B, O> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(observer) = this.project().observer.take() {
-                observer.on_outcome(Outcome::Cancelled);
-            }
+            tell(this.project().observer, Outcome::Cancelled);
         }
     }
 }
@@ -308,9 +311,8 @@ where
         let frame = ready!(poll_body(this.inner, this.sleep, this.deadline, cx));
         if this.observer.is_some()
             && let Some(outcome) = outcome_of_frame(&frame)
-            && let Some(observer) = this.observer.take()
         {
-            observer.on_outcome(outcome);
+            tell(this.observer, outcome);
         }
         Poll::Ready(frame)
     }

@@ -227,7 +227,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        self.start(request, None)
+        self.call_observed(request, None)
     }
 }
 
@@ -278,23 +278,8 @@ impl<S> Timeout<S> {
     /// assert_eq!(*seen.lock().unwrap(), Some(Outcome::Status(tonic::Code::NotFound)));
     /// # }
     /// ```
-    pub fn call_observed<B, ResBody, O>(
-        &mut self,
-        request: http::Request<B>,
-        observer: Option<O>,
-    ) -> ResponseFuture<S::Future, O>
-    where
-        S: Service<http::Request<B>, Response = http::Response<ResBody>>,
-        S::Error: Into<BoxError>,
-        O: OnOutcome,
-    {
-        self.start(request, observer)
-    }
-
-    /// The call, in the observer's span (left as the inner service returns
-    /// its future, so that the observer can move into this layer's).
     #[inline(always)]
-    fn start<B, ResBody, O>(
+    pub fn call_observed<B, ResBody, O>(
         &mut self,
         mut request: http::Request<B>,
         observer: Option<O>,
@@ -304,6 +289,8 @@ impl<S> Timeout<S> {
         S::Error: Into<BoxError>,
         O: OnOutcome,
     {
+        // In the observer's span, left as the inner service returns its
+        // future, so that the observer can move into this layer's.
         let entered = observer
             .as_ref()
             .and_then(OnOutcome::span)
