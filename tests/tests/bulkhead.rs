@@ -587,3 +587,129 @@ async fn in_the_full_stack_refusals_never_open_the_breaker_below() {
     refuse(channel, &layer).await;
     assert_eq!(breakers.state("query"), Some(State::Open));
 }
+
+/// The `grpc-timeout` each GetProduct call carried when the server saw it.
+fn timeouts_seen(server: &TestServer) -> Vec<Duration> {
+    server
+        .faults
+        .calls_to("catalog.v1.QueryService/GetProduct")
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let value = c.headers.get("grpc-timeout").expect("a grpc-timeout");
+            grpc_resilience_core::timeout_header::decode(value.as_bytes()).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_waited_for_a_slot_tells_the_server_the_time_it_has_left() {
+    use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
+
+    let server = TestServer::start().await;
+    // The first call holds the one slot for 600 ms.
+    server
+        .faults
+        .script(
+            "GetProduct",
+            [Fault::pass().with_delay(Duration::from_millis(600))],
+        )
+        .unwrap();
+    let layer = BulkheadLayer::new(
+        BulkheadConfig::builder()
+            .max_concurrent(1)
+            .max_queue(1)
+            .max_wait(Duration::from_secs(5))
+            .build()
+            .unwrap(),
+    );
+    let channel = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(
+            TimeoutPolicy::new(Duration::from_secs(2)).unwrap(),
+        ))
+        .layer(layer.clone())
+        .service(server.channel());
+    let mut first = QueryServiceClient::new(channel.clone());
+    let first = tokio::spawn(async move { first.get_product(get()).await });
+    let sent = eventually(Duration::from_secs(5), || {
+        server.faults.stats("GetProduct").unwrap().calls == 1
+    })
+    .await;
+    assert!(sent, "the first call reached the server");
+
+    let start = Instant::now();
+    QueryServiceClient::new(channel)
+        .get_product(get())
+        .await
+        .expect("the queued call succeeds");
+    let waited = start.elapsed();
+    first.await.unwrap().unwrap();
+
+    let seen = timeouts_seen(&server);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0] > Duration::from_millis(1_900), "{seen:?}");
+    // Sent only once the first call ended, at least 300 ms later.
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(
+        seen[1] <= Duration::from_secs(2) - Duration::from_millis(300),
+        "the server was told the 2 s of the call's start, not what was left after \
+         {waited:?} in the queue: {seen:?}"
+    );
+    assert!(seen[1] > Duration::from_millis(500), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_deadline_ends_the_wait_for_a_slot() {
+    let server = TestServer::start().await;
+    server
+        .faults
+        .script(
+            "GetProduct",
+            [Fault::pass().with_delay(Duration::from_secs(3))],
+        )
+        .unwrap();
+    let layer = BulkheadLayer::new(
+        BulkheadConfig::builder()
+            .max_concurrent(1)
+            .max_queue(1)
+            .max_wait(Duration::from_secs(10))
+            .build()
+            .unwrap(),
+    );
+    // The bulkhead alone over the channel: only the caller's own deadline.
+    let channel = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(server.channel());
+    let mut first = QueryServiceClient::new(channel.clone());
+    let first = tokio::spawn(async move { first.get_product(get()).await });
+    let sent = eventually(Duration::from_secs(5), || {
+        server.faults.stats("GetProduct").unwrap().calls == 1
+    })
+    .await;
+    assert!(sent, "the first call reached the server");
+
+    let mut request = tonic::Request::new(get());
+    request.set_timeout(Duration::from_millis(300));
+    let start = Instant::now();
+    let status = QueryServiceClient::new(channel)
+        .get_product(request)
+        .await
+        .unwrap_err();
+    let elapsed = start.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        elapsed < Duration::from_millis(1_500),
+        "refused at its 300 ms deadline, not after the slot freed at 3 s: {elapsed:?}"
+    );
+    assert_eq!(
+        server.faults.stats("GetProduct").unwrap().calls,
+        1,
+        "the call that ran out of time in the queue was never sent"
+    );
+    assert!(
+        layer.partitions().iter().all(|p| p.queued == 0),
+        "{:?}",
+        layer.partitions()
+    );
+    first.abort();
+}

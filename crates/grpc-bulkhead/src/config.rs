@@ -228,7 +228,8 @@ impl BulkheadConfigBuilder {
         self
     }
 
-    /// How long a queued call waits at most.
+    /// How long a queued call waits at most (less when its deadline comes
+    /// first).
     pub fn max_wait(mut self, wait: Duration) -> Self {
         self.config.max_wait = wait;
         self

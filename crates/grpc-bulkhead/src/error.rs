@@ -4,17 +4,18 @@ use std::fmt;
 use std::sync::Arc;
 
 use grpc_resilience_core::error::LocalRejection;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::Rejection;
 
 /// A call the bulkhead rejected without sending it: its partition was at
-/// its limit and the wait queue was full, or the call waited `max_wait`.
+/// its limit and the wait queue was full, the call waited `max_wait`, or
+/// the call's deadline came first ([`Rejection`]).
 ///
 /// Its source chain holds a [`LocalRejection`] and then a
-/// `RESOURCE_EXHAUSTED` [`tonic::Status`] naming the partition, so a tonic
-/// stub's caller sees `Code::ResourceExhausted` and a retry layer above
-/// does not retry it.
+/// [`tonic::Status`] naming the partition: `RESOURCE_EXHAUSTED`, or
+/// `DEADLINE_EXCEEDED` for [`Rejection::Deadline`]. So a tonic stub's
+/// caller sees that code, and a retry layer above does not retry it.
 #[derive(Debug)]
 pub struct BulkheadFull {
     partition: Arc<str>,
@@ -24,13 +25,23 @@ pub struct BulkheadFull {
 
 impl BulkheadFull {
     pub(crate) fn new(partition: Arc<str>, reason: Rejection, limit: u32) -> Self {
-        let why = match reason {
-            Rejection::QueueFull => "is full",
-            Rejection::WaitTimedOut => "had no free slot within the maximum wait",
+        let (code, why) = match reason {
+            Rejection::QueueFull => (Code::ResourceExhausted, "is full"),
+            Rejection::WaitTimedOut => (
+                Code::ResourceExhausted,
+                "had no free slot within the maximum wait",
+            ),
+            Rejection::Deadline => (
+                Code::DeadlineExceeded,
+                "had no free slot before the call's deadline",
+            ),
         };
-        let status = Status::resource_exhausted(format!(
-            "bulkhead `{partition}` {why} ({limit} calls in flight); the call was not sent"
-        ));
+        let status = Status::new(
+            code,
+            format!(
+                "bulkhead `{partition}` {why} ({limit} calls in flight); the call was not sent"
+            ),
+        );
         BulkheadFull {
             partition,
             reason,
@@ -43,7 +54,8 @@ impl BulkheadFull {
         &self.partition
     }
 
-    /// Why: the queue was full, or the wait timed out.
+    /// Why: the queue was full, the wait timed out, or the deadline came
+    /// first.
     pub fn reason(&self) -> Rejection {
         self.reason
     }

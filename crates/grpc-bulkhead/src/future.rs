@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use grpc_resilience_core::error::{LocalRejection, error_code, find_error};
-use grpc_resilience_core::{BoxError, OnOutcome, Outcome, OutcomeBody};
+use grpc_resilience_core::{BoxError, CallDeadline, OnOutcome, Outcome, OutcomeBody};
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
@@ -136,6 +136,9 @@ pin_project! {
         service: Option<S>,
         request: Option<R>,
         since: Instant,
+        // The call's deadline: the wait ends there too, and the request
+        // is sent with the time left then.
+        deadline: Option<CallDeadline>,
     }
 }
 
@@ -204,19 +207,24 @@ where
         }
     }
 
+    /// A call queued at `since` for a slot, to be sent to `service`; the
+    /// wait ends at `max_wait` or at the call's `deadline`, whichever comes
+    /// first.
     pub(crate) fn waiting(
         partition: Arc<Partition>,
         rx: oneshot::Receiver<()>,
         service: S,
         request: http::Request<B>,
+        deadline: Option<CallDeadline>,
+        since: Instant,
     ) -> Self {
-        let since = Instant::now();
         let max_wait = partition.config().max_wait();
         // A wait too long to add to the clock is a wait without end: a
         // year is as good.
         let until = since
             .checked_add(max_wait)
             .unwrap_or_else(|| since + Duration::from_secs(365 * 24 * 3600));
+        let until = deadline.map_or(until, |d| until.min(d.instant()));
         let waiting = Waiting {
             sleep: tokio::time::sleep_until(until),
             ticket: Ticket {
@@ -227,6 +235,7 @@ where
             service: Some(service),
             request: Some(request),
             since,
+            deadline,
         };
         ResponseFuture {
             kind: Kind::Waiting {
@@ -287,19 +296,35 @@ where
                         }
                     };
                     let partition = w.ticket.partition.clone();
-                    partition.on_waited(Instant::now().saturating_duration_since(*w.since));
-                    if !granted {
+                    let now = Instant::now();
+                    partition.on_waited(now.saturating_duration_since(*w.since));
+                    let expired = w.deadline.is_some_and(|d| d.has_passed_at(now));
+                    if expired && granted {
+                        // A slot that came as the deadline passed goes to
+                        // the next call in the queue.
+                        w.ticket.claimed = true;
+                        partition.release();
+                    }
+                    if expired {
+                        let error = reject(&partition, Rejection::Deadline);
+                        Kind::Rejected { error: Some(error) }
+                    } else if !granted {
                         let error = reject(&partition, Rejection::WaitTimedOut);
                         Kind::Rejected { error: Some(error) }
                     } else {
                         w.ticket.claimed = true;
-                        let (Some(mut service), Some(request)) =
+                        let (Some(mut service), Some(mut request)) =
                             (w.service.take(), w.request.take())
                         else {
                             return Poll::Ready(Err(
                                 "bulkhead future polled after completion".into()
                             ));
                         };
+                        // The header said the time left when the call was
+                        // queued; the server is told the time left now.
+                        if let Some(deadline) = w.deadline {
+                            deadline.write_header(request.headers_mut(), now);
+                        }
                         let in_flight = partition.in_flight();
                         let permit = Permit::new(partition, in_flight);
                         Kind::Called {

@@ -16,6 +16,15 @@
 //! `Code::ResourceExhausted`, and the retry layer does not retry it.
 //! Rejections come from the call's future, never from `poll_ready`.
 //!
+//! Time in the queue is part of the call's deadline (the
+//! [`CallDeadline`](grpc_resilience_core::CallDeadline) a layer above
+//! recorded, else the caller's `grpc-timeout`, read as the call is
+//! queued). A call whose deadline comes before a slot is refused then,
+//! with `DEADLINE_EXCEEDED` and never sent, rather than sent late with a
+//! deadline already spent; a call that gets its slot is sent with
+//! `grpc-timeout` rewritten to the time it has left, so the server is not
+//! told the time the caller had before the wait.
+//!
 //! A call holds its slot until it ends: until the end of its response
 //! body, so a streaming response occupies its slot while it streams, or
 //! until the body or the future is dropped. A Trailers-Only answer (how
@@ -117,7 +126,7 @@
 //! |---|---|---|
 //! | `bulkhead.in_flight` | gauge | calls holding a slot |
 //! | `bulkhead.limit` | gauge | the current limit (moves when adaptive) |
-//! | `bulkhead.rejected.count` | counter, also `reason` = `queue_full` or `max_wait` | calls refused |
+//! | `bulkhead.rejected.count` | counter, also `reason` = `queue_full`, `max_wait` or `deadline` | calls refused |
 //! | `bulkhead.wait.duration` | histogram (s) | time in the queue, for calls that had to wait |
 //!
 //! Each rejection is logged at WARN, `Bulkhead full, call rejected`, with

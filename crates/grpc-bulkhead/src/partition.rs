@@ -20,14 +20,18 @@ pub enum Rejection {
     QueueFull,
     /// The call waited `max_wait` in the queue without getting a slot.
     WaitTimedOut,
+    /// The call's deadline came before a slot did (or had passed when it
+    /// found the partition full): it is refused with `DEADLINE_EXCEEDED`.
+    Deadline,
 }
 
 impl Rejection {
-    /// `queue_full` or `max_wait`, as in the metric label.
+    /// `queue_full`, `max_wait` or `deadline`, as in the metric label.
     pub fn as_str(&self) -> &'static str {
         match self {
             Rejection::QueueFull => "queue_full",
             Rejection::WaitTimedOut => "max_wait",
+            Rejection::Deadline => "deadline",
         }
     }
 }
@@ -37,6 +41,7 @@ struct Metrics {
     limit: Gauge,
     queue_full: Counter,
     timed_out: Counter,
+    deadline: Counter,
     wait: Histogram,
 }
 
@@ -48,6 +53,7 @@ impl Metrics {
             limit: metrics::gauge!("bulkhead.limit", "partition" => label()),
             queue_full: metrics::counter!("bulkhead.rejected.count", "partition" => label(), "reason" => "queue_full"),
             timed_out: metrics::counter!("bulkhead.rejected.count", "partition" => label(), "reason" => "max_wait"),
+            deadline: metrics::counter!("bulkhead.rejected.count", "partition" => label(), "reason" => "deadline"),
             wait: metrics::histogram!("bulkhead.wait.duration", "partition" => label()),
         }
     }
@@ -248,6 +254,7 @@ impl Partition {
         match why {
             Rejection::QueueFull => self.metrics.queue_full.increment(1),
             Rejection::WaitTimedOut => self.metrics.timed_out.increment(1),
+            Rejection::Deadline => self.metrics.deadline.increment(1),
         }
     }
 

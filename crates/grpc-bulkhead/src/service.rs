@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use grpc_resilience_core::{BoxError, MethodId, MethodMap};
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId, MethodMap};
 use rustc_hash::FxHashMap;
+use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::config::BulkheadConfig;
@@ -243,11 +244,20 @@ impl<S> Bulkhead<S> {
     fn call_full<B>(
         &mut self,
         partition: Arc<Partition>,
-        request: http::Request<B>,
+        mut request: http::Request<B>,
     ) -> ResponseFuture<S, B>
     where
         S: Service<http::Request<B>> + Clone,
     {
+        // Time in the queue counts against the call's deadline: recorded
+        // now (from the caller's `grpc-timeout` if no layer above did), so
+        // the wait ends at the deadline and the request is sent with the
+        // time left then.
+        let deadline = CallDeadline::get_or_insert(&mut request);
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d.has_passed_at(now)) {
+            return ResponseFuture::rejected(reject(&partition, Rejection::Deadline));
+        }
         match partition.enqueue() {
             Enqueued::Acquired(in_flight) => {
                 let permit = Permit::new(partition, in_flight);
@@ -259,7 +269,7 @@ impl<S> Bulkhead<S> {
                 // made ready again before the next call, as usual.
                 let fresh = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, fresh);
-                ResponseFuture::waiting(partition, rx, ready, request)
+                ResponseFuture::waiting(partition, rx, ready, request, deadline, now)
             }
         }
     }

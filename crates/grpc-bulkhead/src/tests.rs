@@ -264,6 +264,138 @@ async fn a_queued_call_is_rejected_after_the_maximum_wait() {
     let (_c, _send) = admitted(&mut service, &mut handle, GET).await;
 }
 
+/// A request with a `grpc-timeout` header of `ms` milliseconds.
+fn with_timeout(path: &str, ms: u64) -> Req {
+    let mut request = request(path);
+    request
+        .headers_mut()
+        .insert("grpc-timeout", format!("{ms}m").parse().unwrap());
+    request
+}
+
+fn timeout_sent(req: &Req) -> Duration {
+    let value = req.headers().get("grpc-timeout").expect("a grpc-timeout");
+    grpc_resilience_core::timeout_header::decode(value.as_bytes()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_call_is_sent_with_the_time_it_has_left() {
+    let layer = BulkheadLayer::new(config(1, 2, 1_000));
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+
+    // One call with only the caller's header, one with the deadline an
+    // upper layer recorded (and the header it wrote then).
+    assert!(service.poll_ready().is_ready());
+    let mut b = task::spawn(service.call(with_timeout(GET, 900)));
+    let recorded = grpc_resilience_core::CallDeadline::after(Duration::from_millis(500)).unwrap();
+    let mut c_request = with_timeout(GET, 500);
+    recorded.insert_into(&mut c_request);
+    assert!(service.poll_ready().is_ready());
+    let mut c = task::spawn(service.call(c_request));
+    assert!(b.poll().is_pending() && c.poll().is_pending(), "queued");
+
+    advance(Duration::from_millis(300)).await;
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    assert!(b.poll().is_pending());
+    let (req, send_b) = handle.next_request().await.expect("b is sent");
+    assert_eq!(
+        timeout_sent(&req),
+        Duration::from_millis(600),
+        "the server is told the time left after 300 ms in the queue, not the 900 ms the caller had"
+    );
+    send_b.send_response(trailers_only(Code::Ok));
+    b.await.unwrap();
+
+    assert!(c.poll().is_pending());
+    let (req, send_c) = handle.next_request().await.expect("c is sent");
+    assert_eq!(timeout_sent(&req), Duration::from_millis(200));
+    assert_eq!(
+        req.extensions().get::<grpc_resilience_core::CallDeadline>(),
+        Some(&recorded),
+        "the recorded deadline is kept"
+    );
+    send_c.send_response(trailers_only(Code::Ok));
+    c.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_call_whose_deadline_comes_first_is_not_sent() {
+    let layer = BulkheadLayer::new(config(1, 4, 1_000));
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    assert!(service.poll_ready().is_ready());
+    let mut b = task::spawn(service.call(with_timeout(GET, 200)));
+    assert!(b.poll().is_pending());
+    advance(Duration::from_millis(199)).await;
+    assert!(b.poll().is_pending(), "still within its deadline");
+    advance(Duration::from_millis(2)).await;
+    let std::task::Poll::Ready(Err(err)) = b.poll() else {
+        panic!("refused at its deadline, not after the 1 s max_wait");
+    };
+    assert!(handle.poll_request().is_pending(), "never sent");
+    assert!(find_error::<LocalRejection>(&*err).is_some(), "{err}");
+    let full = err.downcast::<BulkheadFull>().unwrap();
+    assert_eq!(full.reason(), Rejection::Deadline);
+    assert_eq!(full.status().code(), Code::DeadlineExceeded);
+    assert_eq!(
+        tonic::Status::from_error(full).code(),
+        Code::DeadlineExceeded
+    );
+    assert_eq!(status_of(&layer, QUERY).queued, 0);
+
+    // A call whose deadline has passed when it reaches a full partition is
+    // refused at once.
+    let mut late = http::Request::builder()
+        .uri(format!("http://catalog{GET}"))
+        .body(Empty::new())
+        .unwrap();
+    grpc_resilience_core::CallDeadline::at(tokio::time::Instant::now()).insert_into(&mut late);
+    assert!(service.poll_ready().is_ready());
+    let mut late = task::spawn(service.call(late));
+    let std::task::Poll::Ready(Err(err)) = late.poll() else {
+        panic!("refused at once");
+    };
+    let full = err.downcast::<BulkheadFull>().unwrap();
+    assert_eq!(full.reason(), Rejection::Deadline);
+    assert_eq!(status_of(&layer, QUERY).queued, 0);
+
+    // No slot was kept: once `a` ends, a call goes at once.
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    let (_c, _send) = admitted(&mut service, &mut handle, GET).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_granted_at_the_deadline_is_passed_on() {
+    // The slot frees at the very instant the waiter's deadline passes: the
+    // waiter is refused, and the slot goes to the next call in the queue.
+    let layer = BulkheadLayer::new(config(1, 4, 1_000));
+    let (mut service, mut handle) = setup(&layer);
+    let (a, send_a) = admitted(&mut service, &mut handle, GET).await;
+    assert!(service.poll_ready().is_ready());
+    let mut b = task::spawn(service.call(with_timeout(GET, 100)));
+    let mut c = start(&mut service, GET);
+    assert!(b.poll().is_pending() && c.poll().is_pending());
+    advance(Duration::from_millis(100)).await;
+    send_a.send_response(trailers_only(Code::Ok));
+    a.await.unwrap();
+    let std::task::Poll::Ready(Err(err)) = b.poll() else {
+        panic!("b's deadline has passed");
+    };
+    assert_eq!(
+        err.downcast::<BulkheadFull>().unwrap().reason(),
+        Rejection::Deadline
+    );
+    assert!(c.poll().is_pending());
+    let std::task::Poll::Ready(Some((req, _send_c))) = handle.poll_request() else {
+        panic!("c gets the slot b gave up, at once");
+    };
+    assert_eq!(req.uri().path(), GET);
+    assert_eq!(status_of(&layer, QUERY).in_flight, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_dropped_queued_call_gives_up_its_place() {
     let layer = BulkheadLayer::new(config(1, 1, 1_000));
@@ -372,6 +504,11 @@ async fn metrics_count_in_flight_rejections_and_waits() {
     assert!(timed_out.poll().is_pending());
     advance(Duration::from_millis(51)).await;
     assert!(timed_out.poll().is_ready());
+    assert!(service.poll_ready().is_ready());
+    let mut too_late = task::spawn(service.call(with_timeout(GET, 10)));
+    assert!(too_late.poll().is_pending());
+    advance(Duration::from_millis(11)).await;
+    assert!(too_late.poll().is_ready());
 
     let mut gauges = std::collections::BTreeMap::new();
     let mut counters = std::collections::BTreeMap::new();
@@ -409,10 +546,15 @@ async fn metrics_count_in_flight_rejections_and_waits() {
         counters[&format!("bulkhead.rejected.count{{{p},reason=max_wait}}")],
         1
     );
+    assert_eq!(
+        counters[&format!("bulkhead.rejected.count{{{p},reason=deadline}}")],
+        1
+    );
     let waits = &histograms[&format!("bulkhead.wait.duration{{{p}}}")];
-    assert_eq!(waits.len(), 2, "{waits:?}");
+    assert_eq!(waits.len(), 3, "{waits:?}");
     assert!((waits[0] - 0.020).abs() < 1e-3, "{waits:?}");
     assert!((waits[1] - 0.050).abs() < 2e-3, "{waits:?}");
+    assert!((waits[2] - 0.010).abs() < 2e-3, "{waits:?}");
 }
 
 fn aimd_layer() -> BulkheadLayer {

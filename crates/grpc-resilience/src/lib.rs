@@ -104,7 +104,7 @@
 //! method or selector) reports `bulkhead.in_flight` and `bulkhead.limit`
 //! (gauges; the limit moves when it is adaptive), `bulkhead.wait.duration`
 //! (seconds a queued call waited) and `bulkhead.rejected.count` (label
-//! `reason`: `queue_full` or `max_wait`), and each refusal logs a WARN
+//! `reason`: `queue_full`, `max_wait` or `deadline`), and each refusal logs a WARN
 //! `Bulkhead full, call rejected` naming the partition. Through
 //! `tracing`: an INFO span `grpc_call` per logical call with
 //! OpenTelemetry's RPC fields (`rpc.system = "grpc"`, `rpc.service`,

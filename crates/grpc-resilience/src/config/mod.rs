@@ -558,7 +558,9 @@ impl HedgingSettings {
 ///
 /// A call over its partition's limit waits in a queue of `max_queue` for
 /// at most `max_wait`, or fails at once with `RESOURCE_EXHAUSTED`, a local
-/// refusal the retry layer does not retry and the breaker never sees.
+/// refusal the retry layer does not retry and the breaker never sees. The
+/// wait also ends at the call's deadline (`DEADLINE_EXCEEDED`, not sent),
+/// and a call sent after waiting tells the server the time it has left.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BulkheadSection {
