@@ -128,9 +128,9 @@ impl CallDeadline {
 
     /// Writes `grpc-timeout` with the time left at `now`, replacing any
     /// value there, unless the value there already states that time to the
-    /// header's own precision ([`timeout_header::states`]): a layer above
-    /// that wrote it an instant ago saves this one an encode, an allocation
-    /// and an insert.
+    /// header's own precision, or within a microsecond
+    /// ([`timeout_header::states`]): a layer above that wrote it an instant
+    /// ago saves this one an encode, an allocation and an insert.
     pub fn write_header(&self, headers: &mut HeaderMap, now: Instant) {
         let remaining = self.remaining_at(now);
         if crate::headers::get(headers, &timeout_header::GRPC_TIMEOUT)
@@ -220,6 +220,23 @@ mod tests {
             deadline.write_header(&mut headers, Instant::now());
             assert_eq!(headers["grpc-timeout"], "4998999u", "after {other}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn below_100_ms_a_header_a_moment_old_is_kept() {
+        // Under 100 ms the header counts nanoseconds; one written 300 ns
+        // ago is within the microsecond `states` asks for.
+        let deadline = CallDeadline::after(Duration::from_millis(50)).unwrap();
+        let mut headers = HeaderMap::new();
+        deadline.write_header(&mut headers, Instant::now());
+        assert_eq!(headers["grpc-timeout"], "50000000n");
+        tokio::time::advance(Duration::from_nanos(300)).await;
+        deadline.write_header(&mut headers, Instant::now());
+        assert_eq!(headers["grpc-timeout"], "50000000n");
+        // Two microseconds on, it is rewritten.
+        tokio::time::advance(Duration::from_micros(2)).await;
+        deadline.write_header(&mut headers, Instant::now());
+        assert_eq!(headers["grpc-timeout"], "49997700n");
     }
 
     #[tokio::test(start_paused = true)]

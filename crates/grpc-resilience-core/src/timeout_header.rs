@@ -62,12 +62,16 @@ fn value_and_unit(timeout: Duration) -> (u64, u8) {
 /// Whether a `grpc-timeout` value already states `timeout` as precisely as
 /// [`encode`]`(timeout)` would: it decodes to within one unit of that
 /// encoding (the format's own precision, about one part in 10^7) of
-/// `timeout`, above or below.
+/// `timeout`, above or below, and never need be closer than
+/// [`STATES_WITHIN`] (a microsecond).
 ///
 /// A layer that must send a request with the time left at this moment
 /// keeps a header that passes, and so skips encoding and inserting a new
 /// one (an allocation), when a layer above wrote it an instant ago. The
-/// server reads the same deadline to within what the header can express.
+/// server reads the same deadline to within what the header can express,
+/// or to within a microsecond below 100 ms, where the header counts
+/// nanoseconds: a header written a few hundred nanoseconds earlier is kept
+/// there too, rather than rewritten on every call.
 ///
 /// ```
 /// use std::time::Duration;
@@ -79,6 +83,10 @@ fn value_and_unit(timeout: Duration) -> (u64, u8) {
 /// assert!(states(b"5000000u", left));
 /// // 2 ms later the old header overstates by 2,000 units: rewrite it.
 /// assert!(!states(b"5000000u", left - Duration::from_millis(2)));
+/// // Below 100 ms the unit is a nanosecond; 300 ns are within a microsecond.
+/// let left = Duration::from_millis(50) - Duration::from_nanos(300);
+/// assert!(states(b"50000000n", left));
+/// assert!(!states(b"50000000n", left - Duration::from_micros(1)));
 /// assert!(!states(b"garbage", left));
 /// ```
 pub fn states(value: &[u8], timeout: Duration) -> bool {
@@ -90,8 +98,14 @@ pub fn states(value: &[u8], timeout: Duration) -> bool {
         .iter()
         .find_map(|&(u, per)| (u == unit).then_some(per))
         .unwrap_or(1);
-    stated.abs_diff(timeout).as_nanos() < per
+    stated.abs_diff(timeout).as_nanos() < per.max(STATES_WITHIN.as_nanos())
 }
+
+/// The finest difference [`states`] tells apart: a microsecond, far below
+/// what a server can act on (a loopback round trip takes tens of them) and
+/// above the few hundred nanoseconds between one layer writing the header
+/// and the next sending the request.
+pub const STATES_WITHIN: Duration = Duration::from_micros(1);
 
 fn encode_to(timeout: Duration, buf: &mut [u8; 9]) -> usize {
     let (value, unit) = value_and_unit(timeout);
@@ -260,23 +274,23 @@ mod tests {
     proptest! {
         #[test]
         fn a_fresh_encoding_states_its_timeout_and_a_stated_one_is_as_precise(
-            nanos in any::<u64>(),
+            // Half below 200 ms, where the finer units are.
+            nanos in prop_oneof![any::<u64>(), 0u64..200_000_000],
             drift in 0u64..2_000,
         ) {
             let t = Duration::from_nanos(nanos);
             let fresh = encode(t);
             prop_assert!(states(fresh.as_bytes(), t));
             // The same header a moment later: kept only while it is within
-            // one unit of what a fresh encoding would say.
+            // one unit of what a fresh encoding would say, or a microsecond.
             let later = t.saturating_sub(Duration::from_nanos(drift));
-            if states(fresh.as_bytes(), later) {
-                let again = decode(encode(later).as_bytes()).unwrap();
-                let stated = decode(fresh.as_bytes()).unwrap();
-                let (_, unit) = value_and_unit(later);
-                let per = UNITS.iter().find(|u| u.0 == unit).unwrap().1;
-                prop_assert!(stated.abs_diff(later).as_nanos() < per);
-                prop_assert!(again.abs_diff(later).as_nanos() < per);
-            }
+            let stated = decode(fresh.as_bytes()).unwrap();
+            let (_, unit) = value_and_unit(later);
+            let per = UNITS.iter().find(|u| u.0 == unit).unwrap().1.max(1_000);
+            let within = stated.abs_diff(later).as_nanos() < per;
+            prop_assert_eq!(states(fresh.as_bytes(), later), within);
+            let again = decode(encode(later).as_bytes()).unwrap();
+            prop_assert!(again.abs_diff(later).as_nanos() < per);
         }
 
         #[test]
