@@ -15,6 +15,13 @@
 //! Instructions per call = the collected total divided by [`CALLS`];
 //! compare each row with its group's `bare`. Without a row it lists the
 //! rows; `all` runs each once, as a smoke test.
+//!
+//! Code that reads the clock can take another path under valgrind, which
+//! runs it about fifty times slower: the retry layer finds the
+//! `grpc-timeout` the deadline layer wrote a few microseconds stale and
+//! rewrites it, which a native call does not. The stack and facade rows
+//! count about 610 instructions for that (BENCHMARKS.md, "What a profiler
+//! sees"); comparisons between two builds are not affected.
 
 use std::time::Duration;
 
