@@ -294,14 +294,16 @@ fn each_call_is_recorded_once_whatever_ends_it() {
 /// these bounds keep them from growing by accident. With the inner service
 /// of these tests (a boxed future) they were 1,080 and 424 bytes both
 /// before and after the recorder moved into the deadline layer's future
-/// and body (what that saved was a level: one more move and poll of each).
+/// and body (what that saved was a level: one more move and poll of each);
+/// the future is 944 bytes since the retry head keeps a stub's `te` and
+/// `content-type` as flags instead of two header slots.
 #[test]
 fn the_call_future_and_response_stay_within_their_sizes() {
     type Call = http::Request<tonic::body::Body>;
     let future = std::mem::size_of::<<ResilientChannel<Backend> as Service<Call>>::Future>();
     let response = std::mem::size_of::<<ResilientChannel<Backend> as Service<Call>>::Response>();
     println!("future: {future} bytes, response: {response} bytes");
-    assert!(future <= 1080, "the facade's future grew to {future} bytes");
+    assert!(future <= 944, "the facade's future grew to {future} bytes");
     assert!(
         response <= 424,
         "the facade's response grew to {response} bytes"

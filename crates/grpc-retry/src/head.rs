@@ -6,10 +6,14 @@
 //! more for the `tonic::GrpcMethod` extension a generated stub adds, on
 //! every call. So the head keeps, without allocating:
 //!
-//! * up to [`INLINE_HEADERS`] header pairs inline (a `HeaderValue` clone
+//! * the two headers every generated stub sends, `te: trailers` and
+//!   `content-type: application/grpc`, as two flags, and up to
+//!   [`INLINE_HEADERS`] other header pairs inline (a `HeaderValue` clone
 //!   is a `Bytes` clone: free for static values, a reference count
 //!   otherwise), `grpc-timeout` left out when the call has a deadline
-//!   (every attempt writes its own); more headers are kept as a map;
+//!   (every attempt writes its own); more headers are kept as a map. The
+//!   head lives in the call's future, which is moved several times per
+//!   call, so each slot it does not need is bytes not copied;
 //! * the `tonic::GrpcMethod` extension a generated stub adds, when it is
 //!   all the request holds besides a [`CallDeadline`] (each attempt records
 //!   the call's deadline itself). A request holding any other extension (a
@@ -18,10 +22,15 @@
 
 use grpc_resilience_core::CallDeadline;
 use grpc_resilience_core::timeout_header::GRPC_TIMEOUT;
+use http::header::{CONTENT_TYPE, TE};
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 
-/// How many header values a head keeps inline before it keeps a map.
-pub(crate) const INLINE_HEADERS: usize = 4;
+/// How many header values, besides a stub's `te` and `content-type`, a
+/// head keeps inline before it keeps a map.
+pub(crate) const INLINE_HEADERS: usize = 2;
+
+/// The `content-type` a tonic stub sends.
+const GRPC_CONTENT_TYPE: &str = "application/grpc";
 
 /// A request's head, kept to build the next attempt.
 #[derive(Debug)]
@@ -35,8 +44,14 @@ pub(crate) struct Head {
 
 #[derive(Debug)]
 enum Headers {
-    /// Every header value, in the map's order.
-    Inline([Option<(HeaderName, HeaderValue)>; INLINE_HEADERS]),
+    /// Every header value: `te: trailers` and `content-type:
+    /// application/grpc` (once each) as flags, the others in the map's
+    /// order.
+    Inline {
+        te_trailers: bool,
+        grpc_content_type: bool,
+        pairs: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS],
+    },
     Map(HeaderMap),
 }
 
@@ -75,10 +90,20 @@ impl Head {
     pub(crate) fn headers(&self) -> HeaderMap {
         match &self.headers {
             Headers::Map(map) => map.clone(),
-            Headers::Inline(pairs) => {
+            Headers::Inline {
+                te_trailers,
+                grpc_content_type,
+                pairs,
+            } => {
                 // Room for what each attempt adds (`grpc-timeout`,
                 // `grpc-previous-rpc-attempts`).
-                let mut map = HeaderMap::with_capacity(INLINE_HEADERS + 2);
+                let mut map = HeaderMap::with_capacity(INLINE_HEADERS + 4);
+                if *te_trailers {
+                    map.append(TE, HeaderValue::from_static("trailers"));
+                }
+                if *grpc_content_type {
+                    map.append(CONTENT_TYPE, HeaderValue::from_static(GRPC_CONTENT_TYPE));
+                }
                 for (name, value) in pairs.iter().flatten() {
                     map.append(name.clone(), value.clone());
                 }
@@ -107,12 +132,36 @@ impl Headers {
     // inline pairs are not built aside and copied in.
     #[inline(always)]
     fn of(headers: &HeaderMap, has_deadline: bool) -> Self {
-        let mut kept = Headers::Inline(Default::default());
+        let mut kept = Headers::Inline {
+            te_trailers: false,
+            grpc_content_type: false,
+            pairs: Default::default(),
+        };
         let mut overflow = false;
-        if let Headers::Inline(pairs) = &mut kept {
+        if let Headers::Inline {
+            te_trailers,
+            grpc_content_type,
+            pairs,
+        } = &mut kept
+        {
             let mut slots = pairs.iter_mut();
             for (name, value) in headers {
                 if has_deadline && name == GRPC_TIMEOUT {
+                    continue;
+                }
+                // A flag stands for one plain value: a repeated header
+                // keeps its later values in slots, a sensitive one its mark.
+                let plain = !value.is_sensitive();
+                if name == TE && !*te_trailers && plain && value == "trailers" {
+                    *te_trailers = true;
+                    continue;
+                }
+                if name == CONTENT_TYPE
+                    && !*grpc_content_type
+                    && plain
+                    && value == GRPC_CONTENT_TYPE
+                {
+                    *grpc_content_type = true;
                     continue;
                 }
                 let Some(slot) = slots.next() else {
@@ -168,15 +217,57 @@ mod tests {
 
     #[test]
     fn a_few_headers_are_kept_in_order_with_repeated_values() {
+        let parts = parts(&[("te", "trailers"), ("x-a", "1"), ("x-a", "2")]);
+        let head = Head::of(&parts, false);
+        assert!(matches!(head.headers, Headers::Inline { .. }));
+        assert_eq!(head.headers(), parts.headers);
+    }
+
+    #[test]
+    fn a_stubs_fixed_headers_leave_the_slots_to_its_metadata() {
+        // What a generated stub sends, with two metadata entries of its
+        // caller: nothing needs a map.
         let parts = parts(&[
-            ("te", "trailers"),
             ("x-a", "1"),
-            ("x-a", "2"),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            ("x-b", "2"),
             ("grpc-timeout", "1S"),
         ]);
-        let head = Head::of(&parts, false);
-        assert!(matches!(head.headers, Headers::Inline(_)));
-        assert_eq!(head.headers(), parts.headers);
+        let head = Head::of(&parts, true);
+        assert!(matches!(head.headers, Headers::Inline { .. }));
+        let headers = head.headers();
+        assert_eq!(headers.len(), 4);
+        assert_eq!(headers["te"], "trailers");
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert_eq!(headers["x-a"], "1");
+        assert_eq!(headers["x-b"], "2");
+    }
+
+    #[test]
+    fn other_values_of_the_fixed_headers_are_kept_as_they_came() {
+        for pairs in [
+            &[("content-type", "application/grpc+proto"), ("x-a", "1")][..],
+            &[("te", "trailers"), ("te", "trailers"), ("x-a", "1")],
+            &[("te", "deflate"), ("content-type", "application/grpc")],
+            &[
+                ("content-type", "application/grpc"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        ] {
+            let parts = parts(pairs);
+            let head = Head::of(&parts, false);
+            assert!(matches!(head.headers, Headers::Inline { .. }), "{pairs:?}");
+            assert_eq!(head.headers(), parts.headers, "{pairs:?}");
+        }
+        // A value marked sensitive stays so.
+        let mut parts = parts(&[("x-a", "1")]);
+        let mut te = HeaderValue::from_static("trailers");
+        te.set_sensitive(true);
+        parts.headers.append("te", te);
+        let headers = Head::of(&parts, false).headers();
+        assert!(headers["te"].is_sensitive());
     }
 
     #[test]
@@ -201,7 +292,9 @@ mod tests {
         let head = Head::of(&parts, false);
         assert!(matches!(head.headers, Headers::Map(_)));
         assert_eq!(head.headers(), parts.headers);
-        let without = Head::of(&parts, true).headers();
+        let with_deadline = Head::of(&parts, true);
+        assert!(matches!(with_deadline.headers, Headers::Map(_)));
+        let without = with_deadline.headers();
         assert_eq!(without.len(), 5);
         assert!(!without.contains_key(GRPC_TIMEOUT));
     }
