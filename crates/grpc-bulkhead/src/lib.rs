@@ -12,9 +12,10 @@
 //! the limit waits in a bounded queue for at most `max_wait` (optional),
 //! and is otherwise rejected with [`BulkheadFull`], whose source chain
 //! holds a [`LocalRejection`](grpc_resilience_core::error::LocalRejection)
-//! and a `RESOURCE_EXHAUSTED` status: a tonic stub's caller sees
-//! `Code::ResourceExhausted`, and the retry layer does not retry it.
-//! Rejections come from the call's future, never from `poll_ready`.
+//! and a `RESOURCE_EXHAUSTED` status (`DEADLINE_EXCEEDED` when the call's
+//! deadline came first, below): a tonic stub's caller sees that code, and
+//! the retry layer does not retry it. Rejections come from the call's
+//! future, never from `poll_ready`.
 //!
 //! Time in the queue is part of the call's deadline (the
 //! [`CallDeadline`](grpc_resilience_core::CallDeadline) a layer above
@@ -23,7 +24,13 @@
 //! with `DEADLINE_EXCEEDED` and never sent, rather than sent late with a
 //! deadline already spent; a call that gets its slot is sent with
 //! `grpc-timeout` rewritten to the time it has left, so the server is not
-//! told the time the caller had before the wait.
+//! told the time the caller had before the wait. Under a deadline layer
+//! (`grpc_timeout`, as in the `grpc-resilience` stack), whose timer fires
+//! at the same instant, the caller gets that layer's `DEADLINE_EXCEEDED`
+//! (marked not sent) and its `grpc.timeout.count`; the bulkhead still
+//! counts the refusal (`reason` = `deadline`), which says where the time
+//! went. A call below the limit is sent at once whatever its deadline:
+//! the layers above check that before they send.
 //!
 //! A call holds its slot until it ends: until the end of its response
 //! body, so a streaming response occupies its slot while it streams, or

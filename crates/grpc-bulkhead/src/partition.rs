@@ -14,6 +14,7 @@ use crate::limit::{LimitState, Sample};
 
 /// Why a call was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Rejection {
     /// The limit was reached and the wait queue was full (or there is
     /// none).

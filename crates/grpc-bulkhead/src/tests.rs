@@ -368,6 +368,62 @@ async fn a_queued_call_whose_deadline_comes_first_is_not_sent() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn under_a_deadline_layer_the_caller_hears_from_it_and_both_count() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    // Timeout > Bulkhead, as in the facade's stack: both end the queued
+    // call at the same instant.
+    let bulkhead = BulkheadLayer::new(config(1, 1, 10_000));
+    let policy = grpc_timeout::TimeoutPolicy::new(Duration::from_millis(100)).unwrap();
+    let stack = tower::ServiceBuilder::new()
+        .layer(grpc_timeout::TimeoutLayer::new(policy))
+        .layer(bulkhead.clone());
+    let (mut service, mut handle) = mock::spawn_layer::<Req, Res, _>(stack);
+    assert!(service.poll_ready().is_ready());
+    let mut a = task::spawn(service.call(request(GET)));
+    assert!(a.poll().is_pending());
+    let (_req, _send_a) = handle.next_request().await.expect("a is sent");
+    assert!(service.poll_ready().is_ready());
+    let mut b = task::spawn(service.call(request(GET)));
+    assert!(b.poll().is_pending(), "queued");
+
+    advance(Duration::from_millis(100)).await;
+    let std::task::Poll::Ready(Err(err)) = b.poll() else {
+        panic!("b's deadline has passed");
+    };
+    assert!(handle.poll_request().is_pending(), "b was never sent");
+    let elapsed = err
+        .downcast::<grpc_timeout::Elapsed>()
+        .expect("the deadline layer's own error");
+    assert!(!elapsed.was_sent(), "{}", elapsed.status().message());
+    assert_eq!(elapsed.status().code(), Code::DeadlineExceeded);
+    assert_eq!(status_of(&bulkhead, QUERY).queued, 0);
+
+    let counters: std::collections::BTreeMap<String, u64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(c) if c > 0 => Some((key.key().name().to_owned(), c)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        counters,
+        [
+            ("bulkhead.rejected.count".to_owned(), 1),
+            ("grpc.timeout.count".to_owned(), 1)
+        ]
+        .into_iter()
+        .collect(),
+        "the call timed out, and the bulkhead says it was in its queue"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_slot_granted_at_the_deadline_is_passed_on() {
     // The slot frees at the very instant the waiter's deadline passes: the
     // waiter is refused, and the slot goes to the next call in the queue.

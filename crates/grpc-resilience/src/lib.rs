@@ -68,8 +68,9 @@
 //!    a concurrency partition per gRPC service (or per selector). Below the
 //!    retry layer so that it counts attempts in flight at the server (a
 //!    call sleeping in its backoff holds no slot, and an adaptive limit
-//!    samples each attempt), and its `RESOURCE_EXHAUSTED` refusal is local,
-//!    so it is not retried. Above the breaker so that its refusals never
+//!    samples each attempt), and its refusal (`RESOURCE_EXHAUSTED`, or
+//!    `DEADLINE_EXCEEDED` when the call's deadline passes in its queue) is
+//!    local, so it is not retried. Above the breaker so that its refusals never
 //!    reach the breaker: a full local queue says nothing of the server's
 //!    health and must not open it. Above the retry layer it would hold a
 //!    slot through the backoff sleeps; below the breaker its refusals

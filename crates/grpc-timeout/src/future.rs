@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use grpc_resilience_core::error::error_code;
-use grpc_resilience_core::error::{find_error, with_transport_status};
+use grpc_resilience_core::error::{LocalRejection, find_error, with_transport_status};
 use grpc_resilience_core::{
     BoxError, MethodId, OnOutcome, Outcome, Unobserved, headers, observe_head, outcome_of_frame,
 };
@@ -154,8 +154,8 @@ where
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
-        let elapsed = |deadline: &mut Option<Deadline>| match deadline.take() {
-            Some(d) => d.expire(When::BeforeResponse),
+        let elapsed = |deadline: &mut Option<Deadline>, when| match deadline.take() {
+            Some(d) => d.expire(when),
             None => "deadline exceeded".into(),
         };
         let fired = |sleep: &Pin<&mut Option<Sleep>>| {
@@ -179,7 +179,7 @@ where
                 // the race: the caller is told its deadline passed, whatever
                 // the server said (tonic servers answer CANCELLED then).
                 if fired(&sleep) {
-                    elapsed(deadline)
+                    elapsed(deadline, When::BeforeResponse)
                 } else {
                     // tonic panics on undecodable status details.
                     headers::sanitize_status_details(response.headers_mut());
@@ -198,7 +198,14 @@ where
                 // (`TimeoutExpired`); it may fire a moment before ours.
                 let channel_timed_out = find_error::<tonic::TimeoutExpired>(&*err).is_some();
                 if deadline.is_some() && (channel_timed_out || fired(&sleep)) {
-                    elapsed(deadline)
+                    // A layer below that refused the call (a bulkhead whose
+                    // queue reached the same deadline) never sent it.
+                    let when = if find_error::<LocalRejection>(&*err).is_some() {
+                        When::BeforeSending
+                    } else {
+                        When::BeforeResponse
+                    };
+                    elapsed(deadline, when)
                 } else {
                     with_transport_status(err)
                 }
@@ -214,7 +221,7 @@ where
                     return Poll::Pending;
                 };
                 ready!(timer.poll(cx));
-                elapsed(deadline)
+                elapsed(deadline, When::BeforeResponse)
             }
         };
         drop(entered);

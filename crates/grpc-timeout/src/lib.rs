@@ -82,10 +82,10 @@
 //! completes (a host that drops every packet, with no
 //! `Endpoint::connect_timeout`) would outlive its deadline. Turn it on only
 //! where connecting is bounded well below your deadlines
-//! (`Endpoint::connect_timeout`), over nothing that can wait without a
-//! bound before the request reaches the channel (a bulkhead's queue, a
-//! balancer waiting for a ready endpoint), and over a service that does
-//! enforce `grpc-timeout`.
+//! (`Endpoint::connect_timeout`), over nothing that can wait past the
+//! deadline before the request reaches the channel (a balancer waiting for
+//! a ready endpoint; a `grpc_bulkhead` queue ends at the call's deadline),
+//! and over a service that does enforce `grpc-timeout`.
 //!
 //! A head timer is made only once the inner service's future has to wait:
 //! a response that is there at once costs no timer.

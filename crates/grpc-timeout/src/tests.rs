@@ -269,6 +269,31 @@ async fn an_inner_error_after_the_timer_fired_reads_as_deadline_exceeded() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_refused_below_as_the_timer_fired_is_reported_as_not_sent() {
+    // A bulkhead below refuses a queued call at the same deadline (a
+    // local refusal: the call never left): the caller is told it was not
+    // sent, and the log says so.
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
+    let mut fut = tokio_test::task::spawn(fut);
+    assert!(fut.poll().is_pending());
+    advance(Duration::from_secs(3)).await;
+    send.send_error(grpc_resilience_core::error::LocalRejection::new(
+        tonic::Status::deadline_exceeded("no free slot before the call's deadline"),
+    ));
+    let Poll::Ready(Err(err)) = fut.poll() else {
+        panic!("the deadline has passed");
+    };
+    let elapsed = err.downcast::<Elapsed>().expect("this layer's own expiry");
+    assert!(!elapsed.was_sent(), "the layer below never sent it");
+    assert!(
+        elapsed.status().message().contains("was not sent"),
+        "{}",
+        elapsed.status().message()
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn inner_errors_pass_through_unchanged() {
     let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
     let (_req, fut, send) = forwarded(&mut service, &mut handle, request(GET, None)).await;
