@@ -483,3 +483,116 @@ async fn a_bulkhead_per_endpoint_holds_calls_beyond_its_limit() {
     }
     assert_eq!(total(), 6);
 }
+
+/// The `grpc-timeout` of every GetProduct call `server` saw.
+fn timeouts_seen(server: &TestServer) -> Vec<Duration> {
+    server
+        .faults
+        .calls_to("catalog.v1.QueryService/GetProduct")
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.headers.get("grpc-timeout"))
+        .map(|v| grpc_resilience_core::timeout_header::decode(v.as_bytes()).unwrap())
+        .collect()
+}
+
+/// Three servers that hold each GetProduct for 1.5 s, one call at a time
+/// each: three calls fill them, and the next ones wait in the balancer's
+/// buffer for about 1.5 s.
+async fn full_endpoints() -> (Vec<TestServer>, BalancedChannel) {
+    let servers = three().await;
+    for server in &servers {
+        server
+            .faults
+            .always(
+                "GetProduct",
+                Fault::pass().with_delay(Duration::from_millis(1500)),
+            )
+            .unwrap();
+    }
+    let config = config(Duration::from_secs(30), 50).with_max_concurrent_calls(1);
+    let channel = balanced(&servers, config, &BreakerRegistry::new());
+    (servers, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_deadline_passes_while_no_endpoint_is_ready_is_not_sent() {
+    let (servers, channel) = full_endpoints().await;
+    let total = || servers.iter().map(calls).sum::<u64>();
+    let holders: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = QueryServiceClient::new(channel.clone());
+            tokio::spawn(async move { client.get_product(get()).await.map(drop) })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || total() == 3).await);
+
+    // The balancer alone: the caller's own 300 ms deadline, nothing above
+    // to enforce it while the call waits for an endpoint.
+    let late: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = QueryServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                let mut request = tonic::Request::new(get());
+                request.set_timeout(Duration::from_millis(300));
+                client.get_product(request).await.map(drop)
+            })
+        })
+        .collect();
+    for call in late {
+        let status = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("answered once an endpoint is ready")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    for call in holders {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        total(),
+        3,
+        "a call whose deadline passed in the buffer was never sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_waited_for_an_endpoint_tells_the_server_the_time_it_has_left() {
+    use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
+
+    let (servers, channel) = full_endpoints().await;
+    let total = || servers.iter().map(calls).sum::<u64>();
+    let channel = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(
+            TimeoutPolicy::new(Duration::from_secs(4)).unwrap(),
+        ))
+        .service(channel);
+    let holders: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = QueryServiceClient::new(channel.clone());
+            tokio::spawn(async move { client.get_product(get()).await.map(drop) })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || total() == 3).await);
+    let start = Instant::now();
+    QueryServiceClient::new(channel)
+        .get_product(get())
+        .await
+        .expect("sent once an endpoint is free");
+    let waited = start.elapsed();
+    for call in holders {
+        call.await.unwrap().unwrap();
+    }
+    let mut seen: Vec<Duration> = servers.iter().flat_map(timeouts_seen).collect();
+    seen.sort();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(seen[1] > Duration::from_millis(3_900), "{seen:?}");
+    // Sent only once an endpoint was free, most of 1.5 s later.
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    assert!(
+        seen[0] <= Duration::from_secs(4) - Duration::from_millis(700),
+        "the server was told the 4 s of the call's start, not what was left after \
+         {waited:?} waiting for an endpoint: {seen:?}"
+    );
+}

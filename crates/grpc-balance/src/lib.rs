@@ -50,13 +50,27 @@
 //! in the ready set: its own breaker still rejects calls at once while
 //! open and probes it when half-open, and it is ejected as soon as another
 //! endpoint comes back. With 0% nothing is ever ejected; with 100% every
-//! endpoint may be, and calls then wait in the buffer (bounded by your
-//! deadline) until one comes back.
+//! endpoint may be, and calls then wait in the buffer until one comes back
+//! (see [Deadlines](#deadlines)).
 //!
 //! A call that fails makes its endpoint step aside for the next pick (it
 //! reads not-ready once), so a retry above the channel goes to another
 //! endpoint when one is ready: p2c alone would not do it, since a failing
 //! endpoint answers fast and looks the least loaded.
+//!
+//! # Deadlines
+//!
+//! A call waits in the channel's buffer while no endpoint is ready (all at
+//! their `max_concurrent_calls`, ejected, or not yet connected). Its
+//! deadline (the [`CallDeadline`] a
+//! layer above recorded, else the caller's `grpc-timeout`, read as the
+//! call enters the buffer) counts that wait: when an endpoint is ready, a
+//! call whose deadline has passed is refused with `DEADLINE_EXCEEDED` and
+//! never sent, and any other is sent with `grpc-timeout` rewritten to the
+//! time it has left. The caller is answered at its deadline only if a
+//! deadline layer above times the call (`grpc_timeout`, as the
+//! `grpc-resilience` stack does); the channel alone answers when an
+//! endpoint is ready, as tonic's own balanced channel does.
 //!
 //! # Health checks
 //!
@@ -143,6 +157,7 @@ mod config;
 mod discover;
 pub mod endpoint;
 mod health;
+mod on_time;
 mod outlier;
 
 use std::collections::BTreeMap;
@@ -151,7 +166,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
-use grpc_resilience_core::BoxError;
+use grpc_resilience_core::{BoxError, CallDeadline};
 use tonic::transport::Endpoint;
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
@@ -163,10 +178,11 @@ pub use discover::{Discovery, EndpointStack};
 pub use grpc_circuit_breaker::BreakerRegistry;
 pub use outlier::{EndpointDetails, EndpointStatus, Reason};
 
+use on_time::OnTime;
 use outlier::Controller;
 
 type Request = http::Request<tonic::body::Body>;
-type Balancer = Balance<Discovery, Request>;
+type Balancer = OnTime<Balance<Discovery, Request>>;
 
 /// The response body of a [`BalancedChannel`] call.
 pub type BalancedBody =
@@ -246,7 +262,7 @@ impl BalancedChannel {
         let capacity = config.buffer_capacity();
         let controller = Controller::new(config, registry, handle.clone());
         let (tx, discovery) = discover::channel();
-        let (inner, worker) = Buffer::pair(Balance::new(discovery), capacity);
+        let (inner, worker) = Buffer::pair(OnTime::new(Balance::new(discovery)), capacity);
         handle.spawn(worker);
         Ok((BalancedChannel { inner, controller }, tx))
     }
@@ -381,13 +397,22 @@ impl BalancedChannel {
 impl Service<Request> for BalancedChannel {
     type Response = http::Response<BalancedBody>;
     type Error = BoxError;
-    type Future = tower::buffer::future::ResponseFuture<<Balancer as Service<Request>>::Future>;
+    type Future = tower::buffer::future::ResponseFuture<
+        futures_util::future::Either<
+            <Balance<Discovery, Request> as Service<Request>>::Future,
+            futures_util::future::Ready<Result<http::Response<BalancedBody>, BoxError>>,
+        >,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        // The call may wait in the buffer for a ready endpoint: its
+        // deadline is recorded now, so that the time it waits counts
+        // (see `OnTime`).
+        CallDeadline::get_or_insert(&mut request);
         self.inner.call(request)
     }
 }
