@@ -261,13 +261,19 @@ async fn read_response<B: Body<Data = Bytes>>(
 }
 
 /// Owns a claim until it is completed or released; a claim dropped with
-/// its call (the caller went away, the handler was cancelled) is released
-/// in the background.
+/// its call (the caller went away, the handler was cancelled, or either
+/// happened while the store was being asked to complete or release it)
+/// is released in the background.
 struct ClaimGuard<St: Store> {
     shared: Arc<Shared<St>>,
     key: String,
     path: String,
+    // Kept until the store has answered: a call dropped during a store
+    // call still releases its claim (a release of a key already completed
+    // or released is a no-op in every store).
     token: Option<ClaimToken>,
+    // Whether this claim's release was already counted.
+    counted: bool,
 }
 
 impl<St: Store> ClaimGuard<St> {
@@ -277,10 +283,11 @@ impl<St: Store> ClaimGuard<St> {
     }
 
     async fn release(&mut self, reason: &'static str) {
-        let Some(token) = self.token.take() else {
+        let Some(token) = self.token else {
             return;
         };
         self.count(Event::Released(reason));
+        self.counted = true;
         let timeout = self.shared.settings.store_timeout;
         let released = bounded(
             timeout,
@@ -288,6 +295,7 @@ impl<St: Store> ClaimGuard<St> {
             self.shared.store.release(&self.key, token),
         )
         .await;
+        self.token = None;
         if let Err(err) = released {
             self.count(Event::StoreError);
             tracing::warn!(key = %self.key, path = %self.path, error = %err, "could not release an idempotency key; it stays locked until its lease ends");
@@ -297,7 +305,7 @@ impl<St: Store> ClaimGuard<St> {
     }
 
     async fn complete(&mut self, record: Record) {
-        let Some(token) = self.token.take() else {
+        let Some(token) = self.token else {
             return;
         };
         let settings = &self.shared.settings;
@@ -309,6 +317,9 @@ impl<St: Store> ClaimGuard<St> {
                 .complete(&self.key, token, record, settings.retention),
         )
         .await;
+        if completed.is_ok() {
+            self.token = None;
+        }
         match completed {
             Ok(true) => {}
             Ok(false) => {
@@ -318,7 +329,6 @@ impl<St: Store> ClaimGuard<St> {
                 self.count(Event::StoreError);
                 tracing::warn!(key = %self.key, path = %self.path, error = %err, "could not record a response for an idempotency key; releasing it");
                 // Let a retry run rather than wait out the lease.
-                self.token = Some(token);
                 self.release("store_error").await;
             }
         }
@@ -330,7 +340,9 @@ impl<St: Store> Drop for ClaimGuard<St> {
         let Some(token) = self.token.take() else {
             return;
         };
-        self.count(Event::Released("cancelled"));
+        if !self.counted {
+            self.count(Event::Released("cancelled"));
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -415,6 +427,7 @@ where
         key,
         path: path.clone(),
         token: Some(token),
+        counted: false,
     };
     let request = Request::from_parts(parts, RequestBody::buffered(body));
     let response = match inner.call(request).await {

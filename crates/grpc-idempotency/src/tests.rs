@@ -696,3 +696,65 @@ async fn a_response_body_that_breaks_releases_the_key_and_reaches_the_caller() {
     assert_eq!(runs.load(Ordering::SeqCst), 2, "released: the repeat ran");
     assert_eq!(layer.stats().released, 2);
 }
+
+/// The memory store, with `complete` that never answers: a call dropped
+/// while its response is being recorded.
+#[derive(Clone, Debug, Default)]
+struct StuckComplete {
+    inner: MemoryStore,
+}
+
+impl Store for StuckComplete {
+    async fn claim(
+        &self,
+        key: &str,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim(key, fp, lease).await
+    }
+    async fn complete(
+        &self,
+        _: &str,
+        _: ClaimToken,
+        _: Record,
+        _: Duration,
+    ) -> Result<bool, StoreError> {
+        std::future::pending().await
+    }
+    async fn release(&self, key: &str, token: ClaimToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn fetch(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        self.inner.fetch(key).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_its_response_is_recorded_releases_the_key() {
+    // The handler has answered; the call is dropped (its deadline, the
+    // caller gone) while the store records the response.
+    let handler = Handler::ok();
+    let layer = layer()
+        .with_store(StuckComplete::default())
+        .with_store_timeout(Duration::from_secs(5))
+        .unwrap();
+    let mut service = layer.layer(handler.service());
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        call(&mut service, request(CREATE, Some("k"), "a")),
+    )
+    .await;
+    assert!(dropped.is_err(), "dropped while recording");
+    assert_eq!(handler.runs(), 1);
+    // The release runs on a spawned task.
+    tokio::task::yield_now().await;
+    // (Its own recording hangs too, until the store timeout; what counts
+    // is that its handler runs instead of waiting for the claim.)
+    let retried = call(&mut service, request(CREATE, Some("k"), "a")).await;
+    assert_eq!(
+        retried.body, "run 2: a",
+        "the key was released, not left claimed until its lease ends"
+    );
+    assert_eq!(layer.stats().released, 2, "each claim released once");
+}
