@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use grpc_resilience_core::codes::code_name;
-use grpc_resilience_core::{Outcome, classify_head, classify_trailers};
+use grpc_resilience_core::{CallDeadline, Outcome, classify_head, classify_trailers};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
@@ -139,6 +139,30 @@ fn aborted<RB: Body>(key: &str, pushback: Duration) -> Response<ResponseBody<RB>
         .headers_mut()
         .insert(PUSHBACK, HeaderValue::from(pushback.as_millis() as u64));
     response
+}
+
+/// The answer to a repeat whose own deadline passed while the first call
+/// with its key still ran.
+fn out_of_time<RB: Body>(key: &str) -> Response<ResponseBody<RB>> {
+    status_response(Status::deadline_exceeded(format!(
+        "the call's deadline passed while a call with idempotency key `{key}` was still in progress"
+    )))
+}
+
+/// The request for the handler: `grpc-timeout` says the time left now
+/// (the call may have waited for its key); `None` when none is left.
+fn on_time(
+    mut parts: http::request::Parts,
+    deadline: Option<CallDeadline>,
+) -> Option<http::request::Parts> {
+    if let Some(deadline) = deadline {
+        let now = Instant::now();
+        if deadline.has_passed_at(now) {
+            return None;
+        }
+        deadline.write_header(&mut parts.headers, now);
+    }
+    Some(parts)
 }
 
 fn conflict<RB: Body>(key: &str) -> Response<ResponseBody<RB>> {
@@ -381,6 +405,9 @@ where
     RB: Body<Data = Bytes>,
 {
     let settings = &shared.settings;
+    // The call's deadline, from its `grpc-timeout` as it arrives: a repeat
+    // waits for its key no longer, and the handler is told the time left.
+    let deadline = CallDeadline::of_request(&request);
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let (service, method) = labels(&path);
@@ -403,7 +430,7 @@ where
     };
     let fingerprint = Fingerprint::of(&path, &body);
 
-    let claimed = claim(&shared, &key, fingerprint, service, method).await;
+    let claimed = claim(&shared, &key, fingerprint, deadline, service, method).await;
     let token = match claimed {
         Claimed::Run(token) => token,
         Claimed::Answer(response) => return Ok(response),
@@ -415,6 +442,9 @@ where
                 method,
                 "running a keyed call without deduplication: the idempotency store failed"
             );
+            let Some(parts) = on_time(parts, deadline) else {
+                return Ok(out_of_time(&key));
+            };
             let request = Request::from_parts(parts, RequestBody::buffered(body));
             let response = inner.call(request).await?;
             return Ok(response.map(ResponseBody::passthrough));
@@ -428,6 +458,11 @@ where
         path: path.clone(),
         token: Some(token),
         counted: false,
+    };
+    let Some(parts) = on_time(parts, deadline) else {
+        // Claimed as its deadline passed (after a wait): not run.
+        guard.release("deadline").await;
+        return Ok(out_of_time(&guard.key));
     };
     let request = Request::from_parts(parts, RequestBody::buffered(body));
     let response = match inner.call(request).await {
@@ -534,6 +569,7 @@ async fn claim<St: Store, RB: Body>(
     shared: &Shared<St>,
     key: &str,
     fingerprint: Fingerprint,
+    deadline: Option<CallDeadline>,
     service: &str,
     method: &str,
 ) -> Claimed<RB> {
@@ -614,6 +650,16 @@ async fn claim<St: Store, RB: Body>(
                         OnInProgress::Wait(max) => max,
                     };
                     let waited = now - since;
+                    let left = deadline.map(|d| d.remaining_at(now));
+                    if left.is_some_and(|left| left.is_zero()) {
+                        tracing::debug!(
+                            key,
+                            service,
+                            method,
+                            "idempotency key in progress past the call's deadline; answering DEADLINE_EXCEEDED"
+                        );
+                        return Claimed::Answer(out_of_time(key));
+                    }
                     if waited >= max {
                         tracing::debug!(
                             key,
@@ -623,7 +669,8 @@ async fn claim<St: Store, RB: Body>(
                         );
                         return Claimed::Answer(aborted(key, settings.pushback));
                     }
-                    tokio::time::sleep(interval.min(max - waited)).await;
+                    let nap = interval.min(max - waited);
+                    tokio::time::sleep(left.map_or(nap, |left| nap.min(left))).await;
                     interval = (interval * 2).min(settings.poll_interval * 10);
                     match bounded(settings.store_timeout, "fetch", shared.store.fetch(key)).await {
                         Ok(Some(next)) => entry = next,

@@ -15,7 +15,13 @@
 //!   an `idempotent-replayed: true` header; the handler does not run.
 //! * **Repeat while the first is still running**: waits for it (bounded),
 //!   or `ABORTED` with `grpc-retry-pushback-ms`, as
-//!   [`OnInProgress`] says.
+//!   [`OnInProgress`] says. A repeat never waits past its own deadline
+//!   (its `grpc-timeout`): then it gets `DEADLINE_EXCEEDED`.
+//! * **The handler's deadline**: a keyed call reaches the handler with
+//!   `grpc-timeout` rewritten to the time it has left after reading its
+//!   body, claiming its key and any wait; a call whose deadline passed
+//!   meanwhile is not run (`DEADLINE_EXCEEDED`, its key released with
+//!   `reason` = `deadline`).
 //! * **Key reused with another request** (another body or another method;
 //!   compared by a 128-bit [`Fingerprint`]): `FAILED_PRECONDITION` naming
 //!   the key.

@@ -27,6 +27,8 @@ const GET: &str = "/shop.v1.Orders/Get";
 #[derive(Clone)]
 struct Handler {
     runs: Arc<AtomicUsize>,
+    // The `grpc-timeout` each run was called with.
+    timeouts: Arc<std::sync::Mutex<Vec<Option<String>>>>,
     delay: Duration,
     code: Code,
     trailers_only: bool,
@@ -37,6 +39,7 @@ impl Handler {
     fn ok() -> Self {
         Handler {
             runs: Arc::default(),
+            timeouts: Arc::default(),
             delay: Duration::ZERO,
             code: Code::Ok,
             trailers_only: false,
@@ -96,6 +99,12 @@ fn make_service_fn(
     tower::service_fn(move |request: Request<RequestBody<Full<Bytes>>>| {
         let handler = handler.clone();
         async move {
+            let timeout = request.headers().get("grpc-timeout");
+            handler
+                .timeouts
+                .lock()
+                .unwrap()
+                .push(timeout.map(|v| v.to_str().unwrap().to_owned()));
             let body = request.into_body().collect().await.unwrap().to_bytes();
             let run = handler.runs.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(handler.delay).await;
@@ -327,6 +336,66 @@ where
         >,
 {
     call(&mut service, request).await
+}
+
+/// `request` with a `grpc-timeout` of `value`.
+fn with_timeout(mut request: Request<Full<Bytes>>, value: &'static str) -> Request<Full<Bytes>> {
+    request
+        .headers_mut()
+        .insert("grpc-timeout", HeaderValue::from_static(value));
+    request
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeat_waits_no_longer_than_its_own_deadline() {
+    let handler = Handler::ok().slow(Duration::from_secs(10));
+    let layer = layer().with_in_progress(OnInProgress::Wait(Duration::from_secs(5)));
+    let service = layer.layer(handler.service());
+    let _first = tokio::spawn(call_owned(service.clone(), request(CREATE, Some("k"), "a")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let started = tokio::time::Instant::now();
+    let second = call_owned(
+        service.clone(),
+        with_timeout(request(CREATE, Some("k"), "a"), "200m"),
+    )
+    .await;
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(200),
+        "answered at its deadline, not after the 5 s wait"
+    );
+    assert_eq!(second.code, Code::DeadlineExceeded);
+    assert!(second.message.contains("`k`"), "{}", second.message);
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeat_that_runs_after_waiting_tells_the_handler_the_time_it_has_left() {
+    let handler = Handler::ok()
+        .failing(Code::Unavailable)
+        .slow(Duration::from_millis(150));
+    let layer = layer().with_in_progress(OnInProgress::Wait(Duration::from_secs(5)));
+    let service = layer.layer(handler.service());
+    let first = tokio::spawn(call_owned(service.clone(), request(CREATE, Some("k"), "a")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Arrives at 10 ms with 1 s; the first releases the key at 150 ms.
+    let second = call_owned(
+        service.clone(),
+        with_timeout(request(CREATE, Some("k"), "a"), "1000000u"),
+    )
+    .await;
+    first.await.unwrap();
+    assert_eq!(second.message, "run 2");
+    let timeouts = handler.timeouts.lock().unwrap().clone();
+    let left = grpc_resilience_core::timeout_header::decode(
+        timeouts[1].as_deref().expect("a grpc-timeout").as_bytes(),
+    )
+    .unwrap();
+    assert!(
+        left <= Duration::from_millis(860),
+        "the handler is told the time left after the wait, not the 1 s the call came with: {left:?}"
+    );
+    assert!(left >= Duration::from_millis(700), "{left:?}");
 }
 
 #[tokio::test(start_paused = true)]
