@@ -128,8 +128,8 @@ impl CallDeadline {
 
     /// Writes `grpc-timeout` with the time left at `now`, replacing any
     /// value there, unless the value there already states that time to the
-    /// header's own precision, or within a microsecond
-    /// ([`timeout_header::states`]): a layer above that wrote it an instant
+    /// header's own precision, or within a millisecond
+    /// ([`timeout_header::states`]): a layer above that wrote it a moment
     /// ago saves this one an encode, an allocation and an insert.
     pub fn write_header(&self, headers: &mut HeaderMap, now: Instant) {
         let remaining = self.remaining_at(now);
@@ -215,7 +215,7 @@ mod tests {
         assert_eq!(headers["grpc-timeout"], "4998999u");
         // A header that understates (a caller's shorter value), or that
         // does not parse, is replaced too.
-        for other in ["1S", "abc", "4998997u"] {
+        for other in ["1S", "abc", "4997000u"] {
             headers.insert("grpc-timeout", HeaderValue::from_static(other));
             deadline.write_header(&mut headers, Instant::now());
             assert_eq!(headers["grpc-timeout"], "4998999u", "after {other}");
@@ -223,9 +223,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn below_100_ms_a_header_a_moment_old_is_kept() {
-        // Under 100 ms the header counts nanoseconds; one written 300 ns
-        // ago is within the microsecond `states` asks for.
+    async fn a_header_less_than_a_millisecond_old_is_kept_even_in_nanoseconds() {
+        // Under 100 ms the header counts nanoseconds; one written 300 ns,
+        // then 500 µs ago is within the millisecond `states` asks for.
         let deadline = CallDeadline::after(Duration::from_millis(50)).unwrap();
         let mut headers = HeaderMap::new();
         deadline.write_header(&mut headers, Instant::now());
@@ -233,10 +233,13 @@ mod tests {
         tokio::time::advance(Duration::from_nanos(300)).await;
         deadline.write_header(&mut headers, Instant::now());
         assert_eq!(headers["grpc-timeout"], "50000000n");
-        // Two microseconds on, it is rewritten.
-        tokio::time::advance(Duration::from_micros(2)).await;
+        tokio::time::advance(Duration::from_micros(500)).await;
         deadline.write_header(&mut headers, Instant::now());
-        assert_eq!(headers["grpc-timeout"], "49997700n");
+        assert_eq!(headers["grpc-timeout"], "50000000n");
+        // Past a millisecond, it is rewritten.
+        tokio::time::advance(Duration::from_micros(600)).await;
+        deadline.write_header(&mut headers, Instant::now());
+        assert_eq!(headers["grpc-timeout"], "48899700n");
     }
 
     #[tokio::test(start_paused = true)]

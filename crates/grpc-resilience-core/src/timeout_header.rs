@@ -63,30 +63,27 @@ fn value_and_unit(timeout: Duration) -> (u64, u8) {
 /// [`encode`]`(timeout)` would: it decodes to within one unit of that
 /// encoding (the format's own precision, about one part in 10^7) of
 /// `timeout`, above or below, and never need be closer than
-/// [`STATES_WITHIN`] (a microsecond).
+/// [`STATES_WITHIN`] (a millisecond).
 ///
 /// A layer that must send a request with the time left at this moment
 /// keeps a header that passes, and so skips encoding and inserting a new
-/// one (an allocation), when a layer above wrote it an instant ago. The
-/// server reads the same deadline to within what the header can express,
-/// or to within a microsecond below 100 ms, where the header counts
-/// nanoseconds: a header written a few hundred nanoseconds earlier is kept
-/// there too, rather than rewritten on every call.
+/// one (an allocation), when a layer above wrote it a moment ago: across
+/// layers called one from the other, across a buffer's task hop, across a
+/// store's round trip. The server reads the same deadline to within a
+/// millisecond or what the header can express; a wait longer than that (a
+/// queue, a backoff) gets a fresh header.
 ///
 /// ```
 /// use std::time::Duration;
 /// use grpc_resilience_core::timeout_header::states;
 ///
-/// // Written as 5 s; 200 ns later, 4.9999998 s are left: one microsecond
-/// // is the unit a fresh header would use, and the old one is within it.
-/// let left = Duration::from_secs(5) - Duration::from_nanos(200);
+/// // Written as 5 s; 300 µs later, 4.9997 s are left: within a millisecond.
+/// let left = Duration::from_secs(5) - Duration::from_micros(300);
 /// assert!(states(b"5000000u", left));
-/// // 2 ms later the old header overstates by 2,000 units: rewrite it.
+/// // 2 ms later the old header overstates by 2 ms: rewrite it.
 /// assert!(!states(b"5000000u", left - Duration::from_millis(2)));
-/// // Below 100 ms the unit is a nanosecond; 300 ns are within a microsecond.
-/// let left = Duration::from_millis(50) - Duration::from_nanos(300);
-/// assert!(states(b"50000000n", left));
-/// assert!(!states(b"50000000n", left - Duration::from_micros(1)));
+/// // Past 99,999,999 s the unit is a minute, and a minute's rounding stands.
+/// assert!(states(b"1666666M", Duration::from_secs(1_666_666 * 60 + 59)));
 /// assert!(!states(b"garbage", left));
 /// ```
 pub fn states(value: &[u8], timeout: Duration) -> bool {
@@ -101,11 +98,12 @@ pub fn states(value: &[u8], timeout: Duration) -> bool {
     stated.abs_diff(timeout).as_nanos() < per.max(STATES_WITHIN.as_nanos())
 }
 
-/// The finest difference [`states`] tells apart: a microsecond, far below
-/// what a server can act on (a loopback round trip takes tens of them) and
-/// above the few hundred nanoseconds between one layer writing the header
-/// and the next sending the request.
-pub const STATES_WITHIN: Duration = Duration::from_micros(1);
+/// The finest difference [`states`] tells apart: a millisecond, the unit
+/// deadlines are set and acted on in, and about one datacenter round trip,
+/// which no `grpc-timeout` accounts for anyway (the server starts its timer
+/// when the request arrives). Above the microseconds a task hop or a local
+/// store call takes, so those do not cost a rewrite on every call.
+pub const STATES_WITHIN: Duration = Duration::from_millis(1);
 
 fn encode_to(timeout: Duration, buf: &mut [u8; 9]) -> usize {
     let (value, unit) = value_and_unit(timeout);
@@ -282,11 +280,11 @@ mod tests {
             let fresh = encode(t);
             prop_assert!(states(fresh.as_bytes(), t));
             // The same header a moment later: kept only while it is within
-            // one unit of what a fresh encoding would say, or a microsecond.
+            // one unit of what a fresh encoding would say, or a millisecond.
             let later = t.saturating_sub(Duration::from_nanos(drift));
             let stated = decode(fresh.as_bytes()).unwrap();
             let (_, unit) = value_and_unit(later);
-            let per = UNITS.iter().find(|u| u.0 == unit).unwrap().1.max(1_000);
+            let per = UNITS.iter().find(|u| u.0 == unit).unwrap().1.max(1_000_000);
             let within = stated.abs_diff(later).as_nanos() < per;
             prop_assert_eq!(states(fresh.as_bytes(), later), within);
             let again = decode(encode(later).as_bytes()).unwrap();
