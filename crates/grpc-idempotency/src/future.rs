@@ -429,12 +429,19 @@ where
         }
     };
     let fingerprint = Fingerprint::of(&path, &body);
+    // A call already out of time is not worth a claim and a release.
+    if deadline.is_some_and(|d| d.has_passed_at(Instant::now())) {
+        return Ok(out_of_time(&key));
+    }
 
     let claimed = claim(&shared, &key, fingerprint, deadline, service, method).await;
     let token = match claimed {
         Claimed::Run(token) => token,
         Claimed::Answer(response) => return Ok(response),
         Claimed::Unprotected => {
+            let Some(parts) = on_time(parts, deadline) else {
+                return Ok(out_of_time(&key));
+            };
             count(Event::Unprotected);
             tracing::warn!(
                 key,
@@ -442,9 +449,6 @@ where
                 method,
                 "running a keyed call without deduplication: the idempotency store failed"
             );
-            let Some(parts) = on_time(parts, deadline) else {
-                return Ok(out_of_time(&key));
-            };
             let request = Request::from_parts(parts, RequestBody::buffered(body));
             let response = inner.call(request).await?;
             return Ok(response.map(ResponseBody::passthrough));
@@ -670,7 +674,20 @@ async fn claim<St: Store, RB: Body>(
                         return Claimed::Answer(aborted(key, settings.pushback));
                     }
                     let nap = interval.min(max - waited);
-                    tokio::time::sleep(left.map_or(nap, |left| nap.min(left))).await;
+                    if let Some(left) = left.filter(|&left| left <= nap) {
+                        // The deadline comes first: answer then, without
+                        // another store call (tonic's own timer for it is
+                        // already running).
+                        tokio::time::sleep(left).await;
+                        tracing::debug!(
+                            key,
+                            service,
+                            method,
+                            "idempotency key in progress past the call's deadline; answering DEADLINE_EXCEEDED"
+                        );
+                        return Claimed::Answer(out_of_time(key));
+                    }
+                    tokio::time::sleep(nap).await;
                     interval = (interval * 2).min(settings.poll_interval * 10);
                     match bounded(settings.store_timeout, "fetch", shared.store.fetch(key)).await {
                         Ok(Some(next)) => entry = next,

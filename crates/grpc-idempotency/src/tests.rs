@@ -827,3 +827,63 @@ async fn a_call_dropped_while_its_response_is_recorded_releases_the_key() {
     );
     assert_eq!(layer.stats().released, 2, "each claim released once");
 }
+
+/// The memory store, with a `claim` that takes 300 ms.
+#[derive(Clone, Debug, Default)]
+struct SlowClaim {
+    inner: MemoryStore,
+}
+
+impl Store for SlowClaim {
+    async fn claim(
+        &self,
+        key: &str,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.inner.claim(key, fp, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        record: Record,
+        keep: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.complete(key, token, record, keep).await
+    }
+    async fn release(&self, key: &str, token: ClaimToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn fetch(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        self.inner.fetch(key).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_out_of_time_is_not_run_and_its_key_is_freed() {
+    let handler = Handler::ok();
+    let layer = layer().with_store(SlowClaim::default());
+    let mut service = layer.layer(handler.service());
+    // Out of time on arrival: answered at once, no claim.
+    let late = call(
+        &mut service,
+        with_timeout(request(CREATE, Some("k"), "a"), "0n"),
+    )
+    .await;
+    assert_eq!(late.code, Code::DeadlineExceeded);
+    assert_eq!(layer.stats().misses, 0, "no claim was made");
+    // Out of time once the slow store has given it the key: not run, and
+    // the key is released for a retry.
+    let claimed_late = call(
+        &mut service,
+        with_timeout(request(CREATE, Some("k"), "a"), "200m"),
+    )
+    .await;
+    assert_eq!(claimed_late.code, Code::DeadlineExceeded);
+    assert_eq!(handler.runs(), 0);
+    assert_eq!(layer.stats().released, 1);
+    let retried = call(&mut service, request(CREATE, Some("k"), "a")).await;
+    assert_eq!(retried.body, "run 1: a");
+}
