@@ -114,6 +114,24 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// The `grpc-timeout` of each call to the methods `selector` names
+    /// (`package.Service/Method`) that carried one, in the order the calls
+    /// came: what the server was told of each call's deadline.
+    pub fn timeouts_seen(&self, selector: &str) -> Vec<std::time::Duration> {
+        self.faults
+            .calls_to(selector)
+            .expect("a valid selector")
+            .iter()
+            .filter_map(|c| c.headers.get("grpc-timeout"))
+            .map(|v| {
+                grpc_resilience_core::timeout_header::decode(v.as_bytes())
+                    .expect("a valid grpc-timeout")
+            })
+            .collect()
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {

@@ -447,19 +447,7 @@ async fn a_broken_health_watch_falls_back_to_passive_detection_and_is_retried_wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulkhead_per_endpoint_holds_calls_beyond_its_limit() {
-    let servers = three().await;
-    for server in &servers {
-        server
-            .faults
-            .always(
-                "GetProduct",
-                Fault::pass().with_delay(Duration::from_millis(1500)),
-            )
-            .unwrap();
-    }
-    let registry = BreakerRegistry::new();
-    let config = config(Duration::from_secs(30), 50).with_max_concurrent_calls(1);
-    let channel = balanced(&servers, config, &registry);
+    let (servers, channel) = full_endpoints().await;
     let total = || servers.iter().map(calls).sum::<u64>();
     let mut tasks = Vec::new();
     for _ in 0..6 {
@@ -484,30 +472,18 @@ async fn a_bulkhead_per_endpoint_holds_calls_beyond_its_limit() {
     assert_eq!(total(), 6);
 }
 
-/// The `grpc-timeout` of every GetProduct call `server` saw.
-fn timeouts_seen(server: &TestServer) -> Vec<Duration> {
-    server
-        .faults
-        .calls_to("catalog.v1.QueryService/GetProduct")
-        .unwrap()
-        .iter()
-        .filter_map(|c| c.headers.get("grpc-timeout"))
-        .map(|v| grpc_resilience_core::timeout_header::decode(v.as_bytes()).unwrap())
-        .collect()
-}
+/// How long each of [`full_endpoints`]'s servers holds a GetProduct.
+const HOLD: Duration = Duration::from_millis(2_000);
 
-/// Three servers that hold each GetProduct for 1.5 s, one call at a time
-/// each: three calls fill them, and the next ones wait in the balancer's
-/// buffer for about 1.5 s.
+/// Three servers that hold each GetProduct for [`HOLD`], one call at a
+/// time each: three calls fill them, and the next ones wait in the
+/// balancer's buffer until one ends.
 async fn full_endpoints() -> (Vec<TestServer>, BalancedChannel) {
     let servers = three().await;
     for server in &servers {
         server
             .faults
-            .always(
-                "GetProduct",
-                Fault::pass().with_delay(Duration::from_millis(1500)),
-            )
+            .always("GetProduct", Fault::pass().with_delay(HOLD))
             .unwrap();
     }
     let config = config(Duration::from_secs(30), 50).with_max_concurrent_calls(1);
@@ -565,7 +541,7 @@ async fn a_call_that_waited_for_an_endpoint_tells_the_server_the_time_it_has_lef
     let total = || servers.iter().map(calls).sum::<u64>();
     let channel = ServiceBuilder::new()
         .layer(TimeoutLayer::new(
-            TimeoutPolicy::new(Duration::from_secs(4)).unwrap(),
+            TimeoutPolicy::new(Duration::from_secs(5)).unwrap(),
         ))
         .service(channel);
     let holders: Vec<_> = (0..3)
@@ -580,19 +556,25 @@ async fn a_call_that_waited_for_an_endpoint_tells_the_server_the_time_it_has_lef
         .get_product(get())
         .await
         .expect("sent once an endpoint is free");
-    let waited = start.elapsed();
+    // The call's own time at a server is HOLD; the rest it spent waiting
+    // for an endpoint.
+    let queued = start.elapsed().saturating_sub(HOLD);
     for call in holders {
         call.await.unwrap().unwrap();
     }
-    let mut seen: Vec<Duration> = servers.iter().flat_map(timeouts_seen).collect();
+    let mut seen: Vec<Duration> = servers
+        .iter()
+        .flat_map(|s| s.timeouts_seen("catalog.v1.QueryService/GetProduct"))
+        .collect();
     seen.sort();
     assert_eq!(seen.len(), 4, "{seen:?}");
-    assert!(seen[1] > Duration::from_millis(3_900), "{seen:?}");
-    // Sent only once an endpoint was free, most of 1.5 s later.
-    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    assert!(seen[1] > Duration::from_millis(4_900), "{seen:?}");
+    // It waited most of HOLD (the rest went to noticing the servers had
+    // the first three).
+    assert!(queued >= Duration::from_millis(1_000), "{queued:?}");
     assert!(
-        seen[0] <= Duration::from_secs(4) - Duration::from_millis(700),
-        "the server was told the 4 s of the call's start, not what was left after \
-         {waited:?} waiting for an endpoint: {seen:?}"
+        seen[0] <= Duration::from_secs(5) - queued + Duration::from_millis(50),
+        "the server was told the 5 s of the call's start, not what was left after \
+         {queued:?} waiting for an endpoint: {seen:?}"
     );
 }

@@ -588,20 +588,6 @@ async fn in_the_full_stack_refusals_never_open_the_breaker_below() {
     assert_eq!(breakers.state("query"), Some(State::Open));
 }
 
-/// The `grpc-timeout` each GetProduct call carried when the server saw it.
-fn timeouts_seen(server: &TestServer) -> Vec<Duration> {
-    server
-        .faults
-        .calls_to("catalog.v1.QueryService/GetProduct")
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let value = c.headers.get("grpc-timeout").expect("a grpc-timeout");
-            grpc_resilience_core::timeout_header::decode(value.as_bytes()).unwrap()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_waited_for_a_slot_tells_the_server_the_time_it_has_left() {
     use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
@@ -645,7 +631,7 @@ async fn a_call_that_waited_for_a_slot_tells_the_server_the_time_it_has_left() {
     let waited = start.elapsed();
     first.await.unwrap().unwrap();
 
-    let seen = timeouts_seen(&server);
+    let seen = server.timeouts_seen("catalog.v1.QueryService/GetProduct");
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(seen[0] > Duration::from_millis(2_900), "{seen:?}");
     // Sent only once the first call ended: most of its 1.5 s later (the

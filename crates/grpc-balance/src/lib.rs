@@ -70,7 +70,10 @@
 //! time it has left. The caller is answered at its deadline only if a
 //! deadline layer above times the call (`grpc_timeout`, as the
 //! `grpc-resilience` stack does); the channel alone answers when an
-//! endpoint is ready, as tonic's own balanced channel does.
+//! endpoint is ready, as tonic's own balanced channel does. Time a caller
+//! spends in `poll_ready` waiting for room in a full buffer, before its
+//! call, counts only if a layer above recorded the deadline before it
+//! (tower's services are made ready before they are called).
 //!
 //! # Health checks
 //!

@@ -122,7 +122,11 @@ mod tests {
             tonic::Code::DeadlineExceeded
         );
         assert!(handle.poll_request().is_pending(), "never sent");
-        // The readiness it was given is still there for the next call.
+        // The next call is sent as usual (the buffer's worker makes the
+        // service ready before each call).
+        std::future::poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .unwrap();
         let call = service.call(request(None));
         let (sent, respond) = handle.next_request().await.expect("the next call is sent");
         assert_eq!(
