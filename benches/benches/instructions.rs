@@ -16,12 +16,14 @@
 //! compare each row with its group's `bare`. Without a row it lists the
 //! rows; `all` runs each once, as a smoke test.
 //!
-//! Code that reads the clock can take another path under valgrind, which
-//! runs it about fifty times slower: the retry layer finds the
-//! `grpc-timeout` the deadline layer wrote a few microseconds stale and
-//! rewrites it, which a native call does not. The stack and facade rows
-//! count about 610 instructions for that (BENCHMARKS.md, "What a profiler
-//! sees"); comparisons between two builds are not affected.
+//! Code that reads the clock could take another path under valgrind, which
+//! runs it about fifty times slower: until the `grpc-timeout` check
+//! accepted a header within a millisecond, the retry layer found the
+//! deadline layer's header a few microseconds stale and rewrote it, which
+//! a native call does not (about 610 instructions in the stack and facade
+//! rows; BENCHMARKS.md, "What a profiler sees"). Keep a check on the clock
+//! coarser than valgrind's slowdown, or these rows stop counting the
+//! native path.
 
 use std::time::Duration;
 
