@@ -675,17 +675,14 @@ async fn claim<St: Store, RB: Body>(
                     }
                     let nap = interval.min(max - waited);
                     if let Some(left) = left.filter(|&left| left <= nap) {
-                        // The deadline comes first: answer then, without
-                        // another store call (tonic's own timer for it is
-                        // already running).
+                        // The deadline comes first: answer then (above),
+                        // without another store call (tonic's own timer
+                        // for it is already running).
                         tokio::time::sleep(left).await;
-                        tracing::debug!(
-                            key,
-                            service,
-                            method,
-                            "idempotency key in progress past the call's deadline; answering DEADLINE_EXCEEDED"
-                        );
-                        return Claimed::Answer(out_of_time(key));
+                        entry = Entry::InProgress {
+                            fingerprint: theirs,
+                        };
+                        continue;
                     }
                     tokio::time::sleep(nap).await;
                     interval = (interval * 2).min(settings.poll_interval * 10);

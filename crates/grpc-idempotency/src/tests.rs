@@ -766,30 +766,36 @@ async fn a_response_body_that_breaks_releases_the_key_and_reaches_the_caller() {
     assert_eq!(layer.stats().released, 2);
 }
 
-/// The memory store, with `complete` that never answers: a call dropped
-/// while its response is being recorded.
+/// The memory store, with a slow `claim` or a `complete` that never
+/// answers (a call dropped while its response is being recorded).
 #[derive(Clone, Debug, Default)]
-struct StuckComplete {
+struct OddStore {
     inner: MemoryStore,
+    claim_delay: Duration,
+    complete_hangs: bool,
 }
 
-impl Store for StuckComplete {
+impl Store for OddStore {
     async fn claim(
         &self,
         key: &str,
         fp: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        tokio::time::sleep(self.claim_delay).await;
         self.inner.claim(key, fp, lease).await
     }
     async fn complete(
         &self,
-        _: &str,
-        _: ClaimToken,
-        _: Record,
-        _: Duration,
+        key: &str,
+        token: ClaimToken,
+        record: Record,
+        keep: Duration,
     ) -> Result<bool, StoreError> {
-        std::future::pending().await
+        if self.complete_hangs {
+            std::future::pending::<()>().await;
+        }
+        self.inner.complete(key, token, record, keep).await
     }
     async fn release(&self, key: &str, token: ClaimToken) -> Result<(), StoreError> {
         self.inner.release(key, token).await
@@ -805,7 +811,10 @@ async fn a_call_dropped_while_its_response_is_recorded_releases_the_key() {
     // caller gone) while the store records the response.
     let handler = Handler::ok();
     let layer = layer()
-        .with_store(StuckComplete::default())
+        .with_store(OddStore {
+            complete_hangs: true,
+            ..OddStore::default()
+        })
         .with_store_timeout(Duration::from_secs(5))
         .unwrap();
     let mut service = layer.layer(handler.service());
@@ -828,43 +837,13 @@ async fn a_call_dropped_while_its_response_is_recorded_releases_the_key() {
     assert_eq!(layer.stats().released, 2, "each claim released once");
 }
 
-/// The memory store, with a `claim` that takes 300 ms.
-#[derive(Clone, Debug, Default)]
-struct SlowClaim {
-    inner: MemoryStore,
-}
-
-impl Store for SlowClaim {
-    async fn claim(
-        &self,
-        key: &str,
-        fp: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        self.inner.claim(key, fp, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: ClaimToken,
-        record: Record,
-        keep: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.complete(key, token, record, keep).await
-    }
-    async fn release(&self, key: &str, token: ClaimToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn fetch(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        self.inner.fetch(key).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_call_out_of_time_is_not_run_and_its_key_is_freed() {
     let handler = Handler::ok();
-    let layer = layer().with_store(SlowClaim::default());
+    let layer = layer().with_store(OddStore {
+        claim_delay: Duration::from_millis(300),
+        ..OddStore::default()
+    });
     let mut service = layer.layer(handler.service());
     // Out of time on arrival: answered at once, no claim.
     let late = call(
