@@ -141,12 +141,16 @@ fn aborted<RB: Body>(key: &str, pushback: Duration) -> Response<ResponseBody<RB>
     response
 }
 
-/// The answer to a repeat whose own deadline passed while the first call
-/// with its key still ran.
-fn out_of_time<RB: Body>(key: &str) -> Response<ResponseBody<RB>> {
-    status_response(Status::deadline_exceeded(format!(
-        "the call's deadline passed while a call with idempotency key `{key}` was still in progress"
-    )))
+/// The answer to a call whose deadline passed before its handler could
+/// run: while another call with its key was in progress, or before.
+fn out_of_time<RB: Body>(key: &str, in_progress: bool) -> Response<ResponseBody<RB>> {
+    status_response(Status::deadline_exceeded(if in_progress {
+        format!(
+            "the call's deadline passed while a call with idempotency key `{key}` was still in progress"
+        )
+    } else {
+        format!("the call's deadline passed before it could run (idempotency key `{key}`)")
+    }))
 }
 
 /// The request for the handler: `grpc-timeout` says the time left now
@@ -431,7 +435,7 @@ where
     let fingerprint = Fingerprint::of(&path, &body);
     // A call already out of time is not worth a claim and a release.
     if deadline.is_some_and(|d| d.has_passed_at(Instant::now())) {
-        return Ok(out_of_time(&key));
+        return Ok(out_of_time(&key, false));
     }
 
     let claimed = claim(&shared, &key, fingerprint, deadline, service, method).await;
@@ -440,7 +444,7 @@ where
         Claimed::Answer(response) => return Ok(response),
         Claimed::Unprotected => {
             let Some(parts) = on_time(parts, deadline) else {
-                return Ok(out_of_time(&key));
+                return Ok(out_of_time(&key, false));
             };
             count(Event::Unprotected);
             tracing::warn!(
@@ -466,7 +470,7 @@ where
     let Some(parts) = on_time(parts, deadline) else {
         // Claimed as its deadline passed (after a wait): not run.
         guard.release("deadline").await;
-        return Ok(out_of_time(&guard.key));
+        return Ok(out_of_time(&guard.key, false));
     };
     let request = Request::from_parts(parts, RequestBody::buffered(body));
     let response = match inner.call(request).await {
@@ -662,7 +666,7 @@ async fn claim<St: Store, RB: Body>(
                             method,
                             "idempotency key in progress past the call's deadline; answering DEADLINE_EXCEEDED"
                         );
-                        return Claimed::Answer(out_of_time(key));
+                        return Claimed::Answer(out_of_time(key, true));
                     }
                     if waited >= max {
                         tracing::debug!(
