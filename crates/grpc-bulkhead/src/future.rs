@@ -9,13 +9,13 @@ use std::time::Duration;
 use grpc_resilience_core::error::{LocalRejection, error_code, find_error};
 use grpc_resilience_core::{BoxError, CallDeadline, OnOutcome, Outcome, OutcomeBody};
 use pin_project_lite::pin_project;
-use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::error::BulkheadFull;
 use crate::limit::{Sample, is_overload};
 use crate::partition::{Partition, Rejection};
+use crate::sync::oneshot;
 
 /// A call's slot in its partition, held until the call ends: the end of
 /// the response body, a failed call, or a dropped future or body.
@@ -103,16 +103,17 @@ pub(crate) fn reject(partition: &Partition, reason: Rejection) -> BulkheadFull {
 
 /// A place in a partition's wait queue.
 #[derive(Debug)]
-struct Ticket {
-    rx: oneshot::Receiver<()>,
-    partition: Arc<Partition>,
-    claimed: bool,
+pub(crate) struct Ticket {
+    pub(crate) rx: oneshot::Receiver<()>,
+    pub(crate) partition: Arc<Partition>,
+    // The call took the slot it was granted (or passed it on itself).
+    pub(crate) claimed: bool,
 }
 
 impl Ticket {
     /// Leaves the queue; true if a slot was granted meanwhile (the call
     /// then holds it).
-    fn give_up(&mut self) -> bool {
+    pub(crate) fn give_up(&mut self) -> bool {
         self.rx.close();
         self.rx.try_recv().is_ok()
     }

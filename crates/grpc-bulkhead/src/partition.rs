@@ -2,15 +2,14 @@
 //! queue used only when the limit is reached.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
-use tokio::sync::oneshot;
 
 use crate::config::BulkheadConfig;
 use crate::limit::{LimitState, Sample};
+use crate::sync::{AtomicU32, AtomicU64, Mutex, SeqCst, lock, oneshot};
 
 /// Why a call was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,14 +69,40 @@ pub(crate) enum Enqueued {
     Full,
 }
 
+/// The calls in flight and the waiters queued, in one word, so that a
+/// release learns in the same atomic step that freed its slot whether
+/// anyone is waiting for one: no store-then-load between two atomics
+/// (the pattern a model checker cannot follow, and one where a wake-up
+/// can be lost to a weaker ordering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Counts(u64);
+
+impl Counts {
+    /// One call in flight.
+    const CALL: u64 = 1;
+    const QUEUED_SHIFT: u32 = 32;
+
+    fn in_flight(self) -> u32 {
+        self.0 as u32
+    }
+
+    /// Senders in the queue, live or abandoned; non-zero means a release
+    /// must look at the queue.
+    fn queued(self) -> u32 {
+        (self.0 >> Self::QUEUED_SHIFT) as u32
+    }
+
+    fn with_queued(self, queued: u32) -> Counts {
+        Counts((u64::from(queued) << Self::QUEUED_SHIFT) | u64::from(self.in_flight()))
+    }
+}
+
 /// A concurrency partition.
 pub(crate) struct Partition {
     name: Arc<str>,
-    in_flight: AtomicU32,
+    // `Counts`: calls in flight (low half) and waiters queued (high half).
+    counts: AtomicU64,
     limit: AtomicU32,
-    // Senders in `waiters`, live or abandoned; non-zero means a release
-    // must look at the queue.
-    queued: AtomicUsize,
     waiters: Mutex<VecDeque<oneshot::Sender<()>>>,
     config: BulkheadConfig,
     adaptive: Option<Mutex<LimitState>>,
@@ -88,15 +113,11 @@ impl std::fmt::Debug for Partition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Partition")
             .field("name", &self.name)
-            .field("in_flight", &self.in_flight.load(SeqCst))
+            .field("in_flight", &self.counts().in_flight())
             .field("limit", &self.limit.load(SeqCst))
-            .field("queued", &self.queued.load(SeqCst))
+            .field("queued", &self.counts().queued())
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Partition {
@@ -111,9 +132,8 @@ impl Partition {
         metrics.limit.set(f64::from(limit));
         Partition {
             name,
-            in_flight: AtomicU32::new(0),
+            counts: AtomicU64::new(0),
             limit: AtomicU32::new(limit),
-            queued: AtomicUsize::new(0),
             waiters: Mutex::new(VecDeque::new()),
             config,
             adaptive,
@@ -133,8 +153,12 @@ impl Partition {
         self.adaptive.is_some()
     }
 
+    fn counts(&self) -> Counts {
+        Counts(self.counts.load(SeqCst))
+    }
+
     pub(crate) fn in_flight(&self) -> u32 {
-        self.in_flight.load(SeqCst)
+        self.counts().in_flight()
     }
 
     pub(crate) fn limit(&self) -> u32 {
@@ -146,22 +170,25 @@ impl Partition {
         waiters.iter().filter(|tx| !tx.is_closed()).count()
     }
 
-    /// Takes a slot if one is free: one compare-exchange, no lock.
-    /// Returns the calls in flight, this one included.
+    /// Takes a slot if one is free (and, unless `past_queue`, nobody is
+    /// queued for one): one compare-exchange, no lock. Returns the calls
+    /// in flight, this one included.
     #[inline]
-    fn try_acquire(&self) -> Option<u32> {
+    fn try_acquire(&self, past_queue: bool) -> Option<u32> {
         let limit = self.limit.load(SeqCst);
-        let mut current = self.in_flight.load(SeqCst);
+        let mut current = self.counts();
         loop {
-            if current >= limit {
+            if current.in_flight() >= limit || (!past_queue && current.queued() != 0) {
                 return None;
             }
-            match self
-                .in_flight
-                .compare_exchange_weak(current, current + 1, SeqCst, SeqCst)
-            {
-                Ok(_) => return Some(current + 1),
-                Err(now) => current = now,
+            match self.counts.compare_exchange_weak(
+                current.0,
+                current.0 + Counts::CALL,
+                SeqCst,
+                SeqCst,
+            ) {
+                Ok(_) => return Some(current.in_flight() + 1),
+                Err(now) => current = Counts(now),
             }
         }
     }
@@ -169,10 +196,21 @@ impl Partition {
     /// The fast path: a slot if one is free and nobody is queued for one.
     #[inline]
     pub(crate) fn acquire(&self) -> Option<u32> {
-        if self.queued.load(SeqCst) != 0 {
-            return None;
+        self.try_acquire(false)
+    }
+
+    /// Records how many senders the queue holds (under its lock).
+    fn set_queued(&self, queued: usize) {
+        let queued = u32::try_from(queued).unwrap_or(u32::MAX);
+        let mut current = self.counts();
+        while let Err(now) = self.counts.compare_exchange_weak(
+            current.0,
+            current.with_queued(queued).0,
+            SeqCst,
+            SeqCst,
+        ) {
+            current = Counts(now);
         }
-        self.try_acquire()
     }
 
     /// The slow path, for a call the fast path turned away.
@@ -181,7 +219,7 @@ impl Partition {
         let max = self.config.max_queue() as usize;
         let mut waiters = lock(&self.waiters);
         if waiters.is_empty()
-            && let Some(n) = self.try_acquire()
+            && let Some(n) = self.try_acquire(true)
         {
             return Enqueued::Acquired(n);
         }
@@ -189,15 +227,16 @@ impl Partition {
             waiters.retain(|tx| !tx.is_closed());
         }
         if waiters.len() >= max {
-            self.queued.store(waiters.len(), SeqCst);
+            self.set_queued(waiters.len());
             return Enqueued::Full;
         }
         let (tx, rx) = oneshot::channel();
         waiters.push_back(tx);
-        // Announce the waiter before looking at the counter again: a
-        // release that decremented it before seeing the announcement is
-        // caught here, one that sees it hands its slot on.
-        self.queued.store(waiters.len(), SeqCst);
+        // Announce the waiter, then look for a free slot: a release whose
+        // decrement came before the announcement left its slot free for
+        // the hand-off below, and one that comes after it sees the waiter
+        // (both change the one word, so one of the two is first).
+        self.set_queued(waiters.len());
         self.hand_off(&mut waiters);
         Enqueued::Waiting(rx)
     }
@@ -205,7 +244,7 @@ impl Partition {
     /// Gives free slots to the oldest waiters.
     fn hand_off(&self, waiters: &mut VecDeque<oneshot::Sender<()>>) {
         while !waiters.is_empty() {
-            if self.try_acquire().is_none() {
+            if self.try_acquire(true).is_none() {
                 break;
             }
             let mut granted = false;
@@ -217,17 +256,17 @@ impl Partition {
             }
             if !granted {
                 // Everyone had left: give the slot back.
-                self.in_flight.fetch_sub(1, SeqCst);
+                self.counts.fetch_sub(Counts::CALL, SeqCst);
             }
         }
-        self.queued.store(waiters.len(), SeqCst);
+        self.set_queued(waiters.len());
     }
 
     /// Frees a slot, handing it to a waiter if there is one.
     #[inline]
     pub(crate) fn release(&self) {
-        self.in_flight.fetch_sub(1, SeqCst);
-        if self.queued.load(SeqCst) != 0 {
+        let before = Counts(self.counts.fetch_sub(Counts::CALL, SeqCst));
+        if before.queued() != 0 {
             self.wake();
         }
     }
@@ -274,14 +313,20 @@ impl Partition {
         let previous = self.limit.swap(limit, SeqCst);
         if previous != limit {
             self.metrics.limit.set(f64::from(limit));
-            if limit > previous && self.queued.load(SeqCst) != 0 {
+            if limit > previous {
+                // Under the queue's lock, which every waiter takes to
+                // queue: one queued before sees the new room here, one
+                // queued after sees the new limit itself.
                 self.wake();
             }
         }
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, grpc_resilience_loom))]
+mod loom_tests;
+
+#[cfg(all(test, not(grpc_resilience_loom)))]
 mod tests {
     use super::*;
 
