@@ -53,6 +53,7 @@ const ROWS: &[&str] = &[
     "stub/grpc_circuit_breaker, latency_metric off",
     "stub/Timeout > Retry > CircuitBreaker",
     "stub/grpc_resilience::ResilientChannel",
+    "stub/grpc_resilience::ResilientChannel, bulkhead and per-attempt timeout",
     "stub/bare, 2 methods alternating",
     "stub/Timeout > Retry > CircuitBreaker, 2 methods alternating",
     "stub/grpc_resilience::ResilientChannel, 2 methods alternating",
@@ -175,6 +176,12 @@ fn row(name: &str, calls: u64) -> Option<Duration> {
         "stub/Timeout > Retry > CircuitBreaker" => run(&mut stack(), make, calls),
         "stub/grpc_resilience::ResilientChannel" => run(
             &mut ResilientChannel::new(Bare, &grpc_resilience_benches::facade_config())
+                .expect("a config"),
+            make,
+            calls,
+        ),
+        "stub/grpc_resilience::ResilientChannel, bulkhead and per-attempt timeout" => run(
+            &mut ResilientChannel::new(Bare, &grpc_resilience_benches::guarded_facade_config())
                 .expect("a config"),
             make,
             calls,

@@ -322,6 +322,15 @@ pub fn facade_config() -> grpc_resilience::ResilienceConfig {
         .with_retry_default(grpc_resilience::RetrySettings::new())
 }
 
+/// [`facade_config`] with every per-attempt guard on: a bulkhead (64 calls
+/// per service, far above what a row keeps in flight) and a per-attempt
+/// timeout of 2 s.
+pub fn guarded_facade_config() -> grpc_resilience::ResilienceConfig {
+    facade_config()
+        .with_per_attempt_timeout(std::time::Duration::from_secs(2))
+        .with_bulkhead_default(grpc_resilience::BulkheadSettings::new().with_max_concurrent(64))
+}
+
 /// The `tonic::GrpcMethod` a generated stub inserts for [`PATH`].
 pub fn stub_method() -> tonic::GrpcMethod<'static> {
     tonic::GrpcMethod::new("catalog.v1.QueryService", "GetProduct")

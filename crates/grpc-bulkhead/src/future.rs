@@ -43,10 +43,24 @@ impl Permit {
         }
     }
 
-    fn responded(&mut self) {
+    /// The call's response headers came: an adaptive limit takes the
+    /// time until now as the call's round trip.
+    pub fn on_response_head(&mut self) {
         if let Some(start) = self.start {
             self.rtt = Some(Instant::now().saturating_duration_since(start));
         }
+    }
+
+    /// The call failed with `err` before a response: frees the slot. A call
+    /// refused below (a [`LocalRejection`], such as an open breaker) never
+    /// reached the server, so an adaptive limit learns nothing from it.
+    pub fn on_error(mut self, err: &BoxError) {
+        let outcome = if find_error::<LocalRejection>(&**err).is_some() {
+            Outcome::Cancelled
+        } else {
+            Outcome::Error(error_code(&**err))
+        };
+        self.finish(outcome);
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -129,17 +143,109 @@ impl Drop for Ticket {
 }
 
 pin_project! {
-    /// A call waiting for a slot, with the ready service it will be sent to.
-    struct Waiting<S, R> {
+    /// A call's wait for a slot in a full partition (see
+    /// [`Admission::Queued`](crate::Admission::Queued)): resolves to the
+    /// slot, or to the refusal when `max_wait` or the call's deadline comes
+    /// first. Dropping it leaves the queue (a slot granted meanwhile goes
+    /// to the next call).
+    #[derive(Debug)]
+    #[must_use = "a wait does nothing unless polled"]
+    pub struct SlotWait {
         #[pin]
         sleep: Sleep,
         ticket: Ticket,
+        since: Instant,
+        // The call's deadline: the wait ends there too.
+        deadline: Option<CallDeadline>,
+        done: bool,
+    }
+}
+
+impl SlotWait {
+    /// A call queued at `since` for a slot; the wait ends at `max_wait` or
+    /// at the call's `deadline`, whichever comes first.
+    pub(crate) fn new(
+        partition: Arc<Partition>,
+        rx: oneshot::Receiver<()>,
+        deadline: Option<CallDeadline>,
+        since: Instant,
+    ) -> Self {
+        let max_wait = partition.config().max_wait();
+        // A wait too long to add to the clock is a wait without end: a
+        // year is as good.
+        let until = since
+            .checked_add(max_wait)
+            .unwrap_or_else(|| since + Duration::from_secs(365 * 24 * 3600));
+        let until = deadline.map_or(until, |d| until.min(d.instant()));
+        SlotWait {
+            sleep: tokio::time::sleep_until(until),
+            ticket: Ticket {
+                rx,
+                partition,
+                claimed: false,
+            },
+            since,
+            deadline,
+            done: false,
+        }
+    }
+
+    /// The call's deadline, if it has one: a call granted its slot is to
+    /// be sent with `grpc-timeout` rewritten to the time left then
+    /// ([`CallDeadline::write_header`]), since the header said the time
+    /// left when the call was queued.
+    pub fn deadline(&self) -> Option<CallDeadline> {
+        self.deadline
+    }
+}
+
+impl Future for SlotWait {
+    type Output = Result<Permit, BulkheadFull>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let w = self.project();
+        if *w.done {
+            // Polled again after it resolved: the slot (or the refusal)
+            // was handed out once; say the wait is over.
+            return Poll::Ready(Err(reject(&w.ticket.partition, Rejection::WaitTimedOut)));
+        }
+        let granted = match Pin::new(&mut w.ticket.rx).poll(cx) {
+            Poll::Ready(result) => result.is_ok(),
+            Poll::Pending => {
+                ready!(w.sleep.poll(cx));
+                w.ticket.give_up()
+            }
+        };
+        *w.done = true;
+        let partition = w.ticket.partition.clone();
+        let now = Instant::now();
+        partition.on_waited(now.saturating_duration_since(*w.since));
+        let expired = w.deadline.is_some_and(|d| d.has_passed_at(now));
+        if expired && granted {
+            // A slot that came as the deadline passed goes to the next
+            // call in the queue.
+            w.ticket.claimed = true;
+            partition.release();
+        }
+        Poll::Ready(if expired {
+            Err(reject(&partition, Rejection::Deadline))
+        } else if !granted {
+            Err(reject(&partition, Rejection::WaitTimedOut))
+        } else {
+            w.ticket.claimed = true;
+            let in_flight = partition.in_flight();
+            Ok(Permit::new(partition, in_flight))
+        })
+    }
+}
+
+pin_project! {
+    /// A call waiting for a slot, with the ready service it will be sent to.
+    struct Waiting<S, R> {
+        #[pin]
+        wait: SlotWait,
         service: Option<S>,
         request: Option<R>,
-        since: Instant,
-        // The call's deadline: the wait ends there too, and the request
-        // is sent with the time left then.
-        deadline: Option<CallDeadline>,
     }
 }
 
@@ -208,35 +314,12 @@ where
         }
     }
 
-    /// A call queued at `since` for a slot, to be sent to `service`; the
-    /// wait ends at `max_wait` or at the call's `deadline`, whichever comes
-    /// first.
-    pub(crate) fn waiting(
-        partition: Arc<Partition>,
-        rx: oneshot::Receiver<()>,
-        service: S,
-        request: http::Request<B>,
-        deadline: Option<CallDeadline>,
-        since: Instant,
-    ) -> Self {
-        let max_wait = partition.config().max_wait();
-        // A wait too long to add to the clock is a wait without end: a
-        // year is as good.
-        let until = since
-            .checked_add(max_wait)
-            .unwrap_or_else(|| since + Duration::from_secs(365 * 24 * 3600));
-        let until = deadline.map_or(until, |d| until.min(d.instant()));
+    /// A call waiting for a slot, to be sent to `service` once it has one.
+    pub(crate) fn waiting(wait: SlotWait, service: S, request: http::Request<B>) -> Self {
         let waiting = Waiting {
-            sleep: tokio::time::sleep_until(until),
-            ticket: Ticket {
-                rx,
-                partition,
-                claimed: false,
-            },
+            wait,
             service: Some(service),
             request: Some(request),
-            since,
-            deadline,
         };
         ResponseFuture {
             kind: Kind::Waiting {
@@ -260,22 +343,15 @@ where
                     return match ready!(inner.poll(cx)) {
                         Ok(response) => Poll::Ready(Ok(match permit.take() {
                             Some(mut permit) => {
-                                permit.responded();
+                                permit.on_response_head();
                                 OutcomeBody::wrap_response(response, permit)
                             }
                             None => response.map(OutcomeBody::reported),
                         })),
                         Err(err) => {
                             let err: BoxError = err.into();
-                            if let Some(mut permit) = permit.take() {
-                                // A call refused below (an open breaker)
-                                // never reached the server: no sample.
-                                let outcome = if find_error::<LocalRejection>(&*err).is_some() {
-                                    Outcome::Cancelled
-                                } else {
-                                    Outcome::Error(error_code(&*err))
-                                };
-                                permit.finish(outcome);
+                            if let Some(permit) = permit.take() {
+                                permit.on_error(&err);
                             }
                             Poll::Ready(Err(err))
                         }
@@ -289,48 +365,27 @@ where
                 }
                 KindProj::Waiting { waiting } => {
                     let w = waiting.as_mut().project();
-                    let granted = match Pin::new(&mut w.ticket.rx).poll(cx) {
-                        Poll::Ready(result) => result.is_ok(),
-                        Poll::Pending => {
-                            ready!(w.sleep.poll(cx));
-                            w.ticket.give_up()
-                        }
-                    };
-                    let partition = w.ticket.partition.clone();
-                    let now = Instant::now();
-                    partition.on_waited(now.saturating_duration_since(*w.since));
-                    let expired = w.deadline.is_some_and(|d| d.has_passed_at(now));
-                    if expired && granted {
-                        // A slot that came as the deadline passed goes to
-                        // the next call in the queue.
-                        w.ticket.claimed = true;
-                        partition.release();
-                    }
-                    if expired {
-                        let error = reject(&partition, Rejection::Deadline);
-                        Kind::Rejected { error: Some(error) }
-                    } else if !granted {
-                        let error = reject(&partition, Rejection::WaitTimedOut);
-                        Kind::Rejected { error: Some(error) }
-                    } else {
-                        w.ticket.claimed = true;
-                        let (Some(mut service), Some(mut request)) =
-                            (w.service.take(), w.request.take())
-                        else {
-                            return Poll::Ready(Err(
-                                "bulkhead future polled after completion".into()
-                            ));
-                        };
-                        // The header said the time left when the call was
-                        // queued; the server is told the time left now.
-                        if let Some(deadline) = w.deadline {
-                            deadline.write_header(request.headers_mut(), now);
-                        }
-                        let in_flight = partition.in_flight();
-                        let permit = Permit::new(partition, in_flight);
-                        Kind::Called {
-                            inner: service.call(request),
-                            permit: Some(permit),
+                    let deadline = w.wait.deadline();
+                    match ready!(w.wait.poll(cx)) {
+                        Err(error) => Kind::Rejected { error: Some(error) },
+                        Ok(permit) => {
+                            let (Some(mut service), Some(mut request)) =
+                                (w.service.take(), w.request.take())
+                            else {
+                                return Poll::Ready(Err(
+                                    "bulkhead future polled after completion".into()
+                                ));
+                            };
+                            // The header said the time left when the call
+                            // was queued; the server is told the time left
+                            // now.
+                            if let Some(deadline) = deadline {
+                                deadline.write_header(request.headers_mut(), Instant::now());
+                            }
+                            Kind::Called {
+                                inner: service.call(request),
+                                permit: Some(permit),
+                            }
                         }
                     }
                 }

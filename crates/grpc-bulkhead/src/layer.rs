@@ -5,7 +5,7 @@ use tower_layer::Layer;
 
 use crate::config::{BulkheadConfig, BulkheadConfigError};
 use crate::partition::Partition;
-use crate::service::{Bulkhead, PartitionStatus, Partitioning, Shared};
+use crate::service::{Bulkhead, Gate, PartitionStatus, Partitioning, Shared};
 
 /// Applies [`Bulkhead`] to a service.
 ///
@@ -74,6 +74,13 @@ impl BulkheadLayer {
     /// first, then per-service or per-method ones by name.
     pub fn partitions(&self) -> Vec<PartitionStatus> {
         self.shared.status()
+    }
+
+    /// The layer's admission without a service, sharing its partitions:
+    /// for a service that runs the bulkhead inside its own future (see
+    /// [`Gate`]).
+    pub fn gate(&self) -> Gate {
+        Gate::new(self.shared.clone())
     }
 }
 

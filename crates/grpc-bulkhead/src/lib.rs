@@ -169,10 +169,11 @@ mod sync;
 
 pub use config::{BulkheadConfig, BulkheadConfigBuilder, BulkheadConfigError};
 pub use error::BulkheadFull;
+pub use future::{Permit, SlotWait};
 pub use layer::BulkheadLayer;
 pub use limit::{Aimd, Gradient, Limit};
 pub use partition::Rejection;
-pub use service::{Bulkhead, PartitionStatus, Partitioning};
+pub use service::{Admission, Bulkhead, Gate, PartitionStatus, Partitioning};
 
 #[cfg(all(test, not(grpc_resilience_loom)))]
 mod tests;

@@ -11,7 +11,8 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::config::BulkheadConfig;
-use crate::future::{Permit, ResponseBody, ResponseFuture, reject};
+use crate::error::BulkheadFull;
+use crate::future::{Permit, ResponseBody, ResponseFuture, SlotWait, reject};
 use crate::partition::{Enqueued, Partition, Rejection};
 
 /// How calls that no selector partition matches are partitioned.
@@ -131,57 +132,60 @@ impl Shared {
 /// finds its partition without touching shared memory.
 const LOCAL: usize = 4;
 
-/// Concurrency partitions for gRPC calls; see the [crate docs](crate).
-#[derive(Debug)]
-pub struct Bulkhead<S> {
-    inner: S,
+/// The bulkhead's admission, without a service: what [`Bulkhead`] does
+/// before it calls the service it wraps, for a service that runs the
+/// bulkhead inside its own future beside other layers (the
+/// `grpc-resilience` facade does, to keep one future per attempt).
+///
+/// Get one from [`BulkheadLayer::gate`](crate::BulkheadLayer::gate). Its
+/// clones share the layer's partitions; each remembers the partitions it
+/// used last.
+///
+/// ```
+/// use grpc_bulkhead::{Admission, BulkheadConfig, BulkheadLayer};
+///
+/// let layer = BulkheadLayer::new(BulkheadConfig::builder().max_concurrent(1).build()?);
+/// let mut gate = layer.gate();
+/// let mut call = || http::Request::builder()
+///     .uri("/catalog.v1.QueryService/GetItem")
+///     .body(())
+///     .unwrap();
+/// let Admission::Admitted(permit) = gate.admit(&mut call()) else { panic!() };
+/// // The partition is full: with no wait queue, the next call is refused.
+/// assert!(matches!(gate.admit(&mut call()), Admission::Rejected(_)));
+/// drop(permit); // the call ended (a permit left unreported counts as cancelled)
+/// assert!(matches!(gate.admit(&mut call()), Admission::Admitted(_)));
+/// # Ok::<(), grpc_bulkhead::BulkheadConfigError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Gate {
     shared: Arc<Shared>,
     local: [Option<Arc<Partition>>; LOCAL],
 }
 
-impl<S: Clone> Clone for Bulkhead<S> {
-    fn clone(&self) -> Self {
-        Bulkhead {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-            local: self.local.clone(),
-        }
-    }
+/// What the bulkhead decided for one call; see [`Gate::admit`].
+#[derive(Debug)]
+#[must_use = "a permit or a wait is the call's place in its partition"]
+pub enum Admission {
+    /// No partition applies to the call: it goes on without a slot.
+    Unlimited,
+    /// The call holds a slot until its [`Permit`] reports the call's
+    /// outcome or is dropped.
+    Admitted(Permit),
+    /// The partition is full and the call waits in its queue; the
+    /// [`SlotWait`] resolves to the slot or to the refusal.
+    Queued(SlotWait),
+    /// Refused at once: the queue is full, or the call's deadline had
+    /// passed. Counted and logged already.
+    Rejected(BulkheadFull),
 }
 
-impl<S> Bulkhead<S> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        Bulkhead {
-            inner,
+impl Gate {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Gate {
             shared,
             local: Default::default(),
         }
-    }
-
-    /// Wraps `inner` with one partition per gRPC service, each with
-    /// `config`.
-    pub fn new(inner: S, config: BulkheadConfig) -> Self {
-        tower_layer::Layer::layer(&crate::BulkheadLayer::new(config), inner)
-    }
-
-    /// The state of every partition made so far.
-    pub fn partitions(&self) -> Vec<PartitionStatus> {
-        self.shared.status()
-    }
-
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
     }
 
     /// The partition of this request, if one applies.
@@ -206,6 +210,91 @@ impl<S> Bulkhead<S> {
         self.local[0] = Some(p.clone());
         Some(p)
     }
+
+    /// Admits `request` to its partition: a slot if one is free, else a
+    /// place in the queue, else a refusal. A call that must wait has its
+    /// deadline recorded in `request` (from the caller's `grpc-timeout`
+    /// if no layer above recorded one), so the wait ends there.
+    #[inline]
+    pub fn admit<B>(&mut self, request: &mut http::Request<B>) -> Admission {
+        let Some(partition) = self.partition(request) else {
+            return Admission::Unlimited;
+        };
+        match partition.acquire() {
+            Some(in_flight) => Admission::Admitted(Permit::new(partition, in_flight)),
+            None => admit_full(partition, request),
+        }
+    }
+}
+
+/// A call that found its partition at its limit: queue it or reject it.
+#[cold]
+fn admit_full<B>(partition: Arc<Partition>, request: &mut http::Request<B>) -> Admission {
+    // Time in the queue counts against the call's deadline: recorded now
+    // (from the caller's `grpc-timeout` if no layer above did), so the
+    // wait ends at the deadline and the request is sent with the time left
+    // then.
+    let deadline = CallDeadline::get_or_insert(request);
+    let now = Instant::now();
+    if deadline.is_some_and(|d| d.has_passed_at(now)) {
+        return Admission::Rejected(reject(&partition, Rejection::Deadline));
+    }
+    match partition.enqueue() {
+        Enqueued::Acquired(in_flight) => Admission::Admitted(Permit::new(partition, in_flight)),
+        Enqueued::Full => Admission::Rejected(reject(&partition, Rejection::QueueFull)),
+        Enqueued::Waiting(rx) => Admission::Queued(SlotWait::new(partition, rx, deadline, now)),
+    }
+}
+
+/// Concurrency partitions for gRPC calls; see the [crate docs](crate).
+#[derive(Debug)]
+pub struct Bulkhead<S> {
+    inner: S,
+    gate: Gate,
+}
+
+impl<S: Clone> Clone for Bulkhead<S> {
+    fn clone(&self) -> Self {
+        Bulkhead {
+            inner: self.inner.clone(),
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl<S> Bulkhead<S> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Bulkhead {
+            inner,
+            gate: Gate::new(shared),
+        }
+    }
+
+    /// Wraps `inner` with one partition per gRPC service, each with
+    /// `config`.
+    pub fn new(inner: S, config: BulkheadConfig) -> Self {
+        tower_layer::Layer::layer(&crate::BulkheadLayer::new(config), inner)
+    }
+
+    /// The state of every partition made so far.
+    pub fn partitions(&self) -> Vec<PartitionStatus> {
+        self.gate.shared.status()
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for Bulkhead<S>
@@ -224,52 +313,19 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(partition) = self.partition(&request) else {
-            return ResponseFuture::called(self.inner.call(request), None);
-        };
-        match partition.acquire() {
-            Some(in_flight) => {
-                let permit = Permit::new(partition, in_flight);
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        match self.gate.admit(&mut request) {
+            Admission::Unlimited => ResponseFuture::called(self.inner.call(request), None),
+            Admission::Admitted(permit) => {
                 ResponseFuture::called(self.inner.call(request), Some(permit))
             }
-            None => self.call_full(partition, request),
-        }
-    }
-}
-
-impl<S> Bulkhead<S> {
-    /// A call that found its partition at its limit: queue it or reject it.
-    #[cold]
-    fn call_full<B>(
-        &mut self,
-        partition: Arc<Partition>,
-        mut request: http::Request<B>,
-    ) -> ResponseFuture<S, B>
-    where
-        S: Service<http::Request<B>> + Clone,
-    {
-        // Time in the queue counts against the call's deadline: recorded
-        // now (from the caller's `grpc-timeout` if no layer above did), so
-        // the wait ends at the deadline and the request is sent with the
-        // time left then.
-        let deadline = CallDeadline::get_or_insert(&mut request);
-        let now = Instant::now();
-        if deadline.is_some_and(|d| d.has_passed_at(now)) {
-            return ResponseFuture::rejected(reject(&partition, Rejection::Deadline));
-        }
-        match partition.enqueue() {
-            Enqueued::Acquired(in_flight) => {
-                let permit = Permit::new(partition, in_flight);
-                ResponseFuture::called(self.inner.call(request), Some(permit))
-            }
-            Enqueued::Full => ResponseFuture::rejected(reject(&partition, Rejection::QueueFull)),
-            Enqueued::Waiting(rx) => {
+            Admission::Rejected(error) => ResponseFuture::rejected(error),
+            Admission::Queued(wait) => {
                 // The ready service goes with the call; this clone must be
                 // made ready again before the next call, as usual.
                 let fresh = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, fresh);
-                ResponseFuture::waiting(partition, rx, ready, request, deadline, now)
+                ResponseFuture::waiting(wait, ready, request)
             }
         }
     }

@@ -80,11 +80,17 @@ impl Permit {
         }
     }
 
-    /// The response headers came: the call's latency is known.
-    fn answered(&mut self) {
+    /// The call's response headers came: its latency is the time until
+    /// now.
+    pub fn on_response_head(&mut self) {
         if let Some(start) = self.start {
             self.latency = Some(Instant::now().saturating_duration_since(start));
         }
+    }
+
+    /// The call failed with `err` before a response.
+    pub fn on_error(mut self, err: &BoxError) {
+        self.finish(Outcome::Error(error_code(&**err)));
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -170,15 +176,15 @@ where
             KindProj::Called { inner, permit } => match ready!(inner.poll(cx)) {
                 Ok(response) => Poll::Ready(Ok(match permit.take() {
                     Some(mut permit) => {
-                        permit.answered();
+                        permit.on_response_head();
                         OutcomeBody::wrap_response(response, permit)
                     }
                     None => response.map(OutcomeBody::reported),
                 })),
                 Err(err) => {
                     let err: BoxError = err.into();
-                    if let Some(mut permit) = permit.take() {
-                        permit.finish(Outcome::Error(error_code(&*err)));
+                    if let Some(permit) = permit.take() {
+                        permit.on_error(&err);
                     }
                     Poll::Ready(Err(err))
                 }

@@ -6,7 +6,7 @@ use tower_layer::Layer;
 
 use crate::keying::{Keying, Shared};
 use crate::registry::BreakerRegistry;
-use crate::service::CircuitBreaker;
+use crate::service::{CircuitBreaker, Gate};
 
 /// Applies [`CircuitBreaker`] to a service.
 #[derive(Clone, Debug)]
@@ -46,6 +46,13 @@ impl CircuitBreakerLayer {
     /// The registry this layer's breakers live in.
     pub fn registry(&self) -> &BreakerRegistry {
         &self.shared.registry
+    }
+
+    /// The layer's admission without a service, sharing its breakers: for
+    /// a service that runs the breaker inside its own future (see
+    /// [`Gate`]).
+    pub fn gate(&self) -> Gate {
+        Gate::new(self.shared.clone())
     }
 }
 

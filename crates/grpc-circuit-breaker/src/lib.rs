@@ -120,10 +120,11 @@ pub use config::{
 };
 pub use error::BreakerOpen;
 pub use events::{StateChange, Trigger};
+pub use future::Permit;
 pub use keying::{KeyFn, Keying, service_breaker_name};
 pub use layer::CircuitBreakerLayer;
 pub use registry::{BreakerRegistry, BreakerSnapshot, UnknownBreaker};
-pub use service::CircuitBreaker;
+pub use service::{CircuitBreaker, Gate};
 pub use state::State;
 
 #[cfg(all(test, not(grpc_resilience_loom)))]

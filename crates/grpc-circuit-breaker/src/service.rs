@@ -14,22 +14,37 @@ use crate::layer::CircuitBreakerLayer;
 use crate::registry::BreakerRegistry;
 use crate::state::{Core, State};
 
-/// Circuit breakers for gRPC calls; see the [crate docs](crate).
+/// The breakers' admission, without a service: what [`CircuitBreaker`]
+/// does before it calls the service it wraps, for a service that runs the
+/// breaker inside its own future beside other layers (the
+/// `grpc-resilience` facade does, to keep one future per attempt).
+///
+/// Get one from [`CircuitBreakerLayer::gate`]; it shares the layer's
+/// breakers.
+///
+/// ```
+/// use grpc_circuit_breaker::{BreakerRegistry, CircuitBreakerLayer};
+/// use grpc_resilience_core::{OnOutcome, Outcome};
+///
+/// let gate = CircuitBreakerLayer::new(BreakerRegistry::new()).gate();
+/// let request = http::Request::builder()
+///     .uri("/catalog.v1.QueryService/GetItem")
+///     .body(())
+///     .unwrap();
+/// // Admitted: the permit is told how the call ended (dropped, it counts
+/// // as cancelled, which is neither a success nor a failure).
+/// let permit = gate.admit(&request)?.expect("a gRPC call has a breaker");
+/// permit.on_outcome(Outcome::Status(tonic::Code::Ok));
+/// # Ok::<(), grpc_circuit_breaker::BreakerOpen>(())
+/// ```
 #[derive(Clone, Debug)]
-pub struct CircuitBreaker<S> {
-    inner: S,
+pub struct Gate {
     shared: Arc<Shared>,
 }
 
-impl<S> CircuitBreaker<S> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        CircuitBreaker { inner, shared }
-    }
-
-    /// How many method paths the layer's table keeps.
-    #[cfg(test)]
-    pub(crate) fn methods_kept(&self) -> usize {
-        self.shared.methods_kept()
+impl Gate {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Gate { shared }
     }
 
     /// The handle of the breaker for this request, if one applies.
@@ -45,6 +60,63 @@ impl<S> CircuitBreaker<S> {
         }
     }
 
+    /// Asks the request's breaker to admit the call: a [`Permit`] that
+    /// records the call's outcome (`None` when no breaker applies, such as
+    /// a path that is not gRPC), or [`BreakerOpen`] when the breaker
+    /// refuses it. The breaker's state is recorded on the current span as
+    /// `breaker.state`.
+    ///
+    /// # Errors
+    ///
+    /// [`BreakerOpen`] (a `LocalRejection`, `UNAVAILABLE` to the caller)
+    /// while the breaker is open, or half-open with its probes taken.
+    #[inline]
+    pub fn admit<B>(&self, request: &http::Request<B>) -> Result<Option<Permit>, BreakerOpen> {
+        let Some(stripe) = self.stripe(request) else {
+            return Ok(None);
+        };
+        let core: &Core = &stripe;
+        let admitted = core.admit(Instant::now);
+        record_admission(match &admitted {
+            Ok(admission) => admission.state,
+            Err(state) => *state,
+        });
+        match admitted {
+            Err(state) => Err(BreakerOpen::new(core.name().clone(), state)),
+            Ok(admission) => {
+                // Timed only when the latency histogram or a slow-call
+                // threshold reads it.
+                let start = core.hot().timed().then(Instant::now);
+                // The deadline an upper layer recorded, or the caller's
+                // grpc-timeout from now.
+                let deadline = CallDeadline::of_request(request);
+                Ok(Some(Permit::new(stripe, admission, start, deadline)))
+            }
+        }
+    }
+}
+
+/// Circuit breakers for gRPC calls; see the [crate docs](crate).
+#[derive(Clone, Debug)]
+pub struct CircuitBreaker<S> {
+    inner: S,
+    gate: Gate,
+}
+
+impl<S> CircuitBreaker<S> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        CircuitBreaker {
+            inner,
+            gate: Gate::new(shared),
+        }
+    }
+
+    /// How many method paths the layer's table keeps.
+    #[cfg(test)]
+    pub(crate) fn methods_kept(&self) -> usize {
+        self.gate.shared.methods_kept()
+    }
+
     /// Wraps `inner` with one breaker per gRPC service from `registry`.
     pub fn new(inner: S, registry: BreakerRegistry) -> Self {
         tower_layer::Layer::layer(&CircuitBreakerLayer::new(registry), inner)
@@ -52,7 +124,7 @@ impl<S> CircuitBreaker<S> {
 
     /// The registry of this service's breakers.
     pub fn registry(&self) -> &BreakerRegistry {
-        &self.shared.registry
+        &self.gate.shared.registry
     }
 
     /// The wrapped service.
@@ -90,31 +162,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(stripe) = self.stripe(&request) else {
-            return ResponseFuture::called(self.inner.call(request), None);
-        };
-        let core: &Core = &stripe;
-        let admitted = core.admit(Instant::now);
-        record_admission(match &admitted {
-            Ok(admission) => admission.state,
-            Err(state) => *state,
-        });
-        match admitted {
-            Err(state) => {
+        match self.gate.admit(&request) {
+            Ok(permit) => ResponseFuture::called(self.inner.call(request), permit),
+            Err(open) => {
                 // Release the reservation the ready inner service holds.
                 let fresh = self.inner.clone();
                 drop(std::mem::replace(&mut self.inner, fresh));
-                ResponseFuture::rejected(BreakerOpen::new(core.name().clone(), state))
-            }
-            Ok(admission) => {
-                // Timed only when the latency histogram or a slow-call
-                // threshold reads it.
-                let start = core.hot().timed().then(Instant::now);
-                // The deadline an upper layer recorded, or the caller's
-                // grpc-timeout from now.
-                let deadline = CallDeadline::of_request(&request);
-                let permit = Permit::new(stripe, admission, start, deadline);
-                ResponseFuture::called(self.inner.call(request), Some(permit))
+                ResponseFuture::rejected(open)
             }
         }
     }

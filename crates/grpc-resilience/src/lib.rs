@@ -93,6 +93,15 @@
 //!    below the channel's breaker, which then opens only when the replicas
 //!    fail together.
 //!
+//! The order is the layers'; the facade builds them with fewer levels.
+//! Layers 1 and 2 are one future and one response body (the deadline
+//! layer's, carrying the call's telemetry). Layers 4 to 6 are one service
+//! per attempt, with one future and one body: the bulkhead and the breaker
+//! through their admission halves ([`grpc_bulkhead::Gate`],
+//! [`grpc_circuit_breaker::Gate`]) and their permits, the same code the
+//! layers run on their own. A call moves fewer and smaller values through
+//! fewer polls; the layer crates, used alone, are unchanged.
+//!
 //! # Telemetry
 //!
 //! Through the `metrics` facade (install the recorder before the first
@@ -166,11 +175,11 @@
 //! config is rejected with the reason and the old one stays.
 
 mod attempt;
-mod bulk;
 mod channels;
 pub mod config;
 mod error;
 pub mod future;
+mod guard;
 mod named;
 mod per_call;
 mod reload;
@@ -178,6 +187,8 @@ mod stack;
 pub mod telemetry;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_guard;
 #[cfg(test)]
 mod tests_outcome;
 

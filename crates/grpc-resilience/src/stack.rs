@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
 use arc_swap::ArcSwap;
-use grpc_circuit_breaker::{
-    BreakerConfig, BreakerRegistry, CircuitBreaker, CircuitBreakerLayer, Keying, State,
-};
+use grpc_circuit_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, Keying, State};
 use grpc_resilience_core::{BoxError, LastMethod, MethodTable};
 use grpc_retry::{ReplayableBody, RetryBudget, RetryLayer, RetryThrottle};
 use grpc_timeout::future::TimeoutBody;
@@ -22,16 +20,16 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::attempt::{Attempt, AttemptBody};
-use crate::bulk::{Bulk, BulkBody};
+use crate::attempt::Attempt;
 use crate::config::{BudgetSettings, BulkheadSpec, Compiled, ThrottleSettings};
+use crate::guard::{Guard, GuardBody};
 use crate::per_call::PerCall;
 use crate::telemetry::{CallRecorder, MetricsCache, ServerAddress, SharedMetrics};
 use crate::{ConfigError, ResilienceConfig};
 use grpc_bulkhead::BulkheadLayer;
 
 /// The layers below telemetry, as built for one config generation.
-type Inner<S> = Timeout<PerCall<Bulk<CircuitBreaker<Attempt<S>>>>>;
+type Inner<S> = Timeout<PerCall<Guard<S>>>;
 
 /// Which breaker a stack's calls go through.
 #[derive(Clone, Debug)]
@@ -73,11 +71,11 @@ impl Layers {
             Some(layer) => Attempt::On(layer.layer(service)),
             None => Attempt::Off(service),
         };
-        let service = self.breaker.layer(service);
-        let service = match &self.bulkhead {
-            Some(layer) => Bulk::On(layer.layer(service)),
-            None => Bulk::Off(service),
-        };
+        let service = Guard::new(
+            service,
+            self.bulkhead.as_ref().map(BulkheadLayer::gate),
+            self.breaker.gate(),
+        );
         let service = PerCall {
             normal: self.retry.layer(service.clone()),
             keyed: self.retry_keyed.layer(service.clone()),
@@ -562,8 +560,9 @@ impl<S: Clone + 'static> Layer<S> for ResilienceLayer {
 }
 
 /// A channel (or any `Service<http::Request<B>>`) with the whole stack in
-/// front, in this order: call telemetry → deadline → retry → circuit
-/// breaker → per-attempt timeout → the channel. See the
+/// front, in this order: call telemetry → deadline → retry → bulkhead
+/// (with a `[bulkhead]` section) → circuit breaker → per-attempt timeout
+/// (with `per_attempt`) → the channel. See the
 /// [crate docs](crate) for why that order.
 ///
 /// It is `Clone` and works with any generated client:
@@ -712,11 +711,7 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<
         grpc_timeout::future::ResponseFuture<
-            grpc_retry::future::ResponseFuture<
-                Bulk<CircuitBreaker<Attempt<S>>>,
-                B,
-                BulkBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>,
-            >,
+            grpc_retry::future::ResponseFuture<Guard<S>, B, GuardBody<R>>,
             CallRecorder,
         >,
     >;
@@ -756,10 +751,7 @@ where
 
 /// The response body type of inner body `R` after the stack, reporting
 /// the call's outcome to its recorder.
-type StackBody<R> = TimeoutBody<
-    grpc_retry::ResponseBody<BulkBody<grpc_circuit_breaker::future::ResponseBody<AttemptBody<R>>>>,
-    CallRecorder,
->;
+type StackBody<R> = TimeoutBody<grpc_retry::ResponseBody<GuardBody<R>>, CallRecorder>;
 
 pin_project! {
     /// The response body of a [`ResilientChannel`] call: the channel's body

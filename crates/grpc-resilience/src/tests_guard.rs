@@ -1,0 +1,248 @@
+//! The per-attempt guards as one service ([`Guard`](crate::guard::Guard)):
+//! the bulkhead, then the breaker, then the call, and every slot and permit
+//! given back on every path.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use grpc_resilience_core::error::{LocalRejection, error_code, find_error};
+use grpc_resilience_core::{BoxError, timeout_header};
+use http_body_util::BodyExt;
+use tokio::sync::Semaphore;
+use tonic::Code;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use crate::{ResilienceConfig, ResilienceLayer, ResilientChannel, State};
+
+const GET: &str = "http://backend/catalog.v1.QueryService/GetProduct";
+
+/// Each call the backend saw: its `x-call` and its `grpc-timeout`.
+type Seen = Vec<(String, Option<Duration>)>;
+
+/// Records each call's `x-call` and `grpc-timeout`, waits for a permit of
+/// its gate, then answers OK with one message, its trailers held until a
+/// permit of `trailers` (none by default: the body never ends).
+#[derive(Clone)]
+struct Backend {
+    seen: Arc<Mutex<Seen>>,
+    gate: Arc<Semaphore>,
+    trailers: Arc<Semaphore>,
+}
+
+impl Backend {
+    fn new(permits: usize) -> Self {
+        Backend {
+            seen: Arc::default(),
+            gate: Arc::new(Semaphore::new(permits)),
+            trailers: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    fn seen(&self) -> Seen {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A response body fed by the backend's task.
+struct Held {
+    rx: tokio::sync::mpsc::Receiver<http_body::Frame<Bytes>>,
+}
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        self.rx.poll_recv(cx).map(|frame| frame.map(Ok))
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Backend {
+    type Response = http::Response<Held>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let call = request
+            .headers()
+            .get("x-call")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let timeout = timeout_header::from_headers(request.headers()).unwrap();
+        self.seen.lock().unwrap().push((call, timeout));
+        let (gate, trailers) = (self.gate.clone(), self.trailers.clone());
+        Box::pin(async move {
+            gate.acquire().await.unwrap().forget();
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let message = http_body::Frame::data(Bytes::from_static(b"\0\0\0\0\0"));
+            tx.send(message).await.unwrap();
+            tokio::spawn(async move {
+                trailers.acquire().await.unwrap().forget();
+                let mut map = http::HeaderMap::new();
+                map.insert("grpc-status", "0".parse().unwrap());
+                let _ = tx.send(http_body::Frame::trailers(map)).await;
+            });
+            Ok(http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(Held { rx })
+                .unwrap())
+        })
+    }
+}
+
+fn request(call: &str) -> http::Request<tonic::body::Body> {
+    http::Request::builder()
+        .uri(GET)
+        .header("x-call", call)
+        .body(tonic::body::Body::empty())
+        .unwrap()
+}
+
+/// One slot for the Query service, a queue of one, no retries, a 5 s
+/// deadline.
+fn layer() -> ResilienceLayer {
+    let config = ResilienceConfig::from_toml(
+        "[timeouts]\ndefault = 5000\n\
+         [circuit_breakers.query]\nfailure_threshold = 1000\n\
+         [bulkhead.default]\nmax_concurrent = 1\nmax_queue = 1\nmax_wait = 60000\n",
+    )
+    .unwrap();
+    ResilienceLayer::new(&config).unwrap()
+}
+
+fn in_flight(layer: &ResilienceLayer) -> (u32, usize) {
+    let p = &layer.bulkhead_partitions()[0];
+    (p.in_flight, p.queued)
+}
+
+/// Waits (bounded) until the backend has seen `n` calls.
+async fn until_seen(backend: &Backend, n: usize) {
+    for _ in 0..1000 {
+        if backend.seen().len() >= n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the backend saw {:?}, not {n} calls", backend.seen());
+}
+
+fn assert_refused_by_the_breaker(err: &BoxError) {
+    assert_eq!(error_code(&**err), Code::Unavailable, "{err}");
+    assert!(
+        find_error::<LocalRejection>(&**err).is_some(),
+        "a local refusal: {err}"
+    );
+}
+
+#[tokio::test]
+async fn a_call_the_breaker_refuses_gives_its_slot_back_and_is_never_sent() {
+    let backend = Backend::new(100);
+    let layer = layer();
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    layer.registry().get_or_create("query");
+    layer.registry().force_open("query").unwrap();
+    for call in ["a", "b", "c"] {
+        let err = channel.clone().oneshot(request(call)).await.unwrap_err();
+        assert_refused_by_the_breaker(&err);
+    }
+    assert!(
+        backend.seen().is_empty(),
+        "never sent: {:?}",
+        backend.seen()
+    );
+    // Each refusal gave its slot back (the limit is one).
+    assert_eq!(in_flight(&layer), (0, 0));
+    layer.registry().reset("query").unwrap();
+    let response = channel.clone().oneshot(request("d")).await.unwrap();
+    assert_eq!(in_flight(&layer), (1, 0), "the body holds the slot");
+    drop(response);
+    assert_eq!(in_flight(&layer), (0, 0), "a dropped body frees it");
+    assert_eq!(backend.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_queued_call_meets_the_breaker_when_its_slot_comes() {
+    let backend = Backend::new(0);
+    let layer = layer();
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    let first = tokio::spawn(channel.clone().oneshot(request("first")));
+    until_seen(&backend, 1).await;
+    let second = tokio::spawn(channel.clone().oneshot(request("second")));
+    for _ in 0..1000 {
+        if in_flight(&layer) == (1, 1) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(in_flight(&layer), (1, 1), "one in flight, one queued");
+    // The breaker opens while the second call waits for its slot.
+    layer.registry().force_open("query").unwrap();
+    backend.gate.add_permits(1);
+    let first = first.await.unwrap().unwrap();
+    drop(first);
+    let err = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("bounded")
+        .unwrap()
+        .unwrap_err();
+    assert_refused_by_the_breaker(&err);
+    let seen: Vec<String> = backend.seen().into_iter().map(|(c, _)| c).collect();
+    assert_eq!(seen, ["first"], "the queued call was never sent");
+    assert_eq!(in_flight(&layer), (0, 0), "its slot was given back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_call_is_sent_with_the_time_it_has_left() {
+    let backend = Backend::new(0);
+    let layer = layer();
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    let first = tokio::spawn(channel.clone().oneshot(request("first")));
+    until_seen(&backend, 1).await;
+    let second = tokio::spawn(channel.clone().oneshot(request("second")));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    backend.gate.add_permits(2);
+    drop(first.await.unwrap().unwrap());
+    let second = second.await.unwrap().unwrap();
+    let seen = backend.seen();
+    assert_eq!(seen[0].0, "first");
+    assert_eq!(seen[0].1, Some(Duration::from_secs(5)));
+    assert_eq!(seen[1].0, "second");
+    let told = seen[1].1.expect("a deadline");
+    assert!(
+        told <= Duration::from_secs(3),
+        "the server is told the time left after 2 s in the queue, not {told:?}"
+    );
+    drop(second);
+    assert_eq!(in_flight(&layer), (0, 0));
+}
+
+#[tokio::test]
+async fn the_slot_and_the_breaker_permit_last_until_the_body_ends() {
+    let backend = Backend::new(100);
+    let layer = layer();
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    let response = channel.clone().oneshot(request("a")).await.unwrap();
+    let mut body = response.into_body();
+    let message = body.frame().await.unwrap().unwrap();
+    assert!(message.is_data());
+    assert_eq!(in_flight(&layer), (1, 0), "streaming: the slot is held");
+    backend.trailers.add_permits(1);
+    let trailers = body.frame().await.unwrap().unwrap();
+    assert_eq!(trailers.trailers_ref().unwrap()["grpc-status"], "0");
+    assert_eq!(in_flight(&layer), (0, 0), "the trailers free it");
+    assert_eq!(layer.circuit_breaker_status()["query"], State::Closed);
+    let snapshot = &layer.registry().snapshot()["query"];
+    assert_eq!(snapshot.failures(), 0);
+}
