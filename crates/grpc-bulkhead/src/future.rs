@@ -20,6 +20,7 @@ use crate::sync::oneshot;
 /// A call's slot in its partition, held until the call ends: the end of
 /// the response body, a failed call, or a dropped future or body.
 #[derive(Debug)]
+#[must_use = "dropping a permit frees the slot at once, as a cancelled call"]
 pub struct Permit {
     partition: Arc<Partition>,
     // For an adaptive limit: when the call was admitted, and how long its
@@ -200,14 +201,15 @@ impl SlotWait {
 }
 
 impl Future for SlotWait {
-    type Output = Result<Permit, BulkheadFull>;
+    /// The slot, or the refusal: a [`BulkheadFull`] (counted and logged),
+    /// or an error saying the wait was polled again after it resolved.
+    type Output = Result<Permit, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let w = self.project();
         if *w.done {
-            // Polled again after it resolved: the slot (or the refusal)
-            // was handed out once; say the wait is over.
-            return Poll::Ready(Err(reject(&w.ticket.partition, Rejection::WaitTimedOut)));
+            // The slot (or the refusal) was handed out once.
+            return Poll::Ready(Err("bulkhead wait polled after completion".into()));
         }
         let granted = match Pin::new(&mut w.ticket.rx).poll(cx) {
             Poll::Ready(result) => result.is_ok(),
@@ -228,9 +230,9 @@ impl Future for SlotWait {
             partition.release();
         }
         Poll::Ready(if expired {
-            Err(reject(&partition, Rejection::Deadline))
+            Err(Box::new(reject(&partition, Rejection::Deadline)))
         } else if !granted {
-            Err(reject(&partition, Rejection::WaitTimedOut))
+            Err(Box::new(reject(&partition, Rejection::WaitTimedOut)))
         } else {
             w.ticket.claimed = true;
             let in_flight = partition.in_flight();
@@ -276,8 +278,9 @@ pin_project! {
         Waiting {
             waiting: Pin<Box<Waiting<S, http::Request<B>>>>,
         },
+        // Refused (a `BulkheadFull`), or over.
         Rejected {
-            error: Option<BulkheadFull>,
+            error: Option<BoxError>,
         },
     }
 }
@@ -310,7 +313,9 @@ where
 
     pub(crate) fn rejected(error: BulkheadFull) -> Self {
         ResponseFuture {
-            kind: Kind::Rejected { error: Some(error) },
+            kind: Kind::Rejected {
+                error: Some(Box::new(error)),
+            },
         }
     }
 
@@ -358,10 +363,9 @@ where
                     };
                 }
                 KindProj::Rejected { error } => {
-                    return Poll::Ready(Err(match error.take() {
-                        Some(error) => Box::new(error),
-                        None => "bulkhead future polled after completion".into(),
-                    }));
+                    return Poll::Ready(Err(error
+                        .take()
+                        .unwrap_or_else(|| "bulkhead future polled after completion".into())));
                 }
                 KindProj::Waiting { waiting } => {
                     let w = waiting.as_mut().project();

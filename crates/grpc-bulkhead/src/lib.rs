@@ -42,10 +42,12 @@
 //! only when a partition is full. A freed slot goes to the oldest waiter
 //! still waiting: a waiter that gives up (its deadline, `max_wait`, a
 //! dropped call) as its slot is granted passes the slot on, so none is
-//! lost and none is given twice. Model tests check these hand-offs in
-//! every interleaving of releases, arrivals and give-ups
+//! lost and none is given twice. Model tests check these hand-offs, with
+//! a limit of one, in every interleaving of releases, arrivals, give-ups
+//! and dropped waiters up to loom's preemption bound
 //! (`RUSTFLAGS="--cfg grpc_resilience_loom" cargo test --release -p
-//! grpc-bulkhead --lib loom`).
+//! grpc-bulkhead --lib loom`); an adaptive limit's changes are not
+//! modelled.
 //!
 //! Partitions are per gRPC service by default ([`Partitioning`]), per
 //! method, or per method selector ([`BulkheadLayer::with_partition`]:
@@ -156,7 +158,8 @@
 //! no allocation. The wait queue (a short lock, and one allocation per
 //! queued call) is used only at the limit. An adaptive limit reads the
 //! clock twice per call and takes its partition's lock once per completed
-//! call to update the limit.
+//! call to update the limit, and the queue's lock whenever the limit
+//! rises (to hand the new room to calls waiting for it).
 
 mod config;
 mod error;

@@ -266,6 +266,9 @@ impl Partition {
     #[inline]
     pub(crate) fn release(&self) {
         let before = Counts(self.counts.fetch_sub(Counts::CALL, SeqCst));
+        // Every release follows one admission (permits and tickets release
+        // once): a second one would borrow from the queued half.
+        debug_assert!(before.in_flight() != 0, "a slot released twice");
         if before.queued() != 0 {
             self.wake();
         }

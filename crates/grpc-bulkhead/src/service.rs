@@ -164,6 +164,9 @@ pub struct Gate {
 }
 
 /// What the bulkhead decided for one call; see [`Gate::admit`].
+///
+/// Exhaustive on purpose: each variant says whether the caller holds a
+/// slot, and a new one would change what every caller must do.
 #[derive(Debug)]
 #[must_use = "a permit or a wait is the call's place in its partition"]
 pub enum Admission {
@@ -173,7 +176,8 @@ pub enum Admission {
     /// outcome or is dropped.
     Admitted(Permit),
     /// The partition is full and the call waits in its queue; the
-    /// [`SlotWait`] resolves to the slot or to the refusal.
+    /// [`SlotWait`] resolves to the slot or to the refusal. Poll it in the
+    /// call's task; dropping it leaves the queue.
     Queued(SlotWait),
     /// Refused at once: the queue is full, or the call's deadline had
     /// passed. Counted and logged already.

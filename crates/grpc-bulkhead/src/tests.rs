@@ -790,3 +790,37 @@ async fn a_maximum_wait_past_the_end_of_time_waits_without_panicking() {
     assert!(b.poll().is_pending());
     handle.next_request().await.expect("b is sent");
 }
+
+/// The admission half, as a service that fuses the bulkhead into its own
+/// future uses it: a queued call's wait resolves to its slot once, and a
+/// wait polled again after that says so, without counting a refusal.
+#[tokio::test(start_paused = true)]
+async fn a_gate_queues_grants_and_resolves_its_wait_once() {
+    let layer = BulkheadLayer::new(config(1, 1, 1_000));
+    let mut gate = layer.gate();
+    let Admission::Admitted(first) = gate.admit(&mut request(GET)) else {
+        panic!("a free slot")
+    };
+    let Admission::Queued(wait) = gate.admit(&mut request(GET)) else {
+        panic!("the partition is full: the call queues")
+    };
+    assert!(matches!(
+        gate.admit(&mut request(GET)),
+        Admission::Rejected(_)
+    ));
+    let mut wait = Box::pin(wait);
+    let mut polled = task::spawn(std::future::poll_fn(|cx| wait.as_mut().poll(cx)));
+    assert!(polled.poll().is_pending(), "no slot yet");
+    drop(first);
+    let std::task::Poll::Ready(Ok(second)) = polled.poll() else {
+        panic!("the freed slot goes to the queued call")
+    };
+    drop(polled);
+    assert_eq!(status_of(&layer, "catalog.v1.QueryService").in_flight, 1);
+    let again = std::future::poll_fn(|cx| wait.as_mut().poll(cx)).await;
+    let err = again.expect_err("a wait resolves once");
+    assert!(find_error::<BulkheadFull>(&*err).is_none(), "{err}");
+    assert_eq!(status_of(&layer, "catalog.v1.QueryService").in_flight, 1);
+    drop(second);
+    assert_eq!(status_of(&layer, "catalog.v1.QueryService").in_flight, 0);
+}

@@ -52,6 +52,7 @@ pub(crate) fn verdict(
 
 /// An admitted call; records its outcome once, as cancelled if dropped.
 #[derive(Debug)]
+#[must_use = "dropping a permit records the call as cancelled at once"]
 pub struct Permit {
     stripe: Arc<Stripe>,
     admission: Admission,

@@ -31,8 +31,9 @@ use crate::state::{Core, State};
 ///     .uri("/catalog.v1.QueryService/GetItem")
 ///     .body(())
 ///     .unwrap();
-/// // Admitted: the permit is told how the call ended (dropped, it counts
-/// // as cancelled, which is neither a success nor a failure).
+/// // Admitted: the permit is told how the call ended. Dropped untold, it
+/// // counts as cancelled: neither a success nor a failure, unless the
+/// // call's deadline had passed (then it counts as DEADLINE_EXCEEDED).
 /// let permit = gate.admit(&request)?.expect("a gRPC call has a breaker");
 /// permit.on_outcome(Outcome::Status(tonic::Code::Ok));
 /// # Ok::<(), grpc_circuit_breaker::BreakerOpen>(())

@@ -81,7 +81,10 @@ impl Guards {
 
 impl OnOutcome for Guards {
     fn on_outcome(self, outcome: Outcome) {
-        // The breaker first, as the layer nearer the call would be told.
+        // The breaker first, then the slot: a queued call woken by the
+        // freed slot finds the breaker's count (a half-open probe given
+        // back) already done. (As separate layers, the breaker heard first
+        // of an outcome read from the body, and second of a dropped body.)
         if let Some(permit) = self.breaker {
             permit.on_outcome(outcome);
         }
@@ -293,9 +296,7 @@ where
                     let w = waiting.as_mut().project();
                     let deadline = w.wait.deadline();
                     match ready!(w.wait.poll(cx)) {
-                        Err(full) => Kind::Failed {
-                            error: Some(Box::new(full)),
-                        },
+                        Err(error) => Kind::Failed { error: Some(error) },
                         Ok(slot) => {
                             let (Some(mut inner), Some(mut request)) =
                                 (w.inner.take(), w.request.take())

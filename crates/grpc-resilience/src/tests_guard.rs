@@ -24,7 +24,8 @@ type Seen = Vec<(String, Option<Duration>)>;
 
 /// Records each call's `x-call` and `grpc-timeout`, waits for a permit of
 /// its gate, then answers OK with one message, its trailers held until a
-/// permit of `trailers` (none by default: the body never ends).
+/// permit of `trailers` (none by default: the body never ends). A call
+/// named `fail` is answered `UNAVAILABLE` (Trailers-Only) instead.
 #[derive(Clone)]
 struct Backend {
     seen: Arc<Mutex<Seen>>,
@@ -81,11 +82,19 @@ impl Service<http::Request<tonic::body::Body>> for Backend {
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
         let timeout = timeout_header::from_headers(request.headers()).unwrap();
+        let fail = call == "fail";
         self.seen.lock().unwrap().push((call, timeout));
         let (gate, trailers) = (self.gate.clone(), self.trailers.clone());
         Box::pin(async move {
             gate.acquire().await.unwrap().forget();
             let (tx, rx) = tokio::sync::mpsc::channel(2);
+            if fail {
+                return Ok(http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "14")
+                    .body(Held { rx })
+                    .unwrap());
+            }
             let message = http_body::Frame::data(Bytes::from_static(b"\0\0\0\0\0"));
             tx.send(message).await.unwrap();
             tokio::spawn(async move {
@@ -245,4 +254,81 @@ async fn the_slot_and_the_breaker_permit_last_until_the_body_ends() {
     assert_eq!(layer.circuit_breaker_status()["query"], State::Closed);
     let snapshot = &layer.registry().snapshot()["query"];
     assert_eq!(snapshot.failures(), 0);
+}
+
+/// A half-open breaker with one probe, behind a bulkhead with room to
+/// spare: the probe's permit is held until its body ends.
+#[tokio::test(start_paused = true)]
+async fn a_probe_holds_its_breaker_permit_until_its_body_ends() {
+    let backend = Backend::new(100);
+    let config = ResilienceConfig::from_toml(
+        "[timeouts]\ndefault = 60000\n\
+         [circuit_breakers.query]\nfailure_threshold = 1\ntimeout = 1000\n\
+         half_open_max_calls = 1\nsuccess_threshold = 1\n\
+         [bulkhead.default]\nmax_concurrent = 10\n",
+    )
+    .unwrap();
+    let layer = ResilienceLayer::new(&config).unwrap();
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    // One failure opens the breaker; a second later it lets one probe by.
+    drop(channel.clone().oneshot(request("fail")).await.unwrap());
+    assert_eq!(layer.circuit_breaker_status()["query"], State::Open);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The probe: admitted, its body streaming.
+    let probe = channel.clone().oneshot(request("probe")).await.unwrap();
+    let mut body = probe.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    // While it streams, its permit is the only one: the next call is
+    // refused, and never sent.
+    let err = channel
+        .clone()
+        .oneshot(request("second"))
+        .await
+        .unwrap_err();
+    assert_refused_by_the_breaker(&err);
+    assert_eq!(backend.seen().len(), 2);
+    // The probe ends OK: the breaker closes and lets calls through.
+    backend.trailers.add_permits(1);
+    assert!(body.frame().await.unwrap().unwrap().is_trailers());
+    assert_eq!(layer.circuit_breaker_status()["query"], State::Closed);
+    drop(body);
+    drop(channel.clone().oneshot(request("third")).await.unwrap());
+    let seen: Vec<String> = backend.seen().into_iter().map(|(c, _)| c).collect();
+    assert_eq!(seen, ["fail", "probe", "third"]);
+}
+
+/// A service whose readiness reserves capacity (a `ConcurrencyLimit` of
+/// one, as a `Buffer` reserves a slot): a call the breaker refuses gives
+/// the reservation back, so another clone of the channel can be made
+/// ready.
+#[tokio::test]
+async fn a_call_the_breaker_refuses_releases_what_readiness_reserved() {
+    let backend = tower::limit::ConcurrencyLimit::new(Backend::new(100), 1);
+    let config =
+        ResilienceConfig::from_toml("[circuit_breakers.query]\nfailure_threshold = 1000\n")
+            .unwrap();
+    let layer = ResilienceLayer::new(&config).unwrap();
+    let mut first = tower_layer::Layer::layer(&layer, backend);
+    let mut second = first.clone();
+    layer.registry().get_or_create("query");
+    layer.registry().force_open("query").unwrap();
+    // `first` is made ready (it holds the only permit) and its call is
+    // refused; `first` itself lives on.
+    ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut first)
+        .await
+        .unwrap();
+    let err = first.call(request("refused")).await.unwrap_err();
+    assert_refused_by_the_breaker(&err);
+    layer.registry().reset("query").unwrap();
+    let ready = tokio::time::timeout(
+        Duration::from_secs(5),
+        ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut second),
+    )
+    .await;
+    assert!(
+        ready.is_ok(),
+        "the refused call kept the permit its readiness reserved"
+    );
+    drop(second.call(request("sent")).await.unwrap());
+    drop(first);
 }
