@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use grpc_resilience_core::{BoxError, CallDeadline, MethodId, MethodMap};
+use grpc_resilience_core::{BoxError, CallDeadline, MethodId, MethodMap, take_ready};
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -323,13 +323,16 @@ where
             Admission::Admitted(permit) => {
                 ResponseFuture::called(self.inner.call(request), Some(permit))
             }
-            Admission::Rejected(error) => ResponseFuture::rejected(error),
+            Admission::Rejected(error) => {
+                // Release the reservation the ready inner service holds:
+                // a refused caller that backs off must not keep it.
+                drop(take_ready(&mut self.inner));
+                ResponseFuture::rejected(error)
+            }
             Admission::Queued(wait) => {
                 // The ready service goes with the call; this clone must be
                 // made ready again before the next call, as usual.
-                let fresh = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, fresh);
-                ResponseFuture::waiting(wait, ready, request)
+                ResponseFuture::waiting(wait, take_ready(&mut self.inner), request)
             }
         }
     }

@@ -824,3 +824,37 @@ async fn a_gate_queues_grants_and_resolves_its_wait_once() {
     drop(second);
     assert_eq!(status_of(&layer, "catalog.v1.QueryService").in_flight, 0);
 }
+
+/// A service whose readiness reserves capacity (a `ConcurrencyLimit`, as a
+/// `Buffer` reserves a slot): a call the bulkhead refuses gives the
+/// reservation back, so another clone can be made ready while the
+/// refused caller backs off.
+#[tokio::test]
+async fn a_refused_call_releases_what_readiness_reserved() {
+    use tower::{Service, ServiceExt};
+    // Every call hangs: the first one holds its slot and one permit.
+    let hangs = tower::service_fn(|_: Req| {
+        std::future::pending::<Result<http::Response<Empty<Bytes>>, BoxError>>()
+    });
+    let limited = tower::limit::ConcurrencyLimit::new(hangs, 2);
+    let mut first = Bulkhead::new(limited, config(1, 0, 1_000));
+    let (mut refused, mut other) = (first.clone(), first.clone());
+    let held = first.ready().await.unwrap().call(request(GET));
+    let mut held = task::spawn(held);
+    assert!(held.poll().is_pending(), "in flight, holding the only slot");
+    // Made ready (the second permit), then refused: the partition is full.
+    let err = refused
+        .ready()
+        .await
+        .unwrap()
+        .call(request(GET))
+        .await
+        .unwrap_err();
+    assert!(find_error::<BulkheadFull>(&*err).is_some(), "{err}");
+    let ready = tokio::time::timeout(Duration::from_secs(5), other.ready()).await;
+    assert!(
+        ready.is_ok(),
+        "the refused call kept the permit its readiness reserved"
+    );
+    drop((held, refused));
+}

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use grpc_resilience_core::{BoxError, CallDeadline};
+use grpc_resilience_core::{BoxError, CallDeadline, take_ready};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -167,8 +167,7 @@ where
             Ok(permit) => ResponseFuture::called(self.inner.call(request), permit),
             Err(open) => {
                 // Release the reservation the ready inner service holds.
-                let fresh = self.inner.clone();
-                drop(std::mem::replace(&mut self.inner, fresh));
+                drop(take_ready(&mut self.inner));
                 ResponseFuture::rejected(open)
             }
         }

@@ -295,8 +295,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // Use the service that was made ready; leave a fresh clone behind.
-        let fresh = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        let mut inner = grpc_resilience_core::take_ready(&mut self.inner);
         let (fault, call) = self.injector.begin(&request);
         let edits = fault.edits;
         Box::pin(async move {

@@ -134,8 +134,7 @@ where
             }
         };
         // The ready service goes into the future; this one is a fresh clone.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = grpc_resilience_core::take_ready(&mut self.inner);
         ResponseFuture::keyed(Box::pin(future::keyed(
             self.shared.clone(),
             inner,

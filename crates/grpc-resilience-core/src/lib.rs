@@ -70,6 +70,7 @@ mod method;
 mod method_table;
 mod outcome;
 mod policy;
+mod ready;
 pub mod striped;
 pub mod timeout_header;
 
@@ -83,4 +84,5 @@ pub use outcome::{
     outcome_of_frame,
 };
 pub use policy::{DuplicateSelector, InvalidSelector, MatchedBy, MethodMap, Selector};
+pub use ready::take_ready;
 pub use striped::{Stripe, Striped};

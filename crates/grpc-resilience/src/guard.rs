@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use grpc_bulkhead::{Admission, SlotWait};
-use grpc_resilience_core::{BoxError, OnOutcome, Outcome, OutcomeBody};
+use grpc_resilience_core::{BoxError, OnOutcome, Outcome, OutcomeBody, take_ready};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -121,8 +121,7 @@ where
         },
         Err(open) => {
             // Release the reservation the ready inner service holds.
-            let fresh = inner.clone();
-            drop(std::mem::replace(inner, fresh));
+            drop(take_ready(inner));
             // Refused below the bulkhead: dropping its permit frees the
             // slot as a cancelled call's, so an adaptive limit learns
             // nothing (the call never left).
@@ -157,6 +156,10 @@ where
                 Admission::Unlimited => None,
                 Admission::Admitted(permit) => Some(permit),
                 Admission::Rejected(full) => {
+                    // Release the reservation the ready inner service
+                    // holds: a refused caller that backs off must not
+                    // keep it.
+                    drop(take_ready(&mut self.inner));
                     return GuardFuture::new(Kind::Failed {
                         error: Some(Box::new(full)),
                     });
@@ -164,12 +167,10 @@ where
                 Admission::Queued(wait) => {
                     // The ready service goes with the call; this clone
                     // must be made ready again before the next call.
-                    let fresh = self.inner.clone();
-                    let ready = std::mem::replace(&mut self.inner, fresh);
                     return GuardFuture::new(Kind::Waiting {
                         waiting: Box::pin(Waiting {
                             wait,
-                            inner: Some(ready),
+                            inner: Some(take_ready(&mut self.inner)),
                             request: Some(request),
                             breaker: self.breaker.clone(),
                         }),

@@ -33,12 +33,7 @@ impl Service<http::Request<tonic::body::Body>> for Backend {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let call = request
-            .headers()
-            .get("x-call")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let timeout = timeout_header::from_headers(request.headers()).unwrap();
+        let (call, timeout) = seen_as(&request);
         self.log
             .lock()
             .unwrap()
@@ -57,6 +52,18 @@ impl Service<http::Request<tonic::body::Body>> for Backend {
                 .unwrap())
         })
     }
+}
+
+/// How a test backend records a call: its `x-call` header (the test's
+/// name for it) and the `grpc-timeout` it was sent with.
+pub(crate) fn seen_as<B>(request: &http::Request<B>) -> (String, Option<Duration>) {
+    let call = request
+        .headers()
+        .get("x-call")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let timeout = timeout_header::from_headers(request.headers()).unwrap();
+    (call, timeout)
 }
 
 fn config(timeout_ms: u64, attempts: u32) -> ResilienceConfig {

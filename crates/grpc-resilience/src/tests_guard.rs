@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use grpc_resilience_core::BoxError;
 use grpc_resilience_core::error::{LocalRejection, error_code, find_error};
-use grpc_resilience_core::{BoxError, timeout_header};
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tonic::Code;
@@ -76,12 +76,7 @@ impl Service<http::Request<tonic::body::Body>> for Backend {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let call = request
-            .headers()
-            .get("x-call")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let timeout = timeout_header::from_headers(request.headers()).unwrap();
+        let (call, timeout) = crate::tests::seen_as(&request);
         let fail = call == "fail";
         self.seen.lock().unwrap().push((call, timeout));
         let (gate, trailers) = (self.gate.clone(), self.trailers.clone());
@@ -147,6 +142,29 @@ async fn until_seen(backend: &Backend, n: usize) {
     panic!("the backend saw {:?}, not {n} calls", backend.seen());
 }
 
+/// A call through the facade, as a task.
+type Call =
+    tokio::task::JoinHandle<Result<http::Response<crate::future::ResilientBody<Held>>, BoxError>>;
+
+/// A call in flight at a backend that holds it, and a second call queued
+/// behind it for the only slot.
+async fn one_in_flight_one_queued() -> (Backend, ResilienceLayer, Call, Call) {
+    let backend = Backend::new(0);
+    let layer = layer();
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    let first = tokio::spawn(channel.clone().oneshot(request("first")));
+    until_seen(&backend, 1).await;
+    let second = tokio::spawn(channel.clone().oneshot(request("second")));
+    for _ in 0..1000 {
+        if in_flight(&layer) == (1, 1) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(in_flight(&layer), (1, 1), "one in flight, one queued");
+    (backend, layer, first, second)
+}
+
 fn assert_refused_by_the_breaker(err: &BoxError) {
     assert_eq!(error_code(&**err), Code::Unavailable, "{err}");
     assert!(
@@ -183,19 +201,7 @@ async fn a_call_the_breaker_refuses_gives_its_slot_back_and_is_never_sent() {
 
 #[tokio::test]
 async fn a_queued_call_meets_the_breaker_when_its_slot_comes() {
-    let backend = Backend::new(0);
-    let layer = layer();
-    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
-    let first = tokio::spawn(channel.clone().oneshot(request("first")));
-    until_seen(&backend, 1).await;
-    let second = tokio::spawn(channel.clone().oneshot(request("second")));
-    for _ in 0..1000 {
-        if in_flight(&layer) == (1, 1) {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(in_flight(&layer), (1, 1), "one in flight, one queued");
+    let (backend, layer, first, second) = one_in_flight_one_queued().await;
     // The breaker opens while the second call waits for its slot.
     layer.registry().force_open("query").unwrap();
     backend.gate.add_permits(1);
@@ -214,12 +220,7 @@ async fn a_queued_call_meets_the_breaker_when_its_slot_comes() {
 
 #[tokio::test(start_paused = true)]
 async fn a_queued_call_is_sent_with_the_time_it_has_left() {
-    let backend = Backend::new(0);
-    let layer = layer();
-    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
-    let first = tokio::spawn(channel.clone().oneshot(request("first")));
-    until_seen(&backend, 1).await;
-    let second = tokio::spawn(channel.clone().oneshot(request("second")));
+    let (backend, layer, first, second) = one_in_flight_one_queued().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     backend.gate.add_permits(2);
     drop(first.await.unwrap().unwrap());
@@ -297,38 +298,66 @@ async fn a_probe_holds_its_breaker_permit_until_its_body_ends() {
     assert_eq!(seen, ["fail", "probe", "third"]);
 }
 
-/// A service whose readiness reserves capacity (a `ConcurrencyLimit` of
-/// one, as a `Buffer` reserves a slot): a call the breaker refuses gives
-/// the reservation back, so another clone of the channel can be made
-/// ready.
-#[tokio::test]
-async fn a_call_the_breaker_refuses_releases_what_readiness_reserved() {
-    let backend = tower::limit::ConcurrencyLimit::new(Backend::new(100), 1);
-    let config =
-        ResilienceConfig::from_toml("[circuit_breakers.query]\nfailure_threshold = 1000\n")
-            .unwrap();
-    let layer = ResilienceLayer::new(&config).unwrap();
-    let mut first = tower_layer::Layer::layer(&layer, backend);
-    let mut second = first.clone();
-    layer.registry().get_or_create("query");
-    layer.registry().force_open("query").unwrap();
-    // `first` is made ready (it holds the only permit) and its call is
-    // refused; `first` itself lives on.
-    ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut first)
+type Limited = tower::limit::ConcurrencyLimit<Backend>;
+
+/// Makes `refused` ready and sends a call that is refused; then another
+/// clone of the channel must become ready: the refused call gave back
+/// what its readiness reserved (a permit of the `ConcurrencyLimit` below,
+/// as a `Buffer` reserves a slot), though `refused` itself lives on.
+async fn refusal_releases_readiness(
+    mut refused: ResilientChannel<Limited>,
+    mut other: ResilientChannel<Limited>,
+    code: Code,
+) {
+    ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut refused)
         .await
         .unwrap();
-    let err = first.call(request("refused")).await.unwrap_err();
-    assert_refused_by_the_breaker(&err);
-    layer.registry().reset("query").unwrap();
+    let err = refused.call(request("refused")).await.unwrap_err();
+    assert_eq!(error_code(&*err), code, "{err}");
+    assert!(find_error::<LocalRejection>(&*err).is_some(), "{err}");
     let ready = tokio::time::timeout(
         Duration::from_secs(5),
-        ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut second),
+        ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut other),
     )
     .await;
     assert!(
         ready.is_ok(),
         "the refused call kept the permit its readiness reserved"
     );
-    drop(second.call(request("sent")).await.unwrap());
-    drop(first);
+    drop(refused);
+}
+
+#[tokio::test]
+async fn a_call_the_breaker_refuses_releases_what_readiness_reserved() {
+    let backend = Backend::new(100);
+    let config =
+        ResilienceConfig::from_toml("[circuit_breakers.query]\nfailure_threshold = 1000\n")
+            .unwrap();
+    let layer = ResilienceLayer::new(&config).unwrap();
+    let channel = tower_layer::Layer::layer(&layer, Limited::new(backend.clone(), 1));
+    layer.registry().get_or_create("query");
+    layer.registry().force_open("query").unwrap();
+    refusal_releases_readiness(channel.clone(), channel.clone(), Code::Unavailable).await;
+    layer.registry().reset("query").unwrap();
+    drop(channel.oneshot(request("sent")).await.unwrap());
+    let seen: Vec<String> = backend.seen().into_iter().map(|(c, _)| c).collect();
+    assert_eq!(seen, ["sent"]);
+}
+
+#[tokio::test]
+async fn a_call_the_bulkhead_refuses_releases_what_readiness_reserved() {
+    // One slot, no queue; two permits below: the call in flight holds one.
+    let backend = Backend::new(0);
+    let config = ResilienceConfig::from_toml(
+        "[circuit_breakers.query]\nfailure_threshold = 1000\n\
+         [bulkhead.default]\nmax_concurrent = 1\nmax_queue = 0\n",
+    )
+    .unwrap();
+    let layer = ResilienceLayer::new(&config).unwrap();
+    let channel = tower_layer::Layer::layer(&layer, Limited::new(backend.clone(), 2));
+    let first = tokio::spawn(channel.clone().oneshot(request("first")));
+    until_seen(&backend, 1).await;
+    refusal_releases_readiness(channel.clone(), channel.clone(), Code::ResourceExhausted).await;
+    backend.gate.add_permits(1);
+    drop(first.await.unwrap().unwrap());
 }
