@@ -150,6 +150,34 @@ pub fn with_transport_status(err: BoxError) -> BoxError {
     Box::new(TransportError { status, cause })
 }
 
+/// [`with_transport_status`] on an error kept in place (in a result that
+/// is not moved: a response beside it would be copied with it).
+pub fn set_transport_status(err: &mut BoxError) {
+    if find_status(&**err).is_some() || find_error::<tonic::ConnectError>(&**err).is_some() {
+        return;
+    }
+    replace_error(err, with_transport_status);
+}
+
+/// Replaces the error kept in place at `err` with `f` of it.
+pub fn replace_error(err: &mut BoxError, f: impl FnOnce(BoxError) -> BoxError) {
+    // A zero-sized stand-in: boxing it allocates nothing.
+    let taken = std::mem::replace(err, Box::new(Taken));
+    *err = f(taken);
+}
+
+/// Stands in, for a moment, for an error being replaced.
+#[derive(Debug)]
+struct Taken;
+
+impl std::fmt::Display for Taken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("error taken")
+    }
+}
+
+impl Error for Taken {}
+
 /// The gRPC code of a failure that carries no gRPC status, as gRPC's HTTP/2
 /// protocol spec, grpc-core and tonic map it.
 ///
@@ -280,6 +308,26 @@ mod tests {
         );
         let status = Status::from_error(err);
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+
+    #[test]
+    fn the_status_is_set_in_place_as_with_transport_status_gives_it() {
+        // A tonic timeout: replaced by its status, the cause kept.
+        let mut err: BoxError = Box::new(tonic::TimeoutExpired(()));
+        set_transport_status(&mut err);
+        assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+        assert!(find_status(&*err).is_some());
+        assert!(find_error::<tonic::TimeoutExpired>(&*err).is_some());
+        // An error with a status is left as it is, not rewrapped.
+        let mut err: BoxError = Box::new(Wrapper(Status::not_found("gone")));
+        let before: *const (dyn Error + Send + Sync) = &*err;
+        set_transport_status(&mut err);
+        assert!(std::ptr::eq(before, &*err));
+        assert!(err.downcast_ref::<Wrapper>().is_some());
+        // `replace_error` hands over the error it replaces.
+        let mut err: BoxError = "first".into();
+        replace_error(&mut err, |old| format!("{old}, then second").into());
+        assert_eq!(err.to_string(), "first, then second");
     }
 
     #[test]
