@@ -7,7 +7,9 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use grpc_resilience_core::codes::code_name;
-use grpc_resilience_core::error::{error_code, find_status, with_transport_status};
+use grpc_resilience_core::error::{
+    error_code, find_status, replace_error, set_transport_status, with_transport_status,
+};
 use grpc_resilience_core::headers::sanitize_status_details;
 use grpc_resilience_core::{BoxError, CallDeadline, MethodId, classify_head};
 use http::{HeaderValue, Request, Response};
@@ -20,7 +22,7 @@ use crate::ResponseBody;
 use crate::decide::{Ended, Pushback, answered, ended};
 use crate::replay::{Recording, ReplayableBody};
 use crate::spare::Handle;
-use crate::{RetryPolicy, backoff};
+use crate::{RetryPolicy, RetryThrottle, backoff};
 
 /// The header that tells the server how many attempts came before.
 pub(crate) const PREVIOUS_ATTEMPTS: http::HeaderName =
@@ -438,11 +440,11 @@ pub(crate) fn sanitize<R>(result: &mut Result<Response<R>, BoxError>) {
 /// its form (its `grpc-message` is rewritten, percent-encoded); an error
 /// becomes a [`tonic::Status`] whose source is the original error.
 fn out_of_time<R>(
-    result: Result<Response<R>, BoxError>,
+    result: &mut Result<Response<R>, BoxError>,
     left: Duration,
     wait: Duration,
     pushback: bool,
-) -> Result<Response<R>, BoxError> {
+) {
     let waited = if pushback {
         "server pushback"
     } else {
@@ -458,7 +460,7 @@ fn out_of_time<R>(
         }
     };
     match result {
-        Ok(mut response) => {
+        Ok(response) => {
             let code = classify_head(response.status(), response.headers())
                 .map_or(tonic::Code::Unknown, |o| o.code());
             // tonic's parser panics on undecodable status details: clean the
@@ -470,12 +472,11 @@ fn out_of_time<R>(
             // Writes `grpc-status` (the same code) and `grpc-message`; every
             // other header (details, pushback, metadata) stays.
             let _ = tonic::Status::new(code, extend(&message)).add_header(response.headers_mut());
-            Ok(response)
         }
         Err(err) => {
-            let err = with_transport_status(err);
-            let code = error_code(&*err);
-            let mut status = match find_status(&*err) {
+            set_transport_status(err);
+            let code = error_code(&**err);
+            let mut status = match find_status(&**err) {
                 Some(s) => tonic::Status::with_details_and_metadata(
                     code,
                     extend(s.message()),
@@ -484,34 +485,53 @@ fn out_of_time<R>(
                 ),
                 None => tonic::Status::new(code, extend(&err.to_string())),
             };
-            status.set_source(Arc::from(err));
-            Err(Box::new(status))
+            replace_error(err, |source| {
+                status.set_source(Arc::from(source));
+                Box::new(status)
+            });
         }
     }
 }
 
-/// What the caller gets once `next` says the call is done.
+/// A call's final response, before [`ResponseFuture`] wraps its body:
+/// the response of the attempt that ended the call, and the throttle its
+/// trailers refill if they say OK (a committed call under a throttle; see
+/// [`ResponseBody`]).
+pub(crate) type Unwrapped<R> = (Response<R>, Option<RetryThrottle>);
+
+/// What the caller gets once `next` says the call is done, made of
+/// `result` in place; the throttle its trailers must refill, if any, goes
+/// to `refill`.
 fn deliver<S, B, R>(
     ctx: &Ctx<S, B>,
-    result: Result<Response<R>, BoxError>,
+    result: &mut Result<Response<R>, BoxError>,
     next: Next,
-) -> Result<Response<ResponseBody<R>>, BoxError> {
+    refill: &mut Option<RetryThrottle>,
+) {
     ctx.finish();
-    let result = match next {
+    match next {
         Next::OutOfTime {
             left,
             wait,
             pushback,
         } => out_of_time(result, left, wait, pushback),
-        _ => result,
-    };
-    let throttle = match next {
-        Next::ReturnCounted => ctx.shared.throttle.clone(),
-        _ => None,
-    };
-    result
-        .map(|response| response.map(|body| ResponseBody::new(body, throttle)))
-        .map_err(with_transport_status)
+        Next::ReturnCounted => refill.clone_from(&ctx.shared.throttle),
+        Next::Return | Next::Retry(_) => {}
+    }
+    if let Err(err) = result {
+        set_transport_status(err);
+    }
+}
+
+/// [`deliver`], for a future that hands the throttle on with the response.
+fn deliver_unwrapped<S, B, R>(
+    ctx: &Ctx<S, B>,
+    mut result: Result<Response<R>, BoxError>,
+    next: Next,
+) -> Result<Unwrapped<R>, BoxError> {
+    let mut refill = None;
+    deliver(ctx, &mut result, next, &mut refill);
+    result.map(|response| (response, refill))
 }
 
 pub(crate) type Boxed<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
@@ -520,7 +540,7 @@ async fn retry_loop<S, B, R>(
     mut ctx: Ctx<S, B>,
     mut delay: Duration,
     first: Result<Response<R>, BoxError>,
-) -> Result<Response<ResponseBody<R>>, BoxError>
+) -> Result<Unwrapped<R>, BoxError>
 where
     S: Service<Request<B>, Response = Response<R>> + Clone + Send,
     S::Error: Into<BoxError>,
@@ -537,7 +557,7 @@ where
         // a replay would lack bytes, so the caller gets the last outcome.
         if !ctx.recording.replayable() {
             ctx.replay_lost();
-            return deliver(&ctx, last, Next::Return);
+            return deliver_unwrapped(&ctx, last, Next::Return);
         }
         // Wait for the service, but never past the deadline.
         let ready = std::future::poll_fn(|cx| service.poll_ready(cx));
@@ -564,7 +584,7 @@ where
                     error = %err,
                     "retry abandoned: the service failed before the attempt could be sent"
                 );
-                return deliver(&ctx, last, Next::Return);
+                return deliver_unwrapped(&ctx, last, Next::Return);
             }
             Ok(()) => {
                 // The attempt is sent now: never at or past the deadline, and
@@ -578,7 +598,7 @@ where
                 // service was busy.
                 let Some(request) = ctx.next_request(now) else {
                     ctx.replay_lost();
-                    return deliver(&ctx, last, Next::Return);
+                    return deliver_unwrapped(&ctx, last, Next::Return);
                 };
                 ctx.attempts += 1;
                 let span = ctx.span(Some(delay), Some(now));
@@ -598,7 +618,7 @@ where
         // the call, so the caller gets the previous attempt's.
         if ctx.recording.latest_refused() && !answered(&result) {
             ctx.replay_lost();
-            return deliver(&ctx, last, Next::Return);
+            return deliver_unwrapped(&ctx, last, Next::Return);
         }
         drop(last);
         match ctx.next_delay(&result) {
@@ -606,7 +626,7 @@ where
                 delay = next;
                 last = result;
             }
-            next => return deliver(&ctx, result, next),
+            next => return deliver_unwrapped(&ctx, result, next),
         }
     }
 }
@@ -633,7 +653,7 @@ pin_project! {
         // The first attempt of a call that may be retried.
         First { #[pin] fut: tracing::instrument::Instrumented<S::Future>, ctx: Option<Ctx<S, B>> },
         // Being retried or hedged: boxed, as the rare path.
-        Retrying { fut: Boxed<Response<ResponseBody<R>>> },
+        Retrying { fut: Boxed<Unwrapped<R>> },
         // A request the layer refused to send.
         Failed { error: Option<BoxError> },
     }
@@ -665,7 +685,7 @@ where
         }
     }
 
-    pub(crate) fn boxed(fut: Boxed<Response<ResponseBody<R>>>) -> Self {
+    pub(crate) fn boxed(fut: Boxed<Unwrapped<R>>) -> Self {
         ResponseFuture {
             kind: Kind::Retrying { fut },
         }
@@ -678,7 +698,7 @@ where
     }
 }
 
-impl<S, B, R> Future for ResponseFuture<S, B, R>
+impl<S, B, R> ResponseFuture<S, B, R>
 where
     S: Service<Request<B>, Response = Response<R>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
@@ -686,20 +706,34 @@ where
     B: ReplayableBody,
     R: Send + 'static,
 {
-    type Output = Result<Response<ResponseBody<R>>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    /// Polls the call like [`Future::poll`], but hands back the final
+    /// response with its body as the inner service returned it, instead of
+    /// wrapping the body in a [`ResponseBody`]; the throttle that body's
+    /// trailers must refill if they say OK (a committed call under a
+    /// throttle) goes to `refill`.
+    ///
+    /// For a layer that wraps or observes the body anyway (a deadline,
+    /// call telemetry) and can do the throttle's part itself: the response
+    /// then has one body wrapper less. The caller must refill the throttle
+    /// ([`RetryThrottle::on_success`]) once the trailers say OK, and must
+    /// drop a `grpc-status-details-bin` trailer that is not valid base64
+    /// before tonic reads it, as [`ResponseBody`] does.
+    #[inline]
+    pub fn poll_answer(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        refill: &mut Option<RetryThrottle>,
+    ) -> Poll<Result<Response<R>, BoxError>> {
         let mut kind = self.project().kind;
         loop {
             match kind.as_mut().project() {
                 KindProj::Passthrough { fut } => {
                     let mut result = ready!(fut.poll(cx)).map_err(Into::into);
                     sanitize(&mut result);
-                    return Poll::Ready(
-                        result
-                            .map(|response| response.map(|body| ResponseBody::new(body, None)))
-                            .map_err(with_transport_status),
-                    );
+                    if let Err(err) = &mut result {
+                        set_transport_status(err);
+                    }
+                    return Poll::Ready(result);
                 }
                 KindProj::First { mut fut, ctx: slot } => {
                     let mut result = ready!(fut.as_mut().poll(cx)).map_err(Into::into);
@@ -719,14 +753,18 @@ where
                             kind.set(Kind::Retrying { fut });
                         }
                         next => {
-                            let delivered = deliver(ctx, result, next);
+                            deliver(ctx, &mut result, next, refill);
                             // The call is over: its recording is released now.
                             *slot = None;
-                            return Poll::Ready(delivered);
+                            return Poll::Ready(result);
                         }
                     }
                 }
-                KindProj::Retrying { fut } => return fut.as_mut().poll(cx),
+                KindProj::Retrying { fut } => {
+                    let (response, throttle) = ready!(fut.as_mut().poll(cx))?;
+                    *refill = throttle;
+                    return Poll::Ready(Ok(response));
+                }
                 KindProj::Failed { error } => {
                     return Poll::Ready(Err(error
                         .take()
@@ -734,5 +772,22 @@ where
                 }
             }
         }
+    }
+}
+
+impl<S, B, R> Future for ResponseFuture<S, B, R>
+where
+    S: Service<Request<B>, Response = Response<R>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: ReplayableBody,
+    R: Send + 'static,
+{
+    type Output = Result<Response<ResponseBody<R>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut throttle = None;
+        let response = ready!(self.poll_answer(cx, &mut throttle))?;
+        Poll::Ready(Ok(response.map(|body| ResponseBody::new(body, throttle))))
     }
 }

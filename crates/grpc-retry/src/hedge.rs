@@ -11,11 +11,12 @@ use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::HedgingPolicy;
 use crate::decide::{Ended, Pushback, answered, ended};
+use crate::future::Unwrapped;
 use crate::future::{attempt_span, record_attempt, record_result, replay_request, sanitize};
 use crate::replay::{Recording, ReplayableBody};
 use crate::spare::Handle;
-use crate::{HedgingPolicy, ResponseBody};
 
 /// Everything a hedged call needs.
 #[derive(Debug)]
@@ -79,7 +80,7 @@ pub(crate) async fn hedge<S, B, R>(
     h: Hedge<S, B>,
     first: S::Future,
     first_span: tracing::Span,
-) -> Result<Response<ResponseBody<R>>, BoxError>
+) -> Result<Unwrapped<R>, BoxError>
 where
     S: Service<Request<B>, Response = Response<R>> + Clone + Send,
     S::Error: Into<BoxError>,
@@ -264,6 +265,6 @@ where
     };
     drop(h);
     result
-        .map(|response| response.map(|body| ResponseBody::new(body, counted)))
+        .map(|response| (response, counted))
         .map_err(with_transport_status)
 }

@@ -899,3 +899,71 @@ async fn alternating_methods_each_get_their_own_policy_worked_out_once() {
     }
     assert_eq!(layer.shared().methods.len(), 3, "one entry per method");
 }
+
+/// Runs one call through `poll_answer`; the service answers attempt `i`
+/// with `answers[i]`. Returns the unwrapped result and the refill owed.
+async fn run_unwrapped(
+    service: &mut Svc,
+    handle: &mut Handle,
+    req: Req,
+    answers: Vec<Res>,
+) -> (Result<Res, BoxError>, Option<RetryThrottle>) {
+    assert!(service.poll_ready().is_ready());
+    let fut = service.call(req);
+    let call = tokio::spawn(async move {
+        let mut fut = std::pin::pin!(fut);
+        let mut refill = None;
+        let result = std::future::poll_fn(|cx| fut.as_mut().poll_answer(cx, &mut refill)).await;
+        (result, refill)
+    });
+    for answer in answers {
+        let (_, send) = next(handle).await;
+        send.send_response(answer);
+    }
+    call.await.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_answer_leaves_the_body_and_its_refill_to_the_caller() {
+    let layer = layer(no_jitter().with_max_attempts(2))
+        .with_throttle(RetryThrottle::new(4.0, 1.0).unwrap());
+    let bucket = layer.throttle().unwrap().clone();
+    let (mut service, mut handle) = setup(layer);
+    // Retried, then committed: one token taken (4 -> 3). The body comes as
+    // the service sent it; reading its OK trailers refills nothing, the
+    // refill is the caller's to make.
+    let (result, refill) = run_unwrapped(
+        &mut service,
+        &mut handle,
+        request(GET, b"x"),
+        vec![trailers_only(Code::Unavailable), committed(Code::Ok)],
+    )
+    .await;
+    let body = result.unwrap().into_body().collect().await.unwrap();
+    assert_eq!(body.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(bucket.tokens(), 3.0);
+    let refill = refill.expect("a committed call owes the throttle its outcome");
+    assert!(refill.same_bucket(&bucket));
+    refill.on_success();
+    assert_eq!(bucket.tokens(), 4.0);
+    // Committed on its first attempt: the same.
+    let (result, refill) = run_unwrapped(
+        &mut service,
+        &mut handle,
+        request(GET, b"x"),
+        vec![committed(Code::Ok)],
+    )
+    .await;
+    assert!(result.is_ok());
+    assert!(refill.is_some_and(|r| r.same_bucket(&bucket)));
+    // A Trailers-Only answer settles the throttle itself: nothing owed.
+    let (result, refill) = run_unwrapped(
+        &mut service,
+        &mut handle,
+        request(GET, b"x"),
+        vec![trailers_only(Code::NotFound)],
+    )
+    .await;
+    assert_eq!(code_of_head(&result), Some(Code::NotFound));
+    assert!(refill.is_none());
+}
