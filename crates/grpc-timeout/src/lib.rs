@@ -102,6 +102,18 @@
 //! in this layer's future and body, so the call has no extra level to
 //! move and poll.
 //!
+//! # Fused into another service
+//!
+//! A service that does more per call than this layer (retries, say) can
+//! do this layer's work in its own future instead of wrapping this layer's:
+//! [`Timeout::prepare`] starts a call (the deadline worked out, the header
+//! written, the [`CallDeadline`] recorded), a [`future::Watch`] in its
+//! future holds the call to the deadline, and the answer's body is bounded
+//! by a [`future::TimeoutBody`], its own or one a layer below made
+//! ([`TimeoutBody::bound_by`](future::TimeoutBody::bound_by)). The
+//! `grpc-resilience` facade runs its deadline, retries and call telemetry
+//! as one future and one body wrapper this way.
+//!
 //! # Cost
 //!
 //! A method's timeout is worked out once per layer (its path parsed, its
@@ -243,9 +255,9 @@ impl<S> Timeout<S> {
     /// It is what a wrapper that records each call (metrics, a span's
     /// status) would otherwise do with one more future and one more body
     /// around this layer's: carried here, a call's future and its body are
-    /// each one level shallower, so less is moved and polled per call.
-    /// `grpc_resilience::ResilientChannel` records its call telemetry this
-    /// way.
+    /// each one level shallower, so less is moved and polled per call. (A
+    /// service that fuses this layer's work into its own future goes one
+    /// step further: see [`Watch`](future::Watch).)
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
@@ -295,6 +307,40 @@ impl<S> Timeout<S> {
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
+        match self.prepare(&mut request) {
+            Ok(deadline) => {
+                let head_timer = self.head_timer && deadline.is_some();
+                let sent = send(&mut self.inner, request, entered);
+                ResponseFuture::new(sent, deadline, head_timer, observer)
+            }
+            Err(expired) => {
+                // No time left: fail now, without sending anything.
+                drop(entered);
+                ResponseFuture::expired(expired, observer)
+            }
+        }
+    }
+
+    /// The first half of a call, for a service that fuses this layer's work
+    /// with its own (see [`Watch`](future::Watch)): works out the call's
+    /// deadline as [`Service::call`] does, writes `grpc-timeout` and records
+    /// the [`CallDeadline`] on `request`, which is then to be sent.
+    ///
+    /// `Ok(None)`: the call has no deadline. `Ok(Some(deadline))`: send it
+    /// and watch it with a [`Watch`](future::Watch) made of `deadline` and
+    /// [`times_the_head`](Self::times_the_head). `Err(deadline)`: no time
+    /// is left, so the call must not be sent; a watch made with
+    /// [`Watch::expired`](future::Watch::expired) fails it with
+    /// `DEADLINE_EXCEEDED`.
+    ///
+    /// # Errors
+    ///
+    /// The call's deadline, when it has already passed.
+    #[inline(always)]
+    pub fn prepare<B>(
+        &mut self,
+        request: &mut http::Request<B>,
+    ) -> Result<Option<future::Deadline>, future::Deadline> {
         let Resolved { policy, methods } = &*self.policy;
         let configured = self
             .last
@@ -343,10 +389,7 @@ impl<S> Timeout<S> {
                 }
                 caller
             }
-            (None, _) => {
-                let sent = send(&mut self.inner, request, entered);
-                return ResponseFuture::new(sent, None, false, observer);
-            }
+            (None, _) => return Ok(None),
         };
         let info = Deadline {
             at: deadline.instant(),
@@ -355,15 +398,18 @@ impl<S> Timeout<S> {
             path: request.uri().path_and_query().cloned(),
         };
         if deadline.has_passed_at(now) {
-            // No time left: fail now, without sending anything.
-            drop(entered);
-            return ResponseFuture::expired(info, observer);
+            return Err(info);
         }
         if recorded != Some(deadline) {
-            deadline.insert_into(&mut request);
+            deadline.insert_into(request);
         }
-        let sent = send(&mut self.inner, request, entered);
-        ResponseFuture::new(sent, Some(info), self.head_timer, observer)
+        Ok(Some(info))
+    }
+
+    /// Whether this service times the response head itself (see
+    /// [`TimeoutLayer::rely_on_channel_for_head`]).
+    pub fn times_the_head(&self) -> bool {
+        self.head_timer
     }
 }
 

@@ -8,8 +8,8 @@ use tonic::Code;
 use tower_test::mock;
 
 use super::*;
-use grpc_resilience_core::CallDeadline;
 use grpc_resilience_core::timeout_header::{GRPC_TIMEOUT, decode};
+use grpc_resilience_core::{CallDeadline, Outcome, Unobserved};
 use tower_layer::Layer;
 
 const GET: &str = "/catalog.v1.QueryService/GetProduct";
@@ -730,4 +730,125 @@ async fn alternating_methods_each_get_their_own_timeout_worked_out_once() {
         }
     }
     assert_eq!(layer.methods().len(), 3, "one entry per method");
+}
+
+/// The deadline `prepare` works out for `request` under `policy`.
+fn prepared(policy: TimeoutPolicy, mut request: Req) -> future::Deadline {
+    Timeout::new((), policy)
+        .prepare(&mut request)
+        .expect("time left")
+        .expect("a deadline")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_bound_by_an_earlier_deadline_ends_at_it() {
+    let start = Instant::now();
+    let five = prepared(catalog_policy(), request(LIST, Some("5S")));
+    let two = prepared(catalog_policy(), request(LIST, Some("2S")));
+    let (tx, response) = streaming_response();
+    let mut body = TimeoutBody::new(response.into_body(), Some(five.clone()), None::<Unobserved>);
+    // A later deadline does not loosen an earlier one.
+    body.bound_by(prepared(catalog_policy(), request(LIST, Some("9S"))));
+    let mut body = std::pin::pin!(body);
+    // Waiting arms the body's timer for 5 s ...
+    std::future::poll_fn(|cx| {
+        assert!(http_body::Body::poll_frame(body.as_mut(), cx).is_pending());
+        Poll::Ready(())
+    })
+    .await;
+    // ... and an earlier deadline replaces it.
+    body.as_mut().get_mut().bound_by(two);
+    body.as_mut().get_mut().bound_by(five);
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert!(err.downcast_ref::<Elapsed>().unwrap().during_body());
+    assert_eq!(code_of(err), Code::DeadlineExceeded);
+    assert!(tx.is_closed(), "the inner body is dropped at the deadline");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_driven_by_hand_holds_a_call_to_its_deadline() {
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let observer = || {
+        let told = told.clone();
+        move |o: Outcome| told.lock().unwrap().push(o)
+    };
+    let start = Instant::now();
+    let mut timeout = Timeout::new((), catalog_policy());
+
+    // No answer by the deadline: the head timer fires at 3 s.
+    let mut req = request(GET, None);
+    let deadline = timeout.prepare(&mut req).unwrap();
+    assert_eq!(sent_timeout(&req), Some(Duration::from_secs(3)));
+    assert_eq!(extension(&req), Some(start + Duration::from_secs(3)));
+    let mut watch = std::pin::pin!(future::Watch::new(
+        deadline,
+        timeout.times_the_head(),
+        Some(observer())
+    ));
+    let err = std::future::poll_fn(|cx| watch.as_mut().poll_deadline(cx)).await;
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(code_of(err), Code::DeadlineExceeded);
+
+    // A response that lands after the timer fired, before the call was
+    // polled again, loses the race.
+    let mut req = request(GET, None);
+    let deadline = timeout.prepare(&mut req).unwrap();
+    let mut watch = std::pin::pin!(future::Watch::new(deadline, true, Some(observer())));
+    std::future::poll_fn(|cx| {
+        assert!(watch.as_mut().poll_deadline(cx).is_pending(), "armed");
+        Poll::Ready(())
+    })
+    .await;
+    advance(Duration::from_secs(3)).await;
+    let mut late: Result<Res, BoxError> = Ok(streaming_response().1);
+    assert!(watch.as_mut().settle(&mut late).is_none());
+    assert_eq!(code_of(late.unwrap_err()), Code::DeadlineExceeded);
+
+    // An answer in time: settled with its head cleaned, the deadline and
+    // the observer handed on, nothing told yet.
+    let mut req = request(GET, None);
+    let deadline = timeout.prepare(&mut req).unwrap();
+    let mut watch = std::pin::pin!(future::Watch::new(deadline, true, Some(observer())));
+    let mut answer: Result<Res, BoxError> = Ok(streaming_response().1);
+    answer
+        .as_mut()
+        .unwrap()
+        .headers_mut()
+        .insert("grpc-status-details-bin", "%%%".parse().unwrap());
+    let (deadline, kept) = watch.as_mut().settle(&mut answer).expect("in time");
+    let response = answer.unwrap();
+    assert!(!response.headers().contains_key("grpc-status-details-bin"));
+    assert_eq!(
+        deadline.map(|d| d.instant()),
+        Some(Instant::now() + Duration::from_secs(3))
+    );
+    assert!(kept.is_some());
+
+    // An error that is not the deadline's keeps its code.
+    let mut req = request(GET, None);
+    let deadline = timeout.prepare(&mut req).unwrap();
+    let mut watch = std::pin::pin!(future::Watch::new(deadline, true, Some(observer())));
+    let mut failed: Result<Res, BoxError> =
+        Err(Box::new(tonic::Status::unavailable("connection refused")));
+    assert!(watch.as_mut().settle(&mut failed).is_none());
+    assert_eq!(code_of(failed.unwrap_err()), Code::Unavailable);
+
+    // No time left: not to be sent, and the watch fails it.
+    let mut req = request(GET, Some("0n"));
+    let expired = timeout.prepare(&mut req).unwrap_err();
+    let mut watch = std::pin::pin!(future::Watch::expired(expired, Some(observer())));
+    let err = watch.as_mut().unsent();
+    assert!(!err.downcast_ref::<Elapsed>().unwrap().was_sent());
+
+    assert_eq!(
+        *told.lock().unwrap(),
+        [
+            Outcome::Error(Code::DeadlineExceeded),
+            Outcome::Error(Code::DeadlineExceeded),
+            Outcome::Error(Code::Unavailable),
+            Outcome::Error(Code::DeadlineExceeded),
+        ],
+        "each failed call told once; the answered one left to its body"
+    );
 }
