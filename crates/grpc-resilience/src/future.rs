@@ -2,5 +2,5 @@
 //! [`ResilientChannel`](crate::ResilientChannel) stack, for naming its types.
 
 pub use crate::attempt::{Attempt, AttemptBody, AttemptFuture};
-pub use crate::guard::{Guard, GuardBody, GuardFuture, Guards};
+pub use crate::guard::{Guard, GuardBody, GuardFuture, Guards, Reports};
 pub use crate::stack::{ResilientBody, ResponseFuture};

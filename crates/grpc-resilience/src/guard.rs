@@ -1,6 +1,9 @@
 //! One attempt's guards in one service: the bulkhead, then the circuit
 //! breaker, then the per-attempt timeout, with one future and one body
-//! wrapper for all three.
+//! wrapper for all three. The body wrapper is the one a caller reads: the
+//! call level (see `stack.rs`) adds the call's deadline, the retry
+//! throttle's refill and the call's telemetry to the answering attempt's
+//! body instead of wrapping it again.
 //!
 //! The layers exist on their own (`grpc_bulkhead::Bulkhead`,
 //! `grpc_circuit_breaker::CircuitBreaker`, `grpc_timeout::Timeout`); as
@@ -16,12 +19,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use grpc_bulkhead::{Admission, SlotWait};
-use grpc_resilience_core::{BoxError, OnOutcome, Outcome, OutcomeBody, take_ready};
+use grpc_resilience_core::{BoxError, OnOutcome, Outcome, take_ready};
+use grpc_retry::RetryThrottle;
+use grpc_timeout::future::TimeoutBody;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::attempt::{Attempt, AttemptBody, AttemptFuture};
+use crate::telemetry::CallRecorder;
 
 /// The bulkhead, circuit breaker and per-attempt timeout of a
 /// [`ResilientChannel`](crate::ResilientChannel) stack, in that order, as
@@ -55,6 +61,41 @@ pub struct Guards {
     bulkhead: Option<grpc_bulkhead::Permit>,
 }
 
+/// Who hears how an attempt's response ends: the attempt's [`Guards`],
+/// and, once the response is the call's answer, the retry throttle
+/// (refilled if the call ends OK) and the call's telemetry. Each is told
+/// the outcome once (as cancelled if the body is dropped first).
+#[derive(Debug)]
+pub struct Reports {
+    guards: Guards,
+    refill: Option<RetryThrottle>,
+    call: Option<CallRecorder>,
+}
+
+impl Reports {
+    /// Makes this attempt's response the call's answer: its outcome also
+    /// refills `refill` (if OK) and is recorded by `call`.
+    pub(crate) fn answer(&mut self, refill: Option<RetryThrottle>, call: Option<CallRecorder>) {
+        self.refill = refill;
+        self.call = call;
+    }
+}
+
+impl OnOutcome for Reports {
+    fn on_outcome(self, outcome: Outcome) {
+        self.guards.on_outcome(outcome);
+        // Then the call's own: as the layers' bodies did, inner first.
+        if let Some(throttle) = self.refill
+            && outcome.is_ok()
+        {
+            throttle.on_success();
+        }
+        if let Some(call) = self.call {
+            call.on_outcome(outcome);
+        }
+    }
+}
+
 impl Guards {
     fn on_response_head(&mut self) {
         if let Some(permit) = &mut self.breaker {
@@ -72,10 +113,6 @@ impl Guards {
         if let Some(permit) = self.bulkhead {
             permit.on_error(err);
         }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.breaker.is_none() && self.bulkhead.is_none()
     }
 }
 
@@ -96,8 +133,9 @@ impl OnOutcome for Guards {
 
 /// The response body of [`Guard`]: the channel's body (bounded by the
 /// per-attempt timeout when one is set), reporting the call's outcome to
-/// its bulkhead slot and breaker permit.
-pub type GuardBody<R> = OutcomeBody<AttemptBody<R>, Guards>;
+/// its bulkhead slot and breaker permit; the call's deadline and the rest
+/// of its [`Reports`] are added once it is the call's answer.
+pub type GuardBody<R> = TimeoutBody<AttemptBody<R>, Reports>;
 
 /// Admits a call to its breaker and sends it, holding `bulkhead`'s slot.
 #[inline]
@@ -274,13 +312,17 @@ where
                     let result = ready!(inner.poll(cx));
                     let guards = std::mem::take(guards);
                     return Poll::Ready(match result {
-                        Ok(response) if guards.is_empty() => {
-                            Ok(response.map(OutcomeBody::reported))
-                        }
+                        // Observed even with no permit: the call level may
+                        // add its own reports to this body.
                         Ok(response) => {
                             let mut guards = guards;
                             guards.on_response_head();
-                            Ok(OutcomeBody::wrap_response(response, guards))
+                            let reports = Reports {
+                                guards,
+                                refill: None,
+                                call: None,
+                            };
+                            Ok(TimeoutBody::wrap_response(response, None, Some(reports)))
                         }
                         Err(err) => {
                             guards.on_error(&err);

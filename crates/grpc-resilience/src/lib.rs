@@ -94,13 +94,19 @@
 //!    fail together.
 //!
 //! The order is the layers'; the facade builds them with fewer levels.
-//! Layers 1 and 2 are one future and one response body (the deadline
-//! layer's, carrying the call's telemetry). Layers 4 to 6 are one service
-//! per attempt, with one future and one body: the bulkhead and the breaker
+//! Layers 1 to 3 are one future: the deadline layer's work through its
+//! halves ([`grpc_timeout::Timeout::prepare`], [`grpc_timeout::future::Watch`])
+//! around the retry layer's future, whose answer is taken unwrapped
+//! ([`grpc_retry::future::ResponseFuture::poll_answer`]). Layers 4 to 6 are
+//! one service per attempt, with one future: the bulkhead and the breaker
 //! through their admission halves ([`grpc_bulkhead::Gate`],
 //! [`grpc_circuit_breaker::Gate`]) and their permits, the same code the
-//! layers run on their own. A call moves fewer and smaller values through
-//! fewer polls; the layer crates, used alone, are unchanged.
+//! layers run on their own. The answering attempt's body wrapper is the
+//! caller's: the call's deadline, the retry throttle's refill and the
+//! call's telemetry are added to it, not wrapped around it (one wrapper
+//! where the layers make four; two with a per-attempt timeout). A call
+//! moves fewer values through fewer polls; the layer crates, used alone,
+//! work as before.
 //!
 //! # Telemetry
 //!

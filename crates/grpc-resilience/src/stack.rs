@@ -7,15 +7,15 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use grpc_circuit_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, Keying, State};
-use grpc_resilience_core::{BoxError, LastMethod, MethodTable};
+use grpc_resilience_core::{BoxError, LastMethod, MethodTable, OnOutcome, observe_head};
 use grpc_retry::{ReplayableBody, RetryBudget, RetryLayer, RetryThrottle};
-use grpc_timeout::future::TimeoutBody;
+use grpc_timeout::future::Watch;
 use grpc_timeout::{Timeout, TimeoutLayer};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -709,12 +709,7 @@ where
 {
     type Response = http::Response<ResilientBody<R>>;
     type Error = BoxError;
-    type Future = ResponseFuture<
-        grpc_timeout::future::ResponseFuture<
-            grpc_retry::future::ResponseFuture<Guard<S>, B, GuardBody<R>>,
-            CallRecorder,
-        >,
-    >;
+    type Future = ResponseFuture<S, B, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.shared.generation.load(Ordering::Acquire) != self.generation {
@@ -725,7 +720,7 @@ where
         self.local.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         // The method's metrics: the last method's, else from the table
         // every clone shares.
         let StackShared {
@@ -740,81 +735,113 @@ where
             let span = m.call_span(self.shared.server.as_ref());
             CallRecorder::new(m, span)
         });
-        // The deadline layer carries the recorder: it enters the call's
-        // span while the call is made and polled, and reports the outcome
-        // from its own future and body (one level each, not two).
-        ResponseFuture {
-            inner: self.local.call_observed(request, recorder),
+        // The deadline layer's work and the retry layer's in one future
+        // (see `ResponseFuture`), made in the call's span.
+        let entered = recorder
+            .as_ref()
+            .and_then(OnOutcome::span)
+            .map(tracing::Span::enter);
+        match self.local.prepare(&mut request) {
+            Ok(deadline) => {
+                let head_timer = deadline.is_some() && self.local.times_the_head();
+                let retry = self.local.get_mut().call(request);
+                drop(entered);
+                ResponseFuture {
+                    watch: Watch::new(deadline, head_timer, recorder),
+                    retry: Some(retry),
+                }
+            }
+            Err(expired) => {
+                drop(entered);
+                ResponseFuture {
+                    watch: Watch::expired(expired, recorder),
+                    retry: None,
+                }
+            }
         }
     }
 }
 
-/// The response body type of inner body `R` after the stack, reporting
-/// the call's outcome to its recorder.
-type StackBody<R> = TimeoutBody<grpc_retry::ResponseBody<GuardBody<R>>, CallRecorder>;
+/// The response body of a [`ResilientChannel`] call: the channel's body
+/// with the deadline and outcome tracking of the whole stack, in one
+/// wrapper (see [`ResponseFuture`]).
+pub type ResilientBody<R> = GuardBody<R>;
 
 pin_project! {
-    /// The response body of a [`ResilientChannel`] call: the channel's body
-    /// with the deadline and outcome tracking of the stack.
-    pub struct ResilientBody<R> {
+    /// The future of a [`ResilientChannel`] call: the deadline layer's work
+    /// (its head timer, the call's telemetry) and the retry layer's in one
+    /// future. The answering attempt's body (see [`GuardBody`]) becomes the
+    /// caller's, with the call's deadline, the retry throttle's refill and
+    /// the telemetry added to it rather than wrapped around it.
+    pub struct ResponseFuture<S, B, R>
+    where
+        Guard<S>: Service<http::Request<B>>,
+    {
+        // Before `retry`: a dropped call's recorder hears of it before the
+        // attempt's permits do, as when the layers were nested.
         #[pin]
-        inner: StackBody<R>,
+        watch: Watch<CallRecorder>,
+        // `None` for a call whose deadline passed before it was sent.
+        #[pin]
+        retry: Option<RetryFuture<S, B, R>>,
     }
 }
 
-impl<R> fmt::Debug for ResilientBody<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResilientBody").finish_non_exhaustive()
-    }
-}
+type RetryFuture<S, B, R> = grpc_retry::future::ResponseFuture<Guard<S>, B, GuardBody<R>>;
 
-impl<R> Body for ResilientBody<R>
+impl<S, B, R> fmt::Debug for ResponseFuture<S, B, R>
 where
-    R: Body,
-    R::Error: Into<BoxError>,
+    Guard<S>: Service<http::Request<B>>,
 {
-    type Data = R::Data;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project! {
-    /// The future of a [`ResilientChannel`] call.
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, R> Future for ResponseFuture<F>
+impl<S, B, R> Future for ResponseFuture<S, B, R>
 where
-    F: Future<Output = Result<http::Response<StackBody<R>>, BoxError>>,
+    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: ReplayableBody,
+    R: Body + Send + 'static,
+    R::Error: Into<BoxError>,
 {
     type Output = Result<http::Response<ResilientBody<R>>, BoxError>;
 
-    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let response = ready!(self.project().inner.poll(cx))?;
-        Poll::Ready(Ok(response.map(|inner| ResilientBody { inner })))
+        let this = self.project();
+        let watch = this.watch;
+        let Some(retry) = this.retry.as_pin_mut() else {
+            return Poll::Ready(Err(watch.unsent()));
+        };
+        // The retry layer's throttle, owed by a committed call's trailers.
+        let mut refill = None;
+        // The response stays in this one place while each layer's work is
+        // done on it (every move of it is a copy of some 400 bytes).
+        let Poll::Ready(mut result) = watch
+            .as_ref()
+            .get_ref()
+            .in_span(|| retry.poll_answer(cx, &mut refill))
+        else {
+            return watch.poll_deadline(cx).map(Err);
+        };
+        if let Some((deadline, recorder)) = watch.settle(&mut result)
+            && let Ok(response) = &mut result
+        {
+            let recorder = recorder.and_then(|r| observe_head(response, r));
+            let body = response.body_mut();
+            if let Some(deadline) = deadline {
+                body.bound_by(deadline);
+            }
+            match body.observer_mut() {
+                Some(reports) => reports.answer(refill, recorder),
+                // The attempt's body was told the outcome from the same
+                // head, so the recorder was too: a committed response
+                // (the only kind that owes a refill) keeps its reports.
+                None => debug_assert!(recorder.is_none() && refill.is_none()),
+            }
+        }
+        Poll::Ready(result)
     }
 }

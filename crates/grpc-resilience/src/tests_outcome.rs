@@ -130,6 +130,41 @@ fn record(calls: Vec<(Answer, Read)>) -> Vec<(String, u64)> {
 /// [`record`] with each call's method path, counted by the `label` given.
 /// Calls go through two clones of the channel in turn.
 fn record_by(calls: Vec<(&'static str, Answer, Read)>, label: &str) -> Vec<(String, u64)> {
+    let ((), counts) = counting(label, async {
+        let config = ResilienceConfig::from_toml("[timeouts]\ndefault = 1000\n").unwrap();
+        let backend = Backend::default();
+        let channel = ResilientChannel::new(backend.clone(), &config).unwrap();
+        let mut clones = [channel.clone(), channel];
+        for (i, (path, answer, read)) in calls.into_iter().enumerate() {
+            backend.answers.lock().unwrap().push_back(answer);
+            let call = clones[i % 2].ready().await.unwrap().call(request(path));
+            if let Read::GiveUp = read {
+                // The caller's own 10 ms limit drops the call.
+                let gave_up = tokio::time::timeout(Duration::from_millis(10), call).await;
+                assert!(gave_up.is_err(), "no answer within 10 ms");
+                continue;
+            }
+            match (call.await, read) {
+                (Err(_), _) => {}
+                (Ok(response), Read::Drop) => drop(response),
+                (Ok(response), Read::First) => {
+                    let mut body = response.into_body();
+                    let first = body.frame().await;
+                    assert!(matches!(first, Some(Ok(_))), "the first message: {first:?}");
+                }
+                (Ok(response), Read::All | Read::GiveUp) => {
+                    let _ = response.into_body().collect().await;
+                }
+            }
+        }
+    });
+    counts
+}
+
+/// Runs `test` on a paused current-thread runtime with its own metrics
+/// recorder; returns what it returns and the `grpc.client.call.count` per
+/// value of `label`, sorted.
+fn counting<T>(label: &str, test: impl Future<Output = T>) -> (T, Vec<(String, u64)>) {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -137,36 +172,7 @@ fn record_by(calls: Vec<(&'static str, Answer, Read)>, label: &str) -> Vec<(Stri
         .start_paused(true)
         .build()
         .unwrap();
-    metrics::with_local_recorder(&recorder, || {
-        runtime.block_on(async {
-            let config = ResilienceConfig::from_toml("[timeouts]\ndefault = 1000\n").unwrap();
-            let backend = Backend::default();
-            let channel = ResilientChannel::new(backend.clone(), &config).unwrap();
-            let mut clones = [channel.clone(), channel];
-            for (i, (path, answer, read)) in calls.into_iter().enumerate() {
-                backend.answers.lock().unwrap().push_back(answer);
-                let call = clones[i % 2].ready().await.unwrap().call(request(path));
-                if let Read::GiveUp = read {
-                    // The caller's own 10 ms limit drops the call.
-                    let gave_up = tokio::time::timeout(Duration::from_millis(10), call).await;
-                    assert!(gave_up.is_err(), "no answer within 10 ms");
-                    continue;
-                }
-                match (call.await, read) {
-                    (Err(_), _) => {}
-                    (Ok(response), Read::Drop) => drop(response),
-                    (Ok(response), Read::First) => {
-                        let mut body = response.into_body();
-                        let first = body.frame().await;
-                        assert!(matches!(first, Some(Ok(_))), "the first message: {first:?}");
-                    }
-                    (Ok(response), Read::All | Read::GiveUp) => {
-                        let _ = response.into_body().collect().await;
-                    }
-                }
-            }
-        })
-    });
+    let out = metrics::with_local_recorder(&recorder, || runtime.block_on(test));
     let mut counts: Vec<(String, u64)> = snapshotter
         .snapshot()
         .into_vec()
@@ -186,7 +192,7 @@ fn record_by(calls: Vec<(&'static str, Answer, Read)>, label: &str) -> Vec<(Stri
         })
         .collect();
     counts.sort();
-    counts
+    (out, counts)
 }
 
 /// How far the caller reads a response.
@@ -321,4 +327,91 @@ fn alternating_methods_are_recorded_under_their_own_names() {
         record_by(calls, "method"),
         [("GetProduct".to_owned(), 4), ("ListProducts".to_owned(), 2)]
     );
+}
+
+/// Runs one call whose attempts get `answers`, through a facade that
+/// retries twice with a throttle of 10 tokens (ratio 1), reading the
+/// response as `read` says; returns the tokens left and the call's
+/// recorded outcome.
+fn tokens_after(answers: Vec<Answer>, read: Read) -> (f64, Vec<(String, u64)>) {
+    tokens_after_calls(vec![(answers, read)])
+}
+
+/// [`tokens_after`] for calls one after the other through one facade.
+fn tokens_after_calls(calls: Vec<(Vec<Answer>, Read)>) -> (f64, Vec<(String, u64)>) {
+    counting("code", async {
+        let config = ResilienceConfig::from_toml(
+            "[timeouts]\ndefault = 1000\n\
+             [retry.default]\nmax_attempts = 2\ninitial_delay = 10\njitter = false\n\
+             [retry.throttle]\nmax_tokens = 10\ntoken_ratio = 1.0\n",
+        )
+        .unwrap();
+        let backend = Backend::default();
+        let mut channel = ResilientChannel::new(backend.clone(), &config).unwrap();
+        let throttle = channel.layer().throttle().expect("a throttle");
+        for (answers, read) in calls {
+            backend.answers.lock().unwrap().extend(answers);
+            let call = channel.ready().await.unwrap().call(request(GET));
+            let response = call.await.expect("a response");
+            match read {
+                Read::Drop => drop(response),
+                _ => {
+                    let _ = response.into_body().collect().await;
+                }
+            }
+        }
+        throttle.tokens()
+    })
+}
+
+/// A first attempt that fails with `UNAVAILABLE` (a token taken), then a
+/// committed response whose trailers say `code`.
+fn retried_then(code: Code) -> Vec<Answer> {
+    vec![
+        Answer::Respond(Some(Code::Unavailable), vec![]),
+        Answer::Respond(None, vec![Step::Data("a"), Step::Trailers(code)]),
+    ]
+}
+
+// The retry layer's body wrapper is gone from the facade's response: the
+// throttle's refill rides in the answering attempt's body, beside the
+// call's telemetry. These pin that it still happens, and only for OK.
+#[test]
+fn a_committed_call_that_ends_ok_refills_the_throttle() {
+    let (tokens, calls) = tokens_after(retried_then(Code::Ok), Read::All);
+    assert_eq!(
+        tokens, 10.0,
+        "9 after the failure, 10 after the OK trailers"
+    );
+    assert_eq!(calls, once("OK"));
+}
+
+#[test]
+fn a_committed_call_that_fails_in_its_trailers_refills_nothing() {
+    let (tokens, calls) = tokens_after(retried_then(Code::Internal), Read::All);
+    assert_eq!(tokens, 9.0);
+    assert_eq!(calls, once("INTERNAL"));
+}
+
+#[test]
+fn a_committed_call_dropped_before_its_trailers_refills_nothing() {
+    let (tokens, calls) = tokens_after(retried_then(Code::Ok), Read::Drop);
+    assert_eq!(tokens, 9.0);
+    assert_eq!(calls, once("CANCELLED"));
+}
+
+#[test]
+fn a_first_attempt_that_commits_and_ends_ok_refills_the_throttle() {
+    // A call that fails twice takes two tokens; the next, committed on its
+    // first attempt (no retry), gives one back once its trailers say OK.
+    let fail = || Answer::Respond(Some(Code::Unavailable), vec![]);
+    let ok = Answer::Respond(None, vec![Step::Data("a"), Step::Trailers(Code::Ok)]);
+    let (tokens, _) = tokens_after_calls(vec![(vec![fail(), fail()], Read::All)]);
+    assert_eq!(tokens, 8.0);
+    let (tokens, calls) = tokens_after_calls(vec![
+        (vec![fail(), fail()], Read::All),
+        (vec![ok], Read::All),
+    ]);
+    assert_eq!(tokens, 9.0);
+    assert_eq!(calls, [("OK".to_owned(), 1), ("UNAVAILABLE".to_owned(), 1)]);
 }
