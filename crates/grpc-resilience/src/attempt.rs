@@ -1,28 +1,27 @@
 //! The per-attempt timeout's place in the stack: a
-//! [`grpc_timeout::Timeout`] when `[timeouts] per_attempt` is set, and
-//! nothing at all (no header parse, no timer) when it is not.
+//! [`grpc_timeout::Timeout`]'s state (its policy and each method's
+//! timeout) when `[timeouts] per_attempt` is set, and nothing at all (no
+//! header parse, no timer) when it is not.
 //!
-//! When it is on, its future and body are boxed (two allocations per
-//! attempt): the stack's future and response are types fixed at compile
-//! time, so an inline timeout state would make every call's future and
-//! response larger, and every move of them dearer, whether the timeout is
-//! configured or not (about 530 instructions per call in the facade's
-//! default stack, measured with the `instructions` bench under callgrind).
+//! Its work is done in the [`Guard`](crate::future::Guard)'s future and
+//! body, not in a future and body of its own: an attempt with a deadline
+//! keeps the deadline's [`Watch`] (its head timer) in one box, the only
+//! allocation the timeout adds, and its body's deadline rides in the one
+//! body wrapper of the call. A box, not an inline state: the stack's
+//! future is a type fixed at compile time, so an inline timer would make
+//! every call's future larger, and every move of it dearer, whether the
+//! timeout is configured or not.
 
-use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use grpc_resilience_core::BoxError;
+use grpc_resilience_core::{BoxError, Unobserved};
 use grpc_timeout::Timeout;
-use grpc_timeout::future::{ResponseFuture as TimeoutFuture, TimeoutBody};
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
+use grpc_timeout::future::Watch;
 use tower_service::Service;
 
 /// The per-attempt timeout of a [`ResilientChannel`](crate::ResilientChannel)
-/// stack, on or off.
+/// stack, on or off, with the service each attempt is sent to.
 #[derive(Clone, Debug)]
 pub enum Attempt<S> {
     /// No per-attempt timeout: calls go straight to the service.
@@ -31,23 +30,38 @@ pub enum Attempt<S> {
     On(Timeout<S>),
 }
 
-impl<S, B, R> Service<http::Request<B>> for Attempt<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<R>>,
-    S::Error: Into<BoxError>,
-{
-    type Response = http::Response<AttemptBody<R>>;
-    type Error = BoxError;
-    type Future = AttemptFuture<S::Future>;
+/// The head timer of an attempt sent with a deadline of its own.
+pub(crate) type AttemptWatch = Pin<Box<Watch<Unobserved>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+impl<S> Attempt<S> {
+    /// Readiness of the service each attempt is sent to.
+    pub(crate) fn poll_ready<B>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<http::Request<B>>,
+        S::Error: Into<BoxError>,
+    {
         match self {
             Attempt::Off(s) => s.poll_ready(cx).map_err(Into::into),
-            Attempt::On(t) => t.poll_ready(cx),
+            Attempt::On(t) => t.get_mut().poll_ready(cx).map_err(Into::into),
         }
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    /// Sends one attempt: with a per-attempt timeout, its deadline is the
+    /// earlier of the call's and the per-try one, written to
+    /// `grpc-timeout` and recorded on the request, and watched by the
+    /// [`AttemptWatch`] returned with the future.
+    ///
+    /// # Errors
+    ///
+    /// The attempt's `DEADLINE_EXCEEDED` when no time is left to send it
+    /// (it is not sent).
+    pub(crate) fn send<B>(
+        &mut self,
+        request: http::Request<B>,
+    ) -> Result<(S::Future, Option<AttemptWatch>), BoxError>
+    where
+        S: Service<http::Request<B>>,
+    {
         // Below retry and breaker, inside the attempt's span: each attempt
         // carries its own span as the server span's parent.
         #[cfg(feature = "opentelemetry")]
@@ -60,113 +74,21 @@ where
             request
         };
         match self {
-            Attempt::Off(s) => AttemptFuture::Off {
-                inner: s.call(request),
-            },
-            Attempt::On(t) => AttemptFuture::On {
-                inner: Box::pin(t.call(request)),
-            },
-        }
-    }
-}
-
-pin_project! {
-    /// The response future of [`Attempt`].
-    #[project = AttemptFutureProj]
-    #[allow(missing_docs)] // the fields: the inner future of each variant
-    pub enum AttemptFuture<F> {
-        /// Without a per-attempt timeout.
-        Off { #[pin] inner: F },
-        /// With one.
-        On { inner: Pin<Box<TimeoutFuture<F>>> },
-    }
-}
-
-impl<F> fmt::Debug for AttemptFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttemptFuture::Off { .. } => "AttemptFuture::Off",
-            AttemptFuture::On { .. } => "AttemptFuture::On",
-        })
-    }
-}
-
-impl<F, R, E> Future for AttemptFuture<F>
-where
-    F: Future<Output = Result<http::Response<R>, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<http::Response<AttemptBody<R>>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            AttemptFutureProj::Off { inner } => inner.poll(cx).map(|r| match r {
-                Ok(response) => Ok(response.map(|body| AttemptBody::Off { body })),
-                Err(e) => Err(e.into()),
-            }),
-            AttemptFutureProj::On { inner } => inner.as_mut().poll(cx).map(|r| {
-                r.map(|response| {
-                    response.map(|body| AttemptBody::On {
-                        body: Box::pin(body),
-                    })
-                })
-            }),
-        }
-    }
-}
-
-pin_project! {
-    /// The response body of [`Attempt`].
-    #[project = AttemptBodyProj]
-    #[allow(missing_docs)] // the fields: the inner body of each variant
-    pub enum AttemptBody<R> {
-        /// Without a per-attempt timeout.
-        Off { #[pin] body: R },
-        /// With one.
-        On { body: Pin<Box<TimeoutBody<R>>> },
-    }
-}
-
-impl<R> fmt::Debug for AttemptBody<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttemptBody::Off { .. } => "AttemptBody::Off",
-            AttemptBody::On { .. } => "AttemptBody::On",
-        })
-    }
-}
-
-impl<R> Body for AttemptBody<R>
-where
-    R: Body,
-    R::Error: Into<BoxError>,
-{
-    type Data = R::Data;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.project() {
-            AttemptBodyProj::Off { body } => body
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(Into::into))),
-            AttemptBodyProj::On { body } => body.as_mut().poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            AttemptBody::Off { body } => body.is_end_stream(),
-            AttemptBody::On { body } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            AttemptBody::Off { body } => body.size_hint(),
-            AttemptBody::On { body } => body.size_hint(),
+            Attempt::Off(s) => Ok((s.call(request), None)),
+            Attempt::On(t) => {
+                let mut request = request;
+                match t.prepare(&mut request) {
+                    Ok(None) => Ok((t.get_mut().call(request), None)),
+                    Ok(Some(deadline)) => {
+                        let watch = Watch::new(Some(deadline), t.times_the_head(), None);
+                        Ok((t.get_mut().call(request), Some(Box::pin(watch))))
+                    }
+                    Err(expired) => {
+                        let watch = std::pin::pin!(Watch::<Unobserved>::expired(expired, None));
+                        Err(watch.unsent())
+                    }
+                }
+            }
         }
     }
 }

@@ -10,8 +10,9 @@
 //! separate layers each adds its own future and body around the next, and
 //! each level is moved into the one above. Here the bulkhead and breaker
 //! run through their admission halves (their `Gate`s) and report to their
-//! `Permit`s, the same code the layers run, and the per-attempt timeout is
-//! the [`Attempt`] service below.
+//! `Permit`s, and the per-attempt timeout through its own halves
+//! (`Timeout::prepare` and a `Watch`, see [`Attempt`]): the same code the
+//! layers run.
 
 use std::fmt;
 use std::future::Future;
@@ -26,7 +27,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::attempt::{Attempt, AttemptBody, AttemptFuture};
+use crate::attempt::{Attempt, AttemptWatch};
 use crate::telemetry::CallRecorder;
 
 /// The bulkhead, circuit breaker and per-attempt timeout of a
@@ -135,7 +136,7 @@ impl OnOutcome for Guards {
 /// per-attempt timeout when one is set), reporting the call's outcome to
 /// its bulkhead slot and breaker permit; the call's deadline and the rest
 /// of its [`Reports`] are added once it is the call's answer.
-pub type GuardBody<R> = TimeoutBody<AttemptBody<R>, Reports>;
+pub type GuardBody<R> = TimeoutBody<R, Reports>;
 
 /// Admits a call to its breaker and sends it, holding `bulkhead`'s slot.
 #[inline]
@@ -150,13 +151,28 @@ where
     S::Error: Into<BoxError>,
 {
     match breaker.admit(&request) {
-        Ok(permit) => Kind::Called {
-            inner: inner.call(request),
-            guards: Guards {
+        Ok(permit) => {
+            let guards = Guards {
                 breaker: permit,
                 bulkhead,
-            },
-        },
+            };
+            match inner.send(request) {
+                Ok((inner, attempt)) => Kind::Called {
+                    inner,
+                    guards,
+                    attempt,
+                },
+                Err(expired) => {
+                    // No time left for this attempt: not sent, so the
+                    // ready service's reservation is given back.
+                    drop(take_ready(inner));
+                    guards.on_error(&expired);
+                    Kind::Failed {
+                        error: Some(expired),
+                    }
+                }
+            }
+        }
         Err(open) => {
             // Release the reservation the ready inner service holds.
             drop(take_ready(inner));
@@ -257,8 +273,10 @@ pin_project! {
         // Sent.
         Called {
             #[pin]
-            inner: AttemptFuture<S::Future>,
+            inner: S::Future,
             guards: Guards,
+            // The head timer of an attempt with a deadline of its own.
+            attempt: Option<AttemptWatch>,
         },
         // Queued for a bulkhead slot (boxed: a rare path, and a request is
         // large).
@@ -308,8 +326,28 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let next = match self.as_mut().project().kind.project() {
-                KindProj::Called { inner, guards } => {
-                    let result = ready!(inner.poll(cx));
+                KindProj::Called {
+                    inner,
+                    guards,
+                    attempt,
+                } => {
+                    let (mut result, settle) = match inner.poll(cx) {
+                        Poll::Ready(result) => (result.map_err(Into::into), true),
+                        Poll::Pending => match attempt {
+                            None => return Poll::Pending,
+                            // The attempt's own deadline: its error is final.
+                            Some(watch) => (Err(ready!(watch.as_mut().poll_deadline(cx))), false),
+                        },
+                    };
+                    // An attempt with a deadline: held to it, and its
+                    // body bounded by it.
+                    let mut deadline = None;
+                    if settle
+                        && let Some(watch) = attempt
+                        && let Some((d, _)) = watch.as_mut().settle(&mut result)
+                    {
+                        deadline = d;
+                    }
                     let guards = std::mem::take(guards);
                     return Poll::Ready(match result {
                         // Observed even with no permit: the call level may
@@ -322,7 +360,11 @@ where
                                 refill: None,
                                 call: None,
                             };
-                            Ok(TimeoutBody::wrap_response(response, None, Some(reports)))
+                            Ok(TimeoutBody::wrap_response(
+                                response,
+                                deadline,
+                                Some(reports),
+                            ))
                         }
                         Err(err) => {
                             guards.on_error(&err);

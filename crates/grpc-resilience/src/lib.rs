@@ -100,13 +100,14 @@
 //! ([`grpc_retry::future::ResponseFuture::poll_answer`]). Layers 4 to 6 are
 //! one service per attempt, with one future: the bulkhead and the breaker
 //! through their admission halves ([`grpc_bulkhead::Gate`],
-//! [`grpc_circuit_breaker::Gate`]) and their permits, the same code the
-//! layers run on their own. The answering attempt's body wrapper is the
+//! [`grpc_circuit_breaker::Gate`]) and their permits, the per-attempt
+//! timeout through the deadline layer's halves, the same code the layers
+//! run on their own. The answering attempt's body wrapper is the
 //! caller's: the call's deadline, the retry throttle's refill and the
-//! call's telemetry are added to it, not wrapped around it (one wrapper
-//! where the layers make four; two with a per-attempt timeout). A call
-//! moves fewer values through fewer polls; the layer crates, used alone,
-//! work as before.
+//! call's telemetry are added to it, not wrapped around it, so a response
+//! has one body wrapper where the layers make four or five. A call moves
+//! fewer values through fewer polls; the layer crates, used alone, work
+//! as before.
 //!
 //! # Telemetry
 //!

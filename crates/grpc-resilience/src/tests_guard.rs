@@ -361,3 +361,136 @@ async fn a_call_the_bulkhead_refuses_releases_what_readiness_reserved() {
     backend.gate.add_permits(1);
     drop(first.await.unwrap().unwrap());
 }
+
+/// A 100 ms per-attempt timeout under a 5 s deadline, `attempts` attempts
+/// with DEADLINE_EXCEEDED retried after 10 ms, one slot.
+fn per_attempt_layer(attempts: u32) -> ResilienceLayer {
+    let config = ResilienceConfig::from_toml(&format!(
+        "[timeouts]\ndefault = 5000\nper_attempt = 100\n\
+         [retry.default]\nmax_attempts = {attempts}\ninitial_delay = 10\nmax_delay = 10\n\
+         jitter = false\nretryable_codes = [\"DEADLINE_EXCEEDED\"]\n\
+         [circuit_breakers.query]\nfailure_threshold = 1000\n\
+         [bulkhead.default]\nmax_concurrent = 1\n"
+    ))
+    .unwrap();
+    ResilienceLayer::new(&config).unwrap()
+}
+
+// The per-attempt timeout is done in the Guard's own future and body (its
+// head timer boxed beside the attempt), no longer by a timeout layer's
+// future and body of its own: these pin what it does through the facade.
+#[tokio::test(start_paused = true)]
+async fn a_per_attempt_timeout_cuts_a_stalled_attempt_and_the_retry_answers() {
+    let backend = Backend::new(0);
+    let layer = per_attempt_layer(2);
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    let start = tokio::time::Instant::now();
+    let call = tokio::spawn(channel.clone().oneshot(request("a")));
+    until_seen(&backend, 1).await;
+    // The first attempt is cut at 100 ms and retried 10 ms later; the
+    // backend answers from 105 ms on.
+    tokio::time::sleep(Duration::from_millis(105)).await;
+    backend.gate.add_permits(1);
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(110));
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[0].1,
+        Some(Duration::from_millis(100)),
+        "the per-try bound is sent"
+    );
+    assert_eq!(seen[1].1, Some(Duration::from_millis(100)));
+    // The cut attempt counted against the breaker and gave its slot back;
+    // the answer's body holds the slot until it ends.
+    assert_eq!(layer.registry().snapshot()["query"].failures(), 1);
+    assert_eq!(in_flight(&layer), (1, 0));
+    let mut body = response.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    backend.trailers.add_permits(1);
+    assert!(body.frame().await.unwrap().unwrap().is_trailers());
+    assert_eq!(in_flight(&layer), (0, 0));
+    assert_eq!(layer.registry().snapshot()["query"].failures(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_per_attempt_timeout_bounds_the_answers_body_too() {
+    let backend = Backend::new(100);
+    let layer = per_attempt_layer(1);
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    let start = tokio::time::Instant::now();
+    let response = channel.clone().oneshot(request("a")).await.unwrap();
+    let mut body = response.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    // The trailers never come: the attempt's deadline, not the call's 5 s,
+    // ends the body.
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    let elapsed = err
+        .downcast_ref::<grpc_timeout::Elapsed>()
+        .expect("the timeout's error");
+    assert_eq!(elapsed.scope(), grpc_timeout::Scope::Attempt);
+    assert!(elapsed.during_body());
+    assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+    assert_eq!(in_flight(&layer), (0, 0), "the slot is given back");
+    assert_eq!(layer.registry().snapshot()["query"].failures(), 1);
+    assert!(body.frame().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_calls_deadline_ends_a_body_when_it_comes_before_the_attempts() {
+    // A 50 ms call deadline under a 100 ms per-try bound: the call's
+    // deadline ends the body, and says so.
+    let backend = Backend::new(100);
+    let config = ResilienceConfig::from_toml(
+        "[timeouts]\ndefault = 50\nper_attempt = 100\n\
+         [circuit_breakers.query]\nfailure_threshold = 1000\n",
+    )
+    .unwrap();
+    let layer = ResilienceLayer::new(&config).unwrap();
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    let response = channel.clone().oneshot(request("a")).await.unwrap();
+    let mut body = response.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+    assert_eq!(backend.seen()[0].1, Some(Duration::from_millis(50)));
+    let elapsed = err.downcast_ref::<grpc_timeout::Elapsed>().unwrap();
+    assert_eq!(elapsed.timeout(), Duration::from_millis(50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_with_no_time_left_is_not_sent_and_releases_what_readiness_reserved() {
+    use grpc_resilience_core::CallDeadline;
+    use grpc_timeout::{TimeoutLayer, TimeoutPolicy};
+
+    let backend = Backend::new(100);
+    let limited = Limited::new(backend.clone(), 1);
+    let per_try = TimeoutLayer::new(TimeoutPolicy::new(Duration::from_millis(100)).unwrap());
+    let attempt = crate::attempt::Attempt::On(tower_layer::Layer::layer(
+        &per_try.per_attempt(),
+        limited.clone(),
+    ));
+    let breaker = grpc_circuit_breaker::CircuitBreakerLayer::new(Default::default()).gate();
+    let mut guard = crate::guard::Guard::new(attempt, None, breaker);
+    ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut guard)
+        .await
+        .unwrap();
+    // The call's deadline passed on the way down (a layer above that let
+    // it through a moment before): the attempt has no time to be sent.
+    let mut late = request("late");
+    CallDeadline::at(tokio::time::Instant::now()).insert_into(&mut late);
+    let err = guard.call(late).await.unwrap_err();
+    assert_eq!(error_code(&*err), Code::DeadlineExceeded, "{err}");
+    let elapsed = err.downcast_ref::<grpc_timeout::Elapsed>().unwrap();
+    assert!(!elapsed.was_sent());
+    assert!(backend.seen().is_empty(), "never sent");
+    // The permit the guard's readiness took below is free again.
+    let mut other = limited;
+    let ready = tokio::time::timeout(
+        Duration::from_secs(5),
+        ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut other),
+    )
+    .await;
+    assert!(ready.is_ok(), "the late attempt kept its readiness permit");
+}

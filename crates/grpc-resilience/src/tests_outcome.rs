@@ -302,14 +302,16 @@ fn each_call_is_recorded_once_whatever_ends_it() {
 /// before and after the recorder moved into the deadline layer's future
 /// and body (what that saved was a level: one more move and poll of each);
 /// the future is 944 bytes since the retry head keeps a stub's `te` and
-/// `content-type` as flags instead of two header slots.
+/// `content-type` as flags instead of two header slots, and 952 since the
+/// per-attempt timeout's head timer is a box beside the attempt's future
+/// (its own future and body, with two boxes, are gone).
 #[test]
 fn the_call_future_and_response_stay_within_their_sizes() {
     type Call = http::Request<tonic::body::Body>;
     let future = std::mem::size_of::<<ResilientChannel<Backend> as Service<Call>>::Future>();
     let response = std::mem::size_of::<<ResilientChannel<Backend> as Service<Call>>::Response>();
     println!("future: {future} bytes, response: {response} bytes");
-    assert!(future <= 944, "the facade's future grew to {future} bytes");
+    assert!(future <= 952, "the facade's future grew to {future} bytes");
     assert!(
         response <= 424,
         "the facade's response grew to {response} bytes"

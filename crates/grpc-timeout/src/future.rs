@@ -460,7 +460,6 @@ pin_project! {
     /// [`OutcomeBody`](grpc_resilience_core::OutcomeBody) would: from the
     /// trailers, an error (the deadline's among them), the body's end, or
     /// `CANCELLED` when it is dropped before its end.
-    #[derive(Debug)]
     pub struct TimeoutBody<B, O: OnOutcome = Unobserved> {
         #[pin]
         inner: Option<B>,
@@ -476,6 +475,19 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             tell(this.project().observer, Outcome::Cancelled);
         }
+    }
+}
+
+// By hand: no `Debug` asked of the inner body or the observer, so that a
+// response through a stack of layers can be printed (`unwrap_err`) whatever
+// body the channel below returns.
+impl<B, O: OnOutcome> std::fmt::Debug for TimeoutBody<B, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimeoutBody")
+            .field("deadline", &self.deadline)
+            .field("ended", &self.inner.is_none())
+            .field("observed", &self.observer.is_some())
+            .finish_non_exhaustive()
     }
 }
 
