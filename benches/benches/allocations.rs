@@ -595,6 +595,17 @@ fn main() {
                 &payload,
             ),
         ),
+        (
+            "ResilientChannel, bulkhead, per-try timeout",
+            per_stub_call_1k(
+                grpc_resilience::ResilientChannel::new(
+                    Bare,
+                    &grpc_resilience_benches::guarded_facade_config(),
+                )
+                .expect("a config"),
+                &payload,
+            ),
+        ),
     ];
     print_table(
         "as a generated stub sends (GrpcMethod, 1 KiB)",
