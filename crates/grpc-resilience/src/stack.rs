@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use grpc_circuit_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, Keying, State};
-use grpc_resilience_core::{BoxError, LastMethod, MethodTable, OnOutcome, observe_head};
+use grpc_resilience_core::{BoxError, LastMethod, MethodTable, OnOutcome, Outcome, observe_head};
 use grpc_retry::{ReplayableBody, RetryBudget, RetryLayer, RetryThrottle};
 use grpc_timeout::future::Watch;
 use grpc_timeout::{Timeout, TimeoutLayer};
@@ -839,7 +839,14 @@ where
                 // The attempt's body was told the outcome from the same
                 // head, so the recorder was too: a committed response
                 // (the only kind that owes a refill) keeps its reports.
-                None => debug_assert!(recorder.is_none() && refill.is_none()),
+                None => {
+                    debug_assert!(recorder.is_none() && refill.is_none());
+                    // Were the two ever to disagree, the call is still
+                    // recorded (a refill, at worst, is not given back).
+                    if let Some(recorder) = recorder {
+                        recorder.on_outcome(Outcome::Status(tonic::Code::Unknown));
+                    }
+                }
             }
         }
         Poll::Ready(result)

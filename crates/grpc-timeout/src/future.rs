@@ -348,8 +348,11 @@ impl<O: OnOutcome> Watch<O> {
         };
         let mut result = result.map_err(Into::into);
         let Some((deadline, observer)) = self.settle(&mut result) else {
-            // `settle` left the call's error.
-            return Poll::Ready(result.and(Err("deadline not settled".into())));
+            // `settle` left the call's error there.
+            return Poll::Ready(match result {
+                Err(err) => Err(err),
+                Ok(_) => Err("deadline not settled".into()),
+            });
         };
         Poll::Ready(result.map(|response| answered(response, deadline, observer)))
     }
