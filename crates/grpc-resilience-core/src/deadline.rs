@@ -40,6 +40,25 @@ use tokio::time::Instant;
 
 use crate::timeout_header;
 
+/// Whether a deadline bounds a whole call or one attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole call, retries included.
+    Call,
+    /// One attempt of a call.
+    Attempt,
+}
+
+impl Scope {
+    /// `"call"` or `"attempt"`, as in metric labels.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Scope::Call => "call",
+            Scope::Attempt => "attempt",
+        }
+    }
+}
+
 /// The absolute deadline of a call (or of one attempt, below a per-attempt
 /// timeout), kept in the request's extensions.
 ///

@@ -75,7 +75,7 @@ pub mod striped;
 pub mod timeout_header;
 
 pub use codes::CodeSet;
-pub use deadline::CallDeadline;
+pub use deadline::{CallDeadline, Scope};
 pub use error::BoxError;
 pub use method::{InvalidMethodPath, LastMethod, MethodId, same_path};
 pub use method_table::MethodTable;

@@ -106,6 +106,22 @@ pub trait OnOutcome {
     fn span(&self) -> Option<&tracing::Span> {
         None
     }
+
+    /// Called, exactly once and instead of [`on_outcome`](Self::on_outcome),
+    /// when a deadline of the layer that carries this observer ends the
+    /// call (before its response or during its body); `scope` says whether
+    /// that deadline bounds the whole call or one attempt. By default it is
+    /// the outcome `Error(DEADLINE_EXCEEDED)`. An observer that holds what
+    /// an attempt holds (a breaker's permit, a bulkhead's slot) can tell
+    /// them that the call's deadline cancelled the attempt, as dropping the
+    /// attempt would, while the attempt's own deadline is its failure.
+    fn on_deadline(self, scope: crate::Scope)
+    where
+        Self: Sized,
+    {
+        let _ = scope;
+        self.on_outcome(Outcome::Error(Code::DeadlineExceeded));
+    }
 }
 
 impl<F: FnOnce(Outcome)> OnOutcome for F {

@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use grpc_bulkhead::{Admission, SlotWait};
-use grpc_resilience_core::{BoxError, OnOutcome, Outcome, take_ready};
+use grpc_resilience_core::{BoxError, OnOutcome, Outcome, Scope, take_ready};
 use grpc_retry::RetryThrottle;
 use grpc_timeout::future::TimeoutBody;
 use pin_project_lite::pin_project;
@@ -74,26 +74,55 @@ pub struct Reports {
 }
 
 impl Reports {
+    fn new(guards: Guards) -> Self {
+        Reports {
+            guards,
+            refill: None,
+            call: None,
+        }
+    }
+
     /// Makes this attempt's response the call's answer: its outcome also
     /// refills `refill` (if OK) and is recorded by `call`.
     pub(crate) fn answer(&mut self, refill: Option<RetryThrottle>, call: Option<CallRecorder>) {
         self.refill = refill;
         self.call = call;
     }
+
+    /// Tells the guards `guards` and the call's own reports `call`.
+    fn tell(self, guards: Outcome, call: Outcome) {
+        self.guards.on_outcome(guards);
+        // Then the call's own. (From a frame, the layers' bodies told them
+        // in this order too, inner first; a dropped body, the other way
+        // round. Nothing depends on it.)
+        if let Some(throttle) = self.refill
+            && call.is_ok()
+        {
+            throttle.on_success();
+        }
+        if let Some(recorder) = self.call {
+            recorder.on_outcome(call);
+        }
+    }
 }
 
 impl OnOutcome for Reports {
     fn on_outcome(self, outcome: Outcome) {
-        self.guards.on_outcome(outcome);
-        // Then the call's own: as the layers' bodies did, inner first.
-        if let Some(throttle) = self.refill
-            && outcome.is_ok()
-        {
-            throttle.on_success();
-        }
-        if let Some(call) = self.call {
-            call.on_outcome(outcome);
-        }
+        self.tell(outcome, outcome);
+    }
+
+    fn on_deadline(self, scope: Scope) {
+        let outcome = Outcome::Error(tonic::Code::DeadlineExceeded);
+        // The call's deadline ending the body (the one the call level
+        // bound it by) is the caller giving up: to the attempt's breaker
+        // and bulkhead the attempt was cancelled, as when that deadline
+        // passes before the response (the attempt is dropped). The
+        // attempt's own deadline is its failure.
+        let guards = match scope {
+            Scope::Call => Outcome::Cancelled,
+            Scope::Attempt => outcome,
+        };
+        self.tell(guards, outcome);
     }
 }
 
@@ -355,11 +384,7 @@ where
                         Ok(response) => {
                             let mut guards = guards;
                             guards.on_response_head();
-                            let reports = Reports {
-                                guards,
-                                refill: None,
-                                call: None,
-                            };
+                            let reports = Reports::new(guards);
                             Ok(TimeoutBody::wrap_response(
                                 response,
                                 deadline,

@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use grpc_circuit_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, Keying, State};
-use grpc_resilience_core::{BoxError, LastMethod, MethodTable, OnOutcome, Outcome, observe_head};
+use grpc_resilience_core::{
+    BoxError, LastMethod, MethodTable, OnOutcome, Outcome, observe_head, take_ready,
+};
 use grpc_retry::{ReplayableBody, RetryBudget, RetryLayer, RetryThrottle};
 use grpc_timeout::future::Watch;
 use grpc_timeout::{Timeout, TimeoutLayer};
@@ -753,6 +755,10 @@ where
             }
             Err(expired) => {
                 drop(entered);
+                // Not sent: the ready service below gives back what its
+                // readiness reserved (a caller that backs off must not
+                // keep it).
+                drop(take_ready(self.local.get_mut()));
                 ResponseFuture {
                     watch: Watch::expired(expired, recorder),
                     retry: None,

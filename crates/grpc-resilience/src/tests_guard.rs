@@ -494,3 +494,90 @@ async fn an_attempt_with_no_time_left_is_not_sent_and_releases_what_readiness_re
     .await;
     assert!(ready.is_ok(), "the late attempt kept its readiness permit");
 }
+
+/// A 50 ms call deadline that cuts the answer's body (no per-attempt
+/// timeout), through a facade with `limits` for its bulkhead and breaker;
+/// returns the layer to read them.
+async fn call_deadline_cuts_the_body(limits: &str) -> ResilienceLayer {
+    let backend = Backend::new(100);
+    let config =
+        ResilienceConfig::from_toml(&format!("[timeouts]\ndefault = 50\n{limits}")).unwrap();
+    let layer = ResilienceLayer::new(&config).unwrap();
+    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
+    let response = channel.clone().oneshot(request("a")).await.unwrap();
+    let mut body = response.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+    layer
+}
+
+// The call's deadline ends the answer's body in the attempt's own body
+// wrapper now (one wrapper, not one per layer). To the attempt's guards it
+// must stay what it was, and what it is before the response: the caller
+// giving up (the attempt cancelled), not the server failing.
+#[tokio::test(start_paused = true)]
+async fn the_calls_deadline_in_the_body_is_a_cancellation_to_an_adaptive_bulkhead() {
+    let layer = call_deadline_cuts_the_body(
+        "[circuit_breakers.query]\nfailure_threshold = 1000\n\
+         [bulkhead.default.aimd]\ninitial_limit = 10\nbackoff_ratio = 0.5\n",
+    )
+    .await;
+    let partition = &layer.bulkhead_partitions()[0];
+    assert_eq!(partition.in_flight, 0);
+    assert_eq!(partition.limit, 10, "no overload sample: the limit stays");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_calls_deadline_in_the_body_is_a_cancellation_to_the_breaker() {
+    // A breaker that counts only UNAVAILABLE as a failure ignores a
+    // cancelled call, and would count a DEADLINE_EXCEEDED one a success.
+    let layer = call_deadline_cuts_the_body(
+        "[circuit_breakers.query]\nfailure_codes = [\"UNAVAILABLE\"]\n\
+         [circuit_breakers.query.failure_rate]\nwindow = 10\nminimum_calls = 5\n",
+    )
+    .await;
+    let snapshot = &layer.registry().snapshot()["query"];
+    assert_eq!(
+        snapshot.calls_in_window(),
+        Some(0),
+        "ignored, as a cancellation"
+    );
+}
+
+#[tokio::test]
+async fn a_call_with_no_time_left_releases_what_readiness_reserved() {
+    // One permit below: a call that expires before it is sent must not
+    // keep it.
+    let backend = Backend::new(100);
+    let config = ResilienceConfig::from_toml("[timeouts]\ndefault = 5000\n").unwrap();
+    let layer = ResilienceLayer::new(&config).unwrap();
+    let limited = Limited::new(backend.clone(), 1);
+    let mut late: ResilientChannel<Limited> = tower_layer::Layer::layer(&layer, limited.clone());
+    let mut other: ResilientChannel<Limited> = tower_layer::Layer::layer(&layer, limited);
+    ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut late)
+        .await
+        .unwrap();
+    let mut request = request("late");
+    request
+        .headers_mut()
+        .insert("grpc-timeout", "0n".parse().unwrap());
+    let err = late.call(request).await.unwrap_err();
+    assert_eq!(error_code(&*err), Code::DeadlineExceeded, "{err}");
+    assert!(
+        !err.downcast_ref::<grpc_timeout::Elapsed>()
+            .unwrap()
+            .was_sent()
+    );
+    let ready = tokio::time::timeout(
+        Duration::from_secs(5),
+        ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut other),
+    )
+    .await;
+    assert!(
+        ready.is_ok(),
+        "the expired call kept the permit its readiness reserved"
+    );
+    assert!(backend.seen().is_empty());
+    drop(late);
+}

@@ -221,12 +221,13 @@ impl<O: OnOutcome> Watch<O> {
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
+        let scope = scope_of(deadline);
         let err = match deadline.take() {
             Some(d) => d.expire(When::BeforeSending),
             None => "response future polled after completion".into(),
         };
         drop(entered);
-        report(observer, err)
+        expired(observer, scope, err)
     }
 
     /// For an inner call that is still pending: arms the head timer (once;
@@ -252,9 +253,10 @@ impl<O: OnOutcome> Watch<O> {
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
+        let scope = scope_of(deadline);
         let err = elapsed(deadline, When::BeforeResponse);
         drop(entered);
-        Poll::Ready(report(observer, err))
+        Poll::Ready(expired(observer, scope, err))
     }
 
     /// Settles the inner call's `result`, in place, against the deadline.
@@ -287,6 +289,7 @@ impl<O: OnOutcome> Watch<O> {
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
+        let scope = scope_of(deadline);
         let err = match result {
             // A response that lands after the timer fired does not win
             // the race: the caller is told its deadline passed, whatever
@@ -323,7 +326,8 @@ impl<O: OnOutcome> Watch<O> {
             }
         };
         drop(entered);
-        *result = Err(report(observer, err));
+        // Every error left here is the deadline's.
+        *result = Err(expired(observer, scope, err));
         None
     }
 
@@ -356,6 +360,12 @@ impl<O: OnOutcome> Watch<O> {
         };
         Poll::Ready(result.map(|response| answered(response, deadline, observer)))
     }
+}
+
+/// The scope of `deadline` (a call's, when there is none: nothing then
+/// expires).
+fn scope_of(deadline: &Option<Deadline>) -> Scope {
+    deadline.as_ref().map_or(Scope::Call, |d| d.scope)
 }
 
 /// The expiry of `deadline` (taken: the call's deadline is reported once).
@@ -426,10 +436,11 @@ where
     }
 }
 
-/// Tells the observer, if any, that the call failed with `err`.
-fn report<O: OnOutcome>(observer: &mut Option<O>, err: BoxError) -> BoxError {
-    if observer.is_some() {
-        tell(observer, Outcome::Error(error_code(&*err)));
+/// Tells the observer, if any, that a deadline of `scope` ended the call
+/// with `err`.
+fn expired<O: OnOutcome>(observer: &mut Option<O>, scope: Scope, err: BoxError) -> BoxError {
+    if let Some(observer) = observer.take() {
+        observer.on_deadline(scope);
     }
     err
 }
@@ -461,8 +472,9 @@ pin_project! {
     /// [`Timeout::call_observed`](crate::Timeout::call_observed)), the body
     /// reports the call's outcome once, as
     /// [`OutcomeBody`](grpc_resilience_core::OutcomeBody) would: from the
-    /// trailers, an error (the deadline's among them), the body's end, or
-    /// `CANCELLED` when it is dropped before its end.
+    /// trailers, an error, the body's end, or `CANCELLED` when it is
+    /// dropped before its end; when the deadline cuts the body, through
+    /// [`OnOutcome::on_deadline`].
     pub struct TimeoutBody<B, O: OnOutcome = Unobserved> {
         #[pin]
         inner: Option<B>,
@@ -529,7 +541,9 @@ impl<B, O: OnOutcome> TimeoutBody<B, O> {
     }
 
     /// Bounds the rest of the body by `deadline` too: the earlier of the
-    /// two ends it, and the error names that one's scope and timeout.
+    /// two ends it (on a tie, the one already there), and the error, and
+    /// the observer's [`on_deadline`](OnOutcome::on_deadline), name that
+    /// one's scope.
     pub fn bound_by(&mut self, deadline: Deadline) {
         if self.deadline.as_ref().is_none_or(|d| deadline.at < d.at) {
             self.deadline = Some(deadline);
@@ -557,12 +571,23 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(poll_body(this.inner, this.sleep, this.deadline, cx));
-        if this.observer.is_some()
-            && let Some(outcome) = outcome_of_frame(&frame)
-        {
-            tell(this.observer, outcome);
+        let mut this = self.project();
+        let scope = scope_of(this.deadline);
+        let frame = ready!(poll_body(
+            this.inner.as_mut(),
+            this.sleep,
+            this.deadline,
+            cx
+        ));
+        if this.observer.is_some() {
+            // An error with the inner body gone: the deadline cut it.
+            if matches!(frame, Some(Err(_))) && this.inner.is_none() {
+                if let Some(observer) = this.observer.take() {
+                    observer.on_deadline(scope);
+                }
+            } else if let Some(outcome) = outcome_of_frame(&frame) {
+                tell(this.observer, outcome);
+            }
         }
         Poll::Ready(frame)
     }

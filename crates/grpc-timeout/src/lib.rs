@@ -129,8 +129,8 @@ mod policy;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-pub use grpc_resilience_core::CallDeadline;
 use grpc_resilience_core::{BoxError, LastMethod, MethodTable, OnOutcome, timeout_header};
+pub use grpc_resilience_core::{CallDeadline, Scope};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -140,25 +140,6 @@ use policy::Entry;
 pub use policy::{MAX_TIMEOUT, TimeoutConfigError, TimeoutPolicy};
 
 use future::{Deadline, ResponseFuture, TimeoutBody};
-
-/// Whether a deadline bounds a whole call or one attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
-    /// The whole call, retries included.
-    Call,
-    /// One attempt of a call.
-    Attempt,
-}
-
-impl Scope {
-    /// `"call"` or `"attempt"`, as in metric labels.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Scope::Call => "call",
-            Scope::Attempt => "attempt",
-        }
-    }
-}
 
 /// A layer's policy and each method's timeout, worked out once per method
 /// and shared by every service the layer makes.

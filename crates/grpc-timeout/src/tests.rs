@@ -852,3 +852,59 @@ async fn a_watch_driven_by_hand_holds_a_call_to_its_deadline() {
         "each failed call told once; the answered one left to its body"
     );
 }
+
+/// Records which of its methods was called, and with what.
+#[derive(Clone, Default)]
+struct Heard(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl OnOutcome for Heard {
+    fn on_outcome(self, outcome: Outcome) {
+        self.0.lock().unwrap().push(format!("outcome {outcome:?}"));
+    }
+
+    fn on_deadline(self, scope: Scope) {
+        self.0.lock().unwrap().push(format!("deadline {scope:?}"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_is_reported_as_such_and_anything_else_as_an_outcome() {
+    let heard = Heard::default();
+    let (mut service, mut handle) = setup(TimeoutLayer::new(catalog_policy()));
+    // The head timer fires.
+    assert!(service.poll_ready().is_ready());
+    let call = service
+        .get_mut()
+        .call_observed(request(GET, None), Some(heard.clone()));
+    let (_req, _send) = handle.next_request().await.unwrap();
+    assert_eq!(code_of(call.await.unwrap_err()), Code::DeadlineExceeded);
+    // The body is cut.
+    assert!(service.poll_ready().is_ready());
+    let call = service
+        .get_mut()
+        .call_observed(request(LIST, None), Some(heard.clone()));
+    let (_req, send) = handle.next_request().await.unwrap();
+    let (tx2, response) = streaming_response();
+    send.send_response(response);
+    let mut body = std::pin::pin!(call.await.unwrap().into_body());
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert!(err.downcast_ref::<Elapsed>().unwrap().during_body());
+    // An error of the body's own is an outcome.
+    assert!(service.poll_ready().is_ready());
+    let call = service
+        .get_mut()
+        .call_observed(request(GET, None), Some(heard.clone()));
+    let (_req, send) = handle.next_request().await.unwrap();
+    let (tx3, response) = streaming_response();
+    send.send_response(response);
+    let mut body = std::pin::pin!(call.await.unwrap().into_body());
+    tx3.send(Err(Box::new(tonic::Status::internal("broken"))))
+        .await
+        .unwrap();
+    assert!(body.frame().await.unwrap().is_err());
+    drop(tx2);
+    assert_eq!(
+        *heard.0.lock().unwrap(),
+        ["deadline Call", "deadline Call", "outcome Error(Internal)"]
+    );
+}
