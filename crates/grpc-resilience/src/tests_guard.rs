@@ -315,16 +315,26 @@ async fn refusal_releases_readiness(
     let err = refused.call(request("refused")).await.unwrap_err();
     assert_eq!(error_code(&*err), code, "{err}");
     assert!(find_error::<LocalRejection>(&*err).is_some(), "{err}");
+    becomes_ready(&mut other, "the refused call").await;
+    drop(refused);
+}
+
+/// Fails unless `other` becomes ready: what `who` made ready below (a
+/// permit of the `ConcurrencyLimit`) was given back.
+async fn becomes_ready<S>(other: &mut S, who: &str)
+where
+    S: Service<http::Request<tonic::body::Body>>,
+    S::Error: std::fmt::Debug,
+{
     let ready = tokio::time::timeout(
         Duration::from_secs(5),
-        ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut other),
+        ServiceExt::<http::Request<tonic::body::Body>>::ready(other),
     )
     .await;
     assert!(
         ready.is_ok(),
-        "the refused call kept the permit its readiness reserved"
+        "{who} kept the permit its readiness reserved"
     );
-    drop(refused);
 }
 
 #[tokio::test]
@@ -486,13 +496,7 @@ async fn an_attempt_with_no_time_left_is_not_sent_and_releases_what_readiness_re
     assert!(!elapsed.was_sent());
     assert!(backend.seen().is_empty(), "never sent");
     // The permit the guard's readiness took below is free again.
-    let mut other = limited;
-    let ready = tokio::time::timeout(
-        Duration::from_secs(5),
-        ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut other),
-    )
-    .await;
-    assert!(ready.is_ok(), "the late attempt kept its readiness permit");
+    becomes_ready(&mut { limited }, "the late attempt").await;
 }
 
 /// A 50 ms call deadline that cuts the answer's body (no per-attempt
@@ -569,15 +573,7 @@ async fn a_call_with_no_time_left_releases_what_readiness_reserved() {
             .unwrap()
             .was_sent()
     );
-    let ready = tokio::time::timeout(
-        Duration::from_secs(5),
-        ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut other),
-    )
-    .await;
-    assert!(
-        ready.is_ok(),
-        "the expired call kept the permit its readiness reserved"
-    );
+    becomes_ready(&mut other, "the expired call").await;
     assert!(backend.seen().is_empty());
     drop(late);
 }
