@@ -221,10 +221,12 @@ impl<O: OnOutcome> Watch<O> {
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
-        let scope = scope_of(deadline);
-        let err = match deadline.take() {
-            Some(d) => d.expire(When::BeforeSending),
-            None => "response future polled after completion".into(),
+        let (scope, err) = match deadline.take() {
+            Some(d) => (d.scope, d.expire(When::BeforeSending)),
+            None => (
+                Scope::Call,
+                "response future polled after completion".into(),
+            ),
         };
         drop(entered);
         expired(observer, scope, err)
@@ -253,8 +255,7 @@ impl<O: OnOutcome> Watch<O> {
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
-        let scope = scope_of(deadline);
-        let err = elapsed(deadline, When::BeforeResponse);
+        let (scope, err) = elapsed(deadline, When::BeforeResponse);
         drop(entered);
         Poll::Ready(expired(observer, scope, err))
     }
@@ -289,8 +290,7 @@ impl<O: OnOutcome> Watch<O> {
             .as_ref()
             .and_then(OnOutcome::span)
             .map(tracing::Span::enter);
-        let scope = scope_of(deadline);
-        let err = match result {
+        let (scope, err) = match result {
             // A response that lands after the timer fired does not win
             // the race: the caller is told its deadline passed, whatever
             // the server said (tonic servers answer CANCELLED then).
@@ -362,17 +362,12 @@ impl<O: OnOutcome> Watch<O> {
     }
 }
 
-/// The scope of `deadline` (a call's, when there is none: nothing then
-/// expires).
-fn scope_of(deadline: &Option<Deadline>) -> Scope {
-    deadline.as_ref().map_or(Scope::Call, |d| d.scope)
-}
-
-/// The expiry of `deadline` (taken: the call's deadline is reported once).
-fn elapsed(deadline: &mut Option<Deadline>, when: When) -> BoxError {
+/// The expiry of `deadline` (taken: the call's deadline is reported once),
+/// and its scope.
+fn elapsed(deadline: &mut Option<Deadline>, when: When) -> (Scope, BoxError) {
     match deadline.take() {
-        Some(d) => d.expire(when),
-        None => "deadline exceeded".into(),
+        Some(d) => (d.scope, d.expire(when)),
+        None => (Scope::Call, "deadline exceeded".into()),
     }
 }
 
@@ -572,7 +567,6 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        let scope = scope_of(this.deadline);
         let frame = ready!(poll_body(
             this.inner.as_mut(),
             this.sleep,
@@ -581,7 +575,12 @@ where
         ));
         if this.observer.is_some() {
             // An error with the inner body gone: the deadline cut it.
-            if matches!(frame, Some(Err(_))) && this.inner.is_none() {
+            if let Some(Err(err)) = &frame
+                && this.inner.is_none()
+            {
+                let scope = err
+                    .downcast_ref::<Elapsed>()
+                    .map_or(Scope::Call, Elapsed::scope);
                 if let Some(observer) = this.observer.take() {
                     observer.on_deadline(scope);
                 }
