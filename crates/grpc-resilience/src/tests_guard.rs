@@ -425,45 +425,34 @@ async fn a_per_attempt_timeout_cuts_a_stalled_attempt_and_the_retry_answers() {
 
 #[tokio::test(start_paused = true)]
 async fn a_per_attempt_timeout_bounds_the_answers_body_too() {
-    let backend = Backend::new(100);
-    let layer = per_attempt_layer(1);
-    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
-    let start = tokio::time::Instant::now();
-    let response = channel.clone().oneshot(request("a")).await.unwrap();
-    let mut body = response.into_body();
-    assert!(body.frame().await.unwrap().unwrap().is_data());
-    // The trailers never come: the attempt's deadline, not the call's 5 s,
+    // The trailers never come: the attempt's 100 ms, not the call's 5 s,
     // ends the body.
-    let err = body.frame().await.unwrap().unwrap_err();
+    let start = tokio::time::Instant::now();
+    let (layer, _, err) = a_body_cut_by_a_deadline(
+        "[timeouts]\ndefault = 5000\nper_attempt = 100\n\
+         [circuit_breakers.query]\nfailure_threshold = 1000\n\
+         [bulkhead.default]\nmax_concurrent = 1\n",
+    )
+    .await;
     assert_eq!(start.elapsed(), Duration::from_millis(100));
     let elapsed = err
         .downcast_ref::<grpc_timeout::Elapsed>()
         .expect("the timeout's error");
     assert_eq!(elapsed.scope(), grpc_timeout::Scope::Attempt);
     assert!(elapsed.during_body());
-    assert_eq!(error_code(&*err), Code::DeadlineExceeded);
     assert_eq!(in_flight(&layer), (0, 0), "the slot is given back");
     assert_eq!(layer.registry().snapshot()["query"].failures(), 1);
-    assert!(body.frame().await.is_none());
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_calls_deadline_ends_a_body_when_it_comes_before_the_attempts() {
-    // A 50 ms call deadline under a 100 ms per-try bound: the call's
-    // deadline ends the body, and says so.
-    let backend = Backend::new(100);
-    let config = ResilienceConfig::from_toml(
+    // A 50 ms call deadline under a 100 ms per-try bound: the attempt's
+    // deadline is the call's, and it ends the body.
+    let (_, backend, err) = a_body_cut_by_a_deadline(
         "[timeouts]\ndefault = 50\nper_attempt = 100\n\
          [circuit_breakers.query]\nfailure_threshold = 1000\n",
     )
-    .unwrap();
-    let layer = ResilienceLayer::new(&config).unwrap();
-    let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
-    let response = channel.clone().oneshot(request("a")).await.unwrap();
-    let mut body = response.into_body();
-    assert!(body.frame().await.unwrap().unwrap().is_data());
-    let err = body.frame().await.unwrap().unwrap_err();
-    assert_eq!(error_code(&*err), Code::DeadlineExceeded);
+    .await;
     assert_eq!(backend.seen()[0].1, Some(Duration::from_millis(50)));
     let elapsed = err.downcast_ref::<grpc_timeout::Elapsed>().unwrap();
     assert_eq!(elapsed.timeout(), Duration::from_millis(50));
@@ -499,21 +488,28 @@ async fn an_attempt_with_no_time_left_is_not_sent_and_releases_what_readiness_re
     becomes_ready(&mut { limited }, "the late attempt").await;
 }
 
-/// A 50 ms call deadline that cuts the answer's body (no per-attempt
-/// timeout), through a facade with `limits` for its bulkhead and breaker;
-/// returns the layer to read them.
-async fn call_deadline_cuts_the_body(limits: &str) -> ResilienceLayer {
+/// One call through a facade made of `config`, to a backend that sends
+/// one message and never its trailers, read until a deadline cuts the
+/// body; returns the layer, the backend and the body's error.
+async fn a_body_cut_by_a_deadline(config: &str) -> (ResilienceLayer, Backend, BoxError) {
     let backend = Backend::new(100);
-    let config =
-        ResilienceConfig::from_toml(&format!("[timeouts]\ndefault = 50\n{limits}")).unwrap();
-    let layer = ResilienceLayer::new(&config).unwrap();
+    let layer = ResilienceLayer::new(&ResilienceConfig::from_toml(config).unwrap()).unwrap();
     let channel: ResilientChannel<Backend> = tower_layer::Layer::layer(&layer, backend.clone());
     let response = channel.clone().oneshot(request("a")).await.unwrap();
     let mut body = response.into_body();
     assert!(body.frame().await.unwrap().unwrap().is_data());
     let err = body.frame().await.unwrap().unwrap_err();
     assert_eq!(error_code(&*err), Code::DeadlineExceeded);
-    layer
+    assert!(body.frame().await.is_none(), "the body ends with its error");
+    (layer, backend, err)
+}
+
+/// A 50 ms call deadline that cuts the answer's body (no per-attempt
+/// timeout), through a facade with `limits` for its bulkhead and breaker;
+/// returns the layer to read them.
+async fn call_deadline_cuts_the_body(limits: &str) -> ResilienceLayer {
+    let config = format!("[timeouts]\ndefault = 50\n{limits}");
+    a_body_cut_by_a_deadline(&config).await.0
 }
 
 // The call's deadline ends the answer's body in the attempt's own body
