@@ -356,3 +356,121 @@ async fn the_server_sees_the_stubs_headers_and_only_what_the_stack_adds_on_purpo
         ]
     );
 }
+
+/// The facade's config, with a per-attempt timeout or without: the
+/// answer's one body wrapper is made with the attempt's deadline or with
+/// none, and gets the call's deadline added either way.
+fn configs() -> [(&'static str, ResilienceConfig); 2] {
+    let per_attempt = CONFIG.replace(
+        "[timeouts]\ndefault = 5000\n",
+        "[timeouts]\ndefault = 5000\nper_attempt = 2000\n",
+    );
+    assert_ne!(per_attempt, CONFIG);
+    [
+        ("no per-attempt timeout", config()),
+        (
+            "per-attempt timeout",
+            ResilienceConfig::from_toml(&per_attempt).unwrap(),
+        ),
+    ]
+}
+
+/// Runs `call` in its own task, so that a panic is seen as one.
+async fn no_panic<T: Send + 'static>(
+    call: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    match tokio::spawn(call).await {
+        Ok(value) => value,
+        Err(err) => panic!("the caller's task panicked: {err}"),
+    }
+}
+
+fn list() -> catalog_proto::ListProductsRequest {
+    catalog_proto::ListProductsRequest {
+        limit: 3,
+        interval_ms: 5,
+    }
+}
+
+// The facade's response has one body wrapper, the answering attempt's,
+// with the call's reports added to it: a hostile peer's undecodable status
+// details (tonic panics on them) and its stream resets must still come out
+// as statuses, in the head, in the trailers and mid-stream.
+#[tokio::test]
+async fn invalid_details_cannot_panic_a_caller_of_the_facade() {
+    let server = TestServer::start().await;
+    for (what, config) in configs() {
+        server
+            .faults
+            .always(
+                "GetProduct",
+                Fault::status(Code::NotFound).with_raw_details("not base64!"),
+            )
+            .unwrap();
+        let mut client =
+            QueryServiceClient::new(ResilientChannel::new(server.channel(), &config).unwrap());
+        let status = no_panic(async move { client.get_product(get()).await })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::NotFound,
+            "{what}, Trailers-Only: {status:?}"
+        );
+
+        server
+            .faults
+            .always(
+                "*",
+                Fault::status_after_messages(1, Code::DataLoss).with_raw_details("not base64!"),
+            )
+            .unwrap();
+        let mut client =
+            QueryServiceClient::new(ResilientChannel::new(server.channel(), &config).unwrap());
+        let status = no_panic(async move {
+            let mut stream = client.list_products(list()).await?.into_inner();
+            assert_eq!(stream.message().await?.unwrap().id, "p1");
+            stream.message().await.map(|_| ())
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::DataLoss,
+            "{what}, trailers: {status:?}"
+        );
+        server.faults.clear_all();
+    }
+}
+
+#[tokio::test]
+async fn a_reset_mid_stream_keeps_the_code_of_its_reason_through_the_facade() {
+    use grpc_fault::ResetReason;
+    let server = TestServer::start().await;
+    for (what, config) in configs() {
+        for (reason, want) in [
+            (ResetReason::Cancel, Code::Cancelled),
+            (ResetReason::EnhanceYourCalm, Code::ResourceExhausted),
+            (ResetReason::InternalError, Code::Internal),
+        ] {
+            server
+                .faults
+                .always("ListProducts", Fault::reset_after_messages(1, reason))
+                .unwrap();
+            let mut client =
+                QueryServiceClient::new(ResilientChannel::new(server.channel(), &config).unwrap());
+            let status = tokio::time::timeout(
+                Duration::from_secs(5),
+                no_panic(async move {
+                    let mut stream = client.list_products(list()).await?.into_inner();
+                    assert_eq!(stream.message().await?.unwrap().id, "p1");
+                    stream.message().await.map(|_| ())
+                }),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{what}, {reason:?}: the call hung"))
+            .unwrap_err();
+            assert_eq!(status.code(), want, "{what}, {reason:?}: {status:?}");
+        }
+    }
+}

@@ -208,7 +208,7 @@ impl<O: OnOutcome> Watch<O> {
     /// call's), so that the layers below log and trace inside it.
     #[inline(always)]
     pub fn in_span<T>(&self, f: impl FnOnce() -> T) -> T {
-        let _entered = self.span().map(tracing::Span::enter);
+        let _entered = enter(&self.observer);
         f()
     }
 
@@ -217,10 +217,7 @@ impl<O: OnOutcome> Watch<O> {
     pub fn unsent(self: Pin<&mut Self>) -> BoxError {
         let this = self.project();
         let (deadline, observer) = (this.deadline, this.observer);
-        let entered = observer
-            .as_ref()
-            .and_then(OnOutcome::span)
-            .map(tracing::Span::enter);
+        let entered = enter(observer);
         let (scope, err) = match deadline.take() {
             Some(d) => (d.scope, d.expire(When::BeforeSending)),
             None => (
@@ -251,10 +248,7 @@ impl<O: OnOutcome> Watch<O> {
             return Poll::Pending;
         };
         ready!(timer.poll(cx));
-        let entered = observer
-            .as_ref()
-            .and_then(OnOutcome::span)
-            .map(tracing::Span::enter);
+        let entered = enter(observer);
         let (scope, err) = elapsed(deadline, When::BeforeResponse);
         drop(entered);
         Poll::Ready(expired(observer, scope, err))
@@ -286,10 +280,7 @@ impl<O: OnOutcome> Watch<O> {
             .is_some_and(Sleep::is_elapsed);
         // The observer's span (the call's) is current while an expiry is
         // logged.
-        let entered = observer
-            .as_ref()
-            .and_then(OnOutcome::span)
-            .map(tracing::Span::enter);
+        let entered = enter(observer);
         let (scope, err) = match result {
             // A response that lands after the timer fired does not win
             // the race: the caller is told its deadline passed, whatever
@@ -360,6 +351,15 @@ impl<O: OnOutcome> Watch<O> {
         };
         Poll::Ready(result.map(|response| answered(response, deadline, observer)))
     }
+}
+
+/// Enters the observer's span (the call's), if it has one: the layers
+/// below are polled, and an expiry is logged, inside it.
+pub(crate) fn enter<O: OnOutcome>(observer: &Option<O>) -> Option<tracing::span::Entered<'_>> {
+    observer
+        .as_ref()
+        .and_then(OnOutcome::span)
+        .map(tracing::Span::enter)
 }
 
 /// The expiry of `deadline` (taken: the call's deadline is reported once),

@@ -284,10 +284,7 @@ impl<S> Timeout<S> {
     {
         // In the observer's span, left as the inner service returns its
         // future, so that the observer can move into this layer's.
-        let entered = observer
-            .as_ref()
-            .and_then(OnOutcome::span)
-            .map(tracing::Span::enter);
+        let entered = future::enter(&observer);
         match self.prepare(&mut request) {
             Ok(deadline) => {
                 let head_timer = self.head_timer && deadline.is_some();
